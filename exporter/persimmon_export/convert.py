@@ -1,0 +1,220 @@
+"""Convert an original adept-inference (Megatron) checkpoint into a Hugging Face directory.
+
+The checkpoint (`iter_*/mp_rank_00/model_optim_rng.pt`) pickles adept-inference classes next to
+the tensors. Instead of putting that source on the path, a restricted unpickler builds tensors
+with torch's own functions and turns every other class into an inert placeholder: nothing from
+the file is executed, and nothing outside a short allow-list is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import types
+
+import torch
+
+from persimmon_runtime.errors import PersimmonError
+from persimmon_runtime.tokenizer import DEFAULT_BOS, Tokenizer
+
+from .checkpoint import parse_dtype, save_checkpoint
+from .config import PersimmonConfig
+
+_RENAMES = (  # the upstream converter's renames, applied in order to the flattened key
+    ("language_model.encoder", "model"),
+    ("language_model.embedding.word_embeddings", "model.embed_tokens"),
+    ("language_model.output_layer", "lm_head"),
+    ("word_embeddings_for_head", "lm_head"),
+    ("self_attention", "self_attn"),
+)
+_INV_FREQ = "rotary_emb.inv_freq"
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"), ("argparse", "Namespace"), ("torch", "Size"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"), ("torch", "device"),
+}
+
+
+class ConvertError(PersimmonError):
+    pass
+
+
+class _Placeholder:
+    """Stands in for any class the checkpoint pickles that is not on the allow-list."""
+
+    def __init__(self, *args, **kwargs):
+        self._args, self._kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self._state = state
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED_GLOBALS or (module == "torch._utils" and name.startswith("_rebuild_")):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return super().find_class(module, name)
+        return type(name, (_Placeholder,), {"__module__": f"placeholder:{module}"})
+
+
+_restricted_pickle = types.ModuleType("persimmon_restricted_pickle")
+_restricted_pickle.Unpickler = _RestrictedUnpickler
+_restricted_pickle.load = lambda f, **kwargs: _RestrictedUnpickler(f, **kwargs).load()
+
+
+def find_megatron_file(path: str) -> str:
+    """A model_optim_rng.pt file, or the newest iteration under a Megatron checkpoint directory."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise ConvertError(f"{path}: no such file or directory")
+    if os.path.basename(path).startswith("iter_") or os.path.exists(os.path.join(path, "mp_rank_00")):
+        candidate = os.path.join(path, "mp_rank_00", "model_optim_rng.pt")
+    else:
+        iterations = sorted(d for d in os.listdir(path) if re.fullmatch(r"iter_\d+", d))
+        if not iterations:
+            raise ConvertError(f"{path}: no iter_*/mp_rank_00/model_optim_rng.pt found; pass the checkpoint "
+                               f"directory or the .pt file")
+        candidate = os.path.join(path, iterations[-1], "mp_rank_00", "model_optim_rng.pt")
+    if not os.path.isfile(candidate):
+        raise ConvertError(f"{candidate}: not found; only tensor-parallel size 1 (mp_rank_00) is supported")
+    return candidate
+
+
+def load_megatron(path: str) -> dict:
+    """Unpickle a Megatron checkpoint file without its source code (memory-mapped when possible)."""
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", pickle_module=_restricted_pickle,
+                              weights_only=False, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            ckpt = torch.load(path, map_location="cpu", pickle_module=_restricted_pickle, weights_only=False)
+    except Exception as e:
+        raise ConvertError(f"{path}: cannot read the checkpoint ({e.__class__.__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ConvertError(f"{path}: no 'model' dict inside; is this an adept-inference model_optim_rng.pt?")
+    return ckpt
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flatten(value, name + ".")
+        elif isinstance(value, torch.Tensor):
+            yield name, value
+
+
+def hf_tensors(megatron_model: dict) -> dict[str, torch.Tensor]:
+    """Flattened, renamed tensors (HF names), including the rotary inv_freq buffers."""
+    out = {}
+    for name, tensor in _flatten(megatron_model):
+        for old, new in _RENAMES:
+            name = name.replace(old, new)
+        out[name] = tensor
+    return out
+
+
+def infer_config(tensors: dict[str, torch.Tensor], args=None, tokenizer: Tokenizer | None = None,
+                 source: str = "checkpoint") -> PersimmonConfig:
+    """The model's shape from its tensors; rotary dims and theta from the stored inv_freq."""
+    def need(name):
+        if name not in tensors:
+            raise ConvertError(f"{source}: tensor {name!r} not found; is this a Persimmon checkpoint?")
+        return tensors[name]
+
+    vocab_size, hidden_size = need("model.embed_tokens.weight").shape
+    layers = {int(m.group(1)) for n in tensors if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    if not layers or sorted(layers) != list(range(len(layers))):
+        raise ConvertError(f"{source}: layer indices {sorted(layers)[:5]}... are not 0..n-1")
+    qk_layernorm = "model.layers.0.self_attn.q_layernorm.weight" in tensors
+    heads = getattr(args, "num_attention_heads", None)
+    if qk_layernorm:
+        heads = hidden_size // need("model.layers.0.self_attn.q_layernorm.weight").shape[0]
+    if not heads:
+        raise ConvertError(f"{source}: cannot tell the number of heads (no q_layernorm, no args)")
+    head_dim = hidden_size // heads
+    fields = dict(rope_theta=25000.0, partial_rotary_factor=0.5)
+    inv_freq = tensors.get(f"model.layers.0.self_attn.{_INV_FREQ}")
+    if inv_freq is not None:
+        rotary_dims = 2 * inv_freq.numel()
+        fields["partial_rotary_factor"] = rotary_dims / head_dim
+        if inv_freq.numel() > 1:  # inv_freq[1] = theta ** (-2 / rotary_dims)
+            theta = float(inv_freq[1].double()) ** (-rotary_dims / 2)
+            fields["rope_theta"] = float(f"{theta:.6g}")
+    special = tokenizer.bos_id if tokenizer is not None and tokenizer.bos_id is not None else None
+    config = PersimmonConfig(
+        vocab_size=int(vocab_size), hidden_size=int(hidden_size),
+        intermediate_size=int(need("model.layers.0.mlp.dense_h_to_4h.weight").shape[0]),
+        num_hidden_layers=len(layers), num_attention_heads=int(heads), qk_layernorm=qk_layernorm,
+        max_position_embeddings=int(getattr(args, "max_position_embeddings", None)
+                                    or getattr(args, "seq_length", None) or 16384),
+        layer_norm_eps=float(getattr(args, "layernorm_epsilon", None) or 1e-5),
+        tie_word_embeddings="lm_head.weight" not in tensors,
+        bos_token_id=special if special is not None else 1,
+        eos_token_id=special if special is not None else 2,
+        **fields)
+    if inv_freq is not None and config.rotary_dims != 2 * inv_freq.numel():
+        raise ConvertError(f"{source}: rotary_emb.inv_freq has {inv_freq.numel()} entries, which no "
+                           f"partial_rotary_factor of head_dim {head_dim} reproduces")
+    return config
+
+
+def tokenizer_config(tokenizer: Tokenizer) -> dict:
+    """HF tokenizer_config.json for LlamaTokenizer with Persimmon's settings."""
+    bos = tokenizer.sp.id_to_piece(tokenizer.bos_id) if tokenizer.bos_id is not None else None
+    return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+            "bos_token": bos, "eos_token": None, "pad_token": None, "unk_token": "<unk>",
+            "clean_up_tokenization_spaces": False, "legacy": True, "model_max_length": 16384}
+
+
+def convert_megatron(source: str, out_dir: str, tokenizer_file: str | None = None, dtype: str | None = None,
+                     max_shard_bytes: int = 2 * 2**30, progress=print) -> str:
+    """adept-inference checkpoint -> HF directory (config.json, safetensors, tokenizer files)."""
+    path = find_megatron_file(source)
+    if tokenizer_file is None:  # adept ships adept_vocab.model next to the iter_* folders
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+        tokenizer_file = os.path.join(root, "adept_vocab.model")
+        if not os.path.isfile(tokenizer_file):
+            raise ConvertError(f"{tokenizer_file}: not found; pass --tokenizer PATH/TO/adept_vocab.model")
+    tokenizer = Tokenizer(tokenizer_file, bos_token=DEFAULT_BOS)
+    progress(f"reading {path}")
+    ckpt = load_megatron(path)
+    tensors = hf_tensors(ckpt["model"])
+    config = infer_config(tensors, ckpt.get("args"), tokenizer, source=path)
+    if config.vocab_size < tokenizer.vocab_size:
+        raise ConvertError(f"{tokenizer_file}: {tokenizer.vocab_size} pieces, more than the model's "
+                           f"{config.vocab_size} embeddings; is it the right tokenizer?")
+    target = parse_dtype(dtype)
+    stored = next(t for t in tensors.values() if t.is_floating_point()).dtype
+    config.torch_dtype = str(target or stored).removeprefix("torch.")
+    names = [n for n in tensors if not n.endswith(_INV_FREQ)]
+    progress(f"writing {len(names)} tensors ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+             f"{config.torch_dtype}) to {out_dir}")
+
+    def stream():
+        for i, name in enumerate(names, 1):
+            t = tensors[name]
+            if i % 50 == 0 or i == len(names):
+                progress(f"  {i}/{len(names)} tensors")
+            yield name, t.to(target) if target is not None and t.is_floating_point() else t
+
+    return save_checkpoint(stream(), config, out_dir, max_shard_bytes=max_shard_bytes,
+                           extra_files=tokenizer_files(tokenizer))
+
+
+def tokenizer_files(tokenizer: Tokenizer) -> dict[str, str | bytes]:
+    """The tokenizer files of an HF checkpoint directory (see `save_checkpoint`'s extra_files)."""
+    settings = tokenizer_config(tokenizer)
+    special = {"bos_token": settings["bos_token"], "unk_token": settings["unk_token"]}
+    return {"tokenizer.model": tokenizer.model_file,
+            "tokenizer_config.json": json.dumps(settings, indent=2).encode(),
+            "special_tokens_map.json": json.dumps(special, indent=2).encode()}

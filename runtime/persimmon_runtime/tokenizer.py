@@ -1,0 +1,141 @@
+"""Persimmon tokenizer: the sentencepiece model itself, with HF LlamaTokenizer's BOS convention.
+
+ids = [BOS] + SentencePieceProcessor.encode(text). Two deliberate choices:
+- BOS is added by default (HF's convention); the original adept server did not, so it can be
+  turned off (`add_bos=False`).
+- Text the user sends never becomes a special token: control pieces are never matched by
+  sentencepiece, and a special token that the vocabulary stores as a user-defined piece (which
+  sentencepiece *would* match in text) is re-spelled with its byte pieces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import sentencepiece as spm
+
+from .errors import PersimmonError
+
+MODEL_FILES = ("tokenizer.model", "adept_vocab.model")
+DEFAULT_BOS = "|ENDOFTEXT|"
+
+
+class TokenizerError(PersimmonError):
+    pass
+
+
+class Tokenizer:
+    def __init__(self, model_file: str, add_bos: bool = True, bos_token: str | None = DEFAULT_BOS,
+                 eos_token: str | None = None):
+        model_file = os.fspath(model_file)
+        if not os.path.isfile(model_file):
+            raise TokenizerError(f"{model_file}: tokenizer model not found")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        except (RuntimeError, OSError) as e:
+            raise TokenizerError(f"{model_file}: not a sentencepiece model ({e})") from None
+        self.model_file = model_file
+        self.add_bos = add_bos
+        self.bos_id = self._piece_id(bos_token) if bos_token else None
+        if self.bos_id is None and self.sp.bos_id() >= 0:
+            self.bos_id = self.sp.bos_id()
+        self.eos_id = self._piece_id(eos_token) if eos_token else None
+        if add_bos and self.bos_id is None:
+            raise TokenizerError(f"{model_file}: has no BOS piece ({bos_token!r} or a bos id); "
+                                 f"use add_bos=False")
+        self.special_ids = {i for i in (self.bos_id, self.eos_id) if i is not None}
+        self.special_ids |= {i for i in range(self.vocab_size) if self.sp.is_control(i)}
+        # Special tokens that sentencepiece would parse out of plain text, mapped to their bytes.
+        self._respell = {i: self._byte_ids(self.sp.id_to_piece(i)) for i in self.special_ids
+                         if i in self.sp.encode(self.sp.id_to_piece(i))}
+
+    @classmethod
+    def from_dir(cls, directory: str, add_bos: bool | None = None) -> "Tokenizer":
+        """Load `tokenizer.model` (or `adept_vocab.model`) and `tokenizer_config.json` if present."""
+        directory = os.fspath(directory)
+        model_file = next((os.path.join(directory, name) for name in MODEL_FILES
+                           if os.path.isfile(os.path.join(directory, name))), None)
+        if model_file is None:
+            raise TokenizerError(f"{directory}: no tokenizer model ({' or '.join(MODEL_FILES)})")
+        settings = {}
+        config_path = os.path.join(directory, "tokenizer_config.json")
+        if os.path.isfile(config_path):
+            try:
+                with open(config_path, encoding="utf-8") as f:
+                    settings = json.load(f)
+            except json.JSONDecodeError as e:
+                raise TokenizerError(f"{config_path}: not valid JSON ({e})") from None
+        if add_bos is None:
+            add_bos = settings.get("add_bos_token", True)
+        return cls(model_file, add_bos=add_bos, bos_token=_token_text(settings.get("bos_token", DEFAULT_BOS)),
+                   eos_token=_token_text(settings.get("eos_token")))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def _piece_id(self, piece: str) -> int | None:
+        token_id = self.sp.piece_to_id(piece)
+        return token_id if self.sp.id_to_piece(token_id) == piece else None
+
+    def _byte_ids(self, text: str) -> list[int]:
+        ids = [self._piece_id(f"<0x{b:02X}>") for b in text.encode("utf-8")]
+        if None in ids:
+            raise TokenizerError(f"{self.model_file}: special token {text!r} can be typed as text and the "
+                                 f"vocabulary has no byte pieces to spell it otherwise")
+        return ids
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        if not isinstance(text, str):
+            raise TokenizerError(f"text must be a str, got {type(text).__name__}")
+        ids = self.sp.encode(text)
+        if self._respell and any(i in self._respell for i in ids):
+            ids = [j for i in ids for j in self._respell.get(i, (i,))]
+        add_bos = self.add_bos if add_bos is None else add_bos
+        return [self.bos_id] + ids if add_bos else ids
+
+    def decode(self, ids) -> str:
+        """Text of `ids`; special tokens and ids past the vocabulary (the model's unused embedding
+        rows) are skipped; byte pieces become bytes again."""
+        size = self.vocab_size
+        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < size and int(i) not in self.special_ids])
+
+
+def _token_text(token) -> str | None:
+    # tokenizer_config.json stores a token as a string or as {"content": ...}.
+    return token.get("content") if isinstance(token, dict) else token
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of ids into text pieces for streaming.
+
+    Each piece is the text the newest ids add, withheld while it ends in an incomplete UTF-8
+    character. Joining every piece, plus `finish()`, gives exactly `decode(ids)`. Decoding a
+    window that starts a few tokens back keeps leading spaces right (sentencepiece drops the
+    space of the first piece it decodes).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids=()):
+        self.tokenizer = tokenizer
+        self.ids = [int(i) for i in prompt_ids]
+        self.read_offset = len(self.ids)  # ids before this are already emitted
+        self.prefix_offset = max(0, self.read_offset - 6)  # context start for the next decode
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        decode = self.tokenizer.decode
+        emitted = decode(self.ids[self.prefix_offset:self.read_offset])
+        text = decode(self.ids[self.prefix_offset:])
+        if len(text) <= len(emitted) or text.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return text[len(emitted):]
+
+    def finish(self) -> str:
+        """Whatever is still withheld (an unfinished character decodes as U+FFFD, as in `decode`)."""
+        decode = self.tokenizer.decode
+        emitted = decode(self.ids[self.prefix_offset:self.read_offset])
+        text = decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(emitted):]
