@@ -1,0 +1,45 @@
+import os
+
+import pytest
+import torch
+
+from persimmon_export.demo import train_tokenizer
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Texts that break tokenizers: emoji (4-byte UTF-8 via byte fallback), CJK, control characters,
+# runs of spaces and newlines, leading/trailing spaces, special-token text, the empty string.
+TRICKY_TEXTS = [
+    "",
+    " ",
+    "  ",
+    "hello",
+    " hello",
+    "hello ",
+    "Hello world, this is a test.",
+    "human: What is the capital of France?\n\nadept: Paris.",
+    "line one\nline two\n\n\nline five",
+    "\n\n",
+    "tabs\tand\t\tmore\ttabs",
+    "many     spaces   here",
+    "emoji 🎉🦄 and skin tone 👍🏽 and ZWJ 👨‍👩‍👧",
+    "東京は日本の首都です。",
+    "mixed 日本語 and English 123",
+    "control \x00\x01\x02\x1b[31m chars \x7f",
+    "|ENDOFTEXT|",
+    "before |ENDOFTEXT| after",
+    "<s> </s> <unk> <0x41>",
+    "rare ǅ ß Ω ∑ ∞ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+]
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory):
+    """A sentencepiece Unigram model, byte fallback, `|ENDOFTEXT|` as a control piece."""
+    return train_tokenizer(str(tmp_path_factory.mktemp("sp") / "tokenizer.model"))
+
+
+@pytest.fixture(scope="session")
+def sp_model_user_defined(tmp_path_factory):
+    """Same, but `|ENDOFTEXT|` is a user-defined piece (sentencepiece matches it inside text)."""
+    return train_tokenizer(str(tmp_path_factory.mktemp("sp_ud") / "tokenizer.model"), special_as_user_defined=True)
