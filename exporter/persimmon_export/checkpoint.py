@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -19,6 +18,7 @@ from safetensors.torch import save_file
 from persimmon_runtime.errors import PersimmonError
 
 from .config import PersimmonConfig
+from .files import atomic_directory
 from .model import PersimmonForCausalLM
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -93,21 +93,18 @@ def checkpoint_dtype(directory: str) -> torch.dtype:
     raise CheckpointError(f"{directory}: no floating-point tensors found")
 
 
-def load_model(directory: str, dtype: str | torch.dtype | None = None, model_class=PersimmonForCausalLM,
-               device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Load a checkpoint directory into `model_class`, in eval mode.
+def checked_tensors(directory: str, config: PersimmonConfig, model_class=PersimmonForCausalLM
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors `model_class` needs, read one at a time and checked against config.json.
 
-    dtype None keeps the dtype stored on disk (never a silent fp32 -> fp16). Missing, unexpected
-    or misshapen tensors raise CheckpointError naming the file and tensor.
+    Unexpected or misshapen tensors raise CheckpointError naming the file and tensor; missing
+    ones raise once the last file is read. Tensors of another head or recomputed buffers are
+    skipped.
     """
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory}: not a directory; pass a Hugging Face checkpoint directory")
-    config = PersimmonConfig.from_file(directory)
-    dtype = parse_dtype(dtype) or checkpoint_dtype(directory)
     with torch.device("meta"):
-        model = model_class(config)
-    expected = dict(model.state_dict(keep_vars=True))
+        expected = {name: tuple(t.shape) for name, t in model_class(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
     for path in weight_files(directory):
         for name, tensor in iter_tensors(path):
             if name.endswith(_IGNORED_SUFFIXES) or (name not in expected and name.startswith(_OTHER_HEADS)):
@@ -116,19 +113,39 @@ def load_model(directory: str, dtype: str | torch.dtype | None = None, model_cla
                 raise CheckpointError(f"{path}: unexpected tensor {name!r}; is this a Persimmon checkpoint "
                                       f"matching its config.json?")
             want = expected.pop(name)
-            if tuple(tensor.shape) != tuple(want.shape):
+            if tuple(tensor.shape) != want:
                 raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json "
-                                      f"implies {tuple(want.shape)}")
-            target = dtype if tensor.is_floating_point() else tensor.dtype
-            _assign(model, name, tensor.to(device=device, dtype=target, copy=True))
-    if config.tie_word_embeddings and "lm_head.weight" in expected:
-        expected.pop("lm_head.weight")
+                                      f"implies {want}")
+            yield name, tensor
     if expected:
         names = sorted(expected)
         raise CheckpointError(f"{directory}: {len(names)} tensor(s) missing from the weights, e.g. {names[:3]}")
+
+
+def load_model(directory: str, dtype: str | torch.dtype | None = None, model_class=PersimmonForCausalLM,
+               device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load a checkpoint directory into `model_class`, in eval mode.
+
+    dtype None keeps the dtype stored on disk (never a silent fp32 -> fp16).
+    """
+    directory = check_directory(directory)
+    config = PersimmonConfig.from_file(directory)
+    dtype = parse_dtype(dtype) or checkpoint_dtype(directory)
+    with torch.device("meta"):
+        model = model_class(config)
+    for name, tensor in checked_tensors(directory, config, model_class):
+        target = dtype if tensor.is_floating_point() else tensor.dtype
+        _assign(model, name, tensor.to(device=device, dtype=target, copy=True))
     if config.tie_word_embeddings and hasattr(model, "lm_head"):
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
+
+
+def check_directory(directory) -> str:
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: not a directory; pass a Hugging Face checkpoint directory")
+    return directory
 
 
 def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -145,11 +162,7 @@ def save_checkpoint(tensors: Iterable[tuple[str, torch.Tensor]], config: Persimm
     about one shard. The directory appears complete or not at all (temp dir, then rename).
     `extra_files` maps a file name in out_dir to a source path to copy, or to its bytes.
     """
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
-    try:
+    with atomic_directory(out_dir) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
         shard_bytes = 0
         written: list[tuple[str, list[str]]] = []
@@ -180,11 +193,7 @@ def save_checkpoint(tensors: Iterable[tuple[str, torch.Tensor]], config: Persimm
                     f.write(source)
             else:
                 shutil.copyfile(source, os.path.join(tmp, name))
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return os.path.abspath(out_dir)
 
 
 def _name_shards(tmp: str, written: list[tuple[str, list[str]]], total_bytes: int) -> None:
@@ -199,22 +208,6 @@ def _name_shards(tmp: str, written: list[tuple[str, list[str]]], total_bytes: in
         weight_map.update(dict.fromkeys(keys, final))
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f, indent=2)
-
-
-def _replace_dir(tmp: str, out_dir: str) -> None:
-    """Move the finished tmp dir to out_dir, replacing an old one only once the new one is whole."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp and safetensors create private files
-    for name in os.listdir(tmp):
-        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-    if os.path.exists(out_dir):
-        old = tmp + ".old"
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)
 
 
 def save_model(model: torch.nn.Module, out_dir: str, dtype: str | torch.dtype | None = None,
