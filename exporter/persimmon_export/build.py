@@ -1,0 +1,64 @@
+"""`persimmon-export build`: checkpoint directory -> self-describing build directory.
+
+BUILD_DIR holds the ONNX model (external data), the tokenizer and manifest.json, which is all
+the runtime reads. The directory appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+from persimmon_runtime.manifest import CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION, Manifest, sha256_file
+from persimmon_runtime.tokenizer import Tokenizer
+
+from . import __version__
+from .checkpoint import check_directory, checked_tensors
+from .config import PersimmonConfig
+from .export import DATA_FILE, MODEL_FILE, OPSET, QK_LAYERNORM_OP, RELU2_SCALE, ROTARY_OP, ExportError, export_onnx, io_spec
+from .files import atomic_directory
+
+BACKENDS = ("onnxruntime",)
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int = 8, max_seq: int = 4096,
+          backend: str = "onnxruntime", progress=print) -> Manifest:
+    """Export `checkpoint` (an HF directory with tokenizer files) into `out_dir`; return its manifest."""
+    checkpoint = check_directory(checkpoint)
+    config = PersimmonConfig.from_file(checkpoint)
+    if backend not in BACKENDS:
+        raise ExportError(f"backend {backend!r} is not available; choose one of {BACKENDS}")
+    if max_batch < 1:
+        raise ExportError(f"--max-batch must be >= 1, got {max_batch}")
+    if not 2 <= max_seq <= config.max_position_embeddings:
+        raise ExportError(f"--max-seq must be in [2, max_position_embeddings={config.max_position_embeddings}], "
+                          f"got {max_seq}")
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    started = time.perf_counter()
+    progress(f"exporting {checkpoint} -> {out_dir} ({config.num_hidden_layers} layers, {dtype}, "
+             f"kv_capacity {max_seq}, max_batch {max_batch})")
+    with atomic_directory(out_dir) as tmp:
+        exported = export_onnx(config, checked_tensors(checkpoint, config), tmp, dtype=dtype, kv_capacity=max_seq,
+                               progress=progress)
+        shutil.copyfile(tokenizer.model_file, os.path.join(tmp, TOKENIZER_FILE))
+        inputs, outputs, aliases = io_spec(config, dtype, max_seq)
+        eos = config.eos_token_id
+        manifest = Manifest(
+            dtype=dtype, max_batch=max_batch, kv_capacity=max_seq,
+            model={**config.to_dict(), "head_dim": config.head_dim, "rotary_dims": config.rotary_dims},
+            tokenizer={"file": TOKENIZER_FILE, "add_bos": tokenizer.add_bos,
+                       "bos_token": tokenizer.sp.id_to_piece(tokenizer.bos_id) if tokenizer.bos_id is not None else None,
+                       "eos_token": tokenizer.sp.id_to_piece(tokenizer.eos_id) if tokenizer.eos_id is not None else None},
+            eos_token_ids=[] if eos is None else list(eos) if isinstance(eos, list) else [eos],
+            onnx={"file": MODEL_FILE, "data_file": DATA_FILE, "opset": OPSET, "relu2_scale": RELU2_SCALE[dtype],
+                  "custom_ops": {"domain": CUSTOM_OP_DOMAIN, "version": CUSTOM_OP_VERSION,
+                                 "ops": [QK_LAYERNORM_OP, ROTARY_OP] if config.qk_layernorm else [ROTARY_OP]}},
+            inputs=inputs, outputs=outputs, cache_aliases=aliases,
+            files={**exported["files"], TOKENIZER_FILE: {"bytes": os.path.getsize(tokenizer.model_file),
+                                                         "sha256": sha256_file(tokenizer.model_file)}},
+            exporter_version=__version__)
+        manifest.save(tmp)
+    progress(f"built {out_dir} in {time.perf_counter() - started:.1f}s")
+    return manifest

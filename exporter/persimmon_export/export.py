@@ -1,0 +1,323 @@
+"""ONNX export: one Persimmon model step over a fixed-capacity, in-place KV cache.
+
+The graph is written directly from the config (it mirrors `model.py` op for op), and the
+weights are streamed from the checkpoint into the external data file one tensor at a time, in
+chunks, so exporting the 8B model needs about one tensor of memory, not the model. (torch.onnx
+would need the whole model materialised and inlines the custom-op functions.)
+
+One graph serves prefill and decode. Per row b of the batch:
+- `input_ids[b, :token_count[b]]` are the row's new tokens (right-padded to `seq`);
+- they are written into the cache at slots `cache_position[b] ...` (opset-24 `TensorScatter`,
+  which onnxruntime does in place when the cache output is bound to the input's buffer and
+  which TensorRT maps to its KV-cache-update layer); position = slot;
+- attention reads the first `kv_length` slots (the width of `attention_mask`, so the decode
+  cost follows the context, not the capacity), causally, skipping slots whose mask is 0;
+- `logits[b]` (fp32) are those of the row's last new token.
+
+fp16 graphs keep LayerNorm statistics, rotary tables, softmax and logits in fp32 with explicit
+casts (TensorRT builds strongly typed networks from exactly these types). relu(x)^2 overflows
+fp16 once x > 256; the exporter folds a power-of-two scale s into the MLP weights
+(W1/s, b1/s, W2*s^2), which is exact and moves the overflow point to x > 256*s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+import torch
+from onnx import AttributeProto, TensorProto, helper
+
+from persimmon_runtime.errors import PersimmonError
+from persimmon_runtime.manifest import CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION, sha256_file
+
+from .config import PersimmonConfig
+from .model import rope_inv_freq
+
+OPSET = 24
+QK_LAYERNORM_OP = "PersimmonQKLayerNorm"
+ROTARY_OP = "PersimmonPartialRotary"
+PLUGIN_VERSION = "1"
+MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+RELU2_SCALE = {"float32": 1.0, "float16": 16.0}
+_LINEAR = ("query_key_value.weight", "dense.weight", "dense_h_to_4h.weight", "dense_4h_to_h.weight",
+           "lm_head.weight")
+_ALIGN = 64
+
+
+class ExportError(PersimmonError):
+    pass
+
+
+def custom_op_functions() -> list[onnx.FunctionProto]:
+    """The two custom ops, each with a body of standard ops that any ONNX runtime can execute."""
+    float32 = TensorProto.FLOAT
+    plugin_attributes = ["plugin_version", "plugin_namespace"]
+
+    def layer_norm(x, weight, bias, out):
+        norm = helper.make_node("LayerNormalization", [f"{x}_f32", weight, bias], [f"{out}_f32"], axis=-1)
+        norm.attribute.append(helper.make_attribute_ref("epsilon", AttributeProto.FLOAT))
+        return [helper.make_node("Cast", [x], [f"{x}_f32"], to=float32), norm,
+                helper.make_node("CastLike", [f"{out}_f32", x], [out])]
+
+    qk_layernorm = helper.make_function(
+        CUSTOM_OP_DOMAIN, QK_LAYERNORM_OP,
+        inputs=["query", "key", "q_weight", "q_bias", "k_weight", "k_bias"], outputs=["query_out", "key_out"],
+        nodes=layer_norm("query", "q_weight", "q_bias", "query_out") + layer_norm("key", "k_weight", "k_bias", "key_out"),
+        opset_imports=[helper.make_opsetid("", OPSET)], attributes=["epsilon", *plugin_attributes],
+        doc_string="Per-head LayerNorm of q and k over head_dim (fp32 statistics); q, k: [batch, seq, heads, head_dim].")
+
+    def const(name, values):
+        return helper.make_node("Constant", [], [name], value_ints=values)
+
+    rotary = helper.make_function(
+        CUSTOM_OP_DOMAIN, ROTARY_OP, inputs=["x", "cos", "sin"], outputs=["y"],
+        nodes=[
+            const("zero", [0]), const("two", [2]), const("last_axis", [-1]), const("end", [2**63 - 1]),
+            helper.make_node("Shape", ["cos"], ["rotary_dims"], start=-1),
+            helper.make_node("Div", ["rotary_dims", "two"], ["half"]),
+            helper.make_node("Slice", ["x", "zero", "rotary_dims", "last_axis"], ["x_rot"]),
+            helper.make_node("Slice", ["x", "rotary_dims", "end", "last_axis"], ["x_pass"]),
+            helper.make_node("Cast", ["x_rot"], ["x_rot_f32"], to=float32),
+            helper.make_node("Slice", ["x_rot_f32", "zero", "half", "last_axis"], ["x1"]),
+            helper.make_node("Slice", ["x_rot_f32", "half", "rotary_dims", "last_axis"], ["x2"]),
+            helper.make_node("Neg", ["x2"], ["neg_x2"]),
+            helper.make_node("Concat", ["neg_x2", "x1"], ["rotated_half"], axis=-1),
+            helper.make_node("Mul", ["x_rot_f32", "cos"], ["x_cos"]),
+            helper.make_node("Mul", ["rotated_half", "sin"], ["x_sin"]),
+            helper.make_node("Add", ["x_cos", "x_sin"], ["rotated_f32"]),
+            helper.make_node("CastLike", ["rotated_f32", "x"], ["rotated"]),
+            helper.make_node("Concat", ["rotated", "x_pass"], ["y"], axis=-1),
+        ],
+        opset_imports=[helper.make_opsetid("", OPSET)], attributes=plugin_attributes,
+        doc_string="GPT-NeoX rotary on the first cos.shape[-1] dims of each head, the rest passed through; "
+                   "x: [batch, seq, heads, head_dim], cos/sin: fp32 [batch, seq, 1, rotary_dims].")
+    return [qk_layernorm, rotary]
+
+
+class _GraphBuilder:
+    """Appends nodes with unique names; `op(...)` returns the output name(s)."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.count = 0
+
+    def op(self, op_type, *inputs, outputs=1, domain="", name=None, **attrs):
+        self.count += 1
+        prefix = name or f"{op_type.lower()}_{self.count}"
+        out_names = [f"{prefix}_out{i}" if outputs > 1 else f"{prefix}_out" for i in range(outputs)] \
+            if isinstance(outputs, int) else outputs
+        self.nodes.append(helper.make_node(op_type, list(inputs), out_names, name=f"{prefix}_{self.count}",
+                                           domain=domain, **attrs))
+        return out_names[0] if len(out_names) == 1 else out_names
+
+    def const(self, name, array: np.ndarray) -> str:
+        self.nodes.append(helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(array, name)))
+        return name
+
+
+def io_spec(config: PersimmonConfig, dtype: str, kv_capacity: int) -> tuple[list, list, dict]:
+    """Graph inputs and outputs ({"name", "dtype", "shape"}) and cache output -> input aliases."""
+    cache_shape = ["batch", config.num_attention_heads, kv_capacity, config.head_dim]
+    inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+              {"name": "cache_position", "dtype": "int64", "shape": ["batch"]},
+              {"name": "token_count", "dtype": "int64", "shape": ["batch"]},
+              {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "kv_length"]}]
+    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", config.vocab_size]}]
+    aliases = {}
+    for layer in range(config.num_hidden_layers):
+        for kind in ("key", "value"):
+            inputs.append({"name": f"past_{kind}_{layer}", "dtype": dtype, "shape": cache_shape})
+            outputs.append({"name": f"present_{kind}_{layer}", "dtype": dtype, "shape": cache_shape})
+            aliases[f"present_{kind}_{layer}"] = f"past_{kind}_{layer}"
+    return inputs, outputs, aliases
+
+
+def _value_info(spec):
+    elem = {"int64": TensorProto.INT64, **ONNX_DTYPES}[spec["dtype"]]
+    return helper.make_tensor_value_info(spec["name"], elem, spec["shape"])
+
+
+def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int) -> onnx.GraphProto:
+    """The step graph, with initializers left out (the caller adds them as external data)."""
+    if config.rope_scaling_type == "dynamic":
+        raise ExportError("rope_scaling 'dynamic' cannot be exported yet: its frequencies change with the "
+                          "sequence length; use a config without dynamic scaling")
+    g = _GraphBuilder()
+    f32, act = TensorProto.FLOAT, ONNX_DTYPES[dtype]
+    half = dtype != "float32"
+    heads, head_dim, hidden = config.num_attention_heads, config.head_dim, config.hidden_size
+
+    # Positions, mask and rotary tables, shared by all layers.
+    seq = g.op("Squeeze", g.op("Shape", "input_ids", start=1, end=2), name="seq_len")
+    kv_length = g.op("Shape", "attention_mask", start=1, end=2, name="kv_length")
+    one, zero = g.const("one", np.array(1, np.int64)), g.const("zero", np.array(0, np.int64))
+    axes = {k: g.const(f"axes_{k}", np.array(v, np.int64)) for k, v in
+            {"0": [0], "1": [1], "2": [2], "01": [0, 1]}.items()}
+    positions = g.op("Add", g.op("Unsqueeze", "cache_position", axes["1"]),
+                     g.op("Unsqueeze", g.op("Range", zero, seq, one), axes["0"]), name="positions")  # [B, T]
+    slots = g.op("Range", zero, g.op("Squeeze", kv_length), one, name="slots")  # [kv]
+    causal = g.op("LessOrEqual", g.op("Unsqueeze", slots, axes["01"]), g.op("Unsqueeze", positions, axes["2"]))
+    filled = g.op("Cast", g.op("Unsqueeze", "attention_mask", axes["1"]), to=TensorProto.BOOL)
+    allowed = g.op("Unsqueeze", g.op("And", causal, filled), axes["1"], name="allowed")  # [B, 1, T, kv]
+    masked_score = g.const("masked_score", np.array(np.finfo(np.float32).min, np.float32))
+    inv_freq = g.const("inv_freq", rope_inv_freq(config, config.max_position_embeddings).numpy().astype(np.float32))
+    freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", positions, to=f32), axes["2"]), inv_freq)
+    angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), axes["2"], name="angles")  # [B, T, 1, rot]
+    cos, sin = g.op("Cos", angles, name="cos"), g.op("Sin", angles, name="sin")
+    q_scale = g.const("q_scale", np.array(head_dim ** -0.5, dtype=np.float16 if half else np.float32))
+    head_shape = g.const("head_shape", np.array([0, 0, heads, 3, head_dim], np.int64))
+    hidden_shape = g.const("hidden_shape", np.array([0, 0, hidden], np.int64))
+    qkv_index = [g.const(f"qkv_{i}", np.array(i, np.int64)) for i in range(3)]
+
+    def layer_norm(x, prefix):
+        x32 = g.op("Cast", x, to=f32) if half else x
+        y = g.op("LayerNormalization", x32, f"{prefix}.weight", f"{prefix}.bias", axis=-1,
+                 epsilon=config.layer_norm_eps)
+        return g.op("Cast", y, to=act) if half else y
+
+    def linear(x, prefix, bias=True):
+        y = g.op("MatMul", x, f"{prefix}.weight")
+        return g.op("Add", y, f"{prefix}.bias") if bias else y
+
+    def activation(x):
+        kind = config.hidden_act
+        if kind == "relu2":
+            relu = g.op("Relu", x)
+            return g.op("Mul", relu, relu)
+        if kind == "relu":
+            return g.op("Relu", x)
+        if kind == "silu":
+            return g.op("Mul", x, g.op("Sigmoid", x))
+        return g.op("Gelu", x, approximate="tanh" if kind == "gelu_pytorch_tanh" else "none")
+
+    x = g.op("Gather", "model.embed_tokens.weight", "input_ids", name="embed")
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}"
+        qkv = g.op("Reshape", linear(layer_norm(x, f"{p}.input_layernorm"), f"{p}.self_attn.query_key_value"),
+                   head_shape)  # [B, T, heads, (q, k, v), head_dim]: the fused output is interleaved per head
+        q, k, v = (g.op("Gather", qkv, index, axis=3) for index in qkv_index)
+        if config.qk_layernorm:
+            q, k = g.op(QK_LAYERNORM_OP, q, k, f"{p}.self_attn.q_layernorm.weight", f"{p}.self_attn.q_layernorm.bias",
+                        f"{p}.self_attn.k_layernorm.weight", f"{p}.self_attn.k_layernorm.bias",
+                        outputs=2, domain=CUSTOM_OP_DOMAIN, name=f"{p}.qk_layernorm", epsilon=config.layer_norm_eps,
+                        plugin_version=PLUGIN_VERSION, plugin_namespace=CUSTOM_OP_DOMAIN)
+        q, k = (g.op(ROTARY_OP, t, cos, sin, domain=CUSTOM_OP_DOMAIN, name=f"{p}.rotary_{n}",
+                     plugin_version=PLUGIN_VERSION, plugin_namespace=CUSTOM_OP_DOMAIN) for t, n in ((q, "q"), (k, "k")))
+        q, k, v = (g.op("Transpose", t, perm=[0, 2, 1, 3]) for t in (q, k, v))  # [B, heads, T, head_dim]
+        caches = []
+        for kind, new in (("key", k), ("value", v)):
+            present = g.op("TensorScatter", f"past_{kind}_{i}", new, "cache_position", axis=2,
+                           outputs=[f"present_{kind}_{i}"], name=f"{p}.cache_update_{kind}")
+            caches.append(g.op("Slice", present, axes["0"], kv_length, axes["2"]))
+        scores = g.op("MatMul", g.op("Mul", q, q_scale), g.op("Transpose", caches[0], perm=[0, 1, 3, 2]))
+        scores = g.op("Where", allowed, g.op("Cast", scores, to=f32) if half else scores, masked_score)
+        probs = g.op("Softmax", scores, axis=-1)
+        probs = g.op("Cast", probs, to=act) if half else probs
+        attn = g.op("Reshape", g.op("Transpose", g.op("MatMul", probs, caches[1]), perm=[0, 2, 1, 3]), hidden_shape)
+        h = g.op("Add", x, linear(attn, f"{p}.self_attn.dense"))
+        mlp = linear(activation(linear(layer_norm(h, f"{p}.post_attention_layernorm"), f"{p}.mlp.dense_h_to_4h")),
+                     f"{p}.mlp.dense_4h_to_h")
+        x = g.op("Add", h, mlp, name=f"{p}.out")
+
+    last = g.op("Unsqueeze", g.op("Sub", "token_count", one), axes["1"])  # [B, 1]: the last new token
+    final = g.op("GatherND", layer_norm(x, "model.final_layernorm"), last, batch_dims=1)  # [B, hidden]
+    logits = g.op("MatMul", final, "lm_head.weight")
+    g.op("Cast", logits, to=f32, outputs=["logits"]) if half else g.op("Identity", logits, outputs=["logits"])
+
+    inputs, outputs, _ = io_spec(config, dtype, kv_capacity)
+    return helper.make_graph(g.nodes, "persimmon_step", [_value_info(s) for s in inputs],
+                             [_value_info(s) for s in outputs])
+
+
+def onnx_layout(name: str, tensor: torch.Tensor, config: PersimmonConfig, dtype: str):
+    """How a checkpoint tensor is stored in the graph: (target dtype, transpose?, scale).
+
+    Linear weights are stored [in, out] so MatMul takes them as they are; LayerNorm parameters
+    stay fp32; the MLP carries the relu^2 scale.
+    """
+    target = torch.float32 if "layernorm" in name else TORCH_DTYPES[dtype]
+    scale = 1.0
+    if config.hidden_act == "relu2":
+        s = RELU2_SCALE[dtype]
+        scale = 1.0 / s if "dense_h_to_4h" in name else (s * s if name.endswith("dense_4h_to_h.weight") else 1.0)
+    return target, name.endswith(_LINEAR), scale
+
+
+class _DataWriter:
+    """Appends tensors to the external data file (64-byte aligned) and hashes what it writes."""
+
+    def __init__(self, path: str):
+        self.file = open(path, "wb")
+        self.offset = 0
+        self.sha256 = hashlib.sha256()
+
+    def _write(self, data) -> None:
+        self.file.write(data)
+        self.sha256.update(data)
+        self.offset += len(data)
+
+    def add(self, name: str, tensor: torch.Tensor, target: torch.dtype, transpose: bool, scale: float,
+            chunk_elements: int = 1 << 26) -> TensorProto:
+        pad = -self.offset % _ALIGN
+        if pad:
+            self._write(bytes(pad))
+        start = self.offset
+        source = tensor.T if transpose else tensor
+        rows = max(1, chunk_elements // max(1, source[0].numel())) if source.dim() > 1 else source.shape[0]
+        for i in range(0, source.shape[0], rows):  # chunks bound the memory of cast + transpose
+            chunk = source[i:i + rows].float()
+            if scale != 1.0:
+                chunk = chunk * scale
+            self._write(memoryview(chunk.to(target).contiguous().numpy()).cast("B"))
+        proto = TensorProto(name=name, dims=list(source.shape), data_location=TensorProto.EXTERNAL,
+                            data_type=TensorProto.FLOAT if target == torch.float32 else TensorProto.FLOAT16)
+        for key, value in (("location", DATA_FILE), ("offset", str(start)), ("length", str(self.offset - start))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, value
+        return proto
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str,
+                dtype: str = "float16", kv_capacity: int = 4096, progress=print) -> dict:
+    """Write out_dir/model.onnx + model.onnx.data; return {"files": {name: {bytes, sha256}}}.
+
+    `tensors` streams (name, tensor) in checkpoint names, e.g. `checked_tensors(...)`.
+    """
+    if dtype not in ONNX_DTYPES:
+        raise ExportError(f"dtype {dtype!r} is not one of {sorted(ONNX_DTYPES)}")
+    graph = build_graph(config, dtype, kv_capacity)
+    writer = _DataWriter(os.path.join(out_dir, DATA_FILE))
+    expected = 4 + 12 * config.num_hidden_layers + (4 if config.qk_layernorm else 0) * config.num_hidden_layers
+    try:
+        for count, (name, tensor) in enumerate(tensors, 1):
+            target, transpose, scale = onnx_layout(name, tensor, config, dtype)
+            graph.initializer.append(writer.add(name, tensor, target, transpose, scale))
+            if config.tie_word_embeddings and name == "model.embed_tokens.weight":
+                lm_target, _, _ = onnx_layout("lm_head.weight", tensor, config, dtype)
+                graph.initializer.append(writer.add("lm_head.weight", tensor, lm_target, True, 1.0))
+            if count % 25 == 0:
+                progress(f"  {count}/{expected} tensors, {writer.offset / 2**30:.2f} GiB written")
+    finally:
+        writer.close()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid(CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION)],
+                              functions=custom_op_functions(), producer_name="persimmon-export")
+    model_path = os.path.join(out_dir, MODEL_FILE)
+    onnx.save(model, model_path)
+    progress("checking the graph (onnx.checker full check, shape inference) ...")
+    try:
+        onnx.checker.check_model(model_path, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"{model_path}: the exported graph fails onnx.checker: {e}") from None
+    data_path = os.path.join(out_dir, DATA_FILE)
+    return {"files": {MODEL_FILE: {"bytes": os.path.getsize(model_path), "sha256": sha256_file(model_path)},
+                      DATA_FILE: {"bytes": os.path.getsize(data_path), "sha256": writer.sha256.hexdigest()}}}
