@@ -1,0 +1,84 @@
+"""The onnxruntime backend: the exported step graph, with the KV cache updated in place.
+
+Each cache tensor is one OrtValue bound both as `past_*` input and as the matching `present_*`
+output. TensorScatter sees the same buffer on both sides and skips its copy, so a decode step
+costs what its context needs, not what the cache capacity is.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import PersimmonError
+from ..manifest import Manifest
+
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, build_dir: str, manifest: Manifest, device: str = "cpu", threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise PersimmonError("onnxruntime is not installed: pip install onnxruntime "
+                                 "(or onnxruntime-gpu for CUDA)") from None
+        self.manifest = manifest
+        self.device_type, _, index = device.partition(":")
+        self.device_id = int(index or 0)
+        if self.device_type == "cpu":
+            providers = ["CPUExecutionProvider"]
+        elif self.device_type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise PersimmonError(f"device {device!r}: this onnxruntime has no CUDA execution provider "
+                                     f"(has {ort.get_available_providers()}); install onnxruntime-gpu or use 'cpu'")
+            providers = [("CUDAExecutionProvider", {"device_id": self.device_id}), "CPUExecutionProvider"]
+        else:
+            raise PersimmonError(f"device {device!r} is not 'cpu', 'cuda' or 'cuda:N'")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(os.path.join(build_dir, manifest.onnx["file"]), options,
+                                            providers=providers)
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        missing = [s["name"] for s in manifest.inputs if s["name"] not in graph_inputs]
+        if missing:
+            raise PersimmonError(f"{build_dir}: the ONNX model lacks inputs {missing[:3]} named in the manifest; "
+                                 f"the build is inconsistent, rebuild it")
+        self._ort = ort
+        self.binding = None
+        self.caches = []
+
+    def start(self, batch: int) -> None:
+        """Zeroed caches for `batch` sequences, bound once as both past (input) and present (output)."""
+        if not 1 <= batch <= self.manifest.max_batch:
+            raise PersimmonError(f"batch {batch} is outside 1..max_batch={self.manifest.max_batch} of this build")
+        shape = (batch, *self.manifest.cache_shape)
+        dtype = NUMPY_DTYPES[self.manifest.dtype]
+        self.binding = self.session.io_binding()
+        # bound first so that it is output 0; ORT allocates it on every run (its shape varies)
+        self.binding.bind_output("logits", "cpu")
+        self._host_caches = []  # on CPU the OrtValues borrow these arrays: keep them alive
+        self.caches = []
+        for present, past in self.manifest.cache_aliases.items():
+            host = np.zeros(shape, dtype)
+            value = self._ort.OrtValue.ortvalue_from_numpy(host, self.device_type, self.device_id)
+            self._host_caches.append(host)
+            self.caches.append(value)
+            self.binding.bind_ortvalue_input(past, value)
+            self.binding.bind_ortvalue_output(present, value)
+
+    def step(self, input_ids, cache_position, token_count, attention_mask) -> np.ndarray:
+        binding = self.binding
+        # held in a local until the run ends: the binding borrows their memory
+        arrays = {"input_ids": input_ids, "cache_position": cache_position, "token_count": token_count,
+                  "attention_mask": attention_mask}
+        arrays = {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in arrays.items()}
+        for name, value in arrays.items():
+            binding.bind_cpu_input(name, value)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()

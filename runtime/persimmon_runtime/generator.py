@@ -1,0 +1,185 @@
+"""Text generation over any backend: batching, sampling, stop strings, EOS and streaming.
+
+The loop is written once; a backend only runs one model step over its KV cache. A batch is
+prefilled in one step (prompts right-padded, each row written from slot 0, `token_count` says
+which logits are the row's), then decoded one token per row per step at per-row cache slots.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backends import load_backend
+from .chat import format_chat
+from .errors import PersimmonError
+from .manifest import Manifest
+from .sampling import Sampler, SamplingParams
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]        # generated ids (no prompt, no EOS)
+    finish_reason: str          # "eos", "stop" or "length"
+    prompt_tokens: int
+
+
+@dataclass
+class _Sequence:
+    """One row's state: its sampler, streaming detokenizer and stop-string bookkeeping."""
+
+    prompt_ids: list[int]
+    sampler: Sampler
+    detokenizer: IncrementalDetokenizer
+    stop: tuple[str, ...]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""          # decoded so far (may end with a held-back possible stop prefix)
+    emitted: int = 0        # len of text already handed out
+    finish_reason: str | None = None
+
+    def add_text(self, piece: str, final: bool = False) -> str:
+        """Append decoded text; return what is safe to emit (never part of a stop string)."""
+        search_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        self.text += piece
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.finish_reason = "stop"
+            final = True
+        safe = len(self.text) if final else len(self.text) - _held_back(self.text, self.stop)
+        out = self.text[self.emitted:safe]
+        self.emitted = max(self.emitted, safe)
+        return out
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of text that could still grow into a stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+class Generator:
+    def __init__(self, backend, tokenizer: Tokenizer):
+        self.backend = backend
+        self.manifest: Manifest = backend.manifest
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def load(cls, build_dir: str, backend: str = "auto", device: str = "cpu",
+             verify_checksums: bool = False) -> "Generator":
+        """Open a build directory (from `persimmon-export build`) on the chosen backend."""
+        manifest = Manifest.load(build_dir, verify_checksums=verify_checksums)
+        spec = manifest.tokenizer
+        tokenizer = Tokenizer(os.path.join(build_dir, spec["file"]), add_bos=spec["add_bos"],
+                              bos_token=spec["bos_token"], eos_token=spec["eos_token"])
+        return cls(load_backend(build_dir, manifest, backend=backend, device=device), tokenizer)
+
+    # ---- public API ----
+
+    def generate(self, prompts: str | list[str], **sampling) -> Completion | list[Completion]:
+        """Complete one prompt (-> Completion) or a list of prompts (-> list, same order)."""
+        single = isinstance(prompts, str)
+        params = SamplingParams(**sampling)
+        sequences = self._prepare([prompts] if single else prompts, params)
+        for batch in self._batches(sequences):
+            for _ in self._run(batch, params):
+                pass
+        completions = [Completion(s.text, s.token_ids, s.finish_reason, len(s.prompt_ids)) for s in sequences]
+        return completions[0] if single else completions
+
+    def stream(self, prompt: str, **sampling) -> Iterator[str]:
+        """Yield the completion's text in pieces as tokens are decoded."""
+        if not isinstance(prompt, str):
+            raise PersimmonError("stream() takes one prompt (str); use stream_batch() for several")
+        for _, piece in self.stream_batch([prompt], **sampling):
+            yield piece
+
+    def stream_batch(self, prompts: list[str], **sampling) -> Iterator[tuple[int, str]]:
+        """Yield (prompt index, text piece) as the batch decodes."""
+        params = SamplingParams(**sampling)
+        sequences = self._prepare(prompts, params)
+        offset = 0
+        for batch in self._batches(sequences):
+            for row, piece in self._run(batch, params):
+                yield offset + row, piece
+            offset += len(batch)
+
+    def chat(self, messages, stream: bool = False, **sampling):
+        """Answer a conversation (see `format_chat`): a Completion, or text pieces with stream=True."""
+        prompt = format_chat(messages)
+        return self.stream(prompt, **sampling) if stream else self.generate(prompt, **sampling)
+
+    # ---- the loop ----
+
+    def _prepare(self, prompts, params: SamplingParams) -> list[_Sequence]:
+        """Tokenize and validate every prompt before any compute."""
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise PersimmonError("prompts must be a str or a list of str")
+        if not prompts:
+            raise PersimmonError("the batch is empty: pass at least one prompt")
+        capacity = self.manifest.kv_capacity
+        sequences = []
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise PersimmonError(f"prompt {index} is a {type(prompt).__name__}, not a str")
+            ids = self.tokenizer.encode(prompt)
+            if not ids:
+                raise PersimmonError(f"prompt {index} is empty and the tokenizer adds no BOS: nothing to condition on")
+            if len(ids) + params.max_new_tokens > capacity:
+                raise PersimmonError(
+                    f"prompt {index} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} that exceeds "
+                    f"the build's kv_capacity {capacity}: shorten it, lower max_new_tokens or rebuild with a larger "
+                    f"--max-seq")
+            sequences.append(_Sequence(ids, Sampler(params, row=index), IncrementalDetokenizer(self.tokenizer, ids),
+                                       params.stop))
+        return sequences
+
+    def _batches(self, sequences: list[_Sequence]) -> Iterator[list[_Sequence]]:
+        size = self.manifest.max_batch
+        for start in range(0, len(sequences), size):
+            yield sequences[start:start + size]
+
+    def _run(self, sequences: list[_Sequence], params: SamplingParams) -> Iterator[tuple[int, str]]:
+        """Prefill, then decode until every row finished; yield (row, text piece) as text appears."""
+        eos = set() if params.ignore_eos else set(self.manifest.eos_token_ids)
+        batch = len(sequences)
+        lengths = np.array([len(s.prompt_ids) for s in sequences], np.int64)
+        input_ids = np.zeros((batch, int(lengths.max())), np.int64)
+        for row, s in enumerate(sequences):
+            input_ids[row, :lengths[row]] = s.prompt_ids
+        self.backend.start(batch)
+        logits = self.backend.step(input_ids, np.zeros(batch, np.int64), lengths, np.ones_like(input_ids))
+        positions = lengths.copy()  # next cache slot of each row
+        last_step = params.max_new_tokens - 1
+        for step in range(params.max_new_tokens):
+            tokens = np.zeros(batch, np.int64)
+            for row, s in enumerate(sequences):
+                if s.finish_reason:
+                    continue
+                tokens[row] = token = s.sampler(logits[row], np.asarray(s.prompt_ids + s.token_ids))
+                if token in eos:
+                    s.finish_reason = "eos"
+                    piece = s.add_text(s.detokenizer.finish(), final=True)
+                else:
+                    s.token_ids.append(token)
+                    piece = s.add_text(s.detokenizer.push(token))
+                    if s.finish_reason is None and step == last_step:
+                        s.finish_reason = "length"
+                        piece += s.add_text(s.detokenizer.finish(), final=True)
+                if piece:
+                    yield row, piece
+            if all(s.finish_reason for s in sequences):
+                return
+            attention_mask = np.ones((batch, int(positions.max()) + 1), np.int64)
+            logits = self.backend.step(tokens[:, None], positions, np.ones(batch, np.int64), attention_mask)
+            positions += 1
