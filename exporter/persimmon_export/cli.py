@@ -16,6 +16,24 @@ def _convert(args) -> None:
     print(f"done: {out}")
 
 
+def _build(args) -> None:
+    from .build import build
+
+    build(args.checkpoint, args.out, dtype=args.dtype, max_batch=args.max_batch, max_seq=args.max_seq,
+          backend=args.backend)
+
+
+def _parity(args) -> int:
+    from .parity import DEFAULT_PROMPTS, check_parity
+
+    results = check_parity(args.checkpoint, args.build, prompts=args.prompt or DEFAULT_PROMPTS,
+                           decode_steps=args.steps, backends=args.backend, device=args.device,
+                           max_abs=args.max_abs_diff, min_top1=args.min_top1)
+    failed = [r for r in results if not r.passed]
+    print("parity: " + ("FAILED for " + ", ".join(r.backend for r in failed) if failed else "all bounds hold"))
+    return 1 if failed else 0
+
+
 def _demo(args) -> None:
     from .demo import run_demo
 
@@ -43,6 +61,40 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size (default 2)")
     convert.set_defaults(run=_convert)
 
+    build = commands.add_parser(
+        "build", help="checkpoint -> build directory (ONNX model, tokenizer, manifest)",
+        description="Export a Hugging Face Persimmon checkpoint directory (with tokenizer files) into a "
+                    "self-describing build directory: model.onnx + model.onnx.data (one model step over a "
+                    "fixed-capacity KV cache, custom ops for QK-LayerNorm and partial rotary), tokenizer.model "
+                    "and manifest.json. Weights are streamed, so the 8B model exports in a few GiB of RAM.")
+    build.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint directory")
+    build.add_argument("--out", required=True, help="build directory (replaced only once complete)")
+    build.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                       help="weights, activations and KV cache (default float16; LayerNorm, softmax and logits "
+                            "stay fp32)")
+    build.add_argument("--max-batch", type=int, default=8, help="largest batch the runtime will run (default 8)")
+    build.add_argument("--max-seq", type=int, default=4096,
+                       help="KV cache capacity per sequence: prompt + generated tokens (default 4096)")
+    build.add_argument("--backend", choices=["onnxruntime"], default="onnxruntime",
+                       help="what the build targets (default onnxruntime)")
+    build.set_defaults(run=_build)
+
+    parity = commands.add_parser(
+        "parity", help="compare a build against the torch reference",
+        description="Run the fp32 torch reference and the built artifact on sample prompts; print, per backend, "
+                    "the max abs logits difference through prefill and N greedy decode steps, top-1 agreement "
+                    "and greedy token agreement against bounds (fp32: 1e-3 and identical greedy tokens; fp16: "
+                    "2%% of the largest |logit| and top-1 >= 95%%). Exits 1 when a bound is broken.")
+    parity.add_argument("--checkpoint", required=True, help="the Hugging Face checkpoint the build came from")
+    parity.add_argument("--build", required=True, help="build directory")
+    parity.add_argument("--backend", nargs="+", default=["onnxruntime"], help="backends to check")
+    parity.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parity.add_argument("--steps", type=int, default=16, help="greedy decode steps after prefill (default 16)")
+    parity.add_argument("--prompt", action="append", help="a prompt (repeatable; default: three built-in ones)")
+    parity.add_argument("--max-abs-diff", type=float, help="override the logits bound")
+    parity.add_argument("--min-top1", type=float, help="override the top-1 agreement bound (0..1)")
+    parity.set_defaults(run=_parity)
+
     demo = commands.add_parser(
         "demo", help="make a tiny random Persimmon checkpoint + tokenizer and generate from it",
         description="Train a tiny sentencepiece tokenizer, write a tiny random-weight Persimmon checkpoint in "
@@ -57,13 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        return args.run(args) or 0
     except PersimmonError as e:
         print(f"persimmon-export {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 if __name__ == "__main__":

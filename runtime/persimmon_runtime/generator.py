@@ -68,6 +68,31 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return longest
 
 
+def prefill(backend, prompt_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Start `backend` on a batch of prompts: one step, right-padded, every row from slot 0.
+
+    Returns the logits of each prompt's last token and each row's next cache slot.
+    """
+    lengths = np.array([len(ids) for ids in prompt_ids], np.int64)
+    input_ids = np.zeros((len(prompt_ids), int(lengths.max())), np.int64)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, :len(ids)] = ids
+    backend.start(len(prompt_ids))
+    # Padding slots past a row's length get junk keys, but they lie ahead of the row's queries
+    # (causally masked) and are overwritten by its next tokens.
+    logits = backend.step(input_ids, np.zeros(len(prompt_ids), np.int64), lengths, np.ones_like(input_ids))
+    return logits, lengths
+
+
+def decode(backend, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """One token per row, written at `positions` (advanced in place); returns the next logits."""
+    batch = len(tokens)
+    attention_mask = np.ones((batch, int(positions.max()) + 1), np.int64)  # width = slots in use
+    logits = backend.step(np.asarray(tokens, np.int64)[:, None], positions, np.ones(batch, np.int64), attention_mask)
+    positions += 1
+    return logits
+
+
 class Generator:
     def __init__(self, backend, tokenizer: Tokenizer):
         self.backend = backend
@@ -153,13 +178,7 @@ class Generator:
         """Prefill, then decode until every row finished; yield (row, text piece) as text appears."""
         eos = set() if params.ignore_eos else set(self.manifest.eos_token_ids)
         batch = len(sequences)
-        lengths = np.array([len(s.prompt_ids) for s in sequences], np.int64)
-        input_ids = np.zeros((batch, int(lengths.max())), np.int64)
-        for row, s in enumerate(sequences):
-            input_ids[row, :lengths[row]] = s.prompt_ids
-        self.backend.start(batch)
-        logits = self.backend.step(input_ids, np.zeros(batch, np.int64), lengths, np.ones_like(input_ids))
-        positions = lengths.copy()  # next cache slot of each row
+        logits, positions = prefill(self.backend, [s.prompt_ids for s in sequences])
         last_step = params.max_new_tokens - 1
         for step in range(params.max_new_tokens):
             tokens = np.zeros(batch, np.int64)
@@ -180,6 +199,4 @@ class Generator:
                     yield row, piece
             if all(s.finish_reason for s in sequences):
                 return
-            attention_mask = np.ones((batch, int(positions.max()) + 1), np.int64)
-            logits = self.backend.step(tokens[:, None], positions, np.ones(batch, np.int64), attention_mask)
-            positions += 1
+            logits = decode(self.backend, tokens, positions)

@@ -81,4 +81,4 @@ class OnnxRuntimeBackend:
         for name, value in arrays.items():
             binding.bind_cpu_input(name, value)
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
+        return np.array(binding.get_outputs()[0].numpy())  # a copy: ORT may reuse the buffer next run

@@ -1,0 +1,101 @@
+"""`persimmon-export parity`: does a built artifact compute what the torch reference computes?
+
+The backend runs greedy prefill + N decode steps on a batch of prompts; the fp32 torch reference
+recomputes the same positions from the same tokens (teacher forcing, so one near-tie cannot
+derail the comparison). Reported per backend: max abs logits difference (prefill and all
+steps), top-1 agreement, and whether the backend's greedy tokens equal the reference's own
+greedy generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from persimmon_runtime.chat import format_chat
+from persimmon_runtime.generator import Generator, decode, prefill
+
+from .checkpoint import load_model
+from .generate import greedy_generate
+
+DEFAULT_PROMPTS = (format_chat("What is the capital of France?"), "The quick brown fox jumps over",
+                   "東京は日本の首都です。 Emoji: 🎉")
+# fp32 must match closely and generate the same tokens; fp16's bound scales with the logits
+# (2% of the largest |logit|) and its greedy tokens may part at near-ties (reported, not failed).
+BOUNDS = {"float32": {"max_abs": 1e-3, "relative": False, "top1": 0.99, "greedy_must_match": True},
+          "float16": {"max_abs": 0.02, "relative": True, "top1": 0.95, "greedy_must_match": False}}
+
+
+@dataclass
+class ParityResult:
+    backend: str
+    dtype: str
+    decode_steps: int
+    prefill_max_abs_diff: float
+    max_abs_diff: float
+    bound: float
+    top1_agreement: float
+    min_top1: float
+    greedy_rows_identical: int
+    rows: int
+    greedy_must_match: bool
+
+    @property
+    def passed(self) -> bool:
+        greedy_ok = self.greedy_rows_identical == self.rows or not self.greedy_must_match
+        return self.max_abs_diff <= self.bound and self.top1_agreement >= self.min_top1 and greedy_ok
+
+    def line(self) -> str:
+        return (f"{self.backend:12s} {self.dtype:8s} steps {self.decode_steps:3d}  max|dlogit| prefill "
+                f"{self.prefill_max_abs_diff:.2e} all {self.max_abs_diff:.2e} (bound {self.bound:.2e})  top-1 "
+                f"{self.top1_agreement:.1%} (min {self.min_top1:.0%})  greedy rows identical "
+                f"{self.greedy_rows_identical}/{self.rows}  {'PASS' if self.passed else 'FAIL'}")
+
+
+def backend_greedy(backend, prompt_ids: list[list[int]], steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy prefill + `steps` decode steps: logits [steps+1, batch, vocab], tokens [batch, steps+1]."""
+    logits, positions = prefill(backend, prompt_ids)
+    all_logits, tokens = [logits], [logits.argmax(-1)]
+    for _ in range(steps):
+        logits = decode(backend, tokens[-1], positions)
+        all_logits.append(logits)
+        tokens.append(logits.argmax(-1))
+    return np.stack(all_logits), np.stack(tokens, axis=1)
+
+
+@torch.no_grad()
+def check_parity(checkpoint: str, build_dir: str, prompts=DEFAULT_PROMPTS, decode_steps: int = 16,
+                 backends=("onnxruntime",), device: str = "cpu", max_abs: float | None = None,
+                 min_top1: float | None = None, progress=print) -> list[ParityResult]:
+    reference = load_model(checkpoint, dtype="float32")
+    results = []
+    for name in backends:
+        generator = Generator.load(build_dir, backend=name, device=device)
+        dtype = generator.manifest.dtype
+        prompt_ids = [generator.tokenizer.encode(p) for p in prompts]
+        progress(f"{name}: {len(prompt_ids)} prompts, prefill + {decode_steps} decode steps")
+        logits, tokens = backend_greedy(generator.backend, prompt_ids, decode_steps)
+        diffs, prefill_diffs, agree, total, scale = [], [], 0, 0, 0.0
+        greedy_identical = 0
+        for row, ids in enumerate(prompt_ids):
+            fed = torch.tensor([ids + tokens[row, :-1].tolist()])  # the backend's own tokens, teacher-forced
+            expected = reference(fed)[0, len(ids) - 1:].numpy()  # [steps+1, vocab]
+            got = logits[:, row]
+            diff = np.abs(got - expected).max(-1)
+            prefill_diffs.append(diff[0])
+            diffs.append(diff.max())
+            agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
+            total += len(diff)
+            scale = max(scale, float(np.abs(expected).max()))
+            own = greedy_generate(reference, torch.tensor([ids]), max_new_tokens=decode_steps + 1)[0, len(ids):]
+            greedy_identical += int(own.tolist() == tokens[row].tolist())
+        bound_spec = BOUNDS[dtype]
+        bound = max_abs if max_abs is not None else \
+            bound_spec["max_abs"] * (scale if bound_spec["relative"] else 1.0)
+        results.append(ParityResult(name, dtype, decode_steps, float(max(prefill_diffs)), float(max(diffs)), bound,
+                                    agree / total, min_top1 if min_top1 is not None else bound_spec["top1"],
+                                    greedy_identical, len(prompt_ids), bound_spec["greedy_must_match"]))
+        progress(results[-1].line())
+    return results

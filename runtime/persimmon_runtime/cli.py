@@ -1,0 +1,59 @@
+"""`persimmon-run BUILD_DIR "prompt"`: one-off generation from a build directory, streamed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import PersimmonError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="persimmon-run",
+        description="Generate text from a Persimmon build directory (made by `persimmon-export build`). "
+                    "Text is streamed as it is decoded. Temperature 0 (the default) is greedy.")
+    parser.add_argument("build", help="build directory")
+    parser.add_argument("prompt", help="prompt text (with --chat: the human turn)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt as 'human: ...\\n\\nadept:'")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, help="makes sampling reproducible")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
+    parser.add_argument("--no-stream", action="store_true", help="print the text once it is complete")
+    parser.add_argument("--backend", default="auto", help="auto (default) or onnxruntime")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .chat import format_chat
+    from .generator import Generator
+
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+                    ignore_eos=args.ignore_eos)
+    try:
+        generator = Generator.load(args.build, backend=args.backend, device=args.device)
+        prompt = format_chat(args.prompt) if args.chat else args.prompt
+        if args.no_stream:
+            print(generator.generate(prompt, **sampling).text)
+        else:
+            for piece in generator.stream(prompt, **sampling):
+                print(piece, end="", flush=True)
+            print()
+    except PersimmonError as e:
+        print(f"persimmon-run: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
