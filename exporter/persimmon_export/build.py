@@ -23,11 +23,16 @@ BACKENDS = ("onnxruntime",)
 TOKENIZER_FILE = "tokenizer.model"
 
 
-def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int = 8, max_seq: int = 4096,
+def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int = 8, max_seq: int | None = None,
           backend: str = "onnxruntime", progress=print) -> Manifest:
-    """Export `checkpoint` (an HF directory with tokenizer files) into `out_dir`; return its manifest."""
+    """Export `checkpoint` (an HF directory with tokenizer files) into `out_dir`; return its manifest.
+
+    max_seq (the KV cache capacity) defaults to min(4096, max_position_embeddings).
+    """
     checkpoint = check_directory(checkpoint)
     config = PersimmonConfig.from_file(checkpoint)
+    if max_seq is None:
+        max_seq = min(4096, config.max_position_embeddings)
     if backend not in BACKENDS:
         raise ExportError(f"backend {backend!r} is not available; choose one of {BACKENDS}")
     if max_batch < 1:

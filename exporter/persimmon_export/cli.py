@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights, activations and KV cache (default float16; LayerNorm, softmax and logits "
                             "stay fp32)")
     build.add_argument("--max-batch", type=int, default=8, help="largest batch the runtime will run (default 8)")
-    build.add_argument("--max-seq", type=int, default=4096,
-                       help="KV cache capacity per sequence: prompt + generated tokens (default 4096)")
+    build.add_argument("--max-seq", type=int,
+                       help="KV cache capacity per sequence: prompt + generated tokens (default: 4096, or the "
+                            "model's max_position_embeddings if smaller)")
     build.add_argument("--backend", choices=["onnxruntime"], default="onnxruntime",
                        help="what the build targets (default onnxruntime)")
     build.set_defaults(run=_build)

@@ -51,8 +51,8 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(None if params.seed is None else [params.seed, row])
 
-    def __call__(self, logits: np.ndarray, history: np.ndarray) -> int:
-        """logits: fp32 [vocab]; history: every token id of the sequence so far (prompt included)."""
+    def process(self, logits: np.ndarray, history: np.ndarray) -> np.ndarray:
+        """Logits after repetition penalty, temperature, top-k and top-p (filtered entries -inf)."""
         p = self.params
         logits = logits.astype(np.float32, copy=True)
         if p.repetition_penalty != 1.0 and len(history):
@@ -60,7 +60,7 @@ class Sampler:
             values = logits[seen]
             logits[seen] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
         if p.temperature == 0:
-            return int(np.argmax(logits))
+            return logits
         logits /= p.temperature
         if 0 < p.top_k < logits.shape[0]:
             kth = np.partition(logits, -p.top_k)[-p.top_k]
@@ -71,7 +71,14 @@ class Sampler:
             # keep the smallest prefix whose mass reaches top_p (at least one token)
             cut = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1
             logits[order[cut:]] = -np.inf
-        return int(self.rng.choice(logits.shape[0], p=_softmax(logits)))
+        return logits
+
+    def __call__(self, logits: np.ndarray, history: np.ndarray) -> int:
+        """The next token. logits: fp32 [vocab]; history: the sequence's ids so far, prompt included."""
+        processed = self.process(logits, history)
+        if self.params.temperature == 0:
+            return int(np.argmax(processed))
+        return int(self.rng.choice(processed.shape[0], p=_softmax(processed)))
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -1,0 +1,231 @@
+"""ONNX export: graph structure, custom ops, checker, and per-step parity with the torch reference."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import transformers
+from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.comparator import Comparator, IterationResult, RunResults, SimpleCompareFunc
+
+from persimmon_export.build import build
+from persimmon_export.checkpoint import CheckpointError, load_model
+from persimmon_export.demo import make_demo_checkpoint
+from persimmon_export.export import QK_LAYERNORM_OP, ROTARY_OP, ExportError
+from persimmon_export.parity import check_parity
+from persimmon_runtime import PersimmonError
+from persimmon_runtime.generator import Generator
+from persimmon_runtime.manifest import Manifest
+
+CONFIGS = {
+    "base": {},
+    # head_dim 24 (not a power of two), no QK LayerNorm, 3 heads
+    "head24_no_qkln": dict(hidden_size=72, num_attention_heads=3, intermediate_size=160, qk_layernorm=False),
+    # full rotary with linear rope scaling, 3 layers
+    "full_rotary_linear": dict(hidden_size=80, num_attention_heads=4, intermediate_size=192, num_hidden_layers=3,
+                               partial_rotary_factor=1.0, rope_scaling={"type": "linear", "factor": 2.0}),
+}
+PROMPTS = ["human: What is the capital of France?\n\nadept:", "The quick brown", "🎉"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {name: make_demo_checkpoint(str(root / name), seed=i, **fields)
+            for i, (name, fields) in enumerate(CONFIGS.items())}
+
+
+@pytest.fixture(scope="module")
+def builds(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("builds")
+    quiet = lambda *_: None  # noqa: E731
+    out = {}
+    for name, checkpoint in checkpoints.items():
+        out[name, "float32"] = str(root / f"{name}-fp32")
+        build(checkpoint, out[name, "float32"], dtype="float32", max_batch=4, max_seq=128, progress=quiet)
+    out["base", "float16"] = str(root / "base-fp16")
+    build(checkpoints["base"], out["base", "float16"], dtype="float16", max_batch=4, max_seq=128, progress=quiet)
+    return out
+
+
+def test_build_directory_is_self_describing(builds):
+    directory = builds["base", "float16"]
+    assert sorted(os.listdir(directory)) == ["manifest.json", "model.onnx", "model.onnx.data", "tokenizer.model"]
+    manifest = Manifest.load(directory, verify_checksums=True)
+    assert (manifest.dtype, manifest.kv_capacity, manifest.max_batch) == ("float16", 128, 4)
+    assert manifest.onnx["custom_ops"] == {"domain": "persimmon", "version": 1, "ops": [QK_LAYERNORM_OP, ROTARY_OP]}
+    assert manifest.cache_aliases["present_key_0"] == "past_key_0"
+    assert [i["name"] for i in manifest.inputs[:4]] == ["input_ids", "cache_position", "token_count", "attention_mask"]
+    assert manifest.files["model.onnx.data"]["bytes"] == os.path.getsize(os.path.join(directory, "model.onnx.data"))
+
+
+def test_custom_domain_nodes_carry_function_bodies(builds):
+    model = onnx.load(os.path.join(builds["base", "float16"], "model.onnx"), load_external_data=False)
+    custom = [n for n in model.graph.node if n.domain == "persimmon"]
+    assert {n.op_type for n in custom} == {QK_LAYERNORM_OP, ROTARY_OP}
+    assert len(custom) == 2 * 3  # per layer: one QK LayerNorm, rotary on q and on k
+    for op in (QK_LAYERNORM_OP, ROTARY_OP):
+        assert not onnx.defs.has(op)  # no clash with a built-in importer in TensorRT's parser
+    for node in custom:
+        attrs = {a.name: a for a in node.attribute}
+        assert attrs["plugin_version"].s == b"1" and attrs["plugin_namespace"].s == b"persimmon"
+    functions = {f.name: f for f in model.functions}
+    assert set(functions) == {QK_LAYERNORM_OP, ROTARY_OP}
+    for function in functions.values():
+        assert function.domain == "persimmon"
+        assert {n.domain for n in function.node} == {""}  # bodies use standard ops only
+    assert {"LayerNormalization", "CastLike"} <= {n.op_type for n in functions[QK_LAYERNORM_OP].node}
+    assert {(o.domain, o.version) for o in model.opset_import} == {("", 24), ("persimmon", 1)}
+    assert sum(n.op_type == "TensorScatter" for n in model.graph.node) == 2 * 2  # k and v, 2 layers
+
+
+def test_checker_and_shape_inference_pass(builds):
+    path = os.path.join(builds["base", "float16"], "model.onnx")
+    onnx.checker.check_model(path, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False), strict_mode=True)
+    logits = next(o for o in inferred.graph.output if o.name == "logits")
+    assert logits.type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 logits from an fp16 graph
+
+
+def test_fp16_graph_keeps_statistics_softmax_and_logits_in_fp32(builds):
+    model = onnx.load(os.path.join(builds["base", "float16"], "model.onnx"), load_external_data=False)
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    assert types["model.layers.0.input_layernorm.weight"] == onnx.TensorProto.FLOAT
+    assert types["model.layers.0.mlp.dense_h_to_4h.weight"] == onnx.TensorProto.FLOAT16
+    inferred = onnx.shape_inference.infer_shapes(model)
+    value_types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    for node in inferred.graph.node:
+        if node.op_type in ("Softmax", "LayerNormalization"):
+            assert value_types[node.input[0]] == onnx.TensorProto.FLOAT, node.name
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_fp32_per_step_logits_match_torch_through_prefill_and_64_decode_steps(checkpoints, builds, name):
+    [result] = check_parity(checkpoints[name], builds[name, "float32"], prompts=PROMPTS, decode_steps=64,
+                            progress=lambda *_: None)
+    assert result.max_abs_diff <= 1e-4, result.line()
+    assert result.top1_agreement == 1.0 and result.greedy_rows_identical == len(PROMPTS)
+
+
+def test_single_prompt_batch(checkpoints, builds):
+    [result] = check_parity(checkpoints["base"], builds["base", "float32"], prompts=["x"], decode_steps=8,
+                            progress=lambda *_: None)
+    assert result.max_abs_diff <= 1e-4
+
+
+def test_fp16_graph_error_against_fp32_is_within_the_stated_bound(checkpoints, builds):
+    [result] = check_parity(checkpoints["base"], builds["base", "float16"], prompts=PROMPTS, decode_steps=64,
+                            progress=lambda *_: None)
+    # stated bound: 2% of the largest |logit| (the parity command's default for fp16)
+    assert result.passed, result.line()
+    assert result.max_abs_diff <= result.bound
+
+
+def test_polygraphy_comparison_of_a_prefill_step_against_torch(checkpoints, builds):
+    directory = builds["head24_no_qkln", "float32"]
+    manifest = Manifest.load(directory)
+    ids = np.array([[3, 17, 42, 99, 5]], np.int64)
+    feeds = {"input_ids": ids, "cache_position": np.zeros(1, np.int64), "token_count": np.array([5], np.int64),
+             "attention_mask": np.ones((1, 5), np.int64)}
+    for name in manifest.cache_inputs:
+        feeds[name] = np.zeros((1, *manifest.cache_shape), np.float32)
+    onnxrt = Comparator.run([OnnxrtRunner(SessionFromOnnx(os.path.join(directory, "model.onnx")))],
+                            data_loader=[feeds])
+    with torch.no_grad():
+        expected = load_model(checkpoints["head24_no_qkln"])(torch.tensor(ids))[:, -1].numpy()
+    reference = RunResults()
+    reference.append(("torch-reference", [IterationResult(outputs={"logits": expected}, runner_name="torch-reference")]))
+    onnxrt_logits = RunResults()
+    name, iterations = onnxrt[0]
+    onnxrt_logits.append((name, [IterationResult(outputs={"logits": iterations[0]["logits"]}, runner_name=name)]))
+    onnxrt_logits.extend(reference)
+    accuracy = Comparator.compare_accuracy(onnxrt_logits, compare_func=SimpleCompareFunc(atol=1e-4, rtol=0))
+    assert bool(accuracy)
+
+
+def test_greedy_generation_through_the_runtime_equals_transformers_generate(checkpoints, builds):
+    generator = Generator.load(builds["full_rotary_linear", "float32"])
+    completions = generator.generate(PROMPTS, max_new_tokens=40, ignore_eos=True)
+    hf = transformers.PersimmonForCausalLM.from_pretrained(checkpoints["full_rotary_linear"]).eval()
+    for prompt, completion in zip(PROMPTS, completions):
+        ids = generator.tokenizer.encode(prompt)
+        with torch.no_grad():
+            expected = hf.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0)[0, len(ids):].tolist()
+        assert completion.token_ids == expected
+
+
+def test_model_runs_in_a_fresh_onnxruntime_session_without_custom_op_library(builds):
+    directory = builds["base", "float16"]
+    session = ort.InferenceSession(os.path.join(directory, "model.onnx"), providers=["CPUExecutionProvider"])
+    manifest = Manifest.load(directory)
+    feeds = {"input_ids": np.array([[1, 2, 3]], np.int64), "cache_position": np.zeros(1, np.int64),
+             "token_count": np.array([3], np.int64), "attention_mask": np.ones((1, 3), np.int64)}
+    for name in manifest.cache_inputs:
+        feeds[name] = np.zeros((1, *manifest.cache_shape), np.float16)
+    logits, present_key_0 = session.run(["logits", "present_key_0"], feeds)
+    assert logits.shape == (1, manifest.model["vocab_size"]) and logits.dtype == np.float32
+    assert np.isfinite(logits).all()
+    assert np.abs(present_key_0[0, :, :3]).sum() > 0 and not present_key_0[0, :, 3:].any()  # written at slots 0..2
+
+
+def test_cache_is_updated_in_place_through_io_binding(builds):
+    generator = Generator.load(builds["base", "float32"])
+    backend = generator.backend
+    backend.start(2)
+    before = [value.data_ptr() for value in backend.caches]
+    backend.step(np.array([[5, 6, 7], [8, 9, 0]]), np.zeros(2, np.int64), np.array([3, 2]), np.ones((2, 3), np.int64))
+    host = backend._host_caches[0]  # the numpy array the first cache OrtValue borrows
+    assert np.abs(host[:, :, :3]).sum() > 0 and not host[:, :, 3:].any()  # the step wrote into our buffer
+    outputs = backend.binding.get_outputs()
+    assert [o.data_ptr() for o in outputs[1:]] == before  # present_* are the very past_* buffers
+
+
+def test_dynamic_rope_scaling_is_refused_clearly(tmp_path):
+    checkpoint = make_demo_checkpoint(str(tmp_path / "dyn"), rope_scaling={"type": "dynamic", "factor": 2.0})
+    with pytest.raises(ExportError, match="rope_scaling 'dynamic' cannot be exported"):
+        build(checkpoint, str(tmp_path / "out"), max_seq=128, progress=lambda *_: None)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_failed_build_leaves_the_old_directory_and_no_temp(checkpoints, builds, tmp_path):
+    out = tmp_path / "build"
+    shutil.copytree(builds["base", "float32"], out)
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoints["base"], broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="has shape"):
+        build(str(broken), str(out), dtype="float32", max_seq=128, progress=lambda *_: None)
+    assert sorted(os.listdir(tmp_path)) == ["broken", "build"]
+    Manifest.load(str(out), verify_checksums=True)  # the previous build is intact
+
+
+def test_bad_build_options(checkpoints, tmp_path):
+    with pytest.raises(ExportError, match="--max-seq must be in"):
+        build(checkpoints["base"], str(tmp_path / "o"), max_seq=10**6, progress=lambda *_: None)
+    with pytest.raises(ExportError, match="--max-batch must be >= 1"):
+        build(checkpoints["base"], str(tmp_path / "o"), max_batch=0, progress=lambda *_: None)
+    with pytest.raises(PersimmonError, match="not a directory"):
+        build(str(tmp_path / "missing"), str(tmp_path / "o"), progress=lambda *_: None)
+
+
+def test_truncated_or_missing_build_files_are_refused(builds, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(builds["base", "float32"], copy)
+    with open(copy / "model.onnx.data", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(PersimmonError, match=r"model\.onnx\.data: 100 bytes, the manifest says"):
+        Generator.load(str(copy))
+    shutil.copyfile(os.path.join(builds["base", "float32"], "model.onnx.data"), copy / "model.onnx.data")
+    os.remove(copy / "tokenizer.model")
+    with pytest.raises(PersimmonError, match=r"tokenizer\.model: listed in the manifest but missing"):
+        Generator.load(str(copy))
+    with pytest.raises(PersimmonError, match=r"manifest\.json: not found"):
+        Generator.load(str(tmp_path))
