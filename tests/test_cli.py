@@ -19,7 +19,7 @@ def run(*args, cwd=None):
 def test_help_lists_the_subcommands():
     result = run("--help")
     assert result.returncode == 0
-    for command in ("convert", "demo"):
+    for command in ("convert", "build", "parity", "demo"):
         assert command in result.stdout
     assert "adept_vocab.model" in run("convert", "--help").stdout
 
@@ -39,3 +39,23 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path):
     result = run("convert", str(tmp_path / "missing"), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_build_then_parity_from_the_shell(tmp_path):
+    assert run("demo", "--out", "ckpt", "--max-new-tokens", "2", cwd=tmp_path).returncode == 0
+    built = run("build", "--checkpoint", "ckpt", "--out", "build", "--dtype", "float32", "--max-seq", "128",
+                cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    assert "checking the graph" in built.stdout and "built" in built.stdout
+    parity = run("parity", "--checkpoint", "ckpt", "--build", "build", "--steps", "8", cwd=tmp_path)
+    assert parity.returncode == 0, parity.stdout + parity.stderr
+    assert "PASS" in parity.stdout and parity.stdout.strip().endswith("parity: all bounds hold")
+    strict = run("parity", "--checkpoint", "ckpt", "--build", "build", "--steps", "2", "--max-abs-diff", "1e-12",
+                 cwd=tmp_path)
+    assert strict.returncode == 1 and "FAIL" in strict.stdout
+
+
+def test_build_errors_are_one_line(tmp_path):
+    result = run("build", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "b"))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "not a directory" in result.stderr and not (tmp_path / "b").exists()

@@ -155,6 +155,8 @@ def test_chat_uses_the_persimmon_format(generator):
     (lambda g: g.generate("hi", stop=[""]), r"stop=\[''\]"),
     (lambda g: g.generate(["ok", 5], max_new_tokens=4), r"prompt 1 is a int"),
     (lambda g: g.generate("hi", bogus=1), r"bogus"),
+    (lambda g: g.stream("x" * 400, max_new_tokens=10), r"exceeds the build's kv_capacity"),  # raised at the call
+    (lambda g: g.stream(["a"]), r"stream\(\) takes one prompt"),
 ])
 def test_invalid_requests_fail_before_any_compute(build_dir, call, message):
     generator = Generator.load(build_dir)

@@ -108,13 +108,14 @@ class _GraphBuilder:
         self.count = 0
 
     def op(self, op_type, *inputs, outputs=1, domain="", name=None, **attrs):
+        """Add a node; `outputs` is a count or a list of names. Returns the output name(s)."""
         self.count += 1
         prefix = name or f"{op_type.lower()}_{self.count}"
-        out_names = [f"{prefix}_out{i}" if outputs > 1 else f"{prefix}_out" for i in range(outputs)] \
-            if isinstance(outputs, int) else outputs
-        self.nodes.append(helper.make_node(op_type, list(inputs), out_names, name=f"{prefix}_{self.count}",
+        if isinstance(outputs, int):
+            outputs = [f"{prefix}_out"] if outputs == 1 else [f"{prefix}_out{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=f"{prefix}_{self.count}",
                                            domain=domain, **attrs))
-        return out_names[0] if len(out_names) == 1 else out_names
+        return outputs[0] if len(outputs) == 1 else outputs
 
     def const(self, name, array: np.ndarray) -> str:
         self.nodes.append(helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(array, name)))

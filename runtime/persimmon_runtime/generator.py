@@ -123,21 +123,27 @@ class Generator:
         return completions[0] if single else completions
 
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
-        """Yield the completion's text in pieces as tokens are decoded."""
+        """An iterator of the completion's text pieces, as tokens are decoded.
+
+        The request is checked now; bad input raises here, not at the first iteration.
+        """
         if not isinstance(prompt, str):
             raise PersimmonError("stream() takes one prompt (str); use stream_batch() for several")
-        for _, piece in self.stream_batch([prompt], **sampling):
-            yield piece
+        return (piece for _, piece in self.stream_batch([prompt], **sampling))
 
     def stream_batch(self, prompts: list[str], **sampling) -> Iterator[tuple[int, str]]:
-        """Yield (prompt index, text piece) as the batch decodes."""
+        """An iterator of (prompt index, text piece) as the batch decodes; checked like stream()."""
         params = SamplingParams(**sampling)
         sequences = self._prepare(prompts, params)
-        offset = 0
-        for batch in self._batches(sequences):
-            for row, piece in self._run(batch, params):
-                yield offset + row, piece
-            offset += len(batch)
+
+        def pieces():
+            offset = 0
+            for batch in self._batches(sequences):
+                for row, piece in self._run(batch, params):
+                    yield offset + row, piece
+                offset += len(batch)
+
+        return pieces()
 
     def chat(self, messages, stream: bool = False, **sampling):
         """Answer a conversation (see `format_chat`): a Completion, or text pieces with stream=True."""

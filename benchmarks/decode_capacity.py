@@ -1,0 +1,105 @@
+"""Decode step time vs KV cache capacity on the onnxruntime runtime (CPU).
+
+    .venv/bin/python benchmarks/decode_capacity.py [--context 200] [--steps 32] [--capacities 256 4096]
+
+Builds a ~134M-parameter Persimmon (random weights, fp32) once per capacity, prefills the same
+`--context` tokens, then times decode steps. With the cache updated in place and attention
+reading only the slots in use, the step time must not grow with capacity: target ratio
+(largest / smallest capacity) <= 1.3. For contrast, the largest build is also timed with a
+plain `session.run` (no IO binding), which copies every cache tensor in and out each step.
+Writes benchmarks/results/decode_capacity.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+from persimmon_export import PersimmonConfig
+from persimmon_export.build import build
+from persimmon_export.checkpoint import save_model
+from persimmon_export.convert import tokenizer_files
+from persimmon_export.demo import random_model, train_tokenizer
+from persimmon_runtime import Tokenizer
+from persimmon_runtime.generator import Generator, decode, prefill
+
+CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=8192)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def time_steps(step, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--capacities", type=int, nargs="+", default=[256, 4096])
+    args = parser.parse_args()
+    config = PersimmonConfig(**CONFIG)
+    prompt = np.random.default_rng(0).integers(0, config.vocab_size, args.context).tolist()
+    results = {}
+    with tempfile.TemporaryDirectory() as work:
+        tokenizer = Tokenizer(train_tokenizer(os.path.join(work, "sp.model")))
+        checkpoint = save_model(random_model(config, seed=0), os.path.join(work, "ckpt"),
+                                extra_files=tokenizer_files(tokenizer))
+        params = sum(p.numel() for p in random_model(config).parameters())
+        for capacity in args.capacities:
+            out = os.path.join(work, f"build-{capacity}")
+            build(checkpoint, out, dtype="float32", max_batch=1, max_seq=capacity, progress=lambda *_: None)
+            generator = Generator.load(out)
+            logits, positions = prefill(generator.backend, [prompt])
+            token = logits.argmax(-1)
+            positions_at_start = positions.copy()
+
+            def step():  # same context every time: rewind the write slot
+                positions[:] = positions_at_start
+                decode(generator.backend, token, positions)
+
+            step()  # warm-up
+            results[f"io_binding_capacity_{capacity}"] = time_steps(step, args.steps)
+            print(f"capacity {capacity:5d}: {results[f'io_binding_capacity_{capacity}'] * 1e3:.1f} ms/step "
+                  f"(in place, IO binding)", flush=True)
+        # contrast: the same largest build through plain session.run, which copies the caches
+        session, manifest = generator.backend.session, generator.manifest
+        cache = np.zeros((1, *manifest.cache_shape), np.float32)
+        feeds = {"input_ids": np.array([[int(token[0])]]), "cache_position": positions_at_start,
+                 "token_count": np.ones(1, np.int64), "attention_mask": np.ones((1, args.context + 1), np.int64),
+                 **{name: cache for name in manifest.cache_inputs}}
+        plain = time_steps(lambda: session.run(["logits"], feeds), args.steps)
+        results[f"session_run_capacity_{capacity}"] = plain
+        print(f"capacity {capacity:5d}: {plain * 1e3:.1f} ms/step (plain session.run: caches copied)")
+    small, large = min(args.capacities), max(args.capacities)
+    ratio = results[f"io_binding_capacity_{large}"] / results[f"io_binding_capacity_{small}"]
+    report = {"params": params, "context": args.context, "steps": args.steps, "median_step_seconds": results,
+              "ratio": round(ratio, 3), "target": 1.3, "pass": ratio <= 1.3,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}"}
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    with open(os.path.join(os.path.dirname(__file__), "results", "decode_capacity.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"ratio capacity {large} / {small}: {ratio:.2f} (target <= 1.3: {'PASS' if ratio <= 1.3 else 'FAIL'})")
+
+
+if __name__ == "__main__":
+    main()
