@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -43,3 +46,19 @@ def sp_model(tmp_path_factory):
 def sp_model_user_defined(tmp_path_factory):
     """Same, but `|ENDOFTEXT|` is a user-defined piece (sentencepiece matches it inside text)."""
     return train_tokenizer(str(tmp_path_factory.mktemp("sp_ud") / "tokenizer.model"), special_as_user_defined=True)
+
+
+_BLOCK_TORCH = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked: a serving host has none")
+sys.meta_path.insert(0, NoTorch())
+"""
+
+
+def run_without_torch(code: str) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter where importing torch fails; it must not import torch."""
+    code = _BLOCK_TORCH + textwrap.dedent(code) + '\nassert "torch" not in sys.modules\n'
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -1,14 +1,10 @@
 """The tokenizer's truth is sentencepiece itself: ids == [BOS] + sp.encode(text), exact round trip."""
 
-import os
 import random
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import sentencepiece as spm
-from conftest import TRICKY_TEXTS
+from conftest import TRICKY_TEXTS, run_without_torch
 
 from persimmon_runtime import IncrementalDetokenizer, PersimmonError, Tokenizer, format_chat
 
@@ -136,22 +132,12 @@ def test_chat_format():
 
 
 def test_runtime_works_without_torch(sp_model):
-    # A serving host has no torch: block it and use the runtime package.
-    code = textwrap.dedent(f"""
-        import sys
-        class NoTorch:
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked in this test")
-        sys.meta_path.insert(0, NoTorch())
+    result = run_without_torch(f"""
         import persimmon_runtime
         tok = persimmon_runtime.Tokenizer({sp_model!r})
         text = persimmon_runtime.format_chat("hi 🎉")
         assert tok.decode(tok.encode(text)) == text
-        assert "torch" not in sys.modules
         print("ok")
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"

@@ -90,7 +90,7 @@ def run_demo(out_dir: str, prompt: str = "What is the capital of France?", max_n
     """Make the demo checkpoint, load it back and stream a greedy chat answer from the reference model."""
     t0 = time.perf_counter()
     make_demo_checkpoint(out_dir)
-    progress(f"wrote tiny checkpoint + tokenizer to {out_dir} ({time.perf_counter() - t0:.1f}s)")
+    progress(f"wrote tiny checkpoint + tokenizer to {out_dir} ({time.perf_counter() - t0:.2f}s)")
     model = load_model(out_dir)
     tokenizer = Tokenizer.from_dir(out_dir)
     text = format_chat(prompt)
