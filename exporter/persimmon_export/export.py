@@ -31,6 +31,7 @@ import onnx
 import torch
 from onnx import AttributeProto, TensorProto, helper
 
+from persimmon_plugins import QK_LAYERNORM_OP, ROTARY_OP
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION, sha256_file
 
@@ -38,8 +39,6 @@ from .config import PersimmonConfig
 from .model import rope_inv_freq
 
 OPSET = 24
-QK_LAYERNORM_OP = "PersimmonQKLayerNorm"
-ROTARY_OP = "PersimmonPartialRotary"
 PLUGIN_VERSION = "1"
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
