@@ -78,8 +78,9 @@ def test_qk_layernorm_kernel_matches_numpy(dtype, bound):
     outs = [cupy.empty_like(args[0]), cupy.empty_like(args[1])]
     warps_per_block = 4
     grid = (2 * rows + warps_per_block - 1) // warps_per_block
+    eps_bits = np.array(eps, np.float32).view(np.int32)
     _kernel(cupy, QK_LAYERNORM_OP, dtype)((grid,), (32 * warps_per_block,),
-                                          (*args, *outs, np.int32(rows), np.int32(head_dim), np.float32(eps)))
+                                          (*args, np.int32(rows), np.int32(head_dim), eps_bits, *outs))
     for got, x, w, b in ((outs[0], q, qw, qb), (outs[1], k, kw, kb)):
         assert np.abs(cupy.asnumpy(got).astype(np.float64) - reference(x, w, b)).max() <= bound
 
@@ -101,7 +102,7 @@ def test_partial_rotary_kernel_matches_numpy(dtype, rotary_dims):
     out = cupy.empty((tokens, heads, head_dim), dtype)
     total = tokens * heads * head_dim
     _kernel(cupy, ROTARY_OP, dtype)(((total + 255) // 256,), (256,),
-                                    (cupy.asarray(x), cupy.asarray(cos), cupy.asarray(sin), out, np.int32(tokens),
-                                     np.int32(heads), np.int32(head_dim), np.int32(rotary_dims)))
+                                    (cupy.asarray(x), cupy.asarray(cos), cupy.asarray(sin), np.int32(tokens),
+                                     np.int32(heads), np.int32(head_dim), np.int32(rotary_dims), out))
     bound = 1e-5 if dtype == "float32" else 4e-3
     assert np.abs(cupy.asnumpy(out).astype(np.float64) - expected).max() <= bound

@@ -78,7 +78,9 @@ def custom_op_functions() -> list[onnx.FunctionProto]:
         CUSTOM_OP_DOMAIN, ROTARY_OP, inputs=["x", "cos", "sin"], outputs=["y"],
         nodes=[
             const("zero", [0]), const("two", [2]), const("last_axis", [-1]), const("end", [2**63 - 1]),
-            helper.make_node("Shape", ["cos"], ["rotary_dims"], start=-1),
+            const("last_dim", [-1]),
+            helper.make_node("Shape", ["cos"], ["cos_shape"]),
+            helper.make_node("Gather", ["cos_shape", "last_dim"], ["rotary_dims"], axis=0),
             helper.make_node("Div", ["rotary_dims", "two"], ["half"]),
             helper.make_node("Slice", ["x", "zero", "rotary_dims", "last_axis"], ["x_rot"]),
             helper.make_node("Slice", ["x", "rotary_dims", "end", "last_axis"], ["x_pass"]),
@@ -154,11 +156,12 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int) -> onnx.G
     heads, head_dim, hidden = config.num_attention_heads, config.head_dim, config.hidden_size
 
     # Positions, mask and rotary tables, shared by all layers.
-    seq = g.op("Squeeze", g.op("Shape", "input_ids", start=1, end=2), name="seq_len")
-    kv_length = g.op("Shape", "attention_mask", start=1, end=2, name="kv_length")
+    # dims via Shape + Gather: the opset-15 start/end attributes of Shape are not relied upon
     one, zero = g.const("one", np.array(1, np.int64)), g.const("zero", np.array(0, np.int64))
     axes = {k: g.const(f"axes_{k}", np.array(v, np.int64)) for k, v in
             {"0": [0], "1": [1], "2": [2], "01": [0, 1]}.items()}
+    seq = g.op("Gather", g.op("Shape", "input_ids"), one, axis=0, name="seq_len")  # scalar
+    kv_length = g.op("Gather", g.op("Shape", "attention_mask"), axes["1"], axis=0, name="kv_length")  # [1]
     positions = g.op("Add", g.op("Unsqueeze", "cache_position", axes["1"]),
                      g.op("Unsqueeze", g.op("Range", zero, seq, one), axes["0"]), name="positions")  # [B, T]
     slots = g.op("Range", zero, g.op("Squeeze", kv_length), one, name="slots")  # [kv]
@@ -212,7 +215,7 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int) -> onnx.G
         q, k, v = (g.op("Transpose", t, perm=[0, 2, 1, 3]) for t in (q, k, v))  # [B, heads, T, head_dim]
         caches = []
         for kind, new in (("key", k), ("value", v)):
-            present = g.op("TensorScatter", f"past_{kind}_{i}", new, "cache_position", axis=2,
+            present = g.op("TensorScatter", f"past_{kind}_{i}", new, "cache_position", axis=-2,
                            outputs=[f"present_{kind}_{i}"], name=f"{p}.cache_update_{kind}")
             caches.append(g.op("Slice", present, axes["0"], kv_length, axes["2"]))
         scores = g.op("MatMul", g.op("Mul", q, q_scale), g.op("Transpose", caches[0], perm=[0, 1, 3, 2]))

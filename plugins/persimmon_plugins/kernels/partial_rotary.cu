@@ -3,7 +3,8 @@
 //
 // Layout: x, y: [tokens, heads, head_dim] contiguous, tokens = batch * seq.
 // cos, sin: fp32 [tokens, rotary_dims] (the graph builds them once per step from the positions).
-// One thread per output element. Argument order: inputs, outputs, scalars (TensorRT AOT plugins).
+// One thread per output element. Argument order (TensorRT AOT plugins): input pointers, int32
+// scalars, output pointers.
 #include <cuda_fp16.h>
 
 namespace {
@@ -15,8 +16,8 @@ template <> __device__ inline float from_float<float>(float x) { return x; }
 template <> __device__ inline __half from_float<__half>(float x) { return __float2half_rn(x); }
 
 template <typename T>
-__device__ void partial_rotary(const T* x, const float* cos, const float* sin, T* y, int tokens, int heads,
-                               int head_dim, int rotary_dims) {
+__device__ void partial_rotary(const T* x, const float* cos, const float* sin, int tokens, int heads, int head_dim,
+                               int rotary_dims, T* y) {
     const long index = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
     const long total = static_cast<long>(tokens) * heads * head_dim;
     if (index >= total) return;
@@ -37,12 +38,12 @@ __device__ void partial_rotary(const T* x, const float* cos, const float* sin, T
 
 }  // namespace
 
-extern "C" __global__ void persimmon_partial_rotary_f16(const __half* x, const float* cos, const float* sin, __half* y,
-                                                        int tokens, int heads, int head_dim, int rotary_dims) {
-    partial_rotary(x, cos, sin, y, tokens, heads, head_dim, rotary_dims);
+extern "C" __global__ void persimmon_partial_rotary_f16(const __half* x, const float* cos, const float* sin, int tokens,
+                                                        int heads, int head_dim, int rotary_dims, __half* y) {
+    partial_rotary(x, cos, sin, tokens, heads, head_dim, rotary_dims, y);
 }
 
-extern "C" __global__ void persimmon_partial_rotary_f32(const float* x, const float* cos, const float* sin, float* y,
-                                                        int tokens, int heads, int head_dim, int rotary_dims) {
-    partial_rotary(x, cos, sin, y, tokens, heads, head_dim, rotary_dims);
+extern "C" __global__ void persimmon_partial_rotary_f32(const float* x, const float* cos, const float* sin, int tokens,
+                                                        int heads, int head_dim, int rotary_dims, float* y) {
+    partial_rotary(x, cos, sin, tokens, heads, head_dim, rotary_dims, y);
 }

@@ -4,7 +4,8 @@
 // Layout: query, key, outputs: [rows, head_dim] contiguous, rows = batch * seq * heads.
 // weights, biases: fp32 [head_dim]. One warp normalises one row; rows of q come first
 // (blockIdx/warp index < rows), then rows of k.
-// Argument order follows TensorRT's ahead-of-time plugin convention: inputs, outputs, scalars.
+// Argument order follows TensorRT's ahead-of-time plugin convention: input pointers, int32
+// scalars, output pointers. Scalars are int32 only there, so epsilon arrives as its float bits.
 #include <cuda_fp16.h>
 
 namespace {
@@ -52,8 +53,9 @@ __device__ void normalize_row(const T* x, const float* weight, const float* bias
 
 template <typename T>
 __device__ void qk_layernorm(const T* query, const T* key, const float* q_weight, const float* q_bias,
-                             const float* k_weight, const float* k_bias, T* query_out, T* key_out,
-                             int rows, int head_dim, float eps) {
+                             const float* k_weight, const float* k_bias, int rows, int head_dim, int eps_bits,
+                             T* query_out, T* key_out) {
+    const float eps = __int_as_float(eps_bits);
     const int warps_per_block = blockDim.x / kWarp;
     const int row = blockIdx.x * warps_per_block + threadIdx.x / kWarp;
     if (row < rows) {
@@ -69,14 +71,14 @@ __device__ void qk_layernorm(const T* query, const T* key, const float* q_weight
 
 extern "C" __global__ void persimmon_qk_layernorm_f16(const __half* query, const __half* key, const float* q_weight,
                                                       const float* q_bias, const float* k_weight, const float* k_bias,
-                                                      __half* query_out, __half* key_out, int rows, int head_dim,
-                                                      float eps) {
-    qk_layernorm(query, key, q_weight, q_bias, k_weight, k_bias, query_out, key_out, rows, head_dim, eps);
+                                                      int rows, int head_dim, int eps_bits, __half* query_out,
+                                                      __half* key_out) {
+    qk_layernorm(query, key, q_weight, q_bias, k_weight, k_bias, rows, head_dim, eps_bits, query_out, key_out);
 }
 
 extern "C" __global__ void persimmon_qk_layernorm_f32(const float* query, const float* key, const float* q_weight,
                                                       const float* q_bias, const float* k_weight, const float* k_bias,
-                                                      float* query_out, float* key_out, int rows, int head_dim,
-                                                      float eps) {
-    qk_layernorm(query, key, q_weight, q_bias, k_weight, k_bias, query_out, key_out, rows, head_dim, eps);
+                                                      int rows, int head_dim, int eps_bits, float* query_out,
+                                                      float* key_out) {
+    qk_layernorm(query, key, q_weight, q_bias, k_weight, k_bias, rows, head_dim, eps_bits, query_out, key_out);
 }
