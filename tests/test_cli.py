@@ -19,7 +19,7 @@ def run(*args, cwd=None):
 def test_help_lists_the_subcommands():
     result = run("--help")
     assert result.returncode == 0
-    for command in ("convert", "build", "parity", "demo"):
+    for command in ("convert", "build", "parity", "doctor", "demo"):
         assert command in result.stdout
     assert "adept_vocab.model" in run("convert", "--help").stdout
 

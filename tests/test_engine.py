@@ -15,6 +15,7 @@ from persimmon_export.demo import make_demo_checkpoint
 from persimmon_export.engine import (EngineError, cache_update_path, check_version, optimization_profiles,
                                      parse_version, polygraphy_command, readiness_problems,
                                      scatter_elements_fallback, tensorrt_version, trtexec_command)
+from persimmon_runtime import PersimmonError
 from persimmon_runtime.manifest import Manifest
 
 TRT_VERSION, TRT_MISSING = tensorrt_version()
@@ -44,7 +45,7 @@ def test_versions():
     for bad in ((10, 8, 0), (12, 0)):
         with pytest.raises(EngineError, match="outside the supported range 10.9 - 11.x"):
             check_version(bad)
-    with pytest.raises(EngineError, match="cannot read the TensorRT version"):
+    with pytest.raises(PersimmonError, match="cannot read the TensorRT version"):
         parse_version("stub")
 
 
@@ -137,3 +138,49 @@ def test_tiny_engine_matches_torch_and_onnxruntime(built, tmp_path):
     results = check_parity(checkpoint, out, decode_steps=16, backends=("tensorrt", "onnxruntime"), device="cuda",
                            progress=lambda *_: None)
     assert all(r.passed for r in results), [r.line() for r in results]
+
+
+def test_runtime_refuses_a_mismatched_engine_with_the_reason():
+    from persimmon_runtime.backends.tensorrt import check_engine_compatible
+
+    section = {"version": "10.15.1.29", "compute_capability": "9.0", "version_compatible": False}
+    check_engine_compatible(section, "10.15.1.29", "9.0")
+    with pytest.raises(PersimmonError, match=r"built with TensorRT 10.15.1.29; this machine has 11.0.0.*"
+                                             r"--version-compatible"):
+        check_engine_compatible(section, "11.0.0", "9.0")
+    with pytest.raises(PersimmonError, match=r"compute capability 9.0; this GPU has 8.0"):
+        check_engine_compatible(section, "10.15.1.29", "8.0")
+    compatible = {**section, "version_compatible": True}
+    check_engine_compatible(compatible, "11.2.0", "9.0")  # loads on newer TensorRT
+    with pytest.raises(PersimmonError, match=r"loads on 10.15.1.29 or newer\); this machine has 10.14"):
+        check_engine_compatible(compatible, "10.14.0", "9.0")
+
+
+def test_tensorrt_backend_errors_are_clear_without_tensorrt(built, tmp_path):
+    from persimmon_runtime.generator import Generator
+
+    directory = built[1]["float16"]
+    with pytest.raises(PersimmonError, match="this build has no TensorRT engine; rebuild it with"):
+        Generator.load(directory, backend="tensorrt")
+    assert Generator.load(directory).backend.name == "onnxruntime"  # auto falls back
+
+
+@pytest.mark.skipif(TRT_VERSION is not None, reason="TensorRT is installed here")
+def test_build_for_tensorrt_without_it_is_one_clear_error(built, tmp_path):
+    from persimmon_export.build import build as build_dir
+
+    with pytest.raises(PersimmonError, match="--backend tensorrt: tensorrt is not importable"):
+        build_dir(built[0], str(tmp_path / "trt"), backend="tensorrt", progress=lambda *_: None)
+    assert not (tmp_path / "trt").exists()
+
+
+def test_doctor_reports_every_item_with_reasons():
+    from persimmon_export.doctor import report
+
+    findings = dict(report())
+    assert list(findings) == ["persimmon-deploy", "python", "torch", "onnx", "onnxruntime", "polygraphy",
+                              "tensorrt", "cuda-python", "gpu", "plugins"]
+    assert "CPUExecutionProvider" in findings["onnxruntime"]
+    if TRT_VERSION is None:
+        assert findings["tensorrt"].startswith("unavailable: ")
+    assert findings["plugins"].startswith("kernels compile with") or findings["plugins"].startswith("nvcc not found")

@@ -16,18 +16,23 @@ from persimmon_runtime.tokenizer import Tokenizer
 from . import __version__
 from .checkpoint import check_directory, checked_tensors
 from .config import PersimmonConfig
+from .engine import build_engine, tensorrt_version
 from .export import DATA_FILE, MODEL_FILE, OPSET, QK_LAYERNORM_OP, RELU2_SCALE, ROTARY_OP, ExportError, export_onnx, io_spec
 from .files import atomic_directory
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
 TOKENIZER_FILE = "tokenizer.model"
 
 
 def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int = 8, max_seq: int | None = None,
-          backend: str = "onnxruntime", progress=print) -> Manifest:
+          backend: str = "auto", max_prefill: int | None = None, plugins: str = "auto",
+          version_compatible: bool = False, timing_cache: str | None = None, opt_level: int = 3,
+          workspace_mib: int | None = None, progress=print) -> Manifest:
     """Export `checkpoint` (an HF directory with tokenizer files) into `out_dir`; return its manifest.
 
-    max_seq (the KV cache capacity) defaults to min(4096, max_position_embeddings).
+    max_seq (the KV cache capacity) defaults to min(4096, max_position_embeddings). backend
+    "auto" builds a TensorRT engine too when TensorRT is importable; the other arguments
+    configure that engine (see `engine.build_engine`).
     """
     checkpoint = check_directory(checkpoint)
     config = PersimmonConfig.from_file(checkpoint)
@@ -35,6 +40,10 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
         max_seq = min(4096, config.max_position_embeddings)
     if backend not in BACKENDS:
         raise ExportError(f"backend {backend!r} is not available; choose one of {BACKENDS}")
+    if backend == "auto":
+        backend = "tensorrt" if tensorrt_version()[0] is not None else "onnxruntime"
+    elif backend == "tensorrt" and tensorrt_version()[0] is None:
+        raise ExportError(f"--backend tensorrt: {tensorrt_version()[1]}")
     if max_batch < 1:
         raise ExportError(f"--max-batch must be >= 1, got {max_batch}")
     if not 2 <= max_seq <= config.max_position_embeddings:
@@ -64,6 +73,14 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
             files={**exported["files"], TOKENIZER_FILE: {"bytes": os.path.getsize(tokenizer.model_file),
                                                          "sha256": sha256_file(tokenizer.model_file)}},
             exporter_version=__version__)
+        if backend == "tensorrt":
+            manifest.tensorrt = build_engine(tmp, manifest, max_prefill=max_prefill or min(max_seq, 2048),
+                                             plugins=plugins, version_compatible=version_compatible,
+                                             timing_cache=timing_cache, opt_level=opt_level,
+                                             workspace_mib=workspace_mib, progress=progress)
+            for name in {manifest.tensorrt["engine_file"], manifest.tensorrt["onnx_file"]} - set(manifest.files):
+                path = os.path.join(tmp, name)
+                manifest.files[name] = {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
         manifest.save(tmp)
     progress(f"built {out_dir} in {time.perf_counter() - started:.1f}s")
     return manifest

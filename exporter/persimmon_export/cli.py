@@ -20,7 +20,9 @@ def _build(args) -> None:
     from .build import build
 
     build(args.checkpoint, args.out, dtype=args.dtype, max_batch=args.max_batch, max_seq=args.max_seq,
-          backend=args.backend)
+          backend=args.backend, max_prefill=args.max_prefill, plugins=args.plugins,
+          version_compatible=args.version_compatible, timing_cache=args.timing_cache, opt_level=args.opt_level,
+          workspace_mib=int(args.workspace_gb * 1024) if args.workspace_gb else None)
 
 
 def _parity(args) -> int:
@@ -32,6 +34,13 @@ def _parity(args) -> int:
     failed = [r for r in results if not r.passed]
     print("parity: " + ("FAILED for " + ", ".join(r.backend for r in failed) if failed else "all bounds hold"))
     return 1 if failed else 0
+
+
+def _doctor(args) -> None:
+    from .doctor import report
+
+    for item, finding in report():
+        print(f"{item:17s} {finding}")
 
 
 def _demo(args) -> None:
@@ -76,8 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-seq", type=int,
                        help="KV cache capacity per sequence: prompt + generated tokens (default: 4096, or the "
                             "model's max_position_embeddings if smaller)")
-    build.add_argument("--backend", choices=["onnxruntime"], default="onnxruntime",
-                       help="what the build targets (default onnxruntime)")
+    build.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
+                       help="auto (default): also build a TensorRT engine when TensorRT is importable")
+    trt = build.add_argument_group("TensorRT engine (--backend tensorrt; TensorRT 10.9 - 11.x)")
+    trt.add_argument("--max-prefill", type=int,
+                     help="most new tokens in one prefill step (profile 0; default min(max-seq, 2048))")
+    trt.add_argument("--plugins", choices=["auto", "on", "off"], default="auto",
+                     help="custom ops as ahead-of-time plugin kernels (needs nvcc at build time) or, off, as the "
+                          "ONNX function bodies; auto uses them when possible")
+    trt.add_argument("--version-compatible", action="store_true",
+                     help="engine that also loads on newer TensorRT (e.g. in a Triton container)")
+    trt.add_argument("--timing-cache", help="timing cache file, read and updated (speeds up rebuilds)")
+    trt.add_argument("--opt-level", type=int, default=3, choices=range(6), help="builder optimization level (3)")
+    trt.add_argument("--workspace-gb", type=float, help="builder workspace memory pool limit")
     build.set_defaults(run=_build)
 
     parity = commands.add_parser(
@@ -89,12 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--checkpoint", required=True, help="the Hugging Face checkpoint the build came from")
     parity.add_argument("--build", required=True, help="build directory")
     parity.add_argument("--backend", nargs="+", default=["onnxruntime"], help="backends to check")
-    parity.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parity.add_argument("--device", help="cpu, cuda or cuda:N (default: each backend's own)")
     parity.add_argument("--steps", type=int, default=16, help="greedy decode steps after prefill (default 16)")
     parity.add_argument("--prompt", action="append", help="a prompt (repeatable; default: three built-in ones)")
     parity.add_argument("--max-abs-diff", type=float, help="override the logits bound")
     parity.add_argument("--min-top1", type=float, help="override the top-1 agreement bound (0..1)")
     parity.set_defaults(run=_parity)
+
+    doctor = commands.add_parser(
+        "doctor", help="what this machine can do (TensorRT, GPU, onnxruntime, plugins)",
+        description="Print the versions and capabilities that builds depend on - TensorRT (or why it is "
+                    "missing), the GPU, onnxruntime's execution providers, whether the plugin kernels compile - "
+                    "each with the reason when something is missing. Run it first when a build fails.")
+    doctor.set_defaults(run=_doctor)
 
     demo = commands.add_parser(
         "demo", help="make a tiny random Persimmon checkpoint + tokenizer and generate from it",

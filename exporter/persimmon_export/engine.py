@@ -16,13 +16,13 @@ Everything here except `build_engine` is plain Python and tested without TensorR
 from __future__ import annotations
 
 import os
-import re
 import shlex
 
 import onnx
 from onnx import TensorProto, helper
 
 from persimmon_runtime.backends.cuda import compute_capability
+from persimmon_runtime.backends.tensorrt import parse_version
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import Manifest
 
@@ -44,21 +44,6 @@ PARSER_OPS = set(OP_SINCE) | {
 
 class EngineError(PersimmonError):
     pass
-
-
-def parse_version(text: str) -> tuple[int, ...]:
-    """'10.15.1.29' -> (10, 15, 1, 29); non-numeric tails ('11.0.0rc1') are dropped."""
-    parts = []
-    for piece in str(text).split("."):
-        digits = re.match(r"\d+", piece)
-        if not digits:
-            break
-        parts.append(int(digits.group()))
-        if digits.end() < len(piece):  # '0rc1': keep 0, stop there
-            break
-    if len(parts) < 2:
-        raise EngineError(f"cannot read the TensorRT version {text!r}")
-    return tuple(parts)
 
 
 def check_version(version: tuple[int, ...]) -> None:

@@ -67,7 +67,7 @@ def backend_greedy(backend, prompt_ids: list[list[int]], steps: int) -> tuple[np
 
 @torch.no_grad()
 def check_parity(checkpoint: str, build_dir: str, prompts=DEFAULT_PROMPTS, decode_steps: int = 16,
-                 backends=("onnxruntime",), device: str = "cpu", max_abs: float | None = None,
+                 backends=("onnxruntime",), device: str | None = None, max_abs: float | None = None,
                  min_top1: float | None = None, progress=print) -> list[ParityResult]:
     reference = load_model(checkpoint, dtype="float32")
     results = []

@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
     parser.add_argument("--no-stream", action="store_true", help="print the text once it is complete")
-    parser.add_argument("--backend", default="auto", help="auto (default) or onnxruntime")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
+                        help="auto (default): TensorRT when the build has an engine and a GPU can run it")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the backend's own, cuda for TensorRT)")
     return parser
 
 

@@ -100,9 +100,14 @@ class Generator:
         self.tokenizer = tokenizer
 
     @classmethod
-    def load(cls, build_dir: str, backend: str = "auto", device: str = "cpu",
+    def load(cls, build_dir: str, backend: str = "auto", device: str | None = None,
              verify_checksums: bool = False) -> "Generator":
-        """Open a build directory (from `persimmon-export build`) on the chosen backend."""
+        """Open a build directory (from `persimmon-export build`).
+
+        backend: "auto" (TensorRT when the build has an engine and a GPU can run it, else
+        onnxruntime), "onnxruntime" or "tensorrt". device: "cpu", "cuda", "cuda:N" or None for
+        the backend's default.
+        """
         manifest = Manifest.load(build_dir, verify_checksums=verify_checksums)
         spec = manifest.tokenizer
         tokenizer = Tokenizer(os.path.join(build_dir, spec["file"]), add_bos=spec["add_bos"],

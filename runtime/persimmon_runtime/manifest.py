@@ -38,6 +38,7 @@ class Manifest:
     outputs: list
     cache_aliases: dict            # output name -> the input it updates in place
     files: dict = field(default_factory=dict)  # name -> {"bytes", "sha256"}
+    tensorrt: dict | None = None   # engine file, TensorRT version, GPU, profiles, plugins (TensorRT builds)
     exporter_version: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION

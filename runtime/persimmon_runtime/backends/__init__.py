@@ -11,16 +11,32 @@ from __future__ import annotations
 from ..errors import PersimmonError
 from ..manifest import Manifest
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "tensorrt")
 
 
-def load_backend(build_dir: str, manifest: Manifest, backend: str = "auto", device: str = "cpu"):
+def load_backend(build_dir: str, manifest: Manifest, backend: str = "auto", device: str | None = None):
+    """`auto` picks TensorRT when the build has an engine and this machine can run it, else onnxruntime.
+
+    device None means the backend's default: "cuda" for TensorRT, "cpu" for onnxruntime.
+    """
     if backend == "auto":
-        backend = "onnxruntime"
+        backend = "tensorrt" if manifest.tensorrt and _tensorrt_usable() and device != "cpu" else "onnxruntime"
     if backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(build_dir, manifest, device=device)
+        return OnnxRuntimeBackend(build_dir, manifest, device=device or "cpu")
     if backend == "tensorrt":
-        raise PersimmonError("backend 'tensorrt' is not available in this version; use 'onnxruntime'")
+        from .tensorrt import TensorRTBackend
+
+        return TensorRTBackend(build_dir, manifest, device=device or "cuda")
     raise PersimmonError(f"backend {backend!r} is unknown; choose 'auto' or one of {BACKENDS}")
+
+
+def _tensorrt_usable() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+
+        from .cuda import check, cudart
+        return check(cudart().cudaGetDeviceCount()) > 0
+    except Exception:
+        return False

@@ -1,0 +1,90 @@
+"""`persimmon-export doctor`: what this machine can do - the first thing to run when a build fails."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _gpu() -> str:
+    from persimmon_runtime.backends.cuda import check, compute_capability, cudart
+
+    try:
+        count = check(cudart().cudaGetDeviceCount())
+        if count:
+            return f"{count} CUDA device(s) through cuda-python, compute capability {compute_capability(0)}"
+    except Exception as e:
+        reason = str(e)
+    else:
+        reason = "cuda-python sees no CUDA device"
+    if shutil.which("nvidia-smi"):
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True)
+        if query.returncode == 0 and query.stdout.strip():
+            return f"{query.stdout.strip()} (nvidia-smi; {reason})"
+    return f"none visible ({reason}; no nvidia-smi answer)"
+
+
+def _tensorrt() -> str:
+    from .engine import KV_CACHE_UPDATE_LAYER_VERSION, MIN_VERSION, cache_update_path, tensorrt_version
+
+    version, why = tensorrt_version()
+    if version is None:
+        return f"unavailable: {why}"
+    text = ".".join(map(str, version))
+    supported = MIN_VERSION <= version[:2] and version[0] <= 11
+    path = cache_update_path(version)
+    note = "in-place KV-cache-update layer" if path == "tensor_scatter" else \
+        f"ScatterElements fallback (in-place update needs >= {'.'.join(map(str, KV_CACHE_UPDATE_LAYER_VERSION))})"
+    return f"{text} ({'supported' if supported else 'NOT supported: use 10.9 - 11.x'}; cache update: {note})"
+
+
+def _plugins() -> str:
+    from persimmon_plugins import KERNELS
+    from persimmon_plugins.compile import PTX_TARGET, CompileError, compile_kernel, nvcc
+
+    compiler = nvcc()
+    if compiler is None:
+        return "nvcc not found: engines build with --plugins off (function bodies as native layers)"
+    try:
+        sizes = [len(compile_kernel(op, PTX_TARGET)) for op in KERNELS]
+    except CompileError as e:
+        return f"nvcc at {compiler} fails to compile the kernels: {e}"
+    return f"kernels compile with {compiler} ({', '.join(KERNELS)}: {sum(sizes)} bytes of {PTX_TARGET} PTX)"
+
+
+def _onnxruntime() -> str:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        return f"unavailable ({e})"
+    return f"{ort.__version__}, providers {', '.join(ort.get_available_providers())}"
+
+
+def report() -> list[tuple[str, str]]:
+    """(item, finding) pairs; each probe says why when something is missing."""
+    from . import __version__
+
+    return [
+        ("persimmon-deploy", __version__),
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("torch", _version("torch") or "not installed (the exporter needs it: pip install '.[export]')"),
+        ("onnx", _version("onnx") or "not installed"),
+        ("onnxruntime", _onnxruntime()),
+        ("polygraphy", _version("polygraphy") or "not installed (TensorRT builds need it: pip install polygraphy)"),
+        ("tensorrt", _tensorrt()),
+        ("cuda-python", _version("cuda-python") or _version("cuda-bindings") or
+         "not installed (the TensorRT runtime backend needs it: pip install cuda-python)"),
+        ("gpu", _gpu()),
+        ("plugins", _plugins()),
+    ]

@@ -1,0 +1,207 @@
+"""The TensorRT backend: one engine step over device-resident caches.
+
+- The cache buffers are allocated once per batch and bound both as `past_*` input and as the
+  `present_*` output that `engine.get_aliased_input_tensor` pairs with it (the KV-cache-update
+  layer writes in place). Engines built with the ScatterElements fallback (TensorRT < 10.15)
+  have no alias: each cache tensor then has two buffers that swap roles every step.
+- Profile 0 serves prefill, profile 1 decode; the context switches when the step kind changes.
+- Decode steps replay CUDA graphs, one per (batch, attention width bucket): the attention mask
+  width is rounded up to a multiple of `KV_BUCKET` (the extra slots lie ahead of every query, so
+  causality masks them), so a graph serves KV_BUCKET consecutive steps.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from ..errors import PersimmonError
+from ..manifest import Manifest
+from .cuda import check, compute_capability, cudart
+
+PREFILL, DECODE = 0, 1
+KV_BUCKET = 64
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """'10.15.1.29' -> (10, 15, 1, 29); a non-numeric tail ends it ('11.0.0rc1' -> (11, 0, 0))."""
+    parts = []
+    for piece in str(text).split("."):
+        digits = re.match(r"\d+", piece)
+        if not digits:
+            break
+        parts.append(int(digits.group()))
+        if digits.end() < len(piece):
+            break
+    if len(parts) < 2:
+        raise PersimmonError(f"cannot read the TensorRT version {text!r}")
+    return tuple(parts)
+
+
+def check_engine_compatible(section: dict, installed: str, capability: str) -> None:
+    """Refuse, with the reason, an engine this machine cannot run."""
+    built = section["version"]
+    rebuild = "rebuild it here with `persimmon-export build --backend tensorrt`"
+    if section.get("version_compatible"):
+        if parse_version(installed)[:2] < parse_version(built)[:2]:
+            raise PersimmonError(f"engine.plan was built with TensorRT {built} (version compatible: it loads on "
+                                 f"{built} or newer); this machine has {installed}: {rebuild}")
+    elif parse_version(installed)[:3] != parse_version(built)[:3]:
+        raise PersimmonError(f"engine.plan was built with TensorRT {built}; this machine has {installed}: {rebuild}, "
+                             f"or build with --version-compatible for engines that must load on newer TensorRT")
+    wanted = section.get("compute_capability", "unknown")
+    if "unknown" not in (wanted, capability) and wanted != capability:
+        raise PersimmonError(f"engine.plan was built for GPU compute capability {wanted}; this GPU has {capability}: "
+                             f"{rebuild}")
+
+
+class _Buffer:
+    def __init__(self, rt, nbytes: int):
+        self.rt, self.nbytes = rt, max(1, nbytes)
+        self.ptr = int(check(rt.cudaMalloc(self.nbytes), "cudaMalloc"))
+
+    def upload(self, array: np.ndarray, stream) -> None:
+        array = np.ascontiguousarray(array)
+        check(self.rt.cudaMemcpyAsync(self.ptr, array.ctypes.data, array.nbytes,
+                                      self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream), "copy to device")
+
+    def free(self) -> None:
+        if self.ptr:
+            self.rt.cudaFree(self.ptr)
+            self.ptr = 0
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, build_dir: str, manifest: Manifest, device: str = "cuda", cuda_graphs: bool = True):
+        section = manifest.tensorrt
+        if not section:
+            raise PersimmonError(f"{build_dir}: this build has no TensorRT engine; rebuild it with "
+                                 f"`persimmon-export build --backend tensorrt`")
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise PersimmonError("tensorrt is not installed: the TensorRT backend needs the TensorRT runtime "
+                                 "(pip install tensorrt from NVIDIA's index, or an NGC container)") from None
+        kind, _, index = device.partition(":")
+        if kind != "cuda":
+            raise PersimmonError(f"device {device!r}: the TensorRT backend runs on 'cuda' or 'cuda:N'")
+        self.rt = rt = cudart()
+        check(rt.cudaSetDevice(int(index or 0)), "cudaSetDevice")
+        check_engine_compatible(section, trt.__version__, compute_capability())
+        self.manifest = manifest
+        self.trt = trt
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        if section.get("version_compatible"):
+            runtime.engine_host_code_allowed = True  # version-compatible engines embed their lean runtime
+        with open(os.path.join(build_dir, section["engine_file"]), "rb") as f:
+            self.engine = runtime.deserialize_cuda_engine(f.read())
+        if self.engine is None:
+            raise PersimmonError(f"{build_dir}/{section['engine_file']}: TensorRT could not deserialize the engine")
+        self.context = self.engine.create_execution_context()
+        self.stream = check(rt.cudaStreamCreate(), "cudaStreamCreate")
+        aliases = manifest.cache_aliases
+        get_alias = getattr(self.engine, "get_aliased_input_tensor", None)
+        self.in_place = get_alias is not None and all(get_alias(out) == past for out, past in aliases.items())
+        self.cuda_graphs = cuda_graphs
+        self.profile = None
+        self.buffers: dict[str, _Buffer] = {}
+        self.batch = 0
+
+    def start(self, batch: int) -> None:
+        """Device buffers for `batch` sequences: caches zeroed, inputs at their largest shapes."""
+        m = self.manifest
+        if not 1 <= batch <= m.max_batch:
+            raise PersimmonError(f"batch {batch} is outside 1..max_batch={m.max_batch} of this build")
+        self.close()
+        rt, stream = self.rt, self.stream
+        cache_bytes = batch * int(np.prod(m.cache_shape)) * np.dtype(NUMPY_DTYPES[m.dtype]).itemsize
+        names = list(m.cache_inputs) + ([] if self.in_place else list(m.cache_aliases))
+        for name in names:
+            self.buffers[name] = _Buffer(rt, cache_bytes)
+            check(rt.cudaMemsetAsync(self.buffers[name].ptr, 0, cache_bytes, stream), "cudaMemsetAsync")
+        prefill = self.manifest.tensorrt["max_prefill"]
+        for name, elements in (("input_ids", batch * prefill), ("cache_position", batch), ("token_count", batch),
+                               ("attention_mask", batch * m.kv_capacity)):
+            self.buffers[name] = _Buffer(rt, elements * 8)
+        self.buffers["logits"] = _Buffer(rt, batch * m.model["vocab_size"] * 4)
+        self.graphs: dict[tuple, object] = {}
+        self.batch = batch
+
+    def step(self, input_ids, cache_position, token_count, attention_mask) -> np.ndarray:
+        rt, stream, context = self.rt, self.stream, self.context
+        batch, seq = input_ids.shape
+        if seq > self.manifest.tensorrt["max_prefill"]:
+            raise PersimmonError(f"{seq} new tokens in one step exceed the engine's max_prefill "
+                                 f"{self.manifest.tensorrt['max_prefill']}")
+        profile = PREFILL if seq > 1 else DECODE
+        width = attention_mask.shape[1]
+        if profile == DECODE:  # a bucketed width lets one CUDA graph serve many steps
+            width = min(self.manifest.kv_capacity, -(-width // KV_BUCKET) * KV_BUCKET)
+        mask = np.ones((batch, width), np.int64)
+        mask[:, :attention_mask.shape[1]] = attention_mask
+        inputs = {"input_ids": np.asarray(input_ids, np.int64), "cache_position": np.asarray(cache_position, np.int64),
+                  "token_count": np.asarray(token_count, np.int64), "attention_mask": mask}
+        for name, array in inputs.items():
+            self.buffers[name].upload(array, stream)
+        key = (batch, width)
+        if profile == DECODE and key in self.graphs:
+            check(rt.cudaGraphLaunch(self.graphs[key], stream), "cudaGraphLaunch")
+        else:
+            self._bind(profile, inputs)
+            if not context.execute_async_v3(stream_handle=int(stream)):
+                raise PersimmonError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
+            if profile == DECODE and self.cuda_graphs and self.in_place:
+                self._capture(key)
+        logits = np.empty((batch, self.manifest.model["vocab_size"]), np.float32)
+        check(rt.cudaMemcpyAsync(logits.ctypes.data, self.buffers["logits"].ptr, logits.nbytes,
+                                 rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream), "copy logits")
+        check(rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+        if not self.in_place:  # fallback engines: this step's present is the next step's past
+            for present, past in self.manifest.cache_aliases.items():
+                self.buffers[present], self.buffers[past] = self.buffers[past], self.buffers[present]
+        return logits
+
+    def _bind(self, profile: int, inputs: dict) -> None:
+        context, m = self.context, self.manifest
+        if profile != self.profile:
+            context.set_optimization_profile_async(profile, int(self.stream))
+            self.profile = profile
+        for name, array in inputs.items():
+            context.set_input_shape(name, array.shape)
+            context.set_tensor_address(name, self.buffers[name].ptr)
+        cache_shape = (self.batch, *m.cache_shape)
+        for present, past in m.cache_aliases.items():
+            context.set_input_shape(past, cache_shape)
+            context.set_tensor_address(past, self.buffers[past].ptr)
+            target = past if self.in_place else present  # an aliased output must share its input's memory
+            context.set_tensor_address(present, self.buffers[target].ptr)
+        context.set_tensor_address("logits", self.buffers["logits"].ptr)
+
+    def _capture(self, key: tuple) -> None:
+        """Record the step just run (the warm-up) as a CUDA graph for later steps with this key."""
+        rt, stream = self.rt, self.stream
+        check(rt.cudaStreamBeginCapture(stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
+              "cudaStreamBeginCapture")
+        captured = self.context.execute_async_v3(stream_handle=int(stream))
+        graph = check(rt.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
+        if not captured:  # the engine has work that cannot be captured: run without graphs
+            self.cuda_graphs = False
+            return
+        self.graphs[key] = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+
+    def close(self) -> None:
+        for buffer in self.buffers.values():
+            buffer.free()
+        self.buffers = {}
+        self.graphs = {}
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
