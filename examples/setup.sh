@@ -10,3 +10,21 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 echo "installing persimmon-deploy[test] ..."
 .venv/bin/pip install -q -e ".[test]"
+
+# A real tritonserver for the Triton tests and demo: nvidia-pytriton's wheel bundles the binary
+# (with its libraries and the Python backend; CPU is enough), unpacked - not installed, since
+# pytriton pins numpy<2. The backend's stub embeds the system libpython, so the model's imports
+# get their own numpy<2 environment in .cache/triton-python.
+if [ "$(uname -sm)" = "Linux x86_64" ] && [ ! -x .cache/tritonserver/pytriton/tritonserver/bin/tritonserver ]; then
+    echo "fetching tritonserver (nvidia-pytriton wheel) into .cache/tritonserver ..."
+    rm -rf .cache/tritonserver .cache/triton-wheel
+    .venv/bin/pip download -q --no-deps "nvidia-pytriton==0.7.0" -d .cache/triton-wheel
+    .venv/bin/python -m zipfile -e .cache/triton-wheel/nvidia_pytriton-*.whl .cache/tritonserver
+    chmod +x .cache/tritonserver/pytriton/tritonserver/bin/tritonserver \
+        .cache/tritonserver/pytriton/tritonserver/python_backend_stubs/*/triton_python_backend_stub
+    rm -rf .cache/triton-wheel
+fi
+if [ "$(uname -sm)" = "Linux x86_64" ] && [ ! -d .cache/triton-python/numpy ]; then
+    echo "installing the Triton model's Python dependencies into .cache/triton-python ..."
+    .venv/bin/pip install -q --target .cache/triton-python "numpy<2" onnxruntime sentencepiece
+fi

@@ -36,6 +36,13 @@ def _parity(args) -> int:
     return 1 if failed else 0
 
 
+def _triton(args) -> None:
+    from .triton import write_repository
+
+    write_repository(args.build, args.out, name=args.name, kind=args.kind, instances=args.instances,
+                     backend=args.backend, python_paths=args.python_path)
+
+
 def _doctor(args) -> None:
     from .doctor import report
 
@@ -115,6 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--max-abs-diff", type=float, help="override the logits bound")
     parity.add_argument("--min-top1", type=float, help="override the top-1 agreement bound (0..1)")
     parity.set_defaults(run=_parity)
+
+    triton = commands.add_parser(
+        "triton", help="build directory -> Triton Inference Server model repository",
+        description="Write a Triton model repository: a decoupled Python-backend model serving text through "
+                    "Triton's generate / generate_stream endpoints and gRPC streaming (sampling settings as request "
+                    "parameters, streamed text, stop strings, cancellation), running the build with "
+                    "persimmon_runtime; plus, for builds with a TensorRT engine, the engine as a tensorrt_plan "
+                    "model. The build is hard-linked into the repository where possible.")
+    triton.add_argument("--build", required=True, help="build directory (from `persimmon-export build`)")
+    triton.add_argument("--out", required=True, help="model repository directory (replaced only once complete)")
+    triton.add_argument("--name", default="persimmon", help="model name (default persimmon)")
+    triton.add_argument("--kind", choices=["auto", "cpu", "gpu"], default="auto",
+                        help="instance_group kind; auto: GPU when the build has a TensorRT engine")
+    triton.add_argument("--instances", type=int, default=1, help="model instances (per GPU for GPU kind)")
+    triton.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
+                        help="runtime backend inside the model (default auto)")
+    triton.add_argument("--python-path", action="append", default=[],
+                        help="a directory the model adds to sys.path (where persimmon_runtime and its "
+                             "dependencies live on the server); repeatable")
+    triton.set_defaults(run=_triton)
 
     doctor = commands.add_parser(
         "doctor", help="what this machine can do (TensorRT, GPU, onnxruntime, plugins)",

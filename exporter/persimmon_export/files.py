@@ -25,7 +25,9 @@ def atomic_directory(out_dir: str):
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp (and safetensors) create private files
         for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+            path = os.path.join(tmp, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
         if os.path.exists(out_dir):
             old = tmp + ".old"
             os.rename(out_dir, old)
