@@ -28,7 +28,9 @@ def built(tmp_path_factory):
     out = {}
     for dtype in ("float16", "float32"):
         out[dtype] = str(root / dtype)
-        build(checkpoint, out[dtype], dtype=dtype, max_batch=4, max_seq=64, progress=lambda *_: None)
+        # the TensorRT graph (static cache length, sliced), exported without TensorRT
+        build(checkpoint, out[dtype], dtype=dtype, max_batch=4, max_seq=64, backend="onnxruntime",
+              cache_layout="window", progress=lambda *_: None)
     return checkpoint, out
 
 

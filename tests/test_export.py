@@ -33,6 +33,16 @@ CONFIGS = {
 PROMPTS = ["human: What is the capital of France?\n\nadept:", "The quick brown", "🎉"]
 
 
+def step_feeds(manifest, ids, slots):
+    """Prefill feeds for a direct session run: empty caches of `slots` slots, mask as wide."""
+    heads, _, head_dim = manifest.cache_shape
+    dtype = np.float16 if manifest.dtype == "float16" else np.float32
+    feeds = {"input_ids": ids, "cache_position": np.zeros(1, np.int64),
+             "token_count": np.array([ids.shape[1]], np.int64), "attention_mask": np.ones((1, slots), np.int64)}
+    feeds.update({name: np.zeros((1, heads, slots, head_dim), dtype) for name in manifest.cache_inputs})
+    return feeds
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
@@ -130,10 +140,7 @@ def test_polygraphy_comparison_of_a_prefill_step_against_torch(checkpoints, buil
     directory = builds["head24_no_qkln", "float32"]
     manifest = Manifest.load(directory)
     ids = np.array([[3, 17, 42, 99, 5]], np.int64)
-    feeds = {"input_ids": ids, "cache_position": np.zeros(1, np.int64), "token_count": np.array([5], np.int64),
-             "attention_mask": np.ones((1, 5), np.int64)}
-    for name in manifest.cache_inputs:
-        feeds[name] = np.zeros((1, *manifest.cache_shape), np.float32)
+    feeds = step_feeds(manifest, ids, slots=8)
     onnxrt = Comparator.run([OnnxrtRunner(SessionFromOnnx(os.path.join(directory, "model.onnx")))],
                             data_loader=[feeds])
     with torch.no_grad():
@@ -164,10 +171,8 @@ def test_model_runs_in_a_fresh_onnxruntime_session_without_custom_op_library(bui
     directory = builds["base", "float16"]
     session = ort.InferenceSession(os.path.join(directory, "model.onnx"), providers=["CPUExecutionProvider"])
     manifest = Manifest.load(directory)
-    feeds = {"input_ids": np.array([[1, 2, 3]], np.int64), "cache_position": np.zeros(1, np.int64),
-             "token_count": np.array([3], np.int64), "attention_mask": np.ones((1, 3), np.int64)}
-    for name in manifest.cache_inputs:
-        feeds[name] = np.zeros((1, *manifest.cache_shape), np.float16)
+    assert manifest.onnx["cache_layout"] == "whole"  # onnxruntime builds: cache length is a graph dimension
+    feeds = step_feeds(manifest, np.array([[1, 2, 3]], np.int64), slots=8)
     logits, present_key_0 = session.run(["logits", "present_key_0"], feeds)
     assert logits.shape == (1, manifest.model["vocab_size"]) and logits.dtype == np.float32
     assert np.isfinite(logits).all()

@@ -10,8 +10,11 @@ One graph serves prefill and decode. Per row b of the batch:
 - they are written into the cache at slots `cache_position[b] ...` (opset-24 `TensorScatter`,
   which onnxruntime does in place when the cache output is bound to the input's buffer and
   which TensorRT maps to its KV-cache-update layer); position = slot;
-- attention reads the first `kv_length` slots (the width of `attention_mask`, so the decode
-  cost follows the context, not the capacity), causally, skipping slots whose mask is 0;
+- attention reads the first `kv_length` slots (the width of `attention_mask`), causally, skipping
+  slots whose mask is 0. Two layouts keep the decode cost following the context, not the
+  capacity: `window` (for TensorRT) has caches of static length max_seq and slices the first
+  kv_length slots; `whole` (for onnxruntime, whose Slice copies) has caches whose length is a
+  graph dimension, `kv_length`, which the runtime grows in steps, and reads them whole;
 - `logits[b]` (fp32) are those of the row's last new token.
 
 fp16 graphs keep LayerNorm statistics, rotary tables, softmax and logits in fp32 with explicit
@@ -123,9 +126,13 @@ class _GraphBuilder:
         return name
 
 
-def io_spec(config: PersimmonConfig, dtype: str, kv_capacity: int) -> tuple[list, list, dict]:
+CACHE_LAYOUTS = ("window", "whole")
+
+
+def io_spec(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_layout: str) -> tuple[list, list, dict]:
     """Graph inputs and outputs ({"name", "dtype", "shape"}) and cache output -> input aliases."""
-    cache_shape = ["batch", config.num_attention_heads, kv_capacity, config.head_dim]
+    length = kv_capacity if cache_layout == "window" else "kv_length"
+    cache_shape = ["batch", config.num_attention_heads, length, config.head_dim]
     inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
               {"name": "cache_position", "dtype": "int64", "shape": ["batch"]},
               {"name": "token_count", "dtype": "int64", "shape": ["batch"]},
@@ -145,8 +152,10 @@ def _value_info(spec):
     return helper.make_tensor_value_info(spec["name"], elem, spec["shape"])
 
 
-def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int) -> onnx.GraphProto:
+def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_layout: str = "window") -> onnx.GraphProto:
     """The step graph, with initializers left out (the caller adds them as external data)."""
+    if cache_layout not in CACHE_LAYOUTS:
+        raise ExportError(f"cache layout {cache_layout!r} is not one of {CACHE_LAYOUTS}")
     if config.rope_scaling_type == "dynamic":
         raise ExportError("rope_scaling 'dynamic' cannot be exported yet: its frequencies change with the "
                           "sequence length; use a config without dynamic scaling")
@@ -217,7 +226,8 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int) -> onnx.G
         for kind, new in (("key", k), ("value", v)):
             present = g.op("TensorScatter", f"past_{kind}_{i}", new, "cache_position", axis=-2,
                            outputs=[f"present_{kind}_{i}"], name=f"{p}.cache_update_{kind}")
-            caches.append(g.op("Slice", present, axes["0"], kv_length, axes["2"]))
+            caches.append(g.op("Slice", present, axes["0"], kv_length, axes["2"])
+                          if cache_layout == "window" else present)
         scores = g.op("MatMul", g.op("Mul", q, q_scale), g.op("Transpose", caches[0], perm=[0, 1, 3, 2]))
         scores = g.op("Where", allowed, g.op("Cast", scores, to=f32) if half else scores, masked_score)
         probs = g.op("Softmax", scores, axis=-1)
@@ -233,7 +243,7 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int) -> onnx.G
     logits = g.op("MatMul", final, "lm_head.weight")
     g.op("Cast", logits, to=f32, outputs=["logits"]) if half else g.op("Identity", logits, outputs=["logits"])
 
-    inputs, outputs, _ = io_spec(config, dtype, kv_capacity)
+    inputs, outputs, _ = io_spec(config, dtype, kv_capacity, cache_layout)
     return helper.make_graph(g.nodes, "persimmon_step", [_value_info(s) for s in inputs],
                              [_value_info(s) for s in outputs])
 
@@ -290,14 +300,14 @@ class _DataWriter:
 
 
 def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str,
-                dtype: str = "float16", kv_capacity: int = 4096, progress=print) -> dict:
+                dtype: str = "float16", kv_capacity: int = 4096, cache_layout: str = "window", progress=print) -> dict:
     """Write out_dir/model.onnx + model.onnx.data; return {"files": {name: {bytes, sha256}}}.
 
     `tensors` streams (name, tensor) in checkpoint names, e.g. `checked_tensors(...)`.
     """
     if dtype not in ONNX_DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of {sorted(ONNX_DTYPES)}")
-    graph = build_graph(config, dtype, kv_capacity)
+    graph = build_graph(config, dtype, kv_capacity, cache_layout)
     writer = _DataWriter(os.path.join(out_dir, DATA_FILE))
     expected = 4 + 12 * config.num_hidden_layers + (4 if config.qk_layernorm else 0) * config.num_hidden_layers
     try:

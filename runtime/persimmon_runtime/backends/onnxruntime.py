@@ -1,8 +1,10 @@
 """The onnxruntime backend: the exported step graph, with the KV cache updated in place.
 
 Each cache tensor is one OrtValue bound both as `past_*` input and as the matching `present_*`
-output. TensorScatter sees the same buffer on both sides and skips its copy, so a decode step
-costs what its context needs, not what the cache capacity is.
+output. TensorScatter sees the same buffer on both sides and skips its copy. With the `whole`
+cache layout (onnxruntime builds) the caches are only as long as the context needs, in steps of
+CACHE_STEP slots (grown by copying, rarely), and attention reads them whole: a decode step costs
+what its context needs, not what the capacity is, and no cache slice is copied.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from ..errors import PersimmonError
 from ..manifest import Manifest
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+CACHE_STEP = 256
 
 
 class OnnxRuntimeBackend:
@@ -57,23 +60,42 @@ class OnnxRuntimeBackend:
         """Zeroed caches for `batch` sequences, bound once as both past (input) and present (output)."""
         if not 1 <= batch <= self.manifest.max_batch:
             raise PersimmonError(f"batch {batch} is outside 1..max_batch={self.manifest.max_batch} of this build")
-        shape = (batch, *self.manifest.cache_shape)
-        dtype = NUMPY_DTYPES[self.manifest.dtype]
         self.binding = self.session.io_binding()
         # bound first so that it is output 0; ORT allocates it on every run (its shape varies)
         self.binding.bind_output("logits", "cpu")
-        self._host_caches = []  # on CPU the OrtValues borrow these arrays: keep them alive
+        self.batch, self.slots = batch, 0
         self.caches = []
-        for present, past in self.manifest.cache_aliases.items():
-            host = np.zeros(shape, dtype)
+        self._host_caches = []  # on CPU the OrtValues borrow these arrays: keep them alive
+        self.whole = self.manifest.onnx.get("cache_layout", "window") == "whole"
+        self._allocate(CACHE_STEP if self.whole else self.manifest.kv_capacity)
+
+    def _allocate(self, slots: int) -> None:
+        """(Re)bind caches of `slots` slots, keeping what the current ones hold."""
+        heads, capacity, head_dim = self.manifest.cache_shape
+        slots = min(slots, capacity)
+        dtype = NUMPY_DTYPES[self.manifest.dtype]
+        old = [value.numpy() for value in self.caches]
+        self.caches, self._host_caches = [], []
+        for index, (present, past) in enumerate(self.manifest.cache_aliases.items()):
+            host = np.zeros((self.batch, heads, slots, head_dim), dtype)
+            if old:
+                host[:, :, :old[index].shape[2]] = old[index]
             value = self._ort.OrtValue.ortvalue_from_numpy(host, self.device_type, self.device_id)
             self._host_caches.append(host)
             self.caches.append(value)
             self.binding.bind_ortvalue_input(past, value)
             self.binding.bind_ortvalue_output(present, value)
+        self.slots = slots
 
     def step(self, input_ids, cache_position, token_count, attention_mask) -> np.ndarray:
         binding = self.binding
+        if self.whole:  # the graph reads whole caches: mask width = cache length
+            needed = attention_mask.shape[1]
+            if needed > self.slots:
+                self._allocate(-(-needed // CACHE_STEP) * CACHE_STEP)
+            padded = np.ones((attention_mask.shape[0], self.slots), np.int64)  # later slots: causally masked
+            padded[:, :needed] = attention_mask
+            attention_mask = padded
         # held in a local until the run ends: the binding borrows their memory
         arrays = {"input_ids": input_ids, "cache_position": cache_position, "token_count": token_count,
                   "attention_mask": attention_mask}
