@@ -194,7 +194,7 @@ def chart(results: dict, path: str) -> None:
             values = [next(r[metric] for r in results[c]["rows"] if r["runtime"] == runtime and r["batch"] == b
                            and r["prompt"] == p) for c, b, p in labels]
             ax.bar(x + (i - 1) * 0.27, values, 0.27, label=runtime)
-        ax.set_xticks(x, [f"{c}\nb{b} p{p}" for c, b, p in labels], fontsize=7)
+        ax.set_xticks(x, [f"{c} b{b} p{p}" for c, b, p in labels], fontsize=7, rotation=45, ha="right")
         ax.set_yscale("log")
         ax.set_title(metric.replace("_tok_s", " tokens/s (log)"))
         ax.legend(fontsize=8)
