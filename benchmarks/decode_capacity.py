@@ -42,11 +42,13 @@ def cpu_model() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def time_steps(step, steps: int) -> float:
+def timed(fn, repeats: int) -> float:
+    """Median seconds of `repeats` calls, after one warm-up call."""
+    fn()
     times = []
-    for _ in range(steps):
+    for _ in range(repeats):
         start = time.perf_counter()
-        step()
+        fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -73,8 +75,7 @@ def measure_capacity(context: int, steps: int, capacities) -> dict:
                 positions[:] = positions_at_start
                 decode(generator.backend, token, positions)
 
-            step()  # warm-up
-            results[f"io_binding_capacity_{capacity}"] = time_steps(step, steps)
+            results[f"io_binding_capacity_{capacity}"] = timed(step, steps)
             print(f"capacity {capacity:5d}: {results[f'io_binding_capacity_{capacity}'] * 1e3:.1f} ms/step "
                   f"(in place, IO binding)", flush=True)
         # contrast: the same largest build through plain session.run with full-capacity caches,
@@ -84,7 +85,7 @@ def measure_capacity(context: int, steps: int, capacities) -> dict:
         feeds = {"input_ids": np.array([[int(token[0])]]), "cache_position": positions_at_start,
                  "token_count": np.ones(1, np.int64), "attention_mask": np.ones((1, capacity), np.int64),
                  **{name: cache for name in manifest.cache_inputs}}
-        results[f"session_run_capacity_{capacity}"] = time_steps(lambda: session.run(["logits"], feeds), steps)
+        results[f"session_run_capacity_{capacity}"] = timed(lambda: session.run(["logits"], feeds), steps)
         print(f"capacity {capacity:5d}: {results[f'session_run_capacity_{capacity}'] * 1e3:.1f} ms/step "
               f"(plain session.run: caches copied)")
     small, large = min(capacities), max(capacities)

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from decode_capacity import cpu_model, measure_capacity  # noqa: E402
+from decode_capacity import cpu_model, measure_capacity, timed  # noqa: E402
 
 from persimmon_export import PersimmonConfig  # noqa: E402
 from persimmon_export.build import build  # noqa: E402
@@ -64,16 +63,6 @@ def measure_bandwidth(gib: float = 2.0, repeats: int = 5) -> float:
         data.sum()
         best = min(best, time.perf_counter() - start)
     return data.numel() * 4 / best
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def prompts(batch: int, length: int) -> list[list[int]]:
