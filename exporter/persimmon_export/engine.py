@@ -244,7 +244,8 @@ def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: 
     pools = {trt.MemoryPoolType.WORKSPACE: workspace_mib * 2**20} if workspace_mib else None
     progress(f"TensorRT {trt.__version__}: building ({path} cache update, plugins {'on' if use_plugins else 'off'}, "
              f"{len(profiles)} profiles) ...")
-    network = NetworkFromOnnxPath(onnx_path, strongly_typed=True)
+    # 10.x needs the strongly-typed flag; 11.x builds nothing else (its flag is only kept for compatibility)
+    network = NetworkFromOnnxPath(onnx_path, strongly_typed=True if version[0] < 11 else None)
     config = CreateConfig(profiles=polygraphy_profiles, load_timing_cache=timing_cache,
                           builder_optimization_level=opt_level, memory_pool_limits=pools,
                           version_compatible=version_compatible or None)
