@@ -243,3 +243,28 @@ def test_example_client(server, local):
         == expected
     assert "".join(triton_client.grpc_stream(server["grpc"], "persimmon", prompt, max_new_tokens=10,
                                              ignore_eos=True)) == expected
+
+
+def test_stop_strings_through_the_server(server, local):
+    full = local.generate(PROMPTS[1], max_new_tokens=30, ignore_eos=True).text
+    stop = full.strip()[3:5]
+    settings = {"max_new_tokens": 30, "ignore_eos": True, "stop": json.dumps([stop, "never"])}
+    status, [reply] = post(server, "generate", {"text_input": PROMPTS[1], **settings})
+    expected = local.generate(PROMPTS[1], max_new_tokens=30, ignore_eos=True, stop=[stop, "never"])
+    assert status == 200 and expected.finish_reason == "stop"
+    assert reply["text_output"] == expected.text == full[:full.find(stop)]
+
+
+def test_a_cancelled_stream_leaves_the_server_serving(server, local):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server["grpc"])
+    text = grpcclient.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"x"], dtype=object))
+    client.start_stream(callback=lambda result, error: None)
+    client.async_stream_infer("persimmon", [text], parameters={"stream": True, "max_new_tokens": 120,
+                                                               "ignore_eos": True})
+    client.stop_stream(cancel_requests=True)
+    assert server["process"].poll() is None
+    status, [reply] = post(server, "generate", {"text_input": "hi", "max_new_tokens": 3})
+    assert status == 200 and reply["text_output"] == local.generate("hi", max_new_tokens=3).text
