@@ -44,7 +44,7 @@ print(json.dumps({"load_seconds": round(seconds, 1), "weight_bytes": weights,
 """
 
 
-def write_checkpoint(directory: str, layers: int) -> float:
+def write_checkpoint(directory: str, layers: int, extra_files: dict | None = None) -> float:
     import torch
 
     from persimmon_export import PersimmonConfig, PersimmonForCausalLM
@@ -60,7 +60,7 @@ def write_checkpoint(directory: str, layers: int) -> float:
             yield name, (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
 
     t0 = time.perf_counter()
-    save_checkpoint(tensors(), config, directory, max_shard_bytes=2 * 2**30)
+    save_checkpoint(tensors(), config, directory, max_shard_bytes=2 * 2**30, extra_files=extra_files)
     return time.perf_counter() - t0
 
 

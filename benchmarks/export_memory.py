@@ -49,19 +49,15 @@ def main() -> None:
     args = parser.parse_args()
     checkpoint, out = os.path.join(args.work, "checkpoint"), os.path.join(args.work, "build")
     try:
-        print(f"writing {args.layers}-layer 8B-shaped checkpoint to {checkpoint} ...", flush=True)
-        print(f"  written in {write_checkpoint(checkpoint, args.layers):.0f}s", flush=True)
         from persimmon_export.convert import tokenizer_files
         from persimmon_export.demo import train_tokenizer
         from persimmon_runtime import Tokenizer
 
-        for name, source in tokenizer_files(Tokenizer(train_tokenizer(os.path.join(args.work, "sp.model")))).items():
-            target = os.path.join(checkpoint, name)
-            if isinstance(source, bytes):
-                with open(target, "wb") as f:
-                    f.write(source)
-            else:
-                shutil.copyfile(source, target)
+        os.makedirs(args.work, exist_ok=True)
+        tokenizer = Tokenizer(train_tokenizer(os.path.join(args.work, "sp.model")))
+        print(f"writing {args.layers}-layer 8B-shaped checkpoint to {checkpoint} ...", flush=True)
+        seconds = write_checkpoint(checkpoint, args.layers, extra_files=tokenizer_files(tokenizer))
+        print(f"  written in {seconds:.0f}s", flush=True)
         exe = os.path.join(os.path.dirname(sys.executable), "persimmon-export")
         command = [exe, "build", "--checkpoint", checkpoint, "--out", out, "--dtype", "float16",
                    "--max-seq", "4096", "--max-batch", "8"]
