@@ -42,10 +42,11 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
         max_seq = min(4096, config.max_position_embeddings)
     if backend not in BACKENDS:
         raise ExportError(f"backend {backend!r} is not available; choose one of {BACKENDS}")
-    if backend == "auto":
-        backend = "tensorrt" if tensorrt_version()[0] is not None else "onnxruntime"
-    elif backend == "tensorrt" and tensorrt_version()[0] is None:
-        raise ExportError(f"--backend tensorrt: {tensorrt_version()[1]}")
+    if backend in ("auto", "tensorrt"):
+        trt_version, trt_missing = tensorrt_version()
+        if backend == "tensorrt" and trt_version is None:
+            raise ExportError(f"--backend tensorrt: {trt_missing}")
+        backend = "tensorrt" if trt_version is not None else "onnxruntime"
     if max_batch < 1:
         raise ExportError(f"--max-batch must be >= 1, got {max_batch}")
     if not 2 <= max_seq <= config.max_position_embeddings:
@@ -70,8 +71,8 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
         manifest = Manifest(
             dtype=dtype, max_batch=max_batch, kv_capacity=max_seq,
             model={**config.to_dict(), "head_dim": config.head_dim, "rotary_dims": config.rotary_dims},
-            tokenizer={"file": TOKENIZER_FILE, "add_bos": tokenizer.add_bos, "bos_token": _piece(tokenizer, tokenizer.bos_id),
-                       "eos_token": _piece(tokenizer, tokenizer.eos_id)},
+            tokenizer={"file": TOKENIZER_FILE, "add_bos": tokenizer.add_bos, "bos_token": tokenizer.bos_token,
+                       "eos_token": tokenizer.eos_token},
             eos_token_ids=[] if eos is None else list(eos) if isinstance(eos, list) else [eos],
             onnx={"file": MODEL_FILE, "data_file": DATA_FILE, "opset": OPSET, "relu2_scale": RELU2_SCALE[dtype],
                   "cache_layout": cache_layout,
@@ -90,10 +91,6 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
         manifest.save(tmp)
     progress(f"built {out_dir} in {time.perf_counter() - started:.1f}s")
     return manifest
-
-
-def _piece(tokenizer: Tokenizer, token_id: int | None) -> str | None:
-    return tokenizer.sp.id_to_piece(token_id) if token_id is not None else None
 
 
 def _file_entry(path: str) -> dict:

@@ -170,9 +170,8 @@ def infer_config(tensors: dict[str, torch.Tensor], args=None, tokenizer: Tokeniz
 
 def tokenizer_config(tokenizer: Tokenizer) -> dict:
     """HF tokenizer_config.json for LlamaTokenizer with Persimmon's settings."""
-    bos = tokenizer.sp.id_to_piece(tokenizer.bos_id) if tokenizer.bos_id is not None else None
     return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-            "bos_token": bos, "eos_token": None, "pad_token": None, "unk_token": "<unk>",
+            "bos_token": tokenizer.bos_token, "eos_token": None, "pad_token": None, "unk_token": "<unk>",
             "clean_up_tokenization_spaces": False, "legacy": True, "model_max_length": 16384}
 
 

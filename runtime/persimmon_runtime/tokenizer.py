@@ -72,6 +72,14 @@ class Tokenizer:
                    eos_token=_token_text(settings.get("eos_token")))
 
     @property
+    def bos_token(self) -> str | None:
+        return self.sp.id_to_piece(self.bos_id) if self.bos_id is not None else None
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.sp.id_to_piece(self.eos_id) if self.eos_id is not None else None
+
+    @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
