@@ -8,6 +8,10 @@ import subprocess
 import sys
 from importlib import metadata
 
+# Each external probe (nvidia-smi, nvcc) gets this long: a wedged driver or toolkit must not hang
+# the command people run to find out what is wrong.
+PROBE_TIMEOUT_S = 30.0
+
 
 def _version(package: str) -> str | None:
     try:
@@ -28,8 +32,11 @@ def _gpu() -> str:
     else:
         reason = "cuda-python sees no CUDA device"
     if shutil.which("nvidia-smi"):
-        query = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
-                               capture_output=True, text=True)
+        try:
+            query = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version",
+                                    "--format=csv,noheader"], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return f"unknown: nvidia-smi did not answer within {PROBE_TIMEOUT_S:g}s ({reason}); the driver may be hung"
         if query.returncode == 0 and query.stdout.strip():
             return f"{query.stdout.strip()} (nvidia-smi; {reason})"
     return f"none visible ({reason}; no nvidia-smi answer)"
@@ -57,7 +64,7 @@ def _plugins() -> str:
     if compiler is None:
         return "nvcc not found: engines build with --plugins off (function bodies as native layers)"
     try:
-        sizes = [len(compile_kernel(op, PTX_TARGET)) for op in KERNELS]
+        sizes = [len(compile_kernel(op, PTX_TARGET, timeout_s=PROBE_TIMEOUT_S)) for op in KERNELS]
     except CompileError as e:
         return f"nvcc at {compiler} fails to compile the kernels: {e}"
     return f"kernels compile with {compiler} ({', '.join(KERNELS)}: {sum(sizes)} bytes of {PTX_TARGET} PTX)"

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from persimmon_runtime.chat import format_chat
+from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.generator import Generator, decode, prefill
 
 from .checkpoint import load_model
@@ -65,16 +66,32 @@ def backend_greedy(backend, prompt_ids: list[list[int]], steps: int) -> tuple[np
     return np.stack(all_logits), np.stack(tokens, axis=1)
 
 
+def _check_fits(manifest, prompt_ids: list[list[int]], decode_steps: int) -> None:
+    """Prefill + decode must fit the build's batch and cache: say so before any step runs."""
+    if len(prompt_ids) > manifest.max_batch:
+        raise PersimmonError(f"{len(prompt_ids)} prompts, but the build's max_batch is {manifest.max_batch}; "
+                             f"pass fewer --prompt values")
+    longest = max(len(ids) for ids in prompt_ids)
+    # the last decode step's token is written at slot longest + decode_steps - 1
+    if longest + decode_steps > manifest.kv_capacity:
+        raise PersimmonError(f"--steps {decode_steps}: the longest prompt ({longest} tokens) plus {decode_steps} "
+                             f"decode steps exceeds the build's kv_capacity {manifest.kv_capacity}; use --steps "
+                             f"<= {max(manifest.kv_capacity - longest, 0)} or shorter prompts")
+
+
 @torch.no_grad()
 def check_parity(checkpoint: str, build_dir: str, prompts=DEFAULT_PROMPTS, decode_steps: int = 16,
                  backends=("onnxruntime",), device: str | None = None, max_abs: float | None = None,
                  min_top1: float | None = None, progress=print) -> list[ParityResult]:
+    if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 0:
+        raise PersimmonError(f"--steps must be a whole number >= 0, got {decode_steps!r}")
     reference = load_model(checkpoint, dtype="float32")
     results = []
     for name in backends:
         generator = Generator.load(build_dir, backend=name, device=device)
         dtype = generator.manifest.dtype
         prompt_ids = [generator.tokenizer.encode(p) for p in prompts]
+        _check_fits(generator.manifest, prompt_ids, decode_steps)
         progress(f"{name}: {len(prompt_ids)} prompts, prefill + {decode_steps} decode steps")
         logits, tokens = backend_greedy(generator.backend, prompt_ids, decode_steps)
         diffs, prefill_diffs, agree, total, scale = [], [], 0, 0, 0.0

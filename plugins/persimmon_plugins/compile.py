@@ -30,8 +30,11 @@ def nvcc() -> str | None:
     return None
 
 
-def compile_kernel(op: str, target: str, kind: str = "ptx") -> bytes:
-    """Compile `op`'s kernel source for `target` ("compute_80" for PTX, "sm_90" for a cubin)."""
+def compile_kernel(op: str, target: str, kind: str = "ptx", timeout_s: float = 300.0) -> bytes:
+    """Compile `op`'s kernel source for `target` ("compute_80" for PTX, "sm_90" for a cubin).
+
+    A broken toolkit can make nvcc hang; after `timeout_s` it is killed and CompileError raised.
+    """
     compiler = nvcc()
     if compiler is None:
         raise CompileError("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda): install the CUDA toolkit to "
@@ -40,7 +43,11 @@ def compile_kernel(op: str, target: str, kind: str = "ptx") -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, f"kernel.{kind}")
         command = [compiler, f"-arch={target}", f"-{kind}", "-O3", "-o", out, source]
-        result = subprocess.run(command, capture_output=True, text=True)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise CompileError(f"{compiler} did not finish compiling {source} within {timeout_s:g}s; check the "
+                               f"CUDA toolkit, or build with --plugins off") from None
         if result.returncode != 0:
             raise CompileError(f"{source}: nvcc failed for {target}:\n{result.stderr.strip()}")
         with open(out, "rb") as f:

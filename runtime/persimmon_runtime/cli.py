@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import PersimmonError
@@ -40,8 +41,9 @@ def main(argv=None) -> int:
                     top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
                     ignore_eos=args.ignore_eos)
     try:
+        prompt = _utf8_argument("prompt", args.prompt)
         generator = Generator.load(args.build, backend=args.backend, device=args.device)
-        prompt = format_chat(args.prompt) if args.chat else args.prompt
+        prompt = format_chat(prompt) if args.chat else prompt
         if args.no_stream:
             print(generator.generate(prompt, **sampling).text)
         else:
@@ -53,7 +55,24 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop generating. Point stdout at /dev/null so the
+        # interpreter's final flush does not raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("persimmon-run: error: standard output was closed (broken pipe); generation stopped", file=sys.stderr)
+        return 2
     return 0
+
+
+def _utf8_argument(what: str, value: str) -> str:
+    """argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383): refuse them by name."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(value[e.start])
+        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise PersimmonError(f"{what}: not valid UTF-8 ({bad} at character {e.start}); pass UTF-8 text") from None
+    return value
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ with the inputs as described in the manifest (int64 numpy arrays).
 
 from __future__ import annotations
 
+import re
+
 from ..errors import PersimmonError
 from ..manifest import Manifest
 
@@ -19,6 +21,8 @@ def load_backend(build_dir: str, manifest: Manifest, backend: str = "auto", devi
 
     device None means the backend's default: "cuda" for TensorRT, "cpu" for onnxruntime.
     """
+    if device is not None and not (isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d{1,3})?", device)):
+        raise PersimmonError(f"device {device!r} is not 'cpu', 'cuda' or 'cuda:N' (N a GPU index, e.g. cuda:0)")
     if backend == "auto":
         backend = "tensorrt" if manifest.tensorrt and _tensorrt_usable() and device != "cpu" else "onnxruntime"
     if backend == "onnxruntime":

@@ -1,0 +1,121 @@
+"""Careless and hostile command lines: each gets one clear error line, never a traceback or a hang."""
+
+import os
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from persimmon_export import doctor
+from persimmon_export.build import build
+from persimmon_export.demo import make_demo_checkpoint
+from persimmon_export.parity import check_parity
+from persimmon_runtime import PersimmonError
+from persimmon_runtime.generator import Generator
+
+BIN = os.path.dirname(sys.executable)
+
+
+def run(tool, *args, **kwargs):
+    return subprocess.run([os.path.join(BIN, tool), *args], capture_output=True, timeout=300, **kwargs)
+
+
+def assert_one_line(result, *fragments):
+    err = result.stderr.decode("utf-8", "replace") if isinstance(result.stderr, bytes) else result.stderr
+    assert result.returncode == 2, (result.returncode, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_demo_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"), seed=2)
+
+
+@pytest.fixture(scope="module")
+def build_dir(checkpoint, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("build") / "b")
+    build(checkpoint, out, dtype="float32", max_batch=4, max_seq=48, progress=lambda *_: None)
+    return out
+
+
+@pytest.mark.parametrize("steps", [-1, -1000])
+def test_parity_refuses_negative_steps(checkpoint, build_dir, steps):
+    with pytest.raises(PersimmonError, match="--steps must be"):
+        check_parity(checkpoint, build_dir, decode_steps=steps, progress=lambda *_: None)
+
+
+def test_parity_steps_past_the_cache_name_the_capacity(checkpoint, build_dir):
+    # 48 slots: a few-token prompt + 100 steps cannot fit; the error says how many can
+    with pytest.raises(PersimmonError, match="kv_capacity 48; use --steps <= "):
+        check_parity(checkpoint, build_dir, prompts=["hello"], decode_steps=100, progress=lambda *_: None)
+    result = run("persimmon-export", "parity", "--checkpoint", checkpoint, "--build", build_dir, "--steps", "1000")
+    assert_one_line(result, "kv_capacity 48")
+
+
+def test_parity_exactly_filling_the_cache_runs(checkpoint, build_dir):
+    generator = Generator.load(build_dir)
+    prompt_len = len(generator.tokenizer.encode("hello"))
+    steps = generator.manifest.kv_capacity - prompt_len
+    [result] = check_parity(checkpoint, build_dir, prompts=["hello"], decode_steps=steps, progress=lambda *_: None)
+    assert result.passed and result.decode_steps == steps
+
+
+def test_parity_refuses_more_prompts_than_the_batch(checkpoint, build_dir):
+    with pytest.raises(PersimmonError, match="max_batch is 4"):
+        check_parity(checkpoint, build_dir, prompts=["a"] * 5, decode_steps=1, progress=lambda *_: None)
+
+
+@pytest.mark.parametrize("device", ["cuda:x", "cuda:", "gpu", "cpu:0:1", "", "cuda:-1", "cuda:99999", "CPU"])
+def test_bad_device_strings_are_one_line(build_dir, device):
+    with pytest.raises(PersimmonError, match="is not 'cpu', 'cuda' or 'cuda:N'"):
+        Generator.load(build_dir, device=device)
+
+
+def test_bad_device_from_both_clis(checkpoint, build_dir):
+    assert_one_line(run("persimmon-run", build_dir, "hi", "--device", "cuda:x"), "cuda:x")
+    assert_one_line(run("persimmon-export", "parity", "--checkpoint", checkpoint, "--build", build_dir,
+                        "--device", "cuda:x", "--steps", "1"), "cuda:x")
+
+
+def test_closed_stdout_stops_generation_with_one_line(build_dir):
+    # `persimmon-run ... | head -c 5`: the reader leaves after 5 bytes
+    shell = f"{os.path.join(BIN, 'persimmon-run')} {build_dir} 'hello' --max-new-tokens 40 --ignore-eos | head -c 5"
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", shell], capture_output=True, timeout=300)
+    assert len(result.stdout) <= 5
+    assert_one_line(result, "broken pipe")
+
+
+@pytest.mark.parametrize("raw", [b"\xff", b"caf\xe9", b"ok \xed\xa0\x80 surrogate", b"\xc3"])
+def test_prompt_that_is_not_utf8_is_one_line(build_dir, raw):
+    result = subprocess.run([os.fsencode(os.path.join(BIN, "persimmon-run")), os.fsencode(build_dir), raw],
+                            capture_output=True, timeout=300)
+    assert_one_line(result, "prompt: not valid UTF-8")
+
+
+def test_non_utf8_build_path_is_reported_not_crashed(tmp_path):
+    missing = os.fsencode(str(tmp_path)) + b"/\xff\xfe-build"
+    result = subprocess.run([os.fsencode(os.path.join(BIN, "persimmon-run")), missing, b"hi"],
+                            capture_output=True, timeout=300)
+    assert_one_line(result, "not found")
+
+
+def _hanging_tool(directory, name):
+    path = directory / name
+    path.write_text("#!/bin/sh\nexec sleep 600\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def test_doctor_does_not_hang_on_a_wedged_nvidia_smi_or_nvcc(tmp_path, monkeypatch):
+    for tool in ("nvidia-smi", "nvcc"):
+        _hanging_tool(tmp_path, tool)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(doctor, "PROBE_TIMEOUT_S", 1.0)
+    started = time.monotonic()
+    findings = dict(doctor.report())
+    assert time.monotonic() - started < 30
+    assert "did not answer within 1s" in findings["gpu"]
+    assert "did not finish compiling" in findings["plugins"]
