@@ -37,7 +37,7 @@ def logits(m):
 
 
 def test_round_trip_and_transformers_loads_our_directory(saved, model):
-    assert sorted(os.listdir(saved)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(saved)) == [".persimmon-export", "config.json", "model.safetensors"]
     loaded = load_model(saved)
     assert torch.equal(logits(loaded), logits(model))
     hf = transformers.PersimmonForCausalLM.from_pretrained(saved).eval()
@@ -196,6 +196,6 @@ def test_save_replaces_a_directory_only_when_complete(tmp_path, model):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        save_checkpoint(exploding(), CONFIG, out)
+        save_checkpoint(exploding(), CONFIG, out, overwrite=True)
     assert torch.equal(logits(load_model(out)), logits(model))  # the old checkpoint is intact
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # and no temp dir is left behind

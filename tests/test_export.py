@@ -65,7 +65,8 @@ def builds(checkpoints, tmp_path_factory):
 
 def test_build_directory_is_self_describing(builds):
     directory = builds["base", "float16"]
-    assert sorted(os.listdir(directory)) == ["manifest.json", "model.onnx", "model.onnx.data", "tokenizer.model"]
+    assert sorted(os.listdir(directory)) == [".persimmon-export", "manifest.json", "model.onnx", "model.onnx.data",
+                                             "tokenizer.model"]
     manifest = Manifest.load(directory, verify_checksums=True)
     assert (manifest.dtype, manifest.kv_capacity, manifest.max_batch) == ("float16", 128, 4)
     assert manifest.onnx["custom_ops"] == {"domain": "persimmon", "version": 1, "ops": [QK_LAYERNORM_OP, ROTARY_OP]}
@@ -207,7 +208,7 @@ def test_failed_build_leaves_the_old_directory_and_no_temp(checkpoints, builds, 
     config["intermediate_size"] += 8
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="has shape"):
-        build(str(broken), str(out), dtype="float32", max_seq=128, progress=lambda *_: None)
+        build(str(broken), str(out), dtype="float32", max_seq=128, overwrite=True, progress=lambda *_: None)
     assert sorted(os.listdir(tmp_path)) == ["broken", "build"]
     Manifest.load(str(out), verify_checksums=True)  # the previous build is intact
 

@@ -28,13 +28,15 @@ TOKENIZER_FILE = "tokenizer.model"
 def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int = 8, max_seq: int | None = None,
           backend: str = "auto", max_prefill: int | None = None, plugins: str = "auto",
           version_compatible: bool = False, timing_cache: str | None = None, opt_level: int = 3,
-          workspace_mib: int | None = None, cache_layout: str | None = None, progress=print) -> Manifest:
+          workspace_mib: int | None = None, cache_layout: str | None = None, overwrite: bool = False,
+          progress=print) -> Manifest:
     """Export `checkpoint` (an HF directory with tokenizer files) into `out_dir`; return its manifest.
 
     max_seq (the KV cache capacity) defaults to min(4096, max_position_embeddings). backend
     "auto" builds a TensorRT engine too when TensorRT is importable; the other arguments
     configure that engine (see `engine.build_engine`). cache_layout (see `export`) defaults to
-    "window" for TensorRT builds and "whole" for onnxruntime builds.
+    "window" for TensorRT builds and "whole" for onnxruntime builds. An existing `out_dir` is
+    replaced only if it is a build we wrote and `overwrite` is set (see `files.check_output`).
     """
     checkpoint = check_directory(checkpoint)
     config = PersimmonConfig.from_file(checkpoint)
@@ -60,9 +62,10 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
         raise ExportError(f"--max-prefill must be in [1, max_seq={max_seq}], got {max_prefill}")
     tokenizer = Tokenizer.from_dir(checkpoint)
     started = time.perf_counter()
-    progress(f"exporting {checkpoint} -> {out_dir} ({config.num_hidden_layers} layers, {dtype}, "
-             f"kv_capacity {max_seq}, max_batch {max_batch})")
-    with atomic_directory(out_dir) as tmp:
+    inputs = (checkpoint, tokenizer.model_file, timing_cache)
+    with atomic_directory(out_dir, "build", overwrite=overwrite, inputs=inputs) as tmp:
+        progress(f"exporting {checkpoint} -> {out_dir} ({config.num_hidden_layers} layers, {dtype}, "
+                 f"kv_capacity {max_seq}, max_batch {max_batch})")
         exported = export_onnx(config, checked_tensors(checkpoint, config), tmp, dtype=dtype, kv_capacity=max_seq,
                                cache_layout=cache_layout, progress=progress)
         shutil.copyfile(tokenizer.model_file, os.path.join(tmp, TOKENIZER_FILE))

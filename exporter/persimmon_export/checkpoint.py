@@ -155,22 +155,32 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def save_checkpoint(tensors: Iterable[tuple[str, torch.Tensor]], config: PersimmonConfig, out_dir: str,
-                    max_shard_bytes: int = 5 * 2**30, extra_files: dict[str, str | bytes] | None = None) -> str:
+                    max_shard_bytes: int = 5 * 2**30, extra_files: dict[str, str | bytes] | None = None,
+                    overwrite: bool = False, inputs=()) -> str:
     """Write an HF checkpoint directory: config.json, safetensors shards (+ index), extra files.
 
     `tensors` may be a generator: a shard is written as soon as it is full, so memory stays at
     about one shard. The directory appears complete or not at all (temp dir, then rename).
     `extra_files` maps a file name in out_dir to a source path to copy, or to its bytes.
+    An existing `out_dir` is replaced only if it is a checkpoint we wrote and `overwrite` is set;
+    it may not be, hold or lie inside `inputs` or an extra file's source (see `files.check_output`).
     """
-    with atomic_directory(out_dir) as tmp:
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise CheckpointError(f"max shard size must be a positive number of bytes, got {max_shard_bytes!r}")
+    sources = [source for source in (extra_files or {}).values() if not isinstance(source, bytes)]
+    with atomic_directory(out_dir, "checkpoint", overwrite=overwrite, inputs=(*inputs, *sources)) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
         shard_bytes = 0
         written: list[tuple[str, list[str]]] = []
 
         def flush():
             name = f"model-{len(written) + 1:05d}.safetensors"
-            save_file({k: v.contiguous() for k, v in shards[-1].items()}, os.path.join(tmp, name),
-                      metadata={"format": "pt"})
+            try:
+                save_file({k: v.contiguous() for k, v in shards[-1].items()}, os.path.join(tmp, name),
+                          metadata={"format": "pt"})
+            except SafetensorError as e:  # wraps the OSError (disk full, file too large) in its message
+                raise CheckpointError(f"{os.path.join(out_dir, name)}: cannot write ({e}); free some space or "
+                                      f"choose another --out") from None
             written.append((name, list(shards[-1])))
             shards[-1] = {}
 
@@ -211,7 +221,8 @@ def _name_shards(tmp: str, written: list[tuple[str, list[str]]], total_bytes: in
 
 
 def save_model(model: torch.nn.Module, out_dir: str, dtype: str | torch.dtype | None = None,
-               extra_files: dict[str, str | bytes] | None = None, max_shard_bytes: int = 5 * 2**30) -> str:
+               extra_files: dict[str, str | bytes] | None = None, max_shard_bytes: int = 5 * 2**30,
+               overwrite: bool = False) -> str:
     """Save a reference model as an HF checkpoint directory (optionally cast to `dtype`)."""
     dtype = parse_dtype(dtype)
     config = model.config
@@ -220,4 +231,5 @@ def save_model(model: torch.nn.Module, out_dir: str, dtype: str | torch.dtype | 
                if not (config.tie_word_embeddings and name == "lm_head.weight"))
     stored = dtype or next(model.parameters()).dtype
     saved_config = PersimmonConfig(**{**config.__dict__, "torch_dtype": str(stored).removeprefix("torch.")})
-    return save_checkpoint(tensors, saved_config, out_dir, max_shard_bytes=max_shard_bytes, extra_files=extra_files)
+    return save_checkpoint(tensors, saved_config, out_dir, max_shard_bytes=max_shard_bytes, extra_files=extra_files,
+                           overwrite=overwrite)

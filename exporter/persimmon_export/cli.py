@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
+import threading
 
 from persimmon_runtime.errors import PersimmonError
 
@@ -11,8 +14,10 @@ from persimmon_runtime.errors import PersimmonError
 def _convert(args) -> None:
     from .convert import convert_megatron
 
+    if not (math.isfinite(args.max_shard_gb) and args.max_shard_gb * 2**30 >= 1):
+        raise PersimmonError(f"--max-shard-gb must be a positive number of GiB (e.g. 2), got {args.max_shard_gb}")
     out = convert_megatron(args.checkpoint, args.out, tokenizer_file=args.tokenizer, dtype=args.dtype,
-                           max_shard_bytes=int(args.max_shard_gb * 2**30))
+                           max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)
     print(f"done: {out}")
 
 
@@ -22,7 +27,7 @@ def _build(args) -> None:
     build(args.checkpoint, args.out, dtype=args.dtype, max_batch=args.max_batch, max_seq=args.max_seq,
           backend=args.backend, max_prefill=args.max_prefill, plugins=args.plugins,
           version_compatible=args.version_compatible, timing_cache=args.timing_cache, opt_level=args.opt_level,
-          workspace_mib=int(args.workspace_gb * 1024) if args.workspace_gb else None)
+          workspace_mib=int(args.workspace_gb * 1024) if args.workspace_gb else None, overwrite=args.overwrite)
 
 
 def _parity(args) -> int:
@@ -40,7 +45,7 @@ def _triton(args) -> None:
     from .triton import write_repository
 
     write_repository(args.build, args.out, name=args.name, kind=args.kind, instances=args.instances,
-                     backend=args.backend, python_paths=args.python_path)
+                     backend=args.backend, python_paths=args.python_path, overwrite=args.overwrite)
 
 
 def _doctor(args) -> None:
@@ -53,7 +58,16 @@ def _doctor(args) -> None:
 def _demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+    run_demo(args.out, prompt=args.prompt, max_new_tokens=args.max_new_tokens, overwrite=args.overwrite)
+
+
+def _add_out(parser: argparse.ArgumentParser, what: str, ours: str) -> None:
+    parser.add_argument("--out", required=True,
+                        help=f"{what}: a new or empty directory, outside every input. It appears only once "
+                             f"complete; nothing else there is ever touched")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace --out if it holds {ours} that persimmon-export wrote earlier (the old one "
+                             f"stays until the new one is complete); any other existing content is always refused")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "rope theta are read from the tensors.")
     convert.add_argument("checkpoint", help="checkpoint root (holding iter_* folders), an iter_* folder, "
                                             "or the model_optim_rng.pt file")
-    convert.add_argument("--out", required=True, help="output directory (replaced only once complete)")
+    _add_out(convert, "checkpoint directory", "a checkpoint")
     convert.add_argument("--tokenizer", help="adept_vocab.model (default: next to the iter_* folders)")
     convert.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                          help="cast floating-point weights (default: keep the checkpoint's dtype)")
@@ -84,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "fixed-capacity KV cache, custom ops for QK-LayerNorm and partial rotary), tokenizer.model "
                     "and manifest.json. Weights are streamed, so the 8B model exports in a few GiB of RAM.")
     build.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint directory")
-    build.add_argument("--out", required=True, help="build directory (replaced only once complete)")
+    _add_out(build, "build directory", "a build")
     build.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                        help="weights, activations and KV cache (default float16; LayerNorm, softmax and logits "
                             "stay fp32)")
@@ -131,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "persimmon_runtime; plus, for builds with a TensorRT engine, the engine as a tensorrt_plan "
                     "model. The build is hard-linked into the repository where possible.")
     triton.add_argument("--build", required=True, help="build directory (from `persimmon-export build`)")
-    triton.add_argument("--out", required=True, help="model repository directory (replaced only once complete)")
+    _add_out(triton, "model repository directory", "a model repository")
     triton.add_argument("--name", default="persimmon", help="model name (default persimmon)")
     triton.add_argument("--kind", choices=["auto", "cpu", "gpu"], default="auto",
                         help="instance_group kind; auto: GPU when the build has a TensorRT engine")
@@ -154,22 +168,39 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="make a tiny random Persimmon checkpoint + tokenizer and generate from it",
         description="Train a tiny sentencepiece tokenizer, write a tiny random-weight Persimmon checkpoint in "
                     "Hugging Face layout, load it back and stream a greedy chat answer. No downloads.")
-    demo.add_argument("--out", default="demo/checkpoint", help="where to write the checkpoint (default demo/checkpoint)")
+    demo.add_argument("--out", default="demo/checkpoint",
+                      help="where to write the checkpoint: a new or empty directory (default demo/checkpoint)")
+    demo.add_argument("--overwrite", action="store_true", help="replace the checkpoint an earlier demo wrote there")
     demo.add_argument("--prompt", default="What is the capital of France?", help="the human turn")
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.set_defaults(run=_demo)
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same cleanup (temp directories) runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers may be set
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return args.run(args) or 0
     except PersimmonError as e:
         print(f"persimmon-export {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from persimmon_runtime.tokenizer import DEFAULT_BOS, Tokenizer
 
 from .checkpoint import parse_dtype, save_checkpoint
 from .config import PersimmonConfig
+from .files import check_output
 
 _RENAMES = (  # the upstream converter's renames, applied in order to the flattened key
     ("language_model.encoder", "model"),
@@ -176,14 +177,19 @@ def tokenizer_config(tokenizer: Tokenizer) -> dict:
 
 
 def convert_megatron(source: str, out_dir: str, tokenizer_file: str | None = None, dtype: str | None = None,
-                     max_shard_bytes: int = 2 * 2**30, progress=print) -> str:
-    """adept-inference checkpoint -> HF directory (config.json, safetensors, tokenizer files)."""
+                     max_shard_bytes: int = 2 * 2**30, overwrite: bool = False, progress=print) -> str:
+    """adept-inference checkpoint -> HF directory (config.json, safetensors, tokenizer files).
+
+    An existing `out_dir` is replaced only if it is a checkpoint we wrote and `overwrite` is set.
+    """
     path = find_megatron_file(source)
     if tokenizer_file is None:  # adept ships adept_vocab.model next to the iter_* folders
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
         tokenizer_file = os.path.join(root, "adept_vocab.model")
         if not os.path.isfile(tokenizer_file):
             raise ConvertError(f"{tokenizer_file}: not found; pass --tokenizer PATH/TO/adept_vocab.model")
+    inputs = (source, path, tokenizer_file)
+    check_output(out_dir, "checkpoint", overwrite, inputs)  # refuse before the slow read, not after
     tokenizer = Tokenizer(tokenizer_file, bos_token=DEFAULT_BOS)
     progress(f"reading {path}")
     ckpt = load_megatron(path)
@@ -207,7 +213,7 @@ def convert_megatron(source: str, out_dir: str, tokenizer_file: str | None = Non
             yield name, t.to(target) if target is not None and t.is_floating_point() else t
 
     return save_checkpoint(stream(), config, out_dir, max_shard_bytes=max_shard_bytes,
-                           extra_files=tokenizer_files(tokenizer))
+                           extra_files=tokenizer_files(tokenizer), overwrite=overwrite, inputs=inputs)
 
 
 def tokenizer_files(tokenizer: Tokenizer) -> dict[str, str | bytes]:

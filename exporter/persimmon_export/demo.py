@@ -72,7 +72,8 @@ def random_model(config: PersimmonConfig, seed: int = 0, dtype: torch.dtype = to
     return model.to(dtype).eval()
 
 
-def make_demo_checkpoint(out_dir: str, seed: int = 0, dtype: str = "float32", **config_fields) -> str:
+def make_demo_checkpoint(out_dir: str, seed: int = 0, dtype: str = "float32", overwrite: bool = False,
+                         **config_fields) -> str:
     """A tiny HF-layout checkpoint (config.json, model.safetensors, tokenizer files) in out_dir."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = Tokenizer(train_tokenizer(os.path.join(tmp, "tokenizer.model")))
@@ -82,14 +83,14 @@ def make_demo_checkpoint(out_dir: str, seed: int = 0, dtype: str = "float32", **
         # Like the real model, the embedding is wider than the vocabulary (rounded up to 64).
         fields.setdefault("vocab_size", -(-tokenizer.vocab_size // 64) * 64)
         model = random_model(PersimmonConfig(**fields), seed)
-        return save_model(model, out_dir, dtype=dtype, extra_files=tokenizer_files(tokenizer))
+        return save_model(model, out_dir, dtype=dtype, extra_files=tokenizer_files(tokenizer), overwrite=overwrite)
 
 
 def run_demo(out_dir: str, prompt: str = "What is the capital of France?", max_new_tokens: int = 24,
-             progress=print) -> str:
+             overwrite: bool = False, progress=print) -> str:
     """Make the demo checkpoint, load it back and stream a greedy chat answer from the reference model."""
     t0 = time.perf_counter()
-    make_demo_checkpoint(out_dir)
+    make_demo_checkpoint(out_dir, overwrite=overwrite)
     progress(f"wrote tiny checkpoint + tokenizer to {out_dir} ({time.perf_counter() - t0:.2f}s)")
     model = load_model(out_dir)
     tokenizer = Tokenizer.from_dir(out_dir)

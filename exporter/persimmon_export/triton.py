@@ -80,8 +80,12 @@ def _link_or_copy(source: str, target: str) -> None:
 
 
 def write_repository(build_dir: str, out_dir: str, name: str = "persimmon", kind: str = "auto", instances: int = 1,
-                     backend: str = "auto", python_paths: list[str] | None = None, progress=print) -> list[str]:
-    """Write the model repository; return the model names in it."""
+                     backend: str = "auto", python_paths: list[str] | None = None, overwrite: bool = False,
+                     progress=print) -> list[str]:
+    """Write the model repository; return the model names in it.
+
+    An existing `out_dir` is replaced only if it is a repository we wrote and `overwrite` is set.
+    """
     manifest = Manifest.load(build_dir)
     if kind not in KINDS:
         raise PersimmonError(f"--kind {kind!r} is not one of {KINDS}")
@@ -89,7 +93,7 @@ def write_repository(build_dir: str, out_dir: str, name: str = "persimmon", kind
         raise PersimmonError(f"--instances must be >= 1, got {instances}")
     gpu = kind == "gpu" or (kind == "auto" and manifest.tensorrt is not None)
     models = [name]
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, "triton", overwrite=overwrite, inputs=(build_dir,)) as tmp:
         version_dir = os.path.join(tmp, name, "1")
         os.makedirs(version_dir)
         with open(os.path.join(tmp, name, "config.pbtxt"), "w") as f:
