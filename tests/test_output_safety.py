@@ -98,6 +98,9 @@ def refusal_cases(ws):
         "build --out the workspace root": (["build", "--checkpoint", ck, "--out", str(ws)], "contains the input"),
         "build --out /": (["build", "--checkpoint", ck, "--out", "/"], "filesystem root"),
         "build --out a file": (["build", "--checkpoint", ck, "--out", f"{ws}/project/README"], "not a directory"),
+        "build --out under a file": (["build", "--checkpoint", ck, "--out", f"{ws}/project/README/b"],
+                                     "a part of the path is a file"),
+        "build --out a name too long": (["build", "--checkpoint", ck, "--out", "x" * 250], "File name too long"),
         "build --out a symlink": (["build", "--checkpoint", ck, "--out", f"{ws}/link-to-build"], "symbolic link"),
         "build --out a foreign dir": (["build", "--checkpoint", ck, "--out", f"{ws}/project"], "did not write"),
         "build --out a dir with a fake marker link": (["build", "--checkpoint", ck, "--out", f"{ws}/fake-marker"],
@@ -281,7 +284,7 @@ def test_no_write_permission_is_one_line(workspace, tmp_path):
                              "--out", str(locked / "b"), "--dtype", "float32", "--max-seq", "16",
                              "--backend", "onnxruntime"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert f"{locked}: Permission denied; check the permissions" in result.stderr
+    assert f"{locked}/b: cannot create it (Permission denied); check the permissions" in result.stderr
     assert os.listdir(locked) == []
 
 

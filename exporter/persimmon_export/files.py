@@ -147,9 +147,9 @@ def atomic_directory(out_dir, kind: str, overwrite: bool = False, inputs=()):
     try:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".tmp-{base}-", dir=parent)
-    except OSError as e:
-        e.filename = parent  # the random temp name would only confuse
-        raise OutputError(describe_os_error(e, out)) from None
+    except OSError as e:  # named as the user wrote it: the random temp name would only confuse
+        advice = _ERRNO_ADVICE.get(e.errno)
+        raise OutputError(f"{out}: cannot create it ({e.strerror or e})" + (f"; {advice}" if advice else "")) from None
     try:
         with reported_os_errors(out, tmp):
             _write_marker(tmp, kind, writing=True)
@@ -267,6 +267,8 @@ _ERRNO_ADVICE = {
     errno.EACCES: "check the permissions, or choose an --out you can write to",
     errno.EPERM: "check the permissions, or choose an --out you can write to",
     errno.EROFS: "the filesystem is read-only; choose an --out you can write to",
+    errno.EEXIST: "a part of the path is a file, not a directory; choose another --out",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; choose another --out",
 }
 
 
