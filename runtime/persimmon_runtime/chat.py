@@ -16,14 +16,18 @@ def format_chat(messages) -> str:
     """
     if isinstance(messages, str):
         messages = [messages]
+    if not isinstance(messages, (list, tuple)):
+        raise PersimmonError(f"format_chat: messages must be a str or a list of turns, got {type(messages).__name__}")
     if not messages:
         raise PersimmonError("format_chat: the conversation is empty; pass at least one human prompt")
     parts = []
     for index, message in enumerate(messages):
         expected = "human" if index % 2 == 0 else "adept"
         if isinstance(message, dict):
-            role = _ROLES.get(message.get("role"))
-            content = message.get("content")
+            given, content = message.get("role"), message.get("content")
+            role = _ROLES.get(given) if isinstance(given, str) else None
+            if role is None:
+                raise PersimmonError(f"format_chat: turn {index} has role {given!r}; use one of {', '.join(_ROLES)}")
         else:
             role, content = expected, message
         if role != expected:

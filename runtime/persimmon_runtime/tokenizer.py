@@ -31,10 +31,13 @@ class Tokenizer:
         model_file = os.fspath(model_file)
         if not os.path.isfile(model_file):
             raise TokenizerError(f"{model_file}: tokenizer model not found")
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=model_file)
-        except (RuntimeError, OSError) as e:
-            raise TokenizerError(f"{model_file}: not a sentencepiece model ({e})") from None
+        for name, token in (("bos_token", bos_token), ("eos_token", eos_token)):
+            if token is not None and not isinstance(token, str):
+                raise TokenizerError(f"{model_file}: {name}={token!r} must be a string (a piece of the vocabulary) "
+                                     f"or None")
+        if not isinstance(add_bos, bool):
+            raise TokenizerError(f"{model_file}: add_bos={add_bos!r} must be true or false")
+        self.sp = _load_model(model_file)
         self.model_file = model_file
         self.add_bos = add_bos
         self.bos_id = self._piece_id(bos_token) if bos_token else None
@@ -58,18 +61,15 @@ class Tokenizer:
                            if os.path.isfile(os.path.join(directory, name))), None)
         if model_file is None:
             raise TokenizerError(f"{directory}: no tokenizer model ({' or '.join(MODEL_FILES)})")
-        settings = {}
         config_path = os.path.join(directory, "tokenizer_config.json")
-        if os.path.isfile(config_path):
-            try:
-                with open(config_path, encoding="utf-8") as f:
-                    settings = json.load(f)
-            except json.JSONDecodeError as e:
-                raise TokenizerError(f"{config_path}: not valid JSON ({e})") from None
+        settings = _read_config(config_path) if os.path.isfile(config_path) else {}
         if add_bos is None:
             add_bos = settings.get("add_bos_token", True)
-        return cls(model_file, add_bos=add_bos, bos_token=_token_text(settings.get("bos_token", DEFAULT_BOS)),
-                   eos_token=_token_text(settings.get("eos_token")))
+            if not isinstance(add_bos, bool):
+                raise TokenizerError(f"{config_path}: add_bos_token={add_bos!r} must be true or false")
+        return cls(model_file, add_bos=add_bos,
+                   bos_token=_token_text(config_path, "bos_token", settings.get("bos_token", DEFAULT_BOS)),
+                   eos_token=_token_text(config_path, "eos_token", settings.get("eos_token")))
 
     @property
     def bos_token(self) -> str | None:
@@ -97,6 +97,7 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         if not isinstance(text, str):
             raise TokenizerError(f"text must be a str, got {type(text).__name__}")
+        _require_unicode(text)
         ids = self.sp.encode(text)
         if self._respell and any(i in self._respell for i in ids):
             ids = [j for i in ids for j in self._respell.get(i, (i,))]
@@ -110,9 +111,51 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids if 0 <= int(i) < size and int(i) not in self.special_ids])
 
 
-def _token_text(token) -> str | None:
-    # tokenizer_config.json stores a token as a string or as {"content": ...}.
-    return token.get("content") if isinstance(token, dict) else token
+def _load_model(model_file: str) -> spm.SentencePieceProcessor:
+    """The sentencepiece model, with every piece checked to be UTF-8 text.
+
+    A damaged file may still parse; a piece whose bytes are no longer UTF-8 would then raise
+    UnicodeDecodeError from inside sentencepiece at the first decode that meets it, mid-generation.
+    Reading all pieces once (one call) finds that now.
+    """
+    try:
+        sp = spm.SentencePieceProcessor(model_file=model_file)
+        sp.id_to_piece(list(range(sp.get_piece_size())))
+    except (RuntimeError, OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{model_file}: not a sentencepiece model, or a damaged one ({type(e).__name__}: {e}); "
+                             f"replace it with an intact copy") from None
+    return sp
+
+
+def _read_config(config_path: str) -> dict:
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            settings = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{config_path}: cannot read it as JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(settings, dict):
+        raise TokenizerError(f"{config_path}: must hold a JSON object, not {type(settings).__name__}")
+    return settings
+
+
+def _token_text(config_path: str, name: str, token) -> str | None:
+    """tokenizer_config.json stores a token as a string, as {"content": string} or as null."""
+    text = token.get("content") if isinstance(token, dict) else token
+    if text is not None and not isinstance(text, str):
+        raise TokenizerError(f"{config_path}: {name}={token!r} must be a string, {{\"content\": string}} or null")
+    return text
+
+
+def _require_unicode(text: str) -> None:
+    """Reject lone surrogates (from a bad JSON escape or a careless decode): they are not Unicode
+    text, have no UTF-8 form and sentencepiece would fail on them with a RuntimeError. Replacing
+    them would silently answer a prompt the user did not send, so the request is refused."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"text has a lone surrogate U+{ord(text[e.start]):04X} at character {e.start}, "
+                             f"which is not valid Unicode; send well-formed text (UTF-8 without "
+                             f"surrogate escapes)") from None
 
 
 class IncrementalDetokenizer:
