@@ -69,7 +69,8 @@ def _poisoned_copy(build_dir, dest, tensor, value):
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_corrupt_weights_give_one_error_line_not_token_0(build_dir, tmp_path, value):
     generator = Generator.load(_poisoned_copy(build_dir, tmp_path / "bad", "model.final_layernorm.weight", value))
-    for settings in ({}, {"temperature": 0.8, "seed": 1}, {"repetition_penalty": 1.3}, {"temperature": 1.0, "top_p": 0.5}):
+    settings_tried = ({}, {"temperature": 0.8, "seed": 1}, {"repetition_penalty": 1.3}, {"temperature": 1.0, "top_p": 0.5})
+    for settings in settings_tried:
         with pytest.raises(PersimmonError, match=r"NaN/inf logits for prompt 0 at generated token 0.*corrupt weights") \
                 as caught:
             generator.generate(PROMPTS[0], max_new_tokens=5, **settings)
@@ -437,7 +438,8 @@ def test_bad_conversations_are_one_line(messages, message):
 
 def _tokenizer_dir(tmp_path, sp_model, config):
     shutil.copy(sp_model, tmp_path / "tokenizer.model")
-    (tmp_path / "tokenizer_config.json").write_bytes(config if isinstance(config, bytes) else json.dumps(config).encode())
+    text = config if isinstance(config, bytes) else json.dumps(config).encode()
+    (tmp_path / "tokenizer_config.json").write_bytes(text)
     return str(tmp_path)
 
 
