@@ -36,6 +36,14 @@ TRICKY_TEXTS = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_verification_records(tmp_path_factory):
+    """Loads remember verified builds per user: keep the suite's records out of ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PERSIMMON_CACHE_DIR", str(tmp_path_factory.mktemp("verification-records")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def sp_model(tmp_path_factory):
     """A sentencepiece Unigram model, byte fallback, `|ENDOFTEXT|` as a control piece."""
@@ -62,3 +70,15 @@ def run_without_torch(code: str) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter where importing torch fails; it must not import torch."""
     code = _BLOCK_TORCH + textwrap.dedent(code) + '\nassert "torch" not in sys.modules\n'
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def without_permission_override() -> list[str]:
+    """A command prefix under which file permissions apply: root ignores them, so drop the
+    capabilities that let it (tests run as root in CI)."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root and setpriv (util-linux) is missing to drop CAP_DAC_OVERRIDE")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--"]

@@ -1,12 +1,14 @@
 """Careless and hostile command lines: each gets one clear error line, never a traceback or a hang."""
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
 import time
 
 import pytest
+from conftest import without_permission_override
 
 from persimmon_export import doctor
 from persimmon_export.build import build
@@ -119,3 +121,18 @@ def test_doctor_does_not_hang_on_a_wedged_nvidia_smi_or_nvcc(tmp_path, monkeypat
     assert time.monotonic() - started < 30
     assert "did not answer within 1s" in findings["gpu"]
     assert "did not finish compiling" in findings["plugins"]
+
+
+@pytest.mark.parametrize("lock", ["directory", "config.json", "model.safetensors", "tokenizer.model"])
+def test_unreadable_checkpoint_is_one_line_naming_it(checkpoint, tmp_path, lock):
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoint, ck)
+    target = ck if lock == "directory" else ck / lock
+    target.chmod(0)
+    result = subprocess.run([*without_permission_override(), os.path.join(BIN, "persimmon-export"), "build",
+                             "--checkpoint", str(ck), "--out", str(tmp_path / "out"), "--dtype", "float32",
+                             "--max-seq", "32"], capture_output=True, timeout=300)
+    assert_one_line(result, target.name)
+    err = result.stderr.decode()
+    assert "ermission denied" in err and "not found" not in err
+    assert not (tmp_path / "out").exists()

@@ -19,6 +19,7 @@ import time
 
 import pytest
 import torch
+from conftest import without_permission_override
 
 from persimmon_export import cli
 from persimmon_export.build import build
@@ -275,12 +276,7 @@ def test_no_write_permission_is_one_line(workspace, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
-    without_override = []
-    if os.geteuid() == 0:
-        if not shutil.which("setpriv"):
-            pytest.skip("running as root and setpriv (util-linux) is missing to drop CAP_DAC_OVERRIDE")
-        without_override = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--"]
-    result = subprocess.run([*without_override, CONSOLE, "build", "--checkpoint", str(workspace / "models" / "ck"),
+    result = subprocess.run([*without_permission_override(), CONSOLE, "build", "--checkpoint", str(workspace / "models" / "ck"),
                              "--out", str(locked / "b"), "--dtype", "float32", "--max-seq", "16",
                              "--backend", "onnxruntime"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -65,6 +65,11 @@ def weight_files(directory: str) -> list[str]:
 
 def iter_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of one weight file, read one at a time."""
+    try:  # safetensors reports an unreadable file as "No such file or directory": open it ourselves first
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
     if path.endswith(".safetensors"):
         try:
             with safe_open(path, framework="pt") as f:
@@ -145,6 +150,9 @@ def check_directory(directory) -> str:
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a directory; pass a Hugging Face checkpoint directory")
+    if not os.access(directory, os.R_OK | os.X_OK):
+        # without this, every file inside looks missing and the error would say "not found"
+        raise CheckpointError(f"{directory}: permission denied; make the checkpoint directory readable")
     return directory
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import signal
 import sys
-import threading
 
+from persimmon_runtime.console import run_command
 from persimmon_runtime.errors import PersimmonError
 
 
@@ -45,7 +44,8 @@ def _triton(args) -> None:
     from .triton import write_repository
 
     write_repository(args.build, args.out, name=args.name, kind=args.kind, instances=args.instances,
-                     backend=args.backend, python_paths=args.python_path, overwrite=args.overwrite)
+                     backend=args.backend, python_paths=args.python_path, overwrite=args.overwrite,
+                     generate_timeout_s=args.generate_timeout)
 
 
 def _doctor(args) -> None:
@@ -149,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     triton.add_argument("--name", default="persimmon", help="model name (default persimmon)")
     triton.add_argument("--kind", choices=["auto", "cpu", "gpu"], default="auto",
                         help="instance_group kind; auto: GPU when the build has a TensorRT engine")
-    triton.add_argument("--instances", type=int, default=1, help="model instances (per GPU for GPU kind)")
+    triton.add_argument("--instances", type=int, default=1, help="model instances (per GPU for GPU kind), 1-64")
+    triton.add_argument("--generate-timeout", type=float, default=300.0,
+                        help="seconds after which a non-streaming generate request is stopped (its client cannot "
+                             "be seen leaving); 0: no limit (default 300)")
     triton.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
                         help="runtime backend inside the model (default auto)")
     triton.add_argument("--python-path", action="append", default=[],
@@ -177,30 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that the same cleanup (temp directories) runs."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers may be set
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
-    try:
-        return args.run(args) or 0
-    except PersimmonError as e:
-        print(f"persimmon-export {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except Terminated:
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    return run_command(f"persimmon-export {args.command}", lambda: args.run(args))
 
 
 if __name__ == "__main__":

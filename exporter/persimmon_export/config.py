@@ -150,6 +150,8 @@ class PersimmonConfig:
                 raw = json.load(f)
         except FileNotFoundError:
             raise ConfigError(f"{path}: file not found; a checkpoint directory needs a config.json") from None
+        except OSError as e:  # unreadable (permissions), a directory, an I/O error
+            raise ConfigError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(raw, dict):

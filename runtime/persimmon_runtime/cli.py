@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from .errors import PersimmonError
+from .console import run_command, utf8_argument
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,50 +28,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
                         help="auto (default): TensorRT when the build has an engine and a GPU can run it")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the backend's own, cuda for TensorRT)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the sha256 check of the build's files (by default done once per change of a "
+                             "file, then remembered in ~/.cache/persimmon)")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command("persimmon-run", lambda: _run(args))
+
+
+def _run(args) -> None:
     from .chat import format_chat
     from .generator import Generator
 
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
                     ignore_eos=args.ignore_eos)
-    try:
-        prompt = _utf8_argument("prompt", args.prompt)
-        generator = Generator.load(args.build, backend=args.backend, device=args.device)
-        prompt = format_chat(prompt) if args.chat else prompt
-        if args.no_stream:
-            print(generator.generate(prompt, **sampling).text)
-        else:
-            for piece in generator.stream(prompt, **sampling):
-                print(piece, end="", flush=True)
-            print()
-    except PersimmonError as e:
-        print(f"persimmon-run: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        # The reader went away (`| head`): stop generating. Point stdout at /dev/null so the
-        # interpreter's final flush does not raise a second time.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print("persimmon-run: error: standard output was closed (broken pipe); generation stopped", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _utf8_argument(what: str, value: str) -> str:
-    """argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383): refuse them by name."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        code = ord(value[e.start])
-        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
-        raise PersimmonError(f"{what}: not valid UTF-8 ({bad} at character {e.start}); pass UTF-8 text") from None
-    return value
+    prompt = utf8_argument("prompt", args.prompt)
+    generator = Generator.load(args.build, backend=args.backend, device=args.device)
+    prompt = format_chat(prompt) if args.chat else prompt
+    if args.no_stream:
+        print(generator.generate(prompt, **sampling).text)
+    else:
+        for piece in generator.stream(prompt, **sampling):
+            print(piece, end="", flush=True)
+        print()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""What both console scripts do around a command: one line per error, clean exits on signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+from .errors import PersimmonError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same cleanup (temp directories) runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def run_command(prog: str, command: Callable[[], int | None]) -> int:
+    """Run `command`; return the exit status. Bad input -> one `prog: error: ...` line and 2."""
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers may be set
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    try:
+        return command() or 0
+    except PersimmonError as e:
+        return _error(prog, e)
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop. Point stdout at /dev/null so the interpreter's
+        # final flush does not raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _error(prog, "standard output was closed (broken pipe); stopped")
+    except OSError as e:
+        # The library names the file in its own errors where it can; this is the net for the
+        # rest (a disk failing mid-read, ...): still one line, with the path the OS reported.
+        return _error(prog, e)
+    except Terminated:
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _error(prog: str, message) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def utf8_argument(what: str, value: str) -> str:
+    """argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383): refuse them by name."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(value[e.start])
+        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise PersimmonError(f"{what}: not valid UTF-8 ({bad} at character {e.start}); pass UTF-8 text") from None
+    return value
