@@ -10,8 +10,9 @@ import os
 import shutil
 import time
 
-from persimmon_runtime.manifest import CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION, Manifest, sha256_file
+from persimmon_runtime.manifest import CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION, Manifest
 from persimmon_runtime.tokenizer import Tokenizer
+from persimmon_runtime.verify import sha256_file
 
 from . import __version__
 from .checkpoint import check_directory, checked_tensors

@@ -36,7 +36,8 @@ from onnx import AttributeProto, TensorProto, helper
 
 from persimmon_plugins import QK_LAYERNORM_OP, ROTARY_OP
 from persimmon_runtime.errors import PersimmonError
-from persimmon_runtime.manifest import CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION, sha256_file
+from persimmon_runtime.manifest import CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION
+from persimmon_runtime.verify import sha256_file
 
 from .config import PersimmonConfig
 from .model import rope_inv_freq

@@ -47,7 +47,8 @@ def _run(args) -> None:
                     top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
                     ignore_eos=args.ignore_eos)
     prompt = utf8_argument("prompt", args.prompt)
-    generator = Generator.load(args.build, backend=args.backend, device=args.device)
+    generator = Generator.load(args.build, backend=args.backend, device=args.device,
+                               verify_checksums=not args.no_verify)
     prompt = format_chat(prompt) if args.chat else prompt
     if args.no_stream:
         print(generator.generate(prompt, **sampling).text)
