@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import PersimmonError
 from ..manifest import Manifest
+from . import check_step
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 CACHE_STEP = 256
@@ -55,6 +56,7 @@ class OnnxRuntimeBackend:
         self._ort = ort
         self.binding = None
         self.caches = []
+        self.batch = 0
 
     def start(self, batch: int) -> None:
         """Zeroed caches for `batch` sequences, bound once as both past (input) and present (output)."""
@@ -88,13 +90,14 @@ class OnnxRuntimeBackend:
         self.slots = slots
 
     def step(self, input_ids, cache_position, token_count, attention_mask) -> np.ndarray:
+        check_step(self.manifest, self.batch, input_ids, cache_position, token_count, attention_mask)
         binding = self.binding
-        if self.whole:  # the graph reads whole caches: mask width = cache length
-            needed = attention_mask.shape[1]
+        if self.whole:  # the graph reads whole caches (mask width = cache length) and writes seq slots per row
+            needed = max(attention_mask.shape[1], int(cache_position.max()) + input_ids.shape[1])
             if needed > self.slots:
                 self._allocate(-(-needed // CACHE_STEP) * CACHE_STEP)
             padded = np.ones((attention_mask.shape[0], self.slots), np.int64)  # later slots: causally masked
-            padded[:, :needed] = attention_mask
+            padded[:, :attention_mask.shape[1]] = attention_mask
             attention_mask = padded
         # held in a local until the run ends: the binding borrows their memory
         arrays = {"input_ids": input_ids, "cache_position": cache_position, "token_count": token_count,

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import PersimmonError
 from ..manifest import Manifest
+from . import check_step
 from .cuda import check, compute_capability, cudart
 
 PREFILL, DECODE = 0, 1
@@ -133,11 +134,14 @@ class TensorRTBackend:
         self.batch = batch
 
     def step(self, input_ids, cache_position, token_count, attention_mask) -> np.ndarray:
-        rt, stream, context = self.rt, self.stream, self.context
+        # before any upload: the buffers hold self.batch rows and the KV-cache-update layer
+        # writes out of bounds past the capacity
+        check_step(self.manifest, self.batch, input_ids, cache_position, token_count, attention_mask)
         batch, seq = input_ids.shape
         if seq > self.manifest.tensorrt["max_prefill"]:
             raise PersimmonError(f"{seq} new tokens in one step exceed the engine's max_prefill "
                                  f"{self.manifest.tensorrt['max_prefill']}")
+        rt, stream, context = self.rt, self.stream, self.context
         profile = PREFILL if seq > 1 else DECODE
         width = attention_mask.shape[1]
         if profile == DECODE:  # a bucketed width lets one CUDA graph serve many steps
@@ -199,6 +203,7 @@ class TensorRTBackend:
             buffer.free()
         self.buffers = {}
         self.graphs = {}
+        self.batch = 0  # no buffers: step() refuses until start() succeeds
 
     def __del__(self):
         try:
