@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from persimmon_runtime.errors import PersimmonError
 
+from . import safe_pickle
 from .config import PersimmonConfig
 from .files import atomic_directory
 from .model import PersimmonForCausalLM
@@ -79,13 +80,12 @@ def iter_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
             raise CheckpointError(f"{path}: unreadable safetensors file ({e}); it may be truncated - "
                                   f"copy or download it again") from None
         return
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # torch raises many types for a bad pickle/zip
-        raise CheckpointError(f"{path}: unreadable PyTorch weights file ({e.__class__.__name__}: {e}); "
-                              f"it may be truncated - copy or download it again") from None
+    state = safe_pickle.load(path, foreign_classes=False, error=CheckpointError)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    for name, tensor in state.items():
+        if not (isinstance(name, str) and isinstance(tensor, torch.Tensor)):
+            raise CheckpointError(f"{path}: entry {name!r:.80} holds a {type(tensor).__name__}, not a tensor")
     yield from state.items()
 
 

@@ -1,16 +1,16 @@
 """Convert an original adept-inference (Megatron) checkpoint into a Hugging Face directory.
 
 The checkpoint (`iter_*/mp_rank_00/model_optim_rng.pt`) pickles adept-inference classes next to
-the tensors. Instead of putting that source on the path, a restricted unpickler builds tensors
-with torch's own functions and turns every other class into an inert placeholder: nothing from
-the file is executed, and nothing outside a short allow-list is imported.
+the tensors. Instead of putting that source on the path, `safe_pickle.load` has torch's
+weights_only unpickler build the tensors and turn every other class into an inert placeholder:
+nothing from the file is executed, and nothing outside an exact allow-list is imported.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import pickle
 import re
 import types
 
@@ -22,6 +22,7 @@ from persimmon_runtime.tokenizer import DEFAULT_BOS, Tokenizer
 from .checkpoint import parse_dtype, save_checkpoint
 from .config import PersimmonConfig
 from .files import check_output
+from .safe_pickle import load as safe_load
 
 _RENAMES = (  # the upstream converter's renames, applied in order to the flattened key
     ("language_model.encoder", "model"),
@@ -31,41 +32,13 @@ _RENAMES = (  # the upstream converter's renames, applied in order to the flatte
     ("self_attention", "self_attn"),
 )
 _INV_FREQ = "rotary_emb.inv_freq"
-_ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"), ("argparse", "Namespace"), ("torch", "Size"),
-    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"), ("torch", "device"),
-}
+# The fields of Megatron's args that infer_config reads, and what each must be.
+_ARGS_FIELDS = {"num_attention_heads": int, "max_position_embeddings": int, "seq_length": int,
+                "layernorm_epsilon": float}
 
 
 class ConvertError(PersimmonError):
     pass
-
-
-class _Placeholder:
-    """Stands in for any class the checkpoint pickles that is not on the allow-list."""
-
-    def __init__(self, *args, **kwargs):
-        self._args, self._kwargs = args, kwargs
-
-    def __setstate__(self, state):
-        if isinstance(state, dict):
-            self.__dict__.update(state)
-        else:
-            self._state = state
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _ALLOWED_GLOBALS or (module == "torch._utils" and name.startswith("_rebuild_")):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return super().find_class(module, name)
-        return type(name, (_Placeholder,), {"__module__": f"placeholder:{module}"})
-
-
-_restricted_pickle = types.ModuleType("persimmon_restricted_pickle")
-_restricted_pickle.Unpickler = _RestrictedUnpickler
-_restricted_pickle.load = lambda f, **kwargs: _RestrictedUnpickler(f, **kwargs).load()
 
 
 def find_megatron_file(path: str) -> str:
@@ -89,20 +62,31 @@ def find_megatron_file(path: str) -> str:
 
 
 def load_megatron(path: str) -> dict:
-    """Unpickle a Megatron checkpoint file without its source code (memory-mapped when possible)."""
-    try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", pickle_module=_restricted_pickle,
-                              weights_only=False, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            ckpt = torch.load(path, map_location="cpu", pickle_module=_restricted_pickle, weights_only=False)
-    except Exception as e:
-        raise ConvertError(f"{path}: cannot read the checkpoint ({e.__class__.__name__}: {e})") from None
+    """Unpickle a Megatron checkpoint file without its source code (memory-mapped when possible).
+
+    `ckpt["args"]` becomes a namespace of the validated `_ARGS_FIELDS` the file has.
+    """
+    ckpt = safe_load(path, foreign_classes=True, error=ConvertError)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ConvertError(f"{path}: no 'model' dict inside; is this an adept-inference model_optim_rng.pt?")
+    ckpt["args"] = _checked_args(path, ckpt.get("args"))
     return ckpt
+
+
+def _checked_args(path: str, args) -> types.SimpleNamespace:
+    """The args fields we use, each a positive finite number of its type (the file chooses their values)."""
+    checked = types.SimpleNamespace()
+    for field, kind in _ARGS_FIELDS.items():
+        value = getattr(args, field, None)
+        if value is None:
+            continue
+        is_int = isinstance(value, int) and not isinstance(value, bool) and value < 2**31
+        is_float = isinstance(value, float) and math.isfinite(value)
+        if not ((is_int or (kind is float and is_float)) and value > 0):
+            raise ConvertError(f"{path}: args.{field} is {value!r:.80}, not a positive "
+                               f"{'integer' if kind is int else 'number'}; is this an adept-inference checkpoint?")
+        setattr(checked, field, kind(value))
+    return checked
 
 
 def _flatten(tree: dict, prefix: str = ""):
