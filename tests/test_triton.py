@@ -1,9 +1,11 @@
 """Triton Inference Server: the generated repository, served by a real tritonserver on 127.0.0.1.
 
 The server is the binary bundled in nvidia-pytriton's wheel, unpacked by examples/setup.sh into
-.cache/tritonserver (CPU, Python backend only). Each test module run starts it and stops it by PID.
+.cache/tritonserver (CPU, Python backend only). Each server runs in its own process group and is
+stopped with its Python-backend stubs and shared-memory regions (see stop_server).
 """
 
+import glob
 import json
 import os
 import shutil
@@ -22,32 +24,60 @@ from google.protobuf import text_format
 
 from persimmon_export.build import build
 from persimmon_export.demo import make_demo_checkpoint
-from persimmon_export.triton import write_repository
+from persimmon_export.triton import MAX_INSTANCES, generation_config, write_repository
 from persimmon_runtime import PersimmonError
 from persimmon_runtime.generator import Generator
-from persimmon_runtime.triton_model import parse_parameters
+from persimmon_runtime.triton_model import RequestSettings, parse_parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = os.path.join(ROOT, ".cache", "tritonserver", "pytriton", "tritonserver")
 LIBS = os.path.join(ROOT, ".cache", "tritonserver", "nvidia_pytriton.libs")
 MODEL_PYTHON = os.path.join(ROOT, ".cache", "triton-python")
 PROMPTS = ["human: What is the capital of France?\n\nadept:", "The quick brown fox", "東京", "1 2 3"]
+SHM_REGIONS = "/dev/shm/triton_python_backend_shm_region_*"
+# The test build's KV capacity and size: a completion filling it takes long enough (~20 s) that an
+# abandoned request which ran to its end would visibly stall the next one.
+CAPACITY = 4096
+GENERATE_TIMEOUT_S = 5.0  # the test repository's limit for non-streaming requests without timeout_s
 
 
 @pytest.fixture(scope="module")
 def build_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("triton")
-    checkpoint = make_demo_checkpoint(str(root / "ckpt"), seed=5)
+    checkpoint = make_demo_checkpoint(str(root / "ckpt"), seed=5, max_position_embeddings=CAPACITY, hidden_size=256,
+                                      intermediate_size=1024, num_hidden_layers=4)
     out = str(root / "build")
-    build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=2, max_seq=128,
+    build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=2, max_seq=CAPACITY,
           progress=lambda *_: None)
     return out
 
 
 @pytest.fixture(scope="module")
-def repository(build_dir, tmp_path_factory):
+def overflow_build(tmp_path_factory):
+    """Finite weights whose logits overflow float32 (an lm_head near float32's largest value):
+    the generator must refuse the non-finite logits, and Triton must answer with that error."""
+    from safetensors.numpy import load_file, save_file
+
+    root = tmp_path_factory.mktemp("overflow")
+    checkpoint = make_demo_checkpoint(str(root / "ckpt"), seed=6)
+    weights_file = os.path.join(checkpoint, "model.safetensors")
+    weights = load_file(weights_file)
+    weights["lm_head.weight"] = np.full_like(weights["lm_head.weight"], 3e38)
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    out = str(root / "build")
+    build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=1, max_seq=64, progress=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def repository(build_dir, overflow_build, tmp_path_factory):
+    """The repository under test, plus the overflowing model moved in beside it as `overflow`."""
     repo = str(tmp_path_factory.mktemp("repo") / "models")
-    assert write_repository(build_dir, repo, instances=1, progress=lambda *_: None) == ["persimmon"]
+    assert write_repository(build_dir, repo, instances=1, generate_timeout_s=GENERATE_TIMEOUT_S,
+                            progress=lambda *_: None) == ["persimmon"]
+    other = str(tmp_path_factory.mktemp("repo") / "overflow")
+    write_repository(overflow_build, other, name="overflow", progress=lambda *_: None)
+    shutil.move(os.path.join(other, "overflow"), os.path.join(repo, "overflow"))
     return repo
 
 
@@ -81,11 +111,127 @@ def test_engine_model_config_is_valid_for_triton(build_dir, tmp_path):
 
 def test_request_parameters_are_checked():
     assert parse_parameters('{"max_new_tokens": 4, "temperature": 1, "stop": "[\\"a\\", \\"b\\"]", "stream": true}') \
-        == (True, {"max_new_tokens": 4, "temperature": 1.0, "stop": ["a", "b"]})
+        == RequestSettings(True, None, {"max_new_tokens": 4, "temperature": 1.0, "stop": ["a", "b"]})
+    assert parse_parameters({"timeout_s": 2, "stop": "]["}) == RequestSettings(False, 2.0, {"stop": "]["})
     with pytest.raises(PersimmonError, match="unknown parameter 'bogus'"):
         parse_parameters({"bogus": 1})
     with pytest.raises(PersimmonError, match="max_new_tokens='4' must be int"):
         parse_parameters({"max_new_tokens": "4"})
+
+
+@pytest.mark.parametrize("raw,message", [
+    ("{not json", "request parameters are not JSON"),
+    ("[1, 2]", "must be an object of settings"),
+    ({"stream": 1}, "stream=1 must be true or false"),
+    ({"timeout_s": True}, "timeout_s=True"),
+    ({"timeout_s": float("inf")}, "timeout_s=inf"),
+    ({"timeout_s": float("nan")}, "timeout_s=nan"),
+    ({"stop": "[\"a\", "}, "starts with '[' but is not a JSON list"),
+    ({"seed": 1.5}, "seed=1.5 must be int"),
+    ({"ignore_eos": "true"}, "ignore_eos='true' must be bool"),
+    ({"y" * 1_000_000: 1}, "unknown parameter 'yyy"),
+])
+def test_bad_parameters_are_one_short_line(raw, message):
+    with pytest.raises(PersimmonError, match=message.replace("[", "\\[")) as caught:
+        parse_parameters(raw)
+    assert len(str(caught.value)) < 300 and "\n" not in str(caught.value)
+
+
+HOSTILE_NAMES = ["", ".", "..", "../../x", "a/../../x", "/abs", "a/b", "a\\b", "..hidden", ".hidden", "-flag", "x..y",
+                 'a" instance_group [ { kind: KIND_GPU count: 99 } ] name: "b', "a\nbackend: \"onnxruntime\"",
+                 "a b", "a\x00b", "é", "😀", "x" * 101, "a:b", "a%2Fb", "a?b", "a#b"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_model_names_are_refused_before_anything_is_written(build_dir, tmp_path, name):
+    out = tmp_path / "deep" / "er" / "repo"
+    with pytest.raises(PersimmonError, match="not a usable Triton model name"):
+        write_repository(build_dir, str(out), name=name, progress=lambda *_: None)
+    assert not (tmp_path / "deep").exists()
+
+
+@pytest.mark.parametrize("name", ["persimmon", "a", "7b", "_x", "persimmon-8b.v1_0", "x" * 100])
+def test_model_names_triton_accepts_are_taken(build_dir, tmp_path, name):
+    from tritonclient.grpc import model_config_pb2
+
+    repo = tmp_path / "repo"
+    assert write_repository(build_dir, str(repo), name=name, progress=lambda *_: None) == [name]
+    config = text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.name == name
+
+
+@pytest.mark.parametrize("instances", [0, -1, MAX_INSTANCES + 1, 1_000_000, True, 1.5, "2"])
+def test_instance_counts_are_bounded(build_dir, tmp_path, instances):
+    with pytest.raises(PersimmonError, match=f"from 1 to {MAX_INSTANCES}"):
+        write_repository(build_dir, str(tmp_path / "repo"), instances=instances, progress=lambda *_: None)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_no_value_can_inject_fields_into_config_pbtxt():
+    """Whatever the strings hold (quotes, braces, backslashes, newlines, non-ASCII), Triton's own
+    parser reads back exactly the fields we meant, with exactly those values."""
+    from tritonclient.grpc import model_config_pb2
+
+    for hostile in ['x" } } instance_group [ { kind: KIND_GPU count: 64 } ] parameters { key: "y', "\\",
+                    '\\" }\nname: "evil', "line\nbreak\ttab\r", "ü東京😀", "'single' \"double\"", "#comment"]:
+        text = generation_config("persimmon", "KIND_CPU", 2, hostile, 7.5)
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        assert config.name == "persimmon" and len(config.instance_group) == 1
+        assert config.instance_group[0].count == 2 and config.instance_group[0].kind == config.instance_group[0].KIND_CPU
+        assert {key: value.string_value for key, value in config.parameters.items()} == \
+            {"build_dir": "build", "backend": hostile, "generate_timeout_s": "7.5"}
+
+
+def test_engine_config_quotes_tensor_names_from_the_manifest(build_dir):
+    from tritonclient.grpc import model_config_pb2
+
+    from persimmon_export.triton import engine_config
+    from persimmon_runtime.manifest import Manifest
+
+    manifest = Manifest.load(build_dir)
+    manifest.tensorrt = {"profiles": [{}]}
+    manifest.inputs = [dict(manifest.inputs[0], name='ids" } ] platform: "onnxruntime_onnx')] + manifest.inputs[1:]
+    config = text_format.Parse(engine_config("e", manifest), model_config_pb2.ModelConfig())
+    assert config.platform == "tensorrt_plan" and config.input[0].name == manifest.inputs[0]["name"]
+
+
+def test_python_paths_cannot_inject_code_into_model_py(build_dir, tmp_path):
+    marker = tmp_path / "pwned"
+    hostile = [f"']; open({str(marker)!r}, 'w'); x = ['", f'"]\nopen({str(marker)!r}, "w")\n#', "\\'", "ü\u2028x",
+               "{paths}", "\udcff"]  # a path from undecodable argv bytes (surrogateescape)
+    repo = tmp_path / "repo"
+    write_repository(build_dir, str(repo), python_paths=hostile, progress=lambda *_: None)
+    model_py = str(repo / "persimmon" / "1" / "model.py")
+    code = f"""
+import json, runpy, sys
+runpy.run_path({model_py!r})
+print(json.dumps([p.encode("utf-8", "surrogateescape").hex() for p in sys.path]))
+"""
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "runtime")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists()
+    path = [bytes.fromhex(p).decode("utf-8", "surrogateescape") for p in json.loads(result.stdout)]
+    assert all(p in path for p in hostile)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--name", "../../x"], "not a usable Triton model name"),
+    (["--name", ""], "not a usable Triton model name"),
+    (["--name", 'm" } ] backend: "x'], "not a usable Triton model name"),
+    (["--instances", "1000000"], "from 1 to 64"),
+    (["--instances", "0"], "from 1 to 64"),
+    (["--generate-timeout", "nan"], "--generate-timeout"),
+    (["--generate-timeout", "-1"], "--generate-timeout"),
+])
+def test_triton_cli_refuses_bad_values_in_one_line(build_dir, tmp_path, capsys, args, message):
+    from persimmon_export.cli import main
+
+    out = tmp_path / "a" / "b" / "repo"
+    assert main(["triton", "--build", build_dir, "--out", str(out), *args]) == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []  # nothing written anywhere under tmp_path
 
 
 def _free_port() -> int:
@@ -94,61 +240,125 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(repository, tmp_path_factory):
+def _group_members(pgid: int) -> list[int]:
+    """PIDs of the live processes in process group pgid (the server and its backend stubs)."""
+    members = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:  # exited while we looked
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.split("/")[2]))
+    return members
+
+
+def _regions_in_use() -> set[str]:
+    """Shared-memory regions some live process maps: another server's, never to be removed."""
+    used = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            used.update(line.split()[-1] for line in open(maps) if "triton_python_backend_shm_region_" in line)
+        except (OSError, IndexError):
+            continue
+    return used
+
+
+def start_server(repository: str, workdir, *options: str) -> dict:
+    """Start tritonserver on free ports in a new session (its own process group); wait until ready."""
     binary = os.path.join(SERVER, "bin", "tritonserver")
     stub = os.path.join(SERVER, "python_backend_stubs", f"{sys.version_info.major}.{sys.version_info.minor}",
                         "triton_python_backend_stub")
     if not (os.path.isfile(binary) and os.path.isfile(stub) and os.path.isdir(MODEL_PYTHON)):
         pytest.skip("no tritonserver in .cache (examples/setup.sh fetches it on Linux x86_64)")
-    backends = tmp_path_factory.mktemp("backends")
+    backends = workdir / "backends"
     shutil.copytree(os.path.join(SERVER, "backends", "python"), backends / "python")
     shutil.copy2(stub, backends / "python")
     http, grpc = _free_port(), _free_port()
-    log = open(tmp_path_factory.mktemp("log") / "tritonserver.log", "w+")
+    log = open(workdir / "tritonserver.log", "w+")
     env = {**os.environ, "LD_LIBRARY_PATH": LIBS,
            "PYTHONPATH": os.pathsep.join([MODEL_PYTHON, os.path.join(ROOT, "runtime")])}
+    regions_before = set(glob.glob(SHM_REGIONS))
     process = subprocess.Popen([binary, "--model-repository", repository, "--backend-directory", str(backends),
                                 "--http-address", "127.0.0.1", "--http-port", str(http), "--grpc-address",
-                                "127.0.0.1", "--grpc-port", str(grpc), "--allow-metrics", "false"],
+                                "127.0.0.1", "--grpc-port", str(grpc), "--allow-metrics", "false", *options],
                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{http}"
+    server = {"http": f"http://127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}", "process": process, "log": log,
+              "regions_before": regions_before}
     deadline = time.monotonic() + 90
-    try:
-        while True:
-            if process.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"tritonserver exited with {process.returncode}:\n{log.read()[-3000:]}")
-            try:
-                if urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2).status == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"tritonserver not ready after 90 s:\n{log.read()[-3000:]}")
-            time.sleep(0.5)
-        yield {"http": url, "grpc": f"127.0.0.1:{grpc}", "process": process}
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
+    while True:
+        failure = None
+        if process.poll() is not None:
+            failure = f"tritonserver exited with {process.returncode}"
+        elif time.monotonic() > deadline:
+            failure = "tritonserver not ready after 90 s"
+        if failure:
+            stop_server(server)
+            log.seek(0)
+            pytest.fail(f"{failure}:\n{log.read()[-3000:]}")
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-        log.close()
+            if urllib.request.urlopen(f"{server['http']}/v2/health/ready", timeout=2).status == 200:
+                return server
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.5)
 
 
-def post(server, endpoint: str, body: dict):
-    """(status, [json events]) for generate (one object) or generate_stream (server-sent events)."""
-    request = urllib.request.Request(f"{server['http']}/v2/models/persimmon/{endpoint}", data=json.dumps(body).encode(),
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:  # every member has exited already
+        pass
+
+
+def stop_server(server: dict, sig: int = signal.SIGTERM) -> list[str]:
+    """Stop the server and everything it started; return the shared-memory regions removed.
+
+    `sig` goes to the whole process group, so the Python-backend stubs get it too (a server
+    killed alone leaves them orphaned). SIGTERM lets Triton unload its models and remove its
+    shared memory; whatever is left after 30 s, or after SIGKILL, is killed, and the regions
+    this server created that no live process maps any more are removed.
+    """
+    process = server["process"]
+    _signal_group(process.pid, sig)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    if _group_members(process.pid):
+        _signal_group(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+    for _ in range(100):  # stubs killed by SIGKILL vanish asynchronously
+        if not _group_members(process.pid):
+            break
+        time.sleep(0.05)
+    leaked = set(glob.glob(SHM_REGIONS)) - server["regions_before"] - _regions_in_use()
+    for region in leaked:
+        os.unlink(region)
+    server["log"].close()
+    return sorted(leaked)
+
+
+@pytest.fixture(scope="module")
+def server(repository, tmp_path_factory):
+    running = start_server(repository, tmp_path_factory.mktemp("server"))
+    try:
+        yield running
+    finally:
+        stop_server(running)
+
+
+def post(server, endpoint: str, body, model: str = "persimmon", timeout: float = 120):
+    """(status, [json events]) for generate (one object) or generate_stream (server-sent events).
+    body: a dict, or the raw bytes to send."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{server['http']}/v2/models/{model}/{endpoint}", data=data,
                                      headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            text = response.read().decode()
-            status = response.status
-    except urllib.error.HTTPError as e:
-        return e.code, [json.loads(e.read().decode())]
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            text, status = response.read().decode(), response.status
+    except urllib.error.HTTPError as e:  # an error reply has the endpoint's format too
+        text, status = e.read().decode(), e.code
     if endpoint == "generate_stream":
         return status, [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
     return status, [json.loads(text)]
@@ -194,17 +404,132 @@ def test_sixteen_concurrent_requests_all_complete_correctly(server, local):
         assert reply["text_output"] == expected
 
 
-@pytest.mark.parametrize("body,message", [
-    ({"max_new_tokens": 4}, "text_input"),
-    ({"text_input": "hi", "max_new_tokens": -3}, "max_new_tokens=-3"),
-    ({"text_input": "hi", "frequency_penalty": 0.5}, "unknown parameter 'frequency_penalty'"),
-])
-def test_bad_requests_get_an_error_and_the_server_stays_up(server, local, body, message):
-    status, [reply] = post(server, "generate", body)
-    assert status >= 400 and message in reply["error"], reply
+def assert_still_serving(server, local):
     assert server["process"].poll() is None
     status, [reply] = post(server, "generate", {"text_input": "hi", "max_new_tokens": 3})
     assert status == 200 and reply["text_output"] == local.generate("hi", max_new_tokens=3).text
+
+
+_ten_thousand_stops = json.dumps([f"s{i}" for i in range(10_000)])
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"max_new_tokens": 4}, "text_input"),
+    ({"text_input": "hi", "max_new_tokens": -3}, "max_new_tokens=-3"),
+    ({"text_input": "hi", "max_new_tokens": 10**15}, "kv_capacity"),
+    ({"text_input": "hi", "max_new_tokens": "4"}, "max_new_tokens='4' must be int"),
+    ({"text_input": "hi", "max_new_tokens": True}, "max_new_tokens=True must be int"),
+    ({"text_input": "hi", "temperature": "hot"}, "temperature='hot' must be float"),
+    ({"text_input": "hi", "top_k": -1}, "top_k=-1"),
+    ({"text_input": "hi", "top_p": 7}, "top_p"),
+    ({"text_input": "hi", "seed": -1}, "seed"),
+    ({"text_input": "hi", "stream": "yes"}, "stream='yes' must be true or false"),
+    ({"text_input": "hi", "timeout_s": 0}, "timeout_s=0 must be a number of seconds > 0"),
+    ({"text_input": "hi", "timeout_s": -5}, "timeout_s=-5"),
+    ({"text_input": "hi", "timeout_s": "soon"}, "timeout_s='soon'"),
+    ({"text_input": "hi", "frequency_penalty": 0.5}, "unknown parameter 'frequency_penalty'"),
+    ({"text_input": "hi", "x" * 10_000: 1}, "unknown parameter 'xxxx"),
+    ({"text_input": "hi", "stop": _ten_thousand_stops}, "10000"),
+    ({"text_input": "hi", "stop": "z" * 100_000}, "100000 characters"),
+    ({"text_input": "hi", "stop": "[unclosed"}, "not a JSON list"),
+    ({"text_input": "hi", "stop": "[1, 2]"}, "stop="),
+    ({"text_input": "hi", "stop": "[[\"a\"]]"}, "stop="),
+    ({"text_input": "hi", "stop": 123}, "stop=123"),
+    ({"text_input": "hi", "stop": ""}, "stop="),
+    ({"text_input": "x " * 20_000}, "kv_capacity"),
+    ({"text_input": "hi", "parameters": {"max_new_tokens": -1}}, "max_new_tokens=-1"),
+])
+def test_bad_requests_get_an_error_and_the_server_stays_up(server, local, body, message):
+    status, [reply] = post(server, "generate", body)
+    assert status >= 400 and message in reply["error"] and "internal error" not in reply["error"], reply
+    assert len(reply["error"]) < 500 and "\n" not in reply["error"]  # one line, even for huge inputs
+    assert_still_serving(server, local)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"text_input": "\xff\xfe bad bytes"}',
+    b'{"text_input": "hi", "max_new_tokens": }',
+    b'{"text_input": "hi", "temperature": {"nested": 1}}',
+    b'{"text_input": "hi", "max_new_tokens": 1e400}',
+    b'{"text_input": ["a", "b"]}',
+    b"[]",
+    b"",
+])
+def test_malformed_http_bodies_get_an_error_and_the_server_stays_up(server, local, body):
+    status, [reply] = post(server, "generate", body)
+    assert status >= 400 and reply["error"], reply
+    assert_still_serving(server, local)
+
+
+def test_invalid_utf8_and_wrong_shapes_over_grpc_get_an_error(server, local):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(server["grpc"])
+    for values, message in [([b"\xff\xfe\xfd"], "text_input is not UTF-8 (byte 0xff at offset 0)"),
+                            ([b"ok \xc3"], "byte 0xc3 at offset 3"),
+                            ([b"\xed\xa0\x80"], "not UTF-8"),  # an encoded lone surrogate
+                            ([b"a", b"b"], "text_input")]:
+        text = grpcclient.InferInput("text_input", [len(values)], "BYTES")
+        text.set_data_from_numpy(np.array(values, dtype=object))
+        errors = []
+        client.start_stream(callback=lambda result, error: errors.append(error))
+        client.async_stream_infer("persimmon", [text], parameters={"max_new_tokens": 3})
+        deadline = time.monotonic() + 30
+        while not errors and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client.stop_stream()
+        assert isinstance(errors[0], InferenceServerException) and message in str(errors[0]), errors
+    assert_still_serving(server, local)
+
+
+def test_non_finite_logits_are_an_error_response(server, local):
+    """A model whose logits overflow: the generator's PersimmonError, not token 0 forever."""
+    for endpoint in ("generate", "generate_stream"):
+        status, events = post(server, endpoint, {"text_input": "hi", "max_new_tokens": 4, "ignore_eos": True,
+                                                 "stream": endpoint == "generate_stream"}, model="overflow")
+        errors = [e["error"] for e in events if "error" in e]
+        assert errors and "NaN/inf logits" in errors[-1] and "internal error" not in errors[-1], events
+        assert not [e for e in events if e.get("text_output")]  # no garbage text before the error
+    assert_still_serving(server, local)
+
+
+def test_an_abandoned_generate_stops_at_its_deadline(server, local):
+    """Triton gives a non-streaming `generate` no sign that its client left: the request's
+    timeout_s is what stops it. Without it, this request would hold the model for its whole
+    4000 tokens (about 20 s) and stall the next request as long."""
+    long_request = {"text_input": "x", "max_new_tokens": CAPACITY - 96, "ignore_eos": True, "timeout_s": 0.5}
+    with pytest.raises(TimeoutError):  # the client gives up after 0.2 s and closes its connection
+        post(server, "generate", long_request, timeout=0.2)
+    started = time.monotonic()
+    assert_still_serving(server, local)
+    assert time.monotonic() - started < 4.0
+
+    started = time.monotonic()  # the same request, waited for: its answer says why it stopped
+    status, [reply] = post(server, "generate", long_request)
+    assert status >= 400 and "stopped after" in reply["error"] and "timeout_s=0.5" in reply["error"], reply
+    assert time.monotonic() - started < 4.0
+
+
+def test_the_models_generate_timeout_bounds_requests_without_their_own(server, local):
+    started = time.monotonic()
+    status, [reply] = post(server, "generate", {"text_input": "x", "max_new_tokens": CAPACITY - 96,
+                                                "ignore_eos": True})
+    assert status >= 400 and f"generate_timeout_s={GENERATE_TIMEOUT_S:g}" in reply["error"], reply
+    assert GENERATE_TIMEOUT_S <= time.monotonic() - started < GENERATE_TIMEOUT_S + 4
+    assert_still_serving(server, local)
+
+
+def test_a_closed_generate_stream_stops_generating(server, local):
+    body = json.dumps({"text_input": "x", "max_new_tokens": CAPACITY - 96, "ignore_eos": True,
+                       "stream": True}).encode()
+    request = urllib.request.Request(f"{server['http']}/v2/models/persimmon/generate_stream", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.readline().startswith(b"data: ")
+    started = time.monotonic()
+    assert_still_serving(server, local)
+    assert time.monotonic() - started < 4.0
 
 
 def test_grpc_streaming(server, local):
@@ -268,3 +593,25 @@ def test_a_cancelled_stream_leaves_the_server_serving(server, local):
     assert server["process"].poll() is None
     status, [reply] = post(server, "generate", {"text_input": "hi", "max_new_tokens": 3})
     assert status == 200 and reply["text_output"] == local.generate("hi", max_new_tokens=3).text
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_server_leaves_no_stub_process_or_shared_memory(repository, tmp_path, sig):
+    """The server alone gets the signal (a user's `kill`, the OOM killer) while it streams: it exits
+    (after --exit-timeout-secs for SIGTERM), and its stub, stuck talking to it, stays behind with
+    the shared memory. stop_server must end the stub and remove the region."""
+    running = start_server(repository, tmp_path, "--exit-timeout-secs", "1")
+    pgid = running["process"].pid
+    regions = set(glob.glob(SHM_REGIONS)) - running["regions_before"]
+    body = json.dumps({"text_input": "x", "max_new_tokens": CAPACITY - 96, "ignore_eos": True, "stream": True})
+    request = urllib.request.Request(f"{running['http']}/v2/models/persimmon/generate_stream", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as stream:
+        assert stream.readline().startswith(b"data: ")  # a generation is under way
+        os.kill(pgid, sig)
+        running["process"].wait(timeout=60)
+    orphans = _group_members(pgid)
+    assert orphans and all(os.path.exists(r) for r in regions)  # what stopping the server alone leaves
+    stop_server(running)
+    assert _group_members(pgid) == []
+    assert regions and not [r for r in regions if os.path.exists(r)]

@@ -1,21 +1,33 @@
 """Triton Inference Server model (Python backend, decoupled): text in, text out, streamed.
 
-Input `text_input` (one string); output `text_output`. Sampling settings come as request
+Input `text_input` (one UTF-8 string); output `text_output`. Sampling settings come as request
 parameters with the runtime's names (in HTTP `generate` / `generate_stream` JSON they are
 top-level keys or a "parameters" object; in gRPC, request parameters):
   max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, ignore_eos,
   stop (a string, or a JSON list of strings), stream (true: one response per text piece;
-  false, the default: one response with the whole text, as `generate` requires).
-An unknown parameter, a bad value or a missing text gets an error response; a cancelled
-request stops generating at the next piece. Requests run on their own threads (the model
-returns from `execute` at once) and share the generator one at a time.
+  false, the default: one response with the whole text, as `generate` requires),
+  timeout_s (seconds after which the client no longer wants the answer).
+An unknown parameter, a bad value, a missing or non-UTF-8 text, or a generation error (such as
+non-finite logits) gets one error response, and the model goes on serving. Requests run on their
+own threads (the model returns from `execute` at once) and share the generator one at a time.
+
+Leaving clients: a cancelled gRPC request or a closed `generate_stream` connection is seen at
+the next text piece and the generation stops there. A non-streaming `generate` connection gives no
+such sign (Triton reads nothing from it until the reply is ready), so such a request stops at its
+deadline: its `timeout_s`, or at the latest the model's `generate_timeout_s` parameter (written by
+`persimmon-export triton --generate-timeout`). A request whose deadline passes while it waits for
+the generator is dropped without computing.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
+import time
+import traceback
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,29 +36,100 @@ from .generator import Generator
 
 SAMPLING = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
             "repetition_penalty": float, "seed": int, "ignore_eos": bool}
+CONTROL = ("stream", "stop", "timeout_s")
 
 
-def parse_parameters(raw: str | dict | None) -> tuple[bool, dict]:
-    """Request parameters -> (stream, sampling kwargs); PersimmonError names a bad one."""
-    params = json.loads(raw) if isinstance(raw, str) and raw else dict(raw or {})
+class RequestSettings(NamedTuple):
+    stream: bool
+    timeout_s: float | None   # None: the client set no deadline
+    sampling: dict            # keyword arguments for Generator.stream
+
+
+def _brief(value) -> str:
+    """repr for an error line: a megabyte parameter must not become a megabyte message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def parse_parameters(raw: str | dict | None) -> RequestSettings:
+    """Request parameters (Triton's JSON text, or a dict) -> RequestSettings; PersimmonError names a bad one."""
+    try:
+        params = json.loads(raw) if isinstance(raw, str) and raw else raw or {}
+    except json.JSONDecodeError as e:
+        raise PersimmonError(f"request parameters are not JSON ({e.msg}); send an object of settings") from None
+    if not isinstance(params, dict):
+        raise PersimmonError(f"request parameters {_brief(params)} must be an object of settings")
+    params = dict(params)
     stream = params.pop("stream", False)
     if not isinstance(stream, bool):
-        raise PersimmonError(f"parameter stream={stream!r} must be true or false")
+        raise PersimmonError(f"parameter stream={_brief(stream)} must be true or false")
+    timeout_s = params.pop("timeout_s", None)
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                  or not 0 < timeout_s < math.inf):
+        raise PersimmonError(f"parameter timeout_s={_brief(timeout_s)} must be a number of seconds > 0")
     sampling = {}
     for name, value in params.items():
         if name == "stop":
-            stops = json.loads(value) if isinstance(value, str) and value.startswith("[") else value
-            sampling["stop"] = [stops] if isinstance(stops, str) else stops
+            sampling["stop"] = _stop_list(value)
         elif name in SAMPLING:
-            kind = SAMPLING[name]
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise PersimmonError(f"parameter {name}={value!r} must be {kind.__name__}")
-            sampling[name] = value
+            sampling[name] = _typed(name, value, SAMPLING[name])
         else:
-            raise PersimmonError(f"unknown parameter {name!r}; known: stream, stop, {', '.join(SAMPLING)}")
-    return stream, sampling
+            raise PersimmonError(f"unknown parameter {_brief(name)}; known: {', '.join(CONTROL + tuple(SAMPLING))}")
+    return RequestSettings(stream, None if timeout_s is None else float(timeout_s), sampling)
+
+
+def _stop_list(value):
+    """A stop string, or a JSON list of them in one string (Triton parameters are scalars).
+    The generator checks the strings themselves (type, count and length)."""
+    if not (isinstance(value, str) and value.startswith("[")):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise PersimmonError(f"parameter stop={_brief(value)} starts with '[' but is not a JSON list ({e.msg}); "
+                             f"send a list of strings, or put a stop that starts with '[' inside one") from None
+
+
+def _typed(name: str, value, kind: type):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise PersimmonError(f"parameter {name}={_brief(value)} must be {kind.__name__}")
+    return value
+
+
+def _text_input(values) -> str:
+    if len(values) != 1:
+        raise PersimmonError(f"text_input must hold exactly one string, got {len(values)}")
+    value = values[0]
+    if not isinstance(value, bytes):
+        return str(value)
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PersimmonError(f"text_input is not UTF-8 (byte 0x{value[e.start]:02x} at offset {e.start}); "
+                             f"send the prompt as UTF-8 text") from None
+
+
+class _Deadline:
+    """When a request stops being worth computing; `reason` says who set it, for the error line."""
+
+    def __init__(self, settings: RequestSettings, generate_timeout_s: float):
+        limits = []
+        if settings.timeout_s is not None:
+            limits.append((settings.timeout_s, f"the request's timeout_s={settings.timeout_s:g}"))
+        if not settings.stream and generate_timeout_s > 0:
+            # Only a non-streaming client can leave unseen; streams stop when their client goes.
+            limits.append((generate_timeout_s, f"the model's generate_timeout_s={generate_timeout_s:g} "
+                                               f"(stream, or set timeout_s, for longer requests)"))
+        self.start = time.monotonic()
+        self.seconds, self.reason = min(limits) if limits else (math.inf, "")
+
+    def remaining(self) -> float:
+        return self.seconds - (time.monotonic() - self.start)
+
+    def error(self, doing: str) -> PersimmonError:
+        return PersimmonError(f"{doing}; stopped after {time.monotonic() - self.start:.1f} s: {self.reason}")
 
 
 class TritonPythonModel:
@@ -60,6 +143,7 @@ class TritonPythonModel:
         gpu = args.get("model_instance_kind") == "GPU"
         device = f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu"
         backend = params.get("backend", "auto")
+        self.generate_timeout_s = float(params.get("generate_timeout_s", "0"))
         self.generator = Generator.load(build_dir, backend=backend, device=device)
         self.lock = threading.Lock()
         pb_utils.Logger.log_info(f"persimmon: {build_dir} on {self.generator.backend.name} ({device})")
@@ -70,34 +154,54 @@ class TritonPythonModel:
         return None
 
     def _serve(self, request) -> None:
-        pb = self.pb
+        """Answer one request; whatever goes wrong becomes its error response, never a dead model."""
         sender = request.get_response_sender()
         try:
-            tensor = pb.get_input_tensor_by_name(request, "text_input")
-            values = tensor.as_numpy().reshape(-1) if tensor is not None else []
-            if len(values) != 1:
-                raise PersimmonError("text_input must hold exactly one string")
-            text = values[0].decode("utf-8") if isinstance(values[0], bytes) else str(values[0])
-            stream, sampling = parse_parameters(request.parameters())
-            with self.lock:
-                pieces = self.generator.stream(text, **sampling)  # checks the request before any compute
-                collected = []
+            self._generate(request, sender)
+            error = None
+        except PersimmonError as e:
+            error = str(e)
+        except Exception as e:  # a bug of ours: report it, log where, keep serving
+            error = f"internal error: {e.__class__.__name__}: {e}"
+            self.pb.Logger.log_error(f"persimmon: {traceback.format_exc()}")
+        try:
+            if error is None:
+                sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            else:
+                sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(error)),
+                            flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as e:  # the client is gone or the request already ended: nobody to tell
+            self.pb.Logger.log_warn(f"persimmon: could not send the final response ({e}); request error: {error}")
+
+    def _generate(self, request, sender) -> None:
+        tensor = self.pb.get_input_tensor_by_name(request, "text_input")
+        text = _text_input(tensor.as_numpy().reshape(-1) if tensor is not None else [])
+        settings = parse_parameters(request.parameters())
+        deadline = _Deadline(settings, self.generate_timeout_s)
+        if not self.lock.acquire(timeout=max(0.0, min(deadline.remaining(), threading.TIMEOUT_MAX))):
+            raise deadline.error("waited for the model instance (busy with other requests)")
+        try:
+            if sender.is_cancelled():
+                return
+            pieces = self.generator.stream(text, **settings.sampling)  # checks the request before any compute
+            collected, characters = [], 0
+            try:
                 for piece in pieces:
                     if sender.is_cancelled():
-                        pieces.close()
-                        break
-                    if stream:
+                        return
+                    if deadline.remaining() <= 0:
+                        raise deadline.error(f"generated {characters} characters")
+                    characters += len(piece)
+                    if settings.stream:
                         sender.send(self._response(piece))
                     else:
                         collected.append(piece)
-                if not stream and not sender.is_cancelled():
-                    sender.send(self._response("".join(collected)))
-            sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except PersimmonError as e:
-            sender.send(pb.InferenceResponse(error=pb.TritonError(str(e))), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except Exception as e:  # never leave a request without its final response
-            sender.send(pb.InferenceResponse(error=pb.TritonError(f"internal error: {e.__class__.__name__}: {e}")),
-                        flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            finally:
+                pieces.close()  # frees the generator's state now, whether or not the loop finished
+            if not settings.stream:
+                sender.send(self._response("".join(collected)))
+        finally:
+            self.lock.release()
 
     def _response(self, text: str):
         return self.pb.InferenceResponse([self.pb.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object))])
