@@ -10,11 +10,13 @@ import json
 import urllib.request
 
 
-def generate(url: str, model: str, prompt: str, **parameters) -> str:
-    body = json.dumps({"text_input": prompt, **parameters}).encode()
+def generate(url: str, model: str, prompt: str, timeout: float = 300, **parameters) -> str:
+    """The whole completion in one reply. The server cannot see this client leave, so it is told
+    how long the client waits (timeout_s) and stops generating then instead of computing for nobody."""
+    body = json.dumps({"text_input": prompt, "timeout_s": timeout, **parameters}).encode()
     request = urllib.request.Request(f"http://{url}/v2/models/{model}/generate", data=body,
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request) as response:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())["text_output"]
 
 
