@@ -461,3 +461,21 @@ def test_pytorch_model_bin(base, tmp_path, marker):
             list(iter_tensors(str(bad)))
         assert reason in str(error.value) and "\n" not in str(error.value)
         assert not marker.exists()
+
+
+@pytest.mark.parametrize("key, value, reason", [
+    ("model.layers.0.self_attn.q_layernorm.weight", torch.ones(0), "non-empty 1-D tensor"),
+    ("model.layers.0.self_attn.q_layernorm.weight", torch.ones(7), "does not divide the hidden size"),
+    ("model.layers.0.self_attn.q_layernorm.weight", torch.ones(2, 2), "non-empty 1-D tensor"),
+    ("model.embed_tokens.weight", torch.ones(VOCAB), "non-empty 2-D tensor"),
+    ("model.layers.0.mlp.dense_h_to_4h.weight", torch.ones(3), "non-empty 2-D tensor"),
+])
+def test_hostile_tensor_shapes_are_one_line(key, value, reason, base, tmp_path, capsys, monkeypatch):
+    ckpt = torch.load(base[0], weights_only=False)
+    tree = ckpt["model"]["language_model"]
+    if key.startswith("model.embed_tokens"):
+        tree["embedding"]["word_embeddings"]["weight"] = value
+    else:
+        tree["encoder"][key.removeprefix("model.").replace("self_attn", "self_attention")] = value
+    torch.save(ckpt, tmp_path / "model_optim_rng.pt")
+    assert_refused(tmp_path, tmp_path / "model_optim_rng.pt", base[1], capsys, monkeypatch, reason=reason)

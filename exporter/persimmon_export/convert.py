@@ -111,21 +111,31 @@ def hf_tensors(megatron_model: dict) -> dict[str, torch.Tensor]:
 def infer_config(tensors: dict[str, torch.Tensor], args=None, tokenizer: Tokenizer | None = None,
                  source: str = "checkpoint") -> PersimmonConfig:
     """The model's shape from its tensors; rotary dims and theta from the stored inv_freq."""
-    def need(name):
+    def need(name, ndim):
         if name not in tensors:
             raise ConvertError(f"{source}: tensor {name!r} not found; is this a Persimmon checkpoint?")
+        shape = tuple(tensors[name].shape)
+        if len(shape) != ndim or 0 in shape:
+            raise ConvertError(f"{source}: tensor {name!r} has shape {shape}; a Persimmon checkpoint has a "
+                               f"non-empty {ndim}-D tensor there")
         return tensors[name]
 
-    vocab_size, hidden_size = need("model.embed_tokens.weight").shape
+    vocab_size, hidden_size = need("model.embed_tokens.weight", 2).shape
     layers = {int(m.group(1)) for n in tensors if (m := re.match(r"model\.layers\.(\d+)\.", n))}
     if not layers or sorted(layers) != list(range(len(layers))):
         raise ConvertError(f"{source}: layer indices {sorted(layers)[:5]}... are not 0..n-1")
     qk_layernorm = "model.layers.0.self_attn.q_layernorm.weight" in tensors
     heads = getattr(args, "num_attention_heads", None)
     if qk_layernorm:
-        heads = hidden_size // need("model.layers.0.self_attn.q_layernorm.weight").shape[0]
+        head_dim = need("model.layers.0.self_attn.q_layernorm.weight", 1).shape[0]
+        if hidden_size % head_dim:
+            raise ConvertError(f"{source}: q_layernorm has {head_dim} entries, which does not divide the hidden "
+                               f"size {hidden_size}; the checkpoint is inconsistent")
+        heads = hidden_size // head_dim
     if not heads:
         raise ConvertError(f"{source}: cannot tell the number of heads (no q_layernorm, no args)")
+    if hidden_size % heads:
+        raise ConvertError(f"{source}: args.num_attention_heads {heads} does not divide the hidden size {hidden_size}")
     head_dim = hidden_size // heads
     fields = dict(rope_theta=25000.0, partial_rotary_factor=0.5)
     inv_freq = tensors.get(f"model.layers.0.self_attn.{_INV_FREQ}")
@@ -138,7 +148,7 @@ def infer_config(tensors: dict[str, torch.Tensor], args=None, tokenizer: Tokeniz
     special = tokenizer.bos_id if tokenizer is not None and tokenizer.bos_id is not None else None
     config = PersimmonConfig(
         vocab_size=int(vocab_size), hidden_size=int(hidden_size),
-        intermediate_size=int(need("model.layers.0.mlp.dense_h_to_4h.weight").shape[0]),
+        intermediate_size=int(need("model.layers.0.mlp.dense_h_to_4h.weight", 2).shape[0]),
         num_hidden_layers=len(layers), num_attention_heads=int(heads), qk_layernorm=qk_layernorm,
         max_position_embeddings=int(getattr(args, "max_position_embeddings", None)
                                     or getattr(args, "seq_length", None) or 16384),
