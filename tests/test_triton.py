@@ -137,6 +137,15 @@ def test_bad_parameters_are_one_short_line(raw, message):
     assert len(str(caught.value)) < 300 and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("text", ["abc", "-1", "nan", "inf", "", "1e999"])
+def test_a_bad_generate_timeout_in_config_pbtxt_is_one_line(text):
+    from persimmon_runtime.triton_model import _generate_timeout
+
+    with pytest.raises(PersimmonError, match="generate_timeout_s=.* must be a number of seconds >= 0"):
+        _generate_timeout(text)
+    assert _generate_timeout("0") == 0 and _generate_timeout("2.5") == 2.5
+
+
 HOSTILE_NAMES = ["", ".", "..", "../../x", "a/../../x", "/abs", "a/b", "a\\b", "..hidden", ".hidden", "-flag", "x..y",
                  'a" instance_group [ { kind: KIND_GPU count: 99 } ] name: "b', "a\nbackend: \"onnxruntime\"",
                  "a b", "a\x00b", "é", "😀", "x" * 101, "a:b", "a%2Fb", "a?b", "a#b"]
@@ -176,8 +185,8 @@ def test_no_value_can_inject_fields_into_config_pbtxt():
                     '\\" }\nname: "evil', "line\nbreak\ttab\r", "ü東京😀", "'single' \"double\"", "#comment"]:
         text = generation_config("persimmon", "KIND_CPU", 2, hostile, 7.5)
         config = text_format.Parse(text, model_config_pb2.ModelConfig())
-        assert config.name == "persimmon" and len(config.instance_group) == 1
-        assert config.instance_group[0].count == 2 and config.instance_group[0].kind == config.instance_group[0].KIND_CPU
+        [group] = config.instance_group
+        assert config.name == "persimmon" and group.count == 2 and group.kind == group.KIND_CPU
         assert {key: value.string_value for key, value in config.parameters.items()} == \
             {"build_dir": "build", "backend": hostile, "generate_timeout_s": "7.5"}
 

@@ -132,6 +132,18 @@ class _Deadline:
         return PersimmonError(f"{doing}; stopped after {time.monotonic() - self.start:.1f} s: {self.reason}")
 
 
+def _generate_timeout(text: str) -> float:
+    """The config.pbtxt parameter (a hand-edited config may hold anything)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:
+        raise PersimmonError(f"config.pbtxt parameter generate_timeout_s={_brief(text)} must be a number of "
+                             f"seconds >= 0 (0: no limit)")
+    return seconds
+
+
 class TritonPythonModel:
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils
@@ -143,7 +155,7 @@ class TritonPythonModel:
         gpu = args.get("model_instance_kind") == "GPU"
         device = f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu"
         backend = params.get("backend", "auto")
-        self.generate_timeout_s = float(params.get("generate_timeout_s", "0"))
+        self.generate_timeout_s = _generate_timeout(params.get("generate_timeout_s", "0"))
         self.generator = Generator.load(build_dir, backend=backend, device=device)
         self.lock = threading.Lock()
         pb_utils.Logger.log_info(f"persimmon: {build_dir} on {self.generator.backend.name} ({device})")
