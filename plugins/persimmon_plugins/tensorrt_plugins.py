@@ -8,11 +8,11 @@ inlining their function bodies. The builder calls the `aot_impl` functions and e
 returned PTX in the engine, so the engine runs with no Python and no plugin library (in Triton's
 tensorrt_plan backend too). Kernel arguments follow TensorRT's AOT convention: input pointers,
 int32 scalars, output pointers.
+
+No `from __future__ import annotations` here: tensorrt.plugin reads these signatures with
+issubclass() on each annotation, so they must be the classes themselves, not strings.
 """
 
-from __future__ import annotations
-
-import functools
 import struct
 from typing import Tuple, Union
 
@@ -20,16 +20,11 @@ import tensorrt as trt
 import tensorrt.plugin as trtp
 
 from . import KERNELS, NAMESPACE, QK_LAYERNORM_OP, ROTARY_OP
-from .compile import PTX_TARGET, compile_kernel
+from .compile import plugin_ptx
 
 WARPS_PER_BLOCK = 4
 THREADS_PER_BLOCK = 256
 _STORAGE = {trt.float16: "float16", trt.float32: "float32"}
-
-
-@functools.cache
-def _ptx(op: str) -> bytes:
-    return compile_kernel(op, PTX_TARGET)
 
 
 def _kernel_name(op: str, dtype) -> str:
@@ -58,7 +53,7 @@ def qk_layernorm_aot(query: trtp.TensorDesc, key: trtp.TensorDesc, q_weight: trt
     eps_bits = struct.unpack("<i", struct.pack("<f", epsilon))[0]  # AOT scalars are int32 only
     scalars = trtp.SymIntExprs(3)
     scalars[0], scalars[1], scalars[2] = trtp.SymInt32(rows), trtp.SymInt32(shape[3]), trtp.SymInt32(eps_bits)
-    return _kernel_name(QK_LAYERNORM_OP, query.dtype), _ptx(QK_LAYERNORM_OP), launch, scalars
+    return _kernel_name(QK_LAYERNORM_OP, query.dtype), plugin_ptx(QK_LAYERNORM_OP), launch, scalars
 
 
 @trtp.register(f"{NAMESPACE}::{ROTARY_OP}")
@@ -78,4 +73,4 @@ def partial_rotary_aot(x: trtp.TensorDesc, cos: trtp.TensorDesc, sin: trtp.Tenso
     scalars[0] = trtp.SymInt32(shape[0] * shape[1])
     scalars[1], scalars[2], scalars[3] = (trtp.SymInt32(shape[2]), trtp.SymInt32(shape[3]),
                                           trtp.SymInt32(cos.shape_expr[3]))
-    return _kernel_name(ROTARY_OP, x.dtype), _ptx(ROTARY_OP), launch, scalars
+    return _kernel_name(ROTARY_OP, x.dtype), plugin_ptx(ROTARY_OP), launch, scalars
