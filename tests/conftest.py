@@ -6,6 +6,7 @@ import textwrap
 import pytest
 import torch
 
+from gpu_switch import pytest_runtest_makereport  # noqa: F401 (the hook: PERSIMMON_REQUIRE_GPU=1)
 from persimmon_export.demo import train_tokenizer
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
