@@ -193,20 +193,31 @@ class TensorRTBackend:
               "cudaStreamBeginCapture")
         captured = self.context.execute_async_v3(stream_handle=int(stream))
         graph = check(rt.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
-        if not captured:  # the engine has work that cannot be captured: run without graphs
-            self.cuda_graphs = False
-            return
-        self.graphs[key] = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        try:
+            if not captured:  # the engine has work that cannot be captured: run without graphs
+                self.cuda_graphs = False
+                return
+            self.graphs[key] = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        finally:  # the executable graph does not need the captured one it was made from
+            check(rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
 
     def close(self) -> None:
-        for buffer in self.buffers.values():
-            buffer.free()
-        self.buffers = {}
-        self.graphs = {}
+        """Free this batch's CUDA graphs and device buffers (start() makes new ones); the stream stays."""
+        graphs, buffers = getattr(self, "graphs", {}), getattr(self, "buffers", {})
+        self.graphs, self.buffers = {}, {}
         self.batch = 0  # no buffers: step() refuses until start() succeeds
+        # graphs first: they hold the buffers' addresses. Release everything, then report a failure.
+        failures = [int(self.rt.cudaGraphExecDestroy(graph_exec)[0]) for graph_exec in graphs.values()]
+        for buffer in buffers.values():
+            buffer.free()
+        if any(failures):
+            raise PersimmonError(f"cudaGraphExecDestroy failed (error {max(failures)}) for {sum(map(bool, failures))} "
+                                 f"of {len(failures)} CUDA graphs")
 
     def __del__(self):
         try:
             self.close()
+            if getattr(self, "stream", None) is not None:
+                self.rt.cudaStreamDestroy(self.stream)
         except Exception:
             pass
