@@ -92,21 +92,30 @@ def test_config_pbtxt_is_valid_for_triton(repository):
     assert os.path.isfile(os.path.join(repository, "persimmon", "1", "build", "manifest.json"))
 
 
-def test_engine_model_config_is_valid_for_triton(build_dir, tmp_path):
+def test_a_tensorrt_build_is_served_by_the_python_model_alone(build_dir, tmp_path):
+    """No tensorrt_plan model: Triton's TensorRT backend cannot bind an engine whose cache outputs
+    alias its inputs (see persimmon_export.triton)."""
+    import hashlib
+
     from tritonclient.grpc import model_config_pb2
 
-    from persimmon_export.triton import engine_config
     from persimmon_runtime.manifest import Manifest
 
-    manifest = Manifest.load(build_dir)
-    manifest.tensorrt = {"profiles": [{}, {}]}  # what a TensorRT build adds; the I/O comes from the manifest
-    config = text_format.Parse(engine_config("persimmon_engine", manifest), model_config_pb2.ModelConfig())
-    assert config.platform == "tensorrt_plan" and list(config.instance_group[0].profile) == ["0", "1"]
-    assert [i.name for i in config.input] == [s["name"] for s in manifest.inputs]
-    assert list(config.input[0].dims) == [-1, -1]
-    for spec, tensor in zip(manifest.inputs, config.input):
-        assert list(tensor.dims) == [d if isinstance(d, int) else -1 for d in spec["shape"]]
-    assert config.output[0].data_type == model_config_pb2.TYPE_FP32
+    trt_build = tmp_path / "trt-build"
+    shutil.copytree(build_dir, trt_build)
+    engine = b"engine bytes: the repository writer never reads them"
+    (trt_build / "engine.plan").write_bytes(engine)
+    manifest = Manifest.load(str(trt_build))
+    manifest.files["engine.plan"] = {"bytes": len(engine), "sha256": hashlib.sha256(engine).hexdigest()}
+    manifest.tensorrt = {"version": "10.15.1", "engine_file": "engine.plan", "onnx_file": manifest.onnx["file"],
+                         "max_prefill": 4, "profiles": [{}, {}]}
+    manifest.save(str(trt_build))
+    repo = tmp_path / "repo"
+    assert write_repository(str(trt_build), str(repo), progress=lambda *_: None) == ["persimmon"]
+    assert [entry for entry in os.listdir(repo) if not entry.startswith(".")] == ["persimmon"]
+    config = text_format.Parse((repo / "persimmon" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.backend == "python" and config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert (repo / "persimmon" / "1" / "build" / "engine.plan").read_bytes() == engine
 
 
 def test_request_parameters_are_checked():
@@ -189,19 +198,6 @@ def test_no_value_can_inject_fields_into_config_pbtxt():
         assert config.name == "persimmon" and group.count == 2 and group.kind == group.KIND_CPU
         assert {key: value.string_value for key, value in config.parameters.items()} == \
             {"build_dir": "build", "backend": hostile, "generate_timeout_s": "7.5"}
-
-
-def test_engine_config_quotes_tensor_names_from_the_manifest(build_dir):
-    from tritonclient.grpc import model_config_pb2
-
-    from persimmon_export.triton import engine_config
-    from persimmon_runtime.manifest import Manifest
-
-    manifest = Manifest.load(build_dir)
-    manifest.tensorrt = {"profiles": [{}]}
-    manifest.inputs = [dict(manifest.inputs[0], name='ids" } ] platform: "onnxruntime_onnx')] + manifest.inputs[1:]
-    config = text_format.Parse(engine_config("e", manifest), model_config_pb2.ModelConfig())
-    assert config.platform == "tensorrt_plan" and config.input[0].name == manifest.inputs[0]["name"]
 
 
 def test_python_paths_cannot_inject_code_into_model_py(build_dir, tmp_path):
