@@ -371,6 +371,21 @@ def test_closing_or_dropping_a_stream_frees_the_generator(generator):
     assert generator.generate(PROMPTS[0], max_new_tokens=10, ignore_eos=True).text == expected
 
 
+def test_should_stop_is_asked_before_every_step(generator):
+    """Not only when text appears: the Triton model's cancellation and deadline rely on this."""
+    steps, answers = [], iter([False, False, False, True])
+    real_step = generator.backend.step
+    generator.backend.step = lambda *args: steps.append(1) or real_step(*args)
+    try:
+        text = "".join(generator.stream(PROMPTS[1], max_new_tokens=60, ignore_eos=True,
+                                        should_stop=lambda: next(answers)))
+    finally:
+        del generator.backend.step
+    assert len(steps) == 4  # prefill, then 3 tokens each followed by a decode step; the 4th answer stops it
+    assert len(generator.tokenizer.encode(text)) <= 4
+    assert generator.generate(PROMPTS[0], max_new_tokens=4).token_ids  # freed
+
+
 def test_a_stream_blocks_other_threads_until_it_ends(generator):
     expected = {p: generator.generate(p, max_new_tokens=12, ignore_eos=True).text for p in PROMPTS[:2]}
     stream = generator.stream(PROMPTS[0], max_new_tokens=12, ignore_eos=True)

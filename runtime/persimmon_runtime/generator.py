@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -31,7 +31,7 @@ from .tokenizer import IncrementalDetokenizer, Tokenizer
 class Completion:
     text: str
     token_ids: list[int]        # generated ids (no prompt, no EOS)
-    finish_reason: str          # "eos", "stop" or "length"
+    finish_reason: str          # "eos", "stop", "length" or "cancelled" (should_stop said so)
     prompt_tokens: int
 
 
@@ -148,16 +148,19 @@ class Generator:
         completions = [Completion(s.text, s.token_ids, s.finish_reason, len(s.prompt_ids)) for s in sequences]
         return completions[0] if single else completions
 
-    def stream(self, prompt: str, **sampling) -> Iterator[str]:
+    def stream(self, prompt: str, should_stop: Callable[[], bool] | None = None, **sampling) -> Iterator[str]:
         """An iterator of the completion's text pieces, as tokens are decoded.
 
         The request is checked now; bad input raises here, not at the first iteration.
+        `should_stop` (e.g. "has the client gone?") is asked before every model step; once it
+        answers True the stream ends.
         """
         if not isinstance(prompt, str):
             raise PersimmonError("stream() takes one prompt (str); use stream_batch() for several")
-        return (piece for _, piece in self.stream_batch([prompt], **sampling))
+        return (piece for _, piece in self.stream_batch([prompt], should_stop=should_stop, **sampling))
 
-    def stream_batch(self, prompts: list[str], **sampling) -> Iterator[tuple[int, str]]:
+    def stream_batch(self, prompts: list[str], should_stop: Callable[[], bool] | None = None,
+                     **sampling) -> Iterator[tuple[int, str]]:
         """An iterator of (prompt index, text piece) as the batch decodes; checked like stream().
 
         From its first piece until it is exhausted or closed, the iterator holds this Generator:
@@ -169,7 +172,7 @@ class Generator:
         def pieces():
             with self._exclusive():
                 for batch in self._batches(sequences):
-                    for row, piece in self._run(batch, params):
+                    for row, piece in self._run(batch, params, should_stop):
                         yield batch[row].index, piece
                         self._driver = threading.get_ident()  # whichever thread resumed us drives it now
 
@@ -234,13 +237,22 @@ class Generator:
         for start in range(0, len(sequences), size):
             yield sequences[start:start + size]
 
-    def _run(self, sequences: list[_Sequence], params: SamplingParams) -> Iterator[tuple[int, str]]:
-        """Prefill, then decode until every row finished; yield (row, text piece) as text appears."""
+    def _run(self, sequences: list[_Sequence], params: SamplingParams,
+             should_stop: Callable[[], bool] | None = None) -> Iterator[tuple[int, str]]:
+        """Prefill, then decode until every row finished; yield (row, text piece) as text appears.
+
+        `should_stop` is asked before every step, so a caller whose client has gone stops the
+        work within one step even while the tokens decode to no text yet.
+        """
         eos = set() if params.ignore_eos else set(self.manifest.eos_token_ids)
         batch = len(sequences)
         logits, positions = prefill(self.backend, [s.prompt_ids for s in sequences])
         last_step = params.max_new_tokens - 1
         for step in range(params.max_new_tokens):
+            if should_stop is not None and should_stop():
+                for s in sequences:
+                    s.finish_reason = s.finish_reason or "cancelled"
+                return
             tokens = np.zeros(batch, np.int64)
             for row, s in enumerate(sequences):
                 if s.finish_reason:

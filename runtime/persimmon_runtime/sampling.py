@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from .errors import PersimmonError
+from .errors import PersimmonError, brief
 
 # Stop strings are markers (a role tag, a delimiter): TGI and OpenAI allow 4. 16 leaves room for
 # several chat roles; with at most 256 characters each, matching costs at most 16 short scans per
@@ -42,7 +42,7 @@ class SamplingParams:
 
     def __post_init__(self):
         def bad(field, value, rule):
-            raise PersimmonError(f"{field}={_brief(value)}: {rule}")
+            raise PersimmonError(f"{field}={brief(value)}: {rule}")
 
         def number(field, valid, rule, integer=False):
             """Store the field as a plain int/float (from numpy scalars, Fractions...) if valid(), else bad()."""
@@ -70,21 +70,16 @@ class SamplingParams:
         object.__setattr__(self, "stop", _stop_strings(self.stop))
 
 
-def _brief(value) -> str:
-    """repr for an error line: a 10,000-entry stop list must not become a 100 KB message."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
 
 def _stop_strings(stop) -> tuple[str, ...]:
     stops = () if stop is None else (stop,) if isinstance(stop, str) else stop
     if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
-        raise PersimmonError(f"stop={_brief(stop)}: must be a non-empty string or a list of them")
+        raise PersimmonError(f"stop={brief(stop)}: must be a non-empty string or a list of them")
     if len(stops) > MAX_STOPS:
         raise PersimmonError(f"stop has {len(stops)} strings; at most {MAX_STOPS} are allowed")
     too_long = next((s for s in stops if len(s) > MAX_STOP_CHARS), None)
     if too_long is not None:
-        raise PersimmonError(f"stop string {_brief(too_long)} has {len(too_long)} characters; "
+        raise PersimmonError(f"stop string {brief(too_long)} has {len(too_long)} characters; "
                              f"at most {MAX_STOP_CHARS} are allowed")
     return tuple(stops)
 

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import PersimmonError
+from .errors import PersimmonError, brief
 from .generator import Generator
 
 SAMPLING = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
@@ -45,11 +45,6 @@ class RequestSettings(NamedTuple):
     sampling: dict            # keyword arguments for Generator.stream
 
 
-def _brief(value) -> str:
-    """repr for an error line: a megabyte parameter must not become a megabyte message."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
 
 def parse_parameters(raw: str | dict | None) -> RequestSettings:
     """Request parameters (Triton's JSON text, or a dict) -> RequestSettings; PersimmonError names a bad one."""
@@ -58,15 +53,15 @@ def parse_parameters(raw: str | dict | None) -> RequestSettings:
     except json.JSONDecodeError as e:
         raise PersimmonError(f"request parameters are not JSON ({e.msg}); send an object of settings") from None
     if not isinstance(params, dict):
-        raise PersimmonError(f"request parameters {_brief(params)} must be an object of settings")
+        raise PersimmonError(f"request parameters {brief(params)} must be an object of settings")
     params = dict(params)
     stream = params.pop("stream", False)
     if not isinstance(stream, bool):
-        raise PersimmonError(f"parameter stream={_brief(stream)} must be true or false")
+        raise PersimmonError(f"parameter stream={brief(stream)} must be true or false")
     timeout_s = params.pop("timeout_s", None)
     if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
                                   or not 0 < timeout_s < math.inf):
-        raise PersimmonError(f"parameter timeout_s={_brief(timeout_s)} must be a number of seconds > 0")
+        raise PersimmonError(f"parameter timeout_s={brief(timeout_s)} must be a number of seconds > 0")
     sampling = {}
     for name, value in params.items():
         if name == "stop":
@@ -74,7 +69,7 @@ def parse_parameters(raw: str | dict | None) -> RequestSettings:
         elif name in SAMPLING:
             sampling[name] = _typed(name, value, SAMPLING[name])
         else:
-            raise PersimmonError(f"unknown parameter {_brief(name)}; known: {', '.join(CONTROL + tuple(SAMPLING))}")
+            raise PersimmonError(f"unknown parameter {brief(name)}; known: {', '.join(CONTROL + tuple(SAMPLING))}")
     return RequestSettings(stream, None if timeout_s is None else float(timeout_s), sampling)
 
 
@@ -86,7 +81,7 @@ def _stop_list(value):
     try:
         return json.loads(value)
     except json.JSONDecodeError as e:
-        raise PersimmonError(f"parameter stop={_brief(value)} starts with '[' but is not a JSON list ({e.msg}); "
+        raise PersimmonError(f"parameter stop={brief(value)} starts with '[' but is not a JSON list ({e.msg}); "
                              f"send a list of strings, or put a stop that starts with '[' inside one") from None
 
 
@@ -94,7 +89,7 @@ def _typed(name: str, value, kind: type):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise PersimmonError(f"parameter {name}={_brief(value)} must be {kind.__name__}")
+        raise PersimmonError(f"parameter {name}={brief(value)} must be {kind.__name__}")
     return value
 
 
@@ -139,7 +134,7 @@ def _generate_timeout(text: str) -> float:
     except ValueError:
         seconds = math.nan
     if not 0 <= seconds < math.inf:
-        raise PersimmonError(f"config.pbtxt parameter generate_timeout_s={_brief(text)} must be a number of "
+        raise PersimmonError(f"config.pbtxt parameter generate_timeout_s={brief(text)} must be a number of "
                              f"seconds >= 0 (0: no limit)")
     return seconds
 
@@ -195,14 +190,19 @@ class TritonPythonModel:
         try:
             if sender.is_cancelled():
                 return
-            pieces = self.generator.stream(text, **settings.sampling)  # checks the request before any compute
+            # checks the request before any compute; asked before every step, so an abandoned
+            # request stops within one step even while its tokens decode to no text yet
+            stopped = []  # why should_stop said yes, if it did
+
+            def should_stop() -> bool:
+                if sender.is_cancelled() or deadline.remaining() <= 0:
+                    stopped.append("cancelled" if sender.is_cancelled() else "deadline")
+                return bool(stopped)
+
+            pieces = self.generator.stream(text, should_stop=should_stop, **settings.sampling)
             collected, characters = [], 0
             try:
                 for piece in pieces:
-                    if sender.is_cancelled():
-                        return
-                    if deadline.remaining() <= 0:
-                        raise deadline.error(f"generated {characters} characters")
                     characters += len(piece)
                     if settings.stream:
                         sender.send(self._response(piece))
@@ -210,6 +210,10 @@ class TritonPythonModel:
                         collected.append(piece)
             finally:
                 pieces.close()  # frees the generator's state now, whether or not the loop finished
+            if stopped == ["cancelled"]:
+                return
+            if stopped:
+                raise deadline.error(f"generated {characters} characters")
             if not settings.stream:
                 sender.send(self._response("".join(collected)))
         finally:
