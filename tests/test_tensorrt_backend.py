@@ -4,6 +4,7 @@ Without a GPU the CUDA runtime is a recorder that hands out handles and refuses 
 twice or one it never made; on a GPU the same steps run through cuda-python for real.
 """
 
+import re
 import types
 
 import numpy as np
@@ -121,3 +122,85 @@ def test_graphs_are_made_and_destroyed_through_cuda_python():
     finally:
         check(rt.cudaFree(target))
         check(rt.cudaStreamDestroy(stream))
+
+
+# ---- the plugins' PTX against the driver ----
+
+from persimmon_runtime.backends.tensorrt import check_driver_runs_plugin_ptx  # noqa: E402
+
+
+@pytest.mark.parametrize("driver", [13000, 13010, 14000])
+def test_a_driver_as_new_as_the_ptx_runs_it(driver):
+    check_driver_runs_plugin_ptx({"plugin_ptx": {"isa": "9.0", "min_driver_cuda": "13.0"}}, driver)
+
+
+@pytest.mark.parametrize("driver, shown", [(12090, "12.9"), (12040, "12.4"), (11080, "11.8")])
+def test_an_older_driver_is_refused_with_what_to_do(driver, shown):
+    with pytest.raises(PersimmonError) as error:
+        check_driver_runs_plugin_ptx({"plugin_ptx": {"isa": "9.0", "min_driver_cuda": "13.0"}}, driver)
+    message = str(error.value)
+    assert f"PTX ISA 9.0, which needs an NVIDIA driver for CUDA 13.0 or newer; this machine's driver supports " \
+           f"CUDA {shown}: update the driver, or rebuild with an nvcc from CUDA {shown} or older, or with " \
+           f"--plugins off" in message and "\n" not in message
+
+
+def test_minor_versions_count_for_ptx():
+    """PTX JIT has no minor-version compatibility: a CUDA 12.4 driver cannot run 12.8's PTX."""
+    section = {"plugin_ptx": {"isa": "8.7", "min_driver_cuda": "12.8"}}
+    with pytest.raises(PersimmonError, match="supports CUDA 12.4"):
+        check_driver_runs_plugin_ptx(section, 12040)
+    check_driver_runs_plugin_ptx(section, 12080)
+
+
+@pytest.mark.parametrize("section", [{}, {"plugin_ptx": None}, {"plugins": False}])
+def test_engines_without_plugin_ptx_need_no_particular_driver(section):
+    check_driver_runs_plugin_ptx(section, 11000)
+
+
+@pytest.fixture(scope="module")
+def raw_manifest(tmp_path_factory):
+    """A real build's manifest.json, parsed."""
+    import json
+
+    from persimmon_export.build import build
+    from persimmon_export.demo import make_demo_checkpoint
+
+    root = tmp_path_factory.mktemp("ptx-manifest")
+    checkpoint = make_demo_checkpoint(str(root / "ckpt"), seed=3, max_position_embeddings=32, hidden_size=32,
+                                      intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    build(checkpoint, str(root / "build"), dtype="float32", backend="onnxruntime", max_batch=1, max_seq=32,
+          progress=lambda *_: None)
+    with open(root / "build" / "manifest.json") as f:
+        return json.load(f)
+
+
+def _with_plugin_ptx(raw, value):
+    raw = dict(raw, files=dict(raw["files"], **{"engine.plan": {"bytes": 1, "sha256": "0" * 64}}))
+    raw["tensorrt"] = {"version": "10.15.1", "engine_file": "engine.plan", "onnx_file": raw["onnx"]["file"],
+                       "max_prefill": 4, "profiles": [{}, {}], "plugins": True, "plugin_ptx": value}
+    return raw
+
+
+@pytest.mark.parametrize("value", [None, {"isa": "9.0", "min_driver_cuda": "13.0"},
+                                   {"isa": "8.10", "min_driver_cuda": "12.10"}])
+def test_the_manifest_accepts_recorded_plugin_ptx(raw_manifest, value):
+    from persimmon_runtime.manifest import validate
+
+    validate("manifest.json", _with_plugin_ptx(raw_manifest, value))
+
+
+@pytest.mark.parametrize("value, field", [
+    ("9.0", "tensorrt.plugin_ptx"), ([], "tensorrt.plugin_ptx"), ({"isa": "9.0"}, "tensorrt.plugin_ptx.min_driver_cuda"),
+    ({"isa": 9.0, "min_driver_cuda": "13.0"}, "tensorrt.plugin_ptx.isa"),
+    ({"isa": "9", "min_driver_cuda": "13.0"}, "tensorrt.plugin_ptx.isa"),
+    ({"isa": "9.0", "min_driver_cuda": "13.0.1"}, "tensorrt.plugin_ptx.min_driver_cuda"),
+    ({"isa": "9.0", "min_driver_cuda": "13.0\n"}, "tensorrt.plugin_ptx.min_driver_cuda"),
+    ({"isa": "٩.٠", "min_driver_cuda": "13.0"}, "tensorrt.plugin_ptx.isa"),  # Unicode digits are not versions
+    ({"isa": "9.0", "min_driver_cuda": "13.0", "extra": 1}, "'extra'"),
+])
+def test_the_manifest_refuses_bad_plugin_ptx_naming_the_field(raw_manifest, value, field):
+    from persimmon_runtime.manifest import ManifestError, validate
+
+    with pytest.raises(ManifestError, match=re.escape(field)) as error:
+        validate("manifest.json", _with_plugin_ptx(raw_manifest, value))
+    assert "\n" not in str(error.value)

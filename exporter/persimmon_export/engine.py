@@ -259,7 +259,8 @@ def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: 
     return {
         "version": ".".join(map(str, version)), "engine_file": ENGINE_FILE, "onnx_file": onnx_file,
         "compute_capability": compute_capability(), "version_compatible": version_compatible,
-        "cache_update": path, "plugins": use_plugins, "max_prefill": max_prefill,
+        "cache_update": path, "plugins": use_plugins, "plugin_ptx": _plugin_ptx(use_plugins),
+        "max_prefill": max_prefill,
         "profiles": [{name: [list(s) for s in shapes] for name, shapes in p.items()} for p in profiles],
         "trtexec": trtexec_command(onnx_file, ENGINE_FILE, profiles, version, version_compatible, timing_cache,
                                    opt_level, workspace_mib),
@@ -277,6 +278,7 @@ def _use_plugins(plugins: str, progress) -> bool:
         if nvcc() is None:
             raise ImportError("nvcc not found")
         import persimmon_plugins.tensorrt_plugins  # noqa: F401  (registers the plugins)
+        _plugin_ptx(True)  # nvcc works and writes a PTX ISA whose minimum driver is known
         return True
     except Exception as e:
         if plugins == "on":
@@ -285,3 +287,9 @@ def _use_plugins(plugins: str, progress) -> bool:
         return False
 
 
+def _plugin_ptx(use_plugins: bool) -> dict | None:
+    """What a driver needs to JIT-compile the plugins' PTX in the engine: {"isa", "min_driver_cuda"}."""
+    if not use_plugins:
+        return None
+    from persimmon_plugins.compile import plugin_ptx_requirements
+    return plugin_ptx_requirements()

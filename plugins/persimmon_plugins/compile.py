@@ -74,7 +74,7 @@ def plugin_ptx(op: str) -> bytes:
 
 def ptx_isa_version(ptx: bytes) -> str:
     """'9.0' from the `.version 9.0` directive that opens nvcc's PTX."""
-    found = re.search(rb"^[ \t]*\.version[ \t]+(\d{1,3}\.\d{1,3})[ \t]*$", ptx, re.MULTILINE)
+    found = re.search(rb"^[ \t]*\.version[ \t]+(\d{1,3}\.\d{1,3})[ \t\r]*$", ptx, re.MULTILINE)
     if found is None:
         raise CompileError("nvcc wrote PTX without a `.version` directive; check the CUDA toolkit, or build with "
                            "--plugins off")

@@ -215,6 +215,11 @@ _FILE_NAME = _kind("a file name in the build directory (no path)", _is_file_name
 _SHA256 = _kind("64 lowercase hex digits", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v))
 _DIM = _kind("a dimension (an integer >= 0 or a name)",
              lambda v: isinstance(v, str) or (type(v) is int and v >= 0))
+# what a driver needs to JIT-compile the plugins' PTX in an engine (PTX ISA and CUDA versions)
+_MAJOR_MINOR = _kind("a version such as '9.0'",
+                     lambda v: isinstance(v, str) and re.fullmatch(r"[0-9]{1,2}\.[0-9]{1,2}", v))
+_PLUGIN_PTX = _optional(_section({"isa": (_MAJOR_MINOR, True), "min_driver_cuda": (_MAJOR_MINOR, True)},
+                                 extra_allowed=False))
 _IO = _section({"name": (_STR, True), "dtype": (_STR, True), "shape": (_list_of(_DIM), True)})
 _TOP_LEVEL = {
     "format": (_STR, True),
@@ -237,7 +242,8 @@ _TOP_LEVEL = {
         "version": (_STR, True), "engine_file": (_FILE_NAME, True), "onnx_file": (_FILE_NAME, True),
         "max_prefill": (_count(1), True), "profiles": (_list_of(_kind("an object", lambda v: isinstance(v, dict))),
                                                        True),
-        "version_compatible": (_BOOL, False), "compute_capability": (_STR, False)})), False),
+        "version_compatible": (_BOOL, False),
+        "plugin_ptx": (_PLUGIN_PTX, False), "compute_capability": (_STR, False)})), False),
     "exporter_version": (_STR, False),
 }
 

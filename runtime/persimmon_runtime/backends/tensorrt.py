@@ -59,6 +59,21 @@ def check_engine_compatible(section: dict, installed: str, capability: str) -> N
                              f"{rebuild}")
 
 
+def check_driver_runs_plugin_ptx(section: dict, driver_version: int) -> None:
+    """Refuse an engine whose plugin PTX this driver cannot JIT-compile. `driver_version` is
+    cudaDriverGetVersion's (12040: CUDA 12.4); PTX JIT has no minor-version compatibility."""
+    ptx = section.get("plugin_ptx")
+    if not ptx:
+        return
+    needed = parse_version(ptx["min_driver_cuda"])[:2]
+    has = (driver_version // 1000, driver_version % 1000 // 10)
+    if has < needed:
+        need, have = ".".join(map(str, needed)), ".".join(map(str, has))
+        raise PersimmonError(f"engine.plan holds plugin kernels as PTX ISA {ptx['isa']}, which needs an NVIDIA driver "
+                             f"for CUDA {need} or newer; this machine's driver supports CUDA {have}: update the "
+                             f"driver, or rebuild with an nvcc from CUDA {have} or older, or with --plugins off")
+
+
 class _Buffer:
     def __init__(self, rt, nbytes: int):
         self.rt, self.nbytes = rt, max(1, nbytes)
@@ -93,6 +108,7 @@ class TensorRTBackend:
             raise PersimmonError(f"device {device!r}: the TensorRT backend runs on 'cuda' or 'cuda:N'")
         self.rt = rt = cudart()
         check(rt.cudaSetDevice(int(index or 0)), "cudaSetDevice")
+        check_driver_runs_plugin_ptx(section, check(rt.cudaDriverGetVersion(), "cudaDriverGetVersion"))
         check_engine_compatible(section, trt.__version__, compute_capability())
         self.manifest = manifest
         self.trt = trt
