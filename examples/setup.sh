@@ -11,6 +11,13 @@ fi
 echo "installing persimmon-deploy[test] ..."
 .venv/bin/pip install -q -e ".[test]"
 
+# TensorRT-RTX builds real engines without a GPU (CPU-only AOT), so the tests build and inspect
+# engines everywhere this runs. Its wheels are for Linux x86_64 and Windows only.
+if [ "$(uname -sm)" = "Linux x86_64" ] && ! .venv/bin/python -c "import tensorrt_rtx" 2>/dev/null; then
+    echo "installing tensorrt-rtx-cu12 (TensorRT-RTX, ~215 MB) ..."
+    .venv/bin/pip install -q "tensorrt-rtx-cu12>=1.7,<2"
+fi
+
 # A real tritonserver for the Triton tests and demo: nvidia-pytriton's wheel bundles the binary
 # (with its libraries and the Python backend; CPU is enough), unpacked - not installed, since
 # pytriton pins numpy<2. The backend's stub embeds the system libpython, so the model's imports

@@ -1,8 +1,18 @@
-"""TensorRT engine build: everything that does not need TensorRT is checked here; the build and
-the engine itself are tested where `import tensorrt` and a GPU work."""
+"""TensorRT engine builds.
 
+Everything that needs neither TensorRT nor a GPU is checked directly. Where TensorRT-RTX is
+installed (examples/setup.sh installs it on Linux x86_64, so in CI) real engines are built from
+tiny checkpoints without a GPU and the parsed networks and build results are checked. Running
+an engine needs a GPU: those tests are marked `gpu` and skip without one.
+"""
+
+import hashlib
+import json
 import os
 import shlex
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -12,13 +22,22 @@ from onnx import TensorProto, helper
 
 from persimmon_export.build import build
 from persimmon_export.demo import make_demo_checkpoint
-from persimmon_export.engine import (EngineError, cache_update_path, check_version, optimization_profiles,
-                                     parse_version, polygraphy_command, readiness_problems,
-                                     scatter_elements_fallback, tensorrt_version, trtexec_command)
+from persimmon_export.engine import (TENSORRT, TENSORRT_RTX, EngineError, builder_config, choose_targets,
+                                     optimization_profiles, parse_onnx, parse_version, polygraphy_command,
+                                     readiness_problems, scatter_elements_fallback, trtexec_command)
 from persimmon_runtime import PersimmonError
-from persimmon_runtime.manifest import Manifest
+from persimmon_runtime.backends.cuda import compute_capability
+from persimmon_runtime.manifest import Manifest, ManifestError
+from persimmon_runtime.verify import IntegrityError
 
-TRT_VERSION, TRT_MISSING = tensorrt_version()
+TRT_VERSION, TRT_MISSING = TENSORRT.installed()
+RTX_VERSION, RTX_MISSING = TENSORRT_RTX.installed()
+GPU = compute_capability()  # 'unknown' without a GPU (or without cuda-python)
+needs_rtx = pytest.mark.skipif(RTX_VERSION is None, reason=f"TensorRT-RTX is not installed: {RTX_MISSING}")
+
+
+def quiet(*_):
+    pass
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +60,17 @@ def load(directory):
 def test_versions():
     assert parse_version("10.15.1.29") == (10, 15, 1, 29)
     assert parse_version("11.0.0rc1") == (11, 0, 0)
-    assert cache_update_path((10, 15, 1)) == "tensor_scatter" == cache_update_path((11, 2))
-    assert cache_update_path((10, 14, 0)) == "scatter_elements"
-    check_version((10, 9, 0))
+    assert TENSORRT.cache_update_path((10, 15, 1)) == "tensor_scatter" == TENSORRT.cache_update_path((11, 2))
+    assert TENSORRT.cache_update_path((10, 14, 0)) == "scatter_elements"
+    assert TENSORRT_RTX.cache_update_path((1, 7, 1, 116)) == "tensor_scatter"
+    TENSORRT.check_version((10, 9, 0))
+    TENSORRT_RTX.check_version((1, 7, 1, 116))
     for bad in ((10, 8, 0), (12, 0)):
-        with pytest.raises(EngineError, match="outside the supported range 10.9 - 11.x"):
-            check_version(bad)
+        with pytest.raises(EngineError, match="TensorRT .* is outside the supported range 10.9 - 11.x"):
+            TENSORRT.check_version(bad)
+    for bad in ((1, 6, 0), (2, 0), (10, 15)):  # a TensorRT version is not a TensorRT-RTX one
+        with pytest.raises(EngineError, match="TensorRT-RTX .* is outside the supported range 1.7 - 1.x"):
+            TENSORRT_RTX.check_version(bad)
     with pytest.raises(PersimmonError, match="cannot read the TensorRT version"):
         parse_version("stub")
 
@@ -127,35 +151,45 @@ def test_equivalent_command_lines(built):
     poly = shlex.split(polygraphy_command("model.onnx", "engine.plan", profiles, False, None, 3, None))
     assert poly[:7] == ["polygraphy", "convert", "model.onnx", "--convert-to", "trt", "-o", "engine.plan"]
     assert poly.count("--trt-min-shapes") == 2 and "input_ids:[4,16]" in poly
-
-
-@pytest.mark.skipif(TRT_VERSION is None, reason=f"TensorRT is not available here: {TRT_MISSING}")
-def test_tiny_engine_matches_torch_and_onnxruntime(built, tmp_path):
-    from persimmon_export.parity import check_parity
-
-    checkpoint, _ = built
-    out = str(tmp_path / "trt")
-    build(checkpoint, out, dtype="float16", max_batch=4, max_seq=64, backend="tensorrt", max_prefill=32,
-          progress=lambda *_: None)
-    results = check_parity(checkpoint, out, decode_steps=16, backends=("tensorrt", "onnxruntime"), device="cuda",
-                           progress=lambda *_: None)
-    assert all(r.passed for r in results), [r.line() for r in results]
+    assert "--compute-capabilities" not in poly  # TensorRT builds for its own GPU
+    rtx = shlex.split(polygraphy_command("model.onnx", "engine.plan", profiles, False, None, 3, None,
+                                         TENSORRT_RTX, ["8.6", "12.0"]))
+    assert rtx[:3] == ["env", "POLYGRAPHY_USE_TENSORRT_RTX=1", "polygraphy"]  # chosen at Polygraphy's import
+    assert rtx[rtx.index("--compute-capabilities") + 1:][:2] == ["8.6", "12.0"]
 
 
 def test_runtime_refuses_a_mismatched_engine_with_the_reason():
     from persimmon_runtime.backends.tensorrt import check_engine_compatible
 
-    section = {"version": "10.15.1.29", "compute_capability": "9.0", "version_compatible": False}
+    section = {"version": "10.15.1.29", "compute_capabilities": ["9.0"], "version_compatible": False}
     check_engine_compatible(section, "10.15.1.29", "9.0")
-    with pytest.raises(PersimmonError, match=r"built with TensorRT 10.15.1.29; this machine has 11.0.0.*"
-                                             r"--version-compatible"):
+    with pytest.raises(PersimmonError, match=r"runs on TensorRT 10.15.1.29 on a GPU of compute capability 9.0; "
+                                             r"this machine has TensorRT 11.0.0.*--version-compatible"):
         check_engine_compatible(section, "11.0.0", "9.0")
-    with pytest.raises(PersimmonError, match=r"compute capability 9.0; this GPU has 8.0"):
+    with pytest.raises(PersimmonError, match=r"compute capability 9.0; this GPU has compute capability 8.0: "
+                                             r"rebuild it here with `persimmon-export build --backend tensorrt`"):
         check_engine_compatible(section, "10.15.1.29", "8.0")
     compatible = {**section, "version_compatible": True}
     check_engine_compatible(compatible, "11.2.0", "9.0")  # loads on newer TensorRT
-    with pytest.raises(PersimmonError, match=r"loads on 10.15.1.29 or newer\); this machine has 10.14"):
+    with pytest.raises(PersimmonError, match=r"TensorRT 10.15.1.29 or newer .*\(version compatible\); this machine "
+                                             r"has TensorRT 10.14"):
         check_engine_compatible(compatible, "10.14.0", "9.0")
+
+
+def test_runtime_says_where_a_tensorrt_rtx_engine_runs():
+    from persimmon_runtime.backends.tensorrt import check_engine_compatible, where_engine_runs
+
+    section = {"flavor": "tensorrt-rtx", "version": "1.7.1.116", "compute_capabilities": ["8.6", "8.9", "12.0"],
+               "version_compatible": False}
+    assert where_engine_runs(section) == "TensorRT-RTX 1.7.1.116 on a GPU of compute capability 8.6, 8.9 or 12.0"
+    check_engine_compatible(section, "1.7.1.116", "8.9")
+    with pytest.raises(PersimmonError, match=r"this GPU has compute capability 9.0: rebuild it with .*"
+                                             r"--backend tensorrt-rtx --compute-capabilities 9.0` if TensorRT-RTX "
+                                             r"targets this GPU, else with `--backend tensorrt` here"):
+        check_engine_compatible(section, "1.7.1.116", "9.0")  # an H100: not an RTX target
+    with pytest.raises(PersimmonError, match=r"this machine has TensorRT-RTX 1.8.0: rebuild it here with "
+                                             r"`persimmon-export build --backend tensorrt-rtx`$"):
+        check_engine_compatible(section, "1.8.0", "8.9")  # no lean runtime: no --version-compatible advice
 
 
 def test_tensorrt_backend_errors_are_clear_without_tensorrt(built, tmp_path):
@@ -169,11 +203,19 @@ def test_tensorrt_backend_errors_are_clear_without_tensorrt(built, tmp_path):
 
 @pytest.mark.skipif(TRT_VERSION is not None, reason="TensorRT is installed here")
 def test_build_for_tensorrt_without_it_is_one_clear_error(built, tmp_path):
-    from persimmon_export.build import build as build_dir
-
     with pytest.raises(PersimmonError, match="--backend tensorrt: tensorrt is not importable"):
-        build_dir(built[0], str(tmp_path / "trt"), backend="tensorrt", progress=lambda *_: None)
+        build(built[0], str(tmp_path / "trt"), backend="tensorrt", progress=quiet)
     assert not (tmp_path / "trt").exists()
+
+
+@pytest.mark.skipif(TRT_VERSION is not None, reason="NVIDIA TensorRT is installed here: auto builds with it")
+def test_auto_never_picks_tensorrt_rtx(built, tmp_path):
+    said = []
+    manifest = build(built[0], str(tmp_path / "auto"), max_batch=2, max_seq=64, progress=said.append)
+    assert manifest.tensorrt is None and manifest.onnx["cache_layout"] == "whole"
+    assert not (tmp_path / "auto" / "engine.plan").exists()
+    if RTX_VERSION is not None:  # it is only pointed out
+        assert any("--backend tensorrt-rtx builds an engine" in line for line in said)
 
 
 def test_doctor_reports_every_item_with_reasons():
@@ -181,8 +223,241 @@ def test_doctor_reports_every_item_with_reasons():
 
     findings = dict(report())
     assert list(findings) == ["persimmon-deploy", "python", "torch", "onnx", "onnxruntime", "polygraphy",
-                              "tensorrt", "cuda-python", "gpu", "plugins"]
+                              "tensorrt", "tensorrt-rtx", "cuda-python", "gpu", "plugins"]
     assert "CPUExecutionProvider" in findings["onnxruntime"]
     if TRT_VERSION is None:
         assert findings["tensorrt"].startswith("unavailable: ")
+    if RTX_VERSION is None:
+        assert findings["tensorrt-rtx"].startswith("unavailable: tensorrt_rtx is not importable")
+    else:
+        assert findings["tensorrt-rtx"].startswith(f"{'.'.join(map(str, RTX_VERSION))} (supported; builds engines "
+                                                   f"without a GPU for compute capability 8.0, 8.6, 8.9, 12.0")
     assert findings["plugins"].startswith("kernels compile with") or findings["plugins"].startswith("nvcc not found")
+
+
+# ---- TensorRT-RTX: real engines, built without a GPU ----
+
+# Tiny models in the shapes that matter: QK-LayerNorm on and off, head_dim 24 (not a power of
+# two), partial and full rotary, fp16 and fp32.
+RTX_CONFIGS = {
+    "qkln-fp16": ({}, "float16"),
+    "head24-no-qkln-fp16": (dict(hidden_size=72, num_attention_heads=3, intermediate_size=160, qk_layernorm=False),
+                            "float16"),
+    "full-rotary-fp32": (dict(hidden_size=80, num_attention_heads=4, intermediate_size=192, num_hidden_layers=3,
+                              partial_rotary_factor=1.0), "float32"),
+}
+RTX_BUILD = dict(max_batch=2, max_seq=64, max_prefill=16)
+
+
+@pytest.fixture(scope="module")
+def rtx_builds(tmp_path_factory):
+    if RTX_VERSION is None:
+        pytest.skip(f"TensorRT-RTX is not installed: {RTX_MISSING}")
+    root = tmp_path_factory.mktemp("rtx")
+    out = {}
+    for seed, (name, (fields, dtype)) in enumerate(RTX_CONFIGS.items()):
+        checkpoint = make_demo_checkpoint(str(root / f"{name}-ckpt"), seed=seed, **fields)
+        out[name] = (checkpoint, str(root / name))
+        build(checkpoint, out[name][1], dtype=dtype, backend="tensorrt-rtx", progress=quiet, **RTX_BUILD)
+    return out
+
+
+def _layers(network, trt):
+    return [network.get_layer(i) for i in range(network.num_layers)]
+
+
+def _tensors(network, count, get):
+    return [(t.name, t.dtype, tuple(t.shape)) for t in (get(i) for i in range(count))]
+
+
+def _expected_tensors(specs, trt):
+    dtypes = {"int64": trt.int64, "float16": trt.float16, "float32": trt.float32}
+    return [(s["name"], dtypes[s["dtype"]], tuple(-1 if isinstance(d, str) else d for d in s["shape"]))
+            for s in specs]
+
+
+@needs_rtx
+@pytest.mark.parametrize("name", sorted(RTX_CONFIGS))
+def test_rtx_network_is_strongly_typed_and_updates_each_cache_in_place(rtx_builds, name):
+    import tensorrt_rtx as trt
+
+    directory = rtx_builds[name][1]
+    manifest = Manifest.load(directory)
+    parsed = parse_onnx(TENSORRT_RTX, os.path.join(directory, manifest.tensorrt["onnx_file"]))
+    network = parsed.network
+    assert network.get_flag(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    layers = _layers(network, trt)
+    updates = [layer for layer in layers if layer.type == trt.LayerType.KV_CACHE_UPDATE]
+    assert len(updates) == 2 * manifest.num_layers  # k and v per model layer
+    # each writes into the cache input that manifest.cache_aliases pairs with its output
+    pairs = {(layer.get_output(0).name, layer.get_input(0).name) for layer in updates}
+    assert pairs == set(manifest.cache_aliases.items())
+    assert not [layer.name for layer in layers if layer.type == trt.LayerType.SCATTER]  # no copying fallback
+    assert _tensors(network, network.num_inputs, network.get_input) == _expected_tensors(manifest.inputs, trt)
+    assert _tensors(network, network.num_outputs, network.get_output) == _expected_tensors(manifest.outputs, trt)
+
+
+@needs_rtx
+@pytest.mark.parametrize("name", sorted(RTX_CONFIGS))
+def test_rtx_build_records_what_it_built(rtx_builds, name):
+    import tensorrt_rtx as trt
+
+    directory = rtx_builds[name][1]
+    manifest = Manifest.load(directory, verify_checksums=True)
+    section = manifest.tensorrt
+    assert (section["flavor"], section["version"]) == ("tensorrt-rtx", trt.__version__)
+    assert section["compute_capabilities"] == choose_targets(TENSORRT_RTX, trt, None)
+    assert "8.9" in section["compute_capabilities"] and "7.5" not in section["compute_capabilities"]
+    assert (section["cache_update"], section["plugins"], section["version_compatible"]) == \
+        ("tensor_scatter", False, False)
+    assert "trtexec" not in section  # TensorRT-RTX's pip package has no trtexec
+    # the profiles as TensorRT held them when building (read back from its profile objects)
+    intended = optimization_profiles(manifest, RTX_BUILD["max_prefill"])
+    assert section["profiles"] == [{name: [list(s) for s in shapes] for name, shapes in p.items()} for p in intended]
+    engine = os.path.join(directory, section["engine_file"])
+    with open(engine, "rb") as f:
+        data = f.read()
+    assert len(data) > 100_000  # a serialized engine, not an empty or stub file
+    assert manifest.files[section["engine_file"]] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@needs_rtx
+def test_a_changed_rtx_engine_is_refused_at_load(rtx_builds, tmp_path):
+    copy = tmp_path / "build"
+    shutil.copytree(rtx_builds["qkln-fp16"][1], copy)
+    with open(copy / "engine.plan", "r+b") as f:
+        f.seek(50_000)
+        byte = f.read(1)
+        f.seek(50_000)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(IntegrityError, match=r"engine\.plan: sha256"):
+        Manifest.load(str(copy))
+
+
+@needs_rtx
+def test_the_recorded_polygraphy_line_rebuilds_the_engine(rtx_builds, tmp_path):
+    """Engines are not byte-identical from build to build, but their size is; a profile or a
+    target compute capability more or less changes it."""
+    copy = tmp_path / "build"
+    shutil.copytree(rtx_builds["head24-no-qkln-fp16"][1], copy)
+    manifest = Manifest.load(str(copy))
+    built = os.path.getsize(copy / "engine.plan")
+    os.remove(copy / "engine.plan")
+    command = shlex.split(manifest.tensorrt["polygraphy"])
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    result = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    targets = manifest.tensorrt["compute_capabilities"]
+    assert f"Setting {len(targets)} target compute capabilities" in result.stdout + result.stderr
+    assert os.path.getsize(copy / "engine.plan") == built
+
+
+@needs_rtx
+def test_the_scatter_elements_fallback_graph_builds(rtx_builds, tmp_path):
+    import tensorrt_rtx as trt
+
+    directory = rtx_builds["qkln-fp16"][1]
+    manifest = Manifest.load(directory)
+    fallback = scatter_elements_fallback(onnx.load(os.path.join(directory, "model.onnx"), load_external_data=False))
+    path = tmp_path / "model.trt.onnx"
+    onnx.save(fallback, str(path))
+    shutil.copyfile(os.path.join(directory, "model.onnx.data"), tmp_path / "model.onnx.data")
+    parsed = parse_onnx(TENSORRT_RTX, str(path))
+    types = [layer.type for layer in _layers(parsed.network, trt)]
+    assert types.count(trt.LayerType.SCATTER) == 2 * manifest.num_layers
+    assert trt.LayerType.KV_CACHE_UPDATE not in types
+    config, _ = builder_config(trt, TENSORRT_RTX, parsed.builder, optimization_profiles(manifest, 16), ["8.9"])
+    engine = parsed.builder.build_serialized_network(parsed.network, config)
+    assert engine is not None and engine.nbytes > 100_000
+
+
+def _break_tensor_scatter(real_export):
+    """export_onnx, then set TensorScatter's mode to 'circular' (valid ONNX the readiness check
+    lets through; TensorRT's parser supports only 'linear')."""
+    def export(config, tensors, out_dir, **kwargs):
+        result = real_export(config, tensors, out_dir, **kwargs)
+        path = os.path.join(out_dir, "model.onnx")
+        model = onnx.load(path, load_external_data=False)
+        node = next(n for n in model.graph.node if n.op_type == "TensorScatter")
+        node.attribute.append(helper.make_attribute("mode", "circular"))
+        onnx.save(model, path)
+        return result
+    return export
+
+
+@needs_rtx
+def test_parser_errors_name_each_node_in_one_line_without_the_temp_directory(rtx_builds, tmp_path, monkeypatch):
+    import persimmon_export.build as build_module
+
+    monkeypatch.setattr(build_module, "export_onnx", _break_tensor_scatter(build_module.export_onnx))
+    out = tmp_path / "out"
+    with pytest.raises(EngineError) as error:
+        build(rtx_builds["qkln-fp16"][0], str(out), backend="tensorrt-rtx", progress=quiet, **RTX_BUILD)
+    message = str(error.value)
+    assert message.startswith(f"{out}/model.onnx: the TensorRT-RTX {RTX_VERSION[0]}.")
+    assert "ONNX parser rejects it: node " in message
+    assert "(TensorScatter): " in message and "Only linear mode is supported" in message
+    assert "\n" not in message and ".tmp-" not in message
+    assert os.listdir(tmp_path) == []  # nothing left behind, temporary directory included
+
+
+@needs_rtx
+@pytest.mark.parametrize("options,refusal", [
+    (dict(plugins="on"), "--plugins on: TensorRT-RTX has no Python-defined plugins"),
+    (dict(version_compatible=True), "--version-compatible: TensorRT-RTX has no lean runtime"),
+    (dict(timing_cache="timing.cache"), "--timing-cache: TensorRT-RTX ignores timing caches"),
+    (dict(compute_capabilities=["7.5"]), r"--compute-capabilities 7.5: TensorRT-RTX 1.7.1 crashes"),
+    (dict(compute_capabilities=["9.0"]), r"--compute-capabilities '9.0': TensorRT-RTX .* builds for 8.0, 8.6"),
+    (dict(compute_capabilities=["sm_86"]), r"--compute-capabilities 'sm_86'"),
+    (dict(backend="tensorrt", compute_capabilities=["8.6"]),
+     "is for --backend tensorrt-rtx|tensorrt is not importable"),
+    (dict(backend="onnxruntime", compute_capabilities=["8.6"]), "is for --backend tensorrt-rtx"),
+])
+def test_what_tensorrt_rtx_cannot_do_is_refused_before_exporting(built, tmp_path, options, refusal):
+    options = {"backend": "tensorrt-rtx", **options}
+    with pytest.raises(PersimmonError, match=refusal):
+        build(built[0], str(tmp_path / "out"), progress=quiet, **options)
+    assert os.listdir(tmp_path) == []
+
+
+@needs_rtx
+@pytest.mark.parametrize("field,value,complaint", [
+    ("flavor", "tensorrt-llm", "field tensorrt.flavor must be 'tensorrt' or 'tensorrt-rtx'"),
+    ("compute_capabilities", ["sm_86"], r"field tensorrt.compute_capabilities\[0\] must be a compute capability"),
+    ("compute_capabilities", "8.6", "field tensorrt.compute_capabilities must be a list"),
+])
+def test_manifest_engine_fields_are_validated(rtx_builds, tmp_path, field, value, complaint):
+    copy = tmp_path / "build"
+    shutil.copytree(rtx_builds["qkln-fp16"][1], copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    raw["tensorrt"][field] = value
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=complaint):
+        Manifest.load(str(copy))
+
+
+# ---- on a GPU: engines against the torch reference and onnxruntime ----
+
+@pytest.mark.gpu
+@pytest.mark.skipif(TRT_VERSION is None, reason=f"NVIDIA TensorRT is not available here: {TRT_MISSING}")
+@pytest.mark.skipif(GPU == "unknown", reason="no GPU visible through cuda-python")
+def test_tiny_engine_matches_torch_and_onnxruntime(built, tmp_path):
+    _check_engine_parity(built[0], str(tmp_path / "trt"), "tensorrt")
+
+
+# Not marked `gpu`: TensorRT-RTX engines run on RTX-class GPUs only (not on the H100/H200 GPU
+# machines of examples/gpu_tests.sh, where a skipped `gpu` test counts as a failure).
+@needs_rtx
+@pytest.mark.skipif(GPU == "unknown" or GPU not in ("8.0", "8.6", "8.9", "12.0", "12.1"),
+                    reason=f"needs a GPU TensorRT-RTX targets (this machine: {GPU})")
+def test_tiny_rtx_engine_matches_torch_and_onnxruntime(built, tmp_path):
+    _check_engine_parity(built[0], str(tmp_path / "rtx"), "tensorrt-rtx")
+
+
+def _check_engine_parity(checkpoint, out, backend):
+    from persimmon_export.parity import check_parity
+
+    build(checkpoint, out, dtype="float16", max_batch=4, max_seq=64, backend=backend, max_prefill=32, progress=quiet)
+    results = check_parity(checkpoint, out, decode_steps=16, backends=("tensorrt", "onnxruntime"), device="cuda",
+                           progress=quiet)
+    assert all(r.passed for r in results), [r.line() for r in results]

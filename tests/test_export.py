@@ -57,9 +57,11 @@ def builds(checkpoints, tmp_path_factory):
     out = {}
     for name, checkpoint in checkpoints.items():
         out[name, "float32"] = str(root / f"{name}-fp32")
-        build(checkpoint, out[name, "float32"], dtype="float32", max_batch=4, max_seq=128, progress=quiet)
+        build(checkpoint, out[name, "float32"], dtype="float32", max_batch=4, max_seq=128, backend="onnxruntime",
+              progress=quiet)
     out["base", "float16"] = str(root / "base-fp16")
-    build(checkpoints["base"], out["base", "float16"], dtype="float16", max_batch=4, max_seq=128, progress=quiet)
+    build(checkpoints["base"], out["base", "float16"], dtype="float16", max_batch=4, max_seq=128,
+          backend="onnxruntime", progress=quiet)
     return out
 
 
@@ -195,7 +197,7 @@ def test_cache_is_updated_in_place_through_io_binding(builds):
 def test_dynamic_rope_scaling_is_refused_clearly(tmp_path):
     checkpoint = make_demo_checkpoint(str(tmp_path / "dyn"), rope_scaling={"type": "dynamic", "factor": 2.0})
     with pytest.raises(ExportError, match="rope_scaling 'dynamic' cannot be exported"):
-        build(checkpoint, str(tmp_path / "out"), max_seq=128, progress=lambda *_: None)
+        build(checkpoint, str(tmp_path / "out"), max_seq=128, backend="onnxruntime", progress=lambda *_: None)
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -208,18 +210,19 @@ def test_failed_build_leaves_the_old_directory_and_no_temp(checkpoints, builds, 
     config["intermediate_size"] += 8
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="has shape"):
-        build(str(broken), str(out), dtype="float32", max_seq=128, overwrite=True, progress=lambda *_: None)
+        build(str(broken), str(out), dtype="float32", max_seq=128, backend="onnxruntime", overwrite=True,
+              progress=lambda *_: None)
     assert sorted(os.listdir(tmp_path)) == ["broken", "build"]
     Manifest.load(str(out), verify_checksums=True)  # the previous build is intact
 
 
 def test_bad_build_options(checkpoints, tmp_path):
     with pytest.raises(ExportError, match="--max-seq must be in"):
-        build(checkpoints["base"], str(tmp_path / "o"), max_seq=10**6, progress=lambda *_: None)
+        build(checkpoints["base"], str(tmp_path / "o"), max_seq=10**6, backend="onnxruntime", progress=lambda *_: None)
     with pytest.raises(ExportError, match="--max-batch must be >= 1"):
-        build(checkpoints["base"], str(tmp_path / "o"), max_batch=0, progress=lambda *_: None)
+        build(checkpoints["base"], str(tmp_path / "o"), max_batch=0, backend="onnxruntime", progress=lambda *_: None)
     with pytest.raises(PersimmonError, match="not a directory"):
-        build(str(tmp_path / "missing"), str(tmp_path / "o"), progress=lambda *_: None)
+        build(str(tmp_path / "missing"), str(tmp_path / "o"), backend="onnxruntime", progress=lambda *_: None)
 
 
 def test_truncated_or_missing_build_files_are_refused(builds, tmp_path):

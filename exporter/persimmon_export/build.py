@@ -17,12 +17,12 @@ from persimmon_runtime.verify import sha256_file
 from . import __version__
 from .checkpoint import check_directory, checked_tensors
 from .config import PersimmonConfig
-from .engine import build_engine, tensorrt_version
+from .engine import FLAVORS, TENSORRT, TENSORRT_RTX, build_engine, check_engine_options
 from .export import (DATA_FILE, MODEL_FILE, OPSET, QK_LAYERNORM_OP, RELU2_SCALE, ROTARY_OP, ExportError, export_onnx,
                      io_spec)
 from .files import atomic_directory
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt-rtx")
 TOKENIZER_FILE = "tokenizer.model"
 
 
@@ -30,13 +30,15 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
           backend: str = "auto", max_prefill: int | None = None, plugins: str = "auto",
           version_compatible: bool = False, timing_cache: str | None = None, opt_level: int = 3,
           workspace_mib: int | None = None, cache_layout: str | None = None, overwrite: bool = False,
-          progress=print) -> Manifest:
+          compute_capabilities: list[str] | None = None, progress=print) -> Manifest:
     """Export `checkpoint` (an HF directory with tokenizer files) into `out_dir`; return its manifest.
 
     max_seq (the KV cache capacity) defaults to min(4096, max_position_embeddings). backend
-    "auto" builds a TensorRT engine too when TensorRT is importable; the other arguments
-    configure that engine (see `engine.build_engine`). cache_layout (see `export`) defaults to
-    "window" for TensorRT builds and "whole" for onnxruntime builds. An existing `out_dir` is
+    "tensorrt" (NVIDIA TensorRT) or "tensorrt-rtx" (TensorRT-RTX) also builds an engine; "auto"
+    builds a TensorRT engine when NVIDIA TensorRT's builder imports, and never picks TensorRT-RTX
+    (its engines run only on the GPUs it targets: that is a choice to make, not a default). The
+    other arguments configure the engine (see `engine.build_engine`). cache_layout (see
+    `export`) defaults to "window" for engine builds and "whole" for onnxruntime builds. An existing `out_dir` is
     replaced only if it is a build we wrote and `overwrite` is set (see `files.check_output`).
     """
     checkpoint = check_directory(checkpoint)
@@ -45,20 +47,30 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
         max_seq = min(4096, config.max_position_embeddings)
     if backend not in BACKENDS:
         raise ExportError(f"backend {backend!r} is not available; choose one of {BACKENDS}")
-    if backend in ("auto", "tensorrt"):
-        trt_version, trt_missing = tensorrt_version()
-        if backend == "tensorrt" and trt_version is None:
-            raise ExportError(f"--backend tensorrt: {trt_missing}")
-        backend = "tensorrt" if trt_version is not None else "onnxruntime"
+    if backend == "auto":
+        backend = "tensorrt" if TENSORRT.installed()[0] is not None else "onnxruntime"
+        if backend == "onnxruntime" and TENSORRT_RTX.installed()[0] is not None:
+            progress("auto: building for onnxruntime; TensorRT-RTX is installed: --backend tensorrt-rtx builds an "
+                     "engine for RTX GPUs too")
+    flavor = FLAVORS.get(backend)  # None: no engine
+    if flavor is not None:
+        installed, missing = flavor.installed()
+        if installed is None:
+            raise ExportError(f"--backend {backend}: {missing}")
     if max_batch < 1:
         raise ExportError(f"--max-batch must be >= 1, got {max_batch}")
     if not 2 <= max_seq <= config.max_position_embeddings:
         raise ExportError(f"--max-seq must be in [2, max_position_embeddings={config.max_position_embeddings}], "
                           f"got {max_seq}")
     max_prefill = max_prefill or min(max_seq, 2048)
-    cache_layout = cache_layout or ("window" if backend == "tensorrt" else "whole")
-    if backend == "tensorrt" and cache_layout != "window":
-        raise ExportError("TensorRT builds need cache_layout 'window' (a static cache length for its KV-cache update)")
+    cache_layout = cache_layout or ("whole" if flavor is None else "window")
+    if flavor is not None and cache_layout != "window":
+        raise ExportError(f"{flavor.product} builds need cache_layout 'window' (a static cache length for its "
+                          f"KV-cache update)")
+    if flavor is not None:  # before the export: what this TensorRT cannot do is refused first
+        check_engine_options(flavor, plugins, version_compatible, timing_cache, compute_capabilities)
+    elif compute_capabilities:
+        raise ExportError("--compute-capabilities is for --backend tensorrt-rtx")
     if not 1 <= max_prefill <= max_seq:
         raise ExportError(f"--max-prefill must be in [1, max_seq={max_seq}], got {max_prefill}")
     tokenizer = Tokenizer.from_dir(checkpoint)
@@ -85,11 +97,13 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
             inputs=inputs, outputs=outputs, cache_aliases=aliases,
             files={**exported["files"], TOKENIZER_FILE: _file_entry(os.path.join(tmp, TOKENIZER_FILE))},
             exporter_version=__version__)
-        if backend == "tensorrt":
+        if flavor is not None:
             manifest.tensorrt = build_engine(tmp, manifest, max_prefill=max_prefill,
                                              plugins=plugins, version_compatible=version_compatible,
                                              timing_cache=timing_cache, opt_level=opt_level,
-                                             workspace_mib=workspace_mib, progress=progress)
+                                             workspace_mib=workspace_mib, flavor=flavor,
+                                             compute_capabilities=compute_capabilities, shown_as=out_dir,
+                                             progress=progress)
             for name in {manifest.tensorrt["engine_file"], manifest.tensorrt["onnx_file"]} - set(manifest.files):
                 manifest.files[name] = _file_entry(os.path.join(tmp, name))
         manifest.save(tmp)

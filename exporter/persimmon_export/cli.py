@@ -26,7 +26,8 @@ def _build(args) -> None:
     build(args.checkpoint, args.out, dtype=args.dtype, max_batch=args.max_batch, max_seq=args.max_seq,
           backend=args.backend, max_prefill=args.max_prefill, plugins=args.plugins,
           version_compatible=args.version_compatible, timing_cache=args.timing_cache, opt_level=args.opt_level,
-          workspace_mib=int(args.workspace_gb * 1024) if args.workspace_gb else None, overwrite=args.overwrite)
+          workspace_mib=int(args.workspace_gb * 1024) if args.workspace_gb else None, overwrite=args.overwrite,
+          compute_capabilities=args.compute_capabilities)
 
 
 def _parity(args) -> int:
@@ -106,17 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-seq", type=int,
                        help="KV cache capacity per sequence: prompt + generated tokens (default: 4096, or the "
                             "model's max_position_embeddings if smaller)")
-    build.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
-                       help="auto (default): also build a TensorRT engine when TensorRT is importable")
-    trt = build.add_argument_group("TensorRT engine (--backend tensorrt; TensorRT 10.9 - 11.x)")
+    build.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt", "tensorrt-rtx"], default="auto",
+                       help="tensorrt: also build an NVIDIA TensorRT engine (10.9 - 11.x; for the GPU it builds on); "
+                            "tensorrt-rtx: a TensorRT-RTX engine (1.7 - 1.x; builds without a GPU, runs on the RTX "
+                            "GPUs of --compute-capabilities); auto (default): tensorrt when NVIDIA TensorRT is "
+                            "importable, else onnxruntime (never tensorrt-rtx)")
+    trt = build.add_argument_group("TensorRT engine (--backend tensorrt or tensorrt-rtx)")
     trt.add_argument("--max-prefill", type=int,
                      help="most new tokens in one prefill step (profile 0; default min(max-seq, 2048))")
     trt.add_argument("--plugins", choices=["auto", "on", "off"], default="auto",
-                     help="custom ops as ahead-of-time plugin kernels (needs nvcc at build time) or, off, as the "
-                          "ONNX function bodies; auto uses them when possible")
+                     help="custom ops as ahead-of-time plugin kernels (tensorrt only; needs nvcc at build time) or, "
+                          "off, as the ONNX function bodies; auto uses them when possible")
+    trt.add_argument("--compute-capabilities", nargs="+", metavar="X.Y",
+                     help="tensorrt-rtx only: the GPUs the engine runs on (default: every target TensorRT-RTX "
+                          "offers except 7.5, e.g. 8.0 8.6 8.9 12.0 12.1)")
     trt.add_argument("--version-compatible", action="store_true",
-                     help="engine that also loads on newer TensorRT (e.g. in a Triton container)")
-    trt.add_argument("--timing-cache", help="timing cache file, read and updated (speeds up rebuilds)")
+                     help="tensorrt only: engine that also loads on newer TensorRT (e.g. in a Triton container)")
+    trt.add_argument("--timing-cache", help="tensorrt only: timing cache file, read and updated (speeds up rebuilds)")
     trt.add_argument("--opt-level", type=int, default=3, choices=range(6), help="builder optimization level (3)")
     trt.add_argument("--workspace-gb", type=float, help="builder workspace memory pool limit")
     build.set_defaults(run=_build)
@@ -142,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a Triton model repository: a decoupled Python-backend model serving text through "
                     "Triton's generate / generate_stream endpoints and gRPC streaming (sampling settings as request "
                     "parameters, streamed text, stop strings, cancellation), running the build with "
-                    "persimmon_runtime; plus, for builds with a TensorRT engine, the engine as a tensorrt_plan "
-                    "model. The build is hard-linked into the repository where possible.")
+                    "persimmon_runtime (TensorRT builds on its TensorRT backend). The build is hard-linked into "
+                    "the repository where possible.")
     triton.add_argument("--build", required=True, help="build directory (from `persimmon-export build`)")
     _add_out(triton, "model repository directory", "a model repository")
     triton.add_argument("--name", default="persimmon", help="model name (default persimmon)")

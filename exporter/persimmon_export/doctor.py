@@ -43,17 +43,45 @@ def _gpu() -> str:
 
 
 def _tensorrt() -> str:
-    from .engine import KV_CACHE_UPDATE_LAYER_VERSION, MIN_VERSION, cache_update_path, tensorrt_version
+    from .engine import TENSORRT
 
-    version, why = tensorrt_version()
+    version, why = TENSORRT.installed()
     if version is None:
         return f"unavailable: {why}"
-    text = ".".join(map(str, version))
-    supported = MIN_VERSION <= version[:2] and version[0] <= 11
-    path = cache_update_path(version)
+    path = TENSORRT.cache_update_path(version)
     note = "in-place KV-cache-update layer" if path == "tensor_scatter" else \
-        f"ScatterElements fallback (in-place update needs >= {'.'.join(map(str, KV_CACHE_UPDATE_LAYER_VERSION))})"
-    return f"{text} ({'supported' if supported else 'NOT supported: use 10.9 - 11.x'}; cache update: {note})"
+        f"ScatterElements fallback (in-place update needs >= {'.'.join(map(str, TENSORRT.in_place_since))})"
+    return f"{'.'.join(map(str, version))} ({_support(TENSORRT, version)}; cache update: {note}; engines run on " \
+           f"GPUs like the one that builds them)"
+
+
+def _tensorrt_rtx() -> str:
+    from persimmon_runtime.backends.cuda import compute_capability
+
+    from .engine import TENSORRT_RTX, choose_targets
+
+    version, why = TENSORRT_RTX.installed()
+    if version is None:
+        return f"unavailable: {why}"
+    import tensorrt_rtx
+
+    targets = choose_targets(TENSORRT_RTX, tensorrt_rtx, None)
+    gpu = compute_capability()
+    here = "no GPU here" if gpu == "unknown" else \
+        f"this GPU ({gpu}) {'is' if gpu in targets else 'is NOT'} one of them"
+    return (f"{'.'.join(map(str, version))} ({_support(TENSORRT_RTX, version)}; builds engines without a GPU for "
+            f"compute capability {', '.join(targets)} (--backend tensorrt-rtx); {here}; running one needs a CUDA "
+            f"driver and such a GPU)")
+
+
+def _support(flavor, version) -> str:
+    from .engine import EngineError
+
+    try:
+        flavor.check_version(version)
+    except EngineError:
+        return f"NOT supported: use {'.'.join(map(str, flavor.min_version))} - {flavor.max_major}.x"
+    return "supported"
 
 
 def _plugins() -> str:
@@ -90,6 +118,7 @@ def report() -> list[tuple[str, str]]:
         ("onnxruntime", _onnxruntime()),
         ("polygraphy", _version("polygraphy") or "not installed (TensorRT builds need it: pip install polygraphy)"),
         ("tensorrt", _tensorrt()),
+        ("tensorrt-rtx", _tensorrt_rtx()),
         ("cuda-python", _version("cuda-python") or _version("cuda-bindings") or
          "not installed (the TensorRT runtime backend needs it: pip install cuda-python)"),
         ("gpu", _gpu()),

@@ -1,22 +1,40 @@
-"""TensorRT float16 engines from the exported ONNX, through Polygraphy's loaders.
+"""TensorRT float16 engines from the exported ONNX, with NVIDIA TensorRT or TensorRT-RTX.
 
-Supported TensorRT: 10.9 - 11.x. What depends on the version:
-- networks are strongly typed (the flag on 10.x; the only kind on 11.x): the fp16 ONNX, with its
-  explicit fp32 casts, fixes every type, and no precision flag is set;
-- the KV cache update: TensorRT >= 10.15 parses `TensorScatter` into its KV-cache-update layer,
-  whose output aliases the cache input (in place). Older versions get a documented fallback: the
-  nodes are rewritten to `ScatterElements` (`model.trt.onnx`, same weights file), and the runtime
-  alternates two buffers per cache tensor instead of updating one in place;
-- plugins: the custom ops become Python-defined plugins with ahead-of-time kernels (>= 10.9);
-  without them (`--plugins off`, or no nvcc) the parser inlines the ops' function bodies.
+Both share one Python API (Builder, OnnxParser, optimization profiles, the KV-cache-update layer),
+so one code path builds with either; a `Flavor` holds what differs:
 
-Everything here except `build_engine` is plain Python and tested without TensorRT.
+- NVIDIA TensorRT 10.9 - 11.x (`--backend tensorrt`, module `tensorrt`): builds for the GPU it
+  runs on (the manifest records that GPU's compute capability); Python-defined AOT plugins;
+  version-compatible engines with an embedded lean runtime; timing caches.
+- TensorRT-RTX 1.7 - 1.x (`--backend tensorrt-rtx`, module `tensorrt_rtx`, PyPI
+  `tensorrt-rtx-cu12`): builds without a GPU ("CPU-only AOT": the serialized engine is compiled
+  for its GPU just in time, when loaded) for a list of target compute capabilities, by default
+  every RTX target it names except Turing (7.5), which must be asked for; engines run on those
+  GPUs only (RTX 30xx/40xx/50xx, A-series workstation cards, not Hopper). It has no
+  `tensorrt.plugin` (so no Python AOT plugins: the custom ops build from their function bodies),
+  no lean runtime (no --version-compatible), its own version numbers (1.x), and a timing cache
+  would make the build need a GPU (NVIDIA's release notes) while changing nothing in the engine.
+
+What depends on the version:
+- networks are strongly typed (the flag on TensorRT 10.x; the only kind on 11.x and on RTX): the
+  fp16 ONNX, with its explicit fp32 casts, fixes every type, and no precision flag is set;
+- the KV cache update: TensorRT >= 10.15 and TensorRT-RTX >= 1.7 parse `TensorScatter` into the
+  KV-cache-update layer, whose output aliases the cache input (in place). Older TensorRT gets a
+  documented fallback: the nodes are rewritten to `ScatterElements` (`model.trt.onnx`, same
+  weights file), and the runtime alternates two buffers per cache tensor instead;
+- plugins: the custom ops become Python-defined plugins with ahead-of-time kernels (TensorRT
+  >= 10.9); without them (`--plugins off`, no nvcc, or RTX) the parser inlines the function bodies.
+
+`build_engine` and `parse_onnx` need the flavor's module; the rest is plain Python.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
 import shlex
+from dataclasses import dataclass
 
 import onnx
 from onnx import TensorProto, helper
@@ -26,8 +44,6 @@ from persimmon_runtime.backends.tensorrt import parse_version
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import Manifest
 
-MIN_VERSION = (10, 9)
-KV_CACHE_UPDATE_LAYER_VERSION = (10, 15)
 ENGINE_FILE = "engine.plan"
 FALLBACK_ONNX = "model.trt.onnx"
 PREFILL, DECODE = 0, 1  # optimization profile indices
@@ -40,21 +56,112 @@ PARSER_OPS = set(OP_SINCE) | {
     "GatherElements", "GatherND", "Gelu", "Greater", "Identity", "LayerNormalization", "Less", "LessOrEqual",
     "MatMul", "Mul", "Neg", "Not", "Range", "Reshape", "Relu", "ScatterElements", "Shape", "Sigmoid", "Sin",
     "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where"}
+MAX_REPORTED_ERRORS = 5  # parser errors quoted in the one-line message
 
 
 class EngineError(PersimmonError):
     pass
 
 
-def check_version(version: tuple[int, ...]) -> None:
-    if version[:2] < MIN_VERSION or version[0] > 11:
-        raise EngineError(f"TensorRT {'.'.join(map(str, version))} is outside the supported range "
-                          f"{MIN_VERSION[0]}.{MIN_VERSION[1]} - 11.x")
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
 
 
-def cache_update_path(version: tuple[int, ...]) -> str:
-    """'tensor_scatter' (KV-cache-update layer, in place) or 'scatter_elements' (the fallback)."""
-    return "tensor_scatter" if version[:2] >= KV_CACHE_UPDATE_LAYER_VERSION else "scatter_elements"
+@dataclass(frozen=True)
+class Flavor:
+    """One TensorRT product: what `--backend` names it, its module, and where it differs."""
+
+    backend: str                      # --backend value and manifest `tensorrt.flavor`
+    product: str                      # name in messages
+    module: str                       # Python module
+    min_version: tuple[int, int]
+    max_major: int
+    in_place_since: tuple[int, int]   # first version parsing TensorScatter into the KV-cache-update layer
+    parser_ops_as_of: tuple[int, int] | None  # TensorRT version whose parser ops it has (None: its own)
+    targets_compute_capabilities: bool  # True: builds for listed GPUs (RTX); False: for the builder's GPU
+    aot_plugins: bool                 # has tensorrt.plugin (Python-defined plugins with AOT kernels)
+    lean_runtime: bool                # can build version-compatible engines
+    timing_cache: bool                # a timing cache helps (RTX: it forces a GPU and changes nothing)
+    install: str
+
+    def check_version(self, version: tuple[int, ...]) -> None:
+        if version[:2] < self.min_version or version[0] > self.max_major:
+            raise EngineError(f"{self.product} {_dotted(version)} is outside the supported range "
+                              f"{_dotted(self.min_version)} - {self.max_major}.x")
+
+    def cache_update_path(self, version: tuple[int, ...]) -> str:
+        """'tensor_scatter' (KV-cache-update layer, in place) or 'scatter_elements' (the fallback)."""
+        return "tensor_scatter" if version[:2] >= self.in_place_since else "scatter_elements"
+
+    def parser_version(self, version: tuple[int, ...]) -> tuple[int, ...]:
+        """The TensorRT version whose ONNX parser ops `readiness_problems` checks against."""
+        return self.parser_ops_as_of or version
+
+    def installed(self) -> tuple[tuple[int, ...] | None, str]:
+        """(version, '') when this product's builder imports, else (None, why not)."""
+        try:
+            trt = importlib.import_module(self.module)
+        except ImportError as e:
+            return None, f"{self.module} is not importable ({e}); {self.install}"
+        if not hasattr(trt, "Builder"):
+            return None, (f"{self.module} {getattr(trt, '__version__', '?')} has no Builder (a runtime-only or "
+                          f"stub package); {self.install}")
+        return parse_version(trt.__version__), ""
+
+
+TENSORRT = Flavor(
+    backend="tensorrt", product="TensorRT", module="tensorrt", min_version=(10, 9), max_major=11,
+    in_place_since=(10, 15), parser_ops_as_of=None, targets_compute_capabilities=False, aot_plugins=True,
+    lean_runtime=True, timing_cache=True,
+    install="install TensorRT (pip install tensorrt from NVIDIA's index, or use an NGC container)")
+# TensorRT-RTX 1.7's parser has the TensorRT 10.15 ops this graph uses (TensorScatter, Attention,
+# RotaryEmbedding, RMSNormalization: checked with OnnxParser.supports_operator).
+TENSORRT_RTX = Flavor(
+    backend="tensorrt-rtx", product="TensorRT-RTX", module="tensorrt_rtx", min_version=(1, 7), max_major=1,
+    in_place_since=(1, 7), parser_ops_as_of=(10, 15), targets_compute_capabilities=True, aot_plugins=False,
+    lean_runtime=False, timing_cache=False,
+    install="pip install tensorrt-rtx-cu12 (Linux x86_64 and Windows; no GPU needed to build)")
+FLAVORS = {flavor.backend: flavor for flavor in (TENSORRT, TENSORRT_RTX)}
+
+# TensorRT-RTX's ComputeCapability members are SM<major><minor>.
+# 7.5: TensorRT-RTX 1.7.1 crashes (segmentation fault) compiling this graph for Turing without a
+# GPU (seen here for fp16 and the demo model), so it is refused rather than offered.
+UNBUILDABLE_TARGETS = {"7.5": "TensorRT-RTX 1.7.1 crashes (segmentation fault) compiling this model for Turing "
+                              "(7.5) on a CPU-only build"}
+
+
+def rtx_targets(trt) -> list[str]:
+    """The compute capabilities this TensorRT-RTX can target, as 'major.minor' ('8.6', '12.0')."""
+    targets = []
+    for name in trt.ComputeCapability.__members__:
+        digits = re.fullmatch(r"SM(\d)(\d)|SM(\d\d)(\d)", name)
+        if digits:
+            major, minor = [int(d) for d in digits.groups() if d is not None]
+            targets.append(f"{major}.{minor}")
+    return targets
+
+
+def choose_targets(flavor: Flavor, trt, requested: list[str] | None) -> list[str]:
+    """The compute capabilities the engine is built for.
+
+    TensorRT builds for its own GPU (recorded, 'unknown' without one) and takes no list.
+    TensorRT-RTX builds for `requested`, by default every target it offers that builds here.
+    """
+    if not flavor.targets_compute_capabilities:
+        if requested:
+            raise EngineError(f"--compute-capabilities is for --backend tensorrt-rtx; {flavor.product} builds for "
+                              f"the GPU it runs on")
+        return [compute_capability()]
+    buildable = [target for target in rtx_targets(trt) if target not in UNBUILDABLE_TARGETS]
+    if not requested:
+        return buildable
+    for target in requested:
+        if target in UNBUILDABLE_TARGETS:
+            raise EngineError(f"--compute-capabilities {target}: {UNBUILDABLE_TARGETS[target]}")
+        if target not in buildable:
+            raise EngineError(f"--compute-capabilities {target!r}: {flavor.product} {trt.__version__} builds for "
+                              f"{', '.join(buildable)}")
+    return list(dict.fromkeys(requested))  # order kept, duplicates dropped
 
 
 def optimization_profiles(manifest: Manifest, max_prefill: int) -> list[dict[str, tuple]]:
@@ -166,7 +273,8 @@ def _shape_arg(profile: dict, which: int, separator: str) -> str:
 def trtexec_command(onnx_file: str, engine_file: str, profiles: list[dict], version: tuple[int, ...],
                     version_compatible: bool, timing_cache: str | None, opt_level: int,
                     workspace_mib: int | None) -> str:
-    """The trtexec line that builds the same engine (plugins need the Python registry: see README)."""
+    """The trtexec line that builds the same engine with NVIDIA TensorRT (plugins need the Python
+    registry: see README)."""
     args = ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={engine_file}", "--skipInference"]
     if version[0] < 11:
         args.append("--stronglyTyped")  # always on in TensorRT 11
@@ -184,12 +292,18 @@ def trtexec_command(onnx_file: str, engine_file: str, profiles: list[dict], vers
 
 
 def polygraphy_command(onnx_file: str, engine_file: str, profiles: list[dict], version_compatible: bool,
-                       timing_cache: str | None, opt_level: int, workspace_mib: int | None) -> str:
-    args = ["polygraphy", "convert", onnx_file, "--convert-to", "trt", "-o", engine_file, "--strongly-typed"]
+                       timing_cache: str | None, opt_level: int, workspace_mib: int | None,
+                       flavor: Flavor = TENSORRT, targets: list[str] | None = None) -> str:
+    """The `polygraphy convert` line that builds the same engine. For TensorRT-RTX it starts with
+    `env POLYGRAPHY_USE_TENSORRT_RTX=1`: Polygraphy picks its TensorRT module at import."""
+    args = ["env", "POLYGRAPHY_USE_TENSORRT_RTX=1"] if flavor is TENSORRT_RTX else []
+    args += ["polygraphy", "convert", onnx_file, "--convert-to", "trt", "-o", engine_file, "--strongly-typed"]
     for profile in profiles:
         for flag, which in (("--trt-min-shapes", 0), ("--trt-opt-shapes", 1), ("--trt-max-shapes", 2)):
             args += [flag] + [f"{name}:[{','.join(map(str, shapes[which]))}]" for name, shapes in profile.items()]
     args += ["--builder-optimization-level", str(opt_level)]
+    if flavor.targets_compute_capabilities:
+        args += ["--compute-capabilities", *targets]
     if version_compatible:
         args.append("--version-compatible")
     if timing_cache:
@@ -199,79 +313,190 @@ def polygraphy_command(onnx_file: str, engine_file: str, profiles: list[dict], v
     return shlex.join(args)
 
 
-def tensorrt_version() -> tuple[tuple[int, ...] | None, str]:
-    """(version, '') when TensorRT's builder imports, else (None, why not)."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        return None, f"tensorrt is not importable ({e}); install TensorRT (pip install tensorrt from NVIDIA's " \
-                     f"index, or use an NGC container)"
-    if not hasattr(trt, "Builder"):
-        return None, f"tensorrt {getattr(trt, '__version__', '?')} has no Builder (a runtime-only or stub package)"
-    return parse_version(trt.__version__), ""
+def _recording_logger(trt):
+    """A TensorRT logger that keeps errors (for the one-line message) and drops the rest: the
+    parser warns about every inlined function body, which would bury what matters."""
+    class RecordingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            if int(severity) <= int(trt.ILogger.Severity.ERROR):
+                self.errors.append(msg)
+
+    return RecordingLogger()
+
+
+@dataclass
+class ParsedNetwork:
+    """A parsed network with what must outlive it: the parser owns the network's weights."""
+    builder: object
+    network: object
+    parser: object
+    logger: object
+
+
+def _one_line(text: str, directory: str, shown_as: str) -> str:
+    """Messages name the build's real place, never the temporary directory it is written in."""
+    return " ".join(str(text).replace(directory, shown_as).split())
+
+
+def _parser_error(error) -> str:
+    """'node 7 name (Op): reason', with the ONNX local function it sits in, if any."""
+    name, op = error.node_name(), error.node_operator()
+    where = f"node {error.node()}" + (f" {name}" if name else "") + (f" ({op})" if op else "")
+    functions = [error.local_function_stack()[i] for i in range(error.local_function_stack_size())]
+    if functions:
+        where += " in function " + " > ".join(functions)
+    return f"{where}: {error.desc()}"
+
+
+def parse_onnx(flavor: Flavor, onnx_path: str, shown_as: str | None = None) -> ParsedNetwork:
+    """Parse `onnx_path` into a strongly typed network with `flavor`'s builder.
+
+    A failure is one EngineError quoting each node's parser error (node, op, reason), with paths
+    under the ONNX file's directory shown under `shown_as` instead.
+    """
+    trt = importlib.import_module(flavor.module)
+    directory = os.path.dirname(onnx_path)
+    shown_as = shown_as or directory
+    logger = _recording_logger(trt)
+    builder = trt.Builder(logger)
+    # 10.x needs the flag; TensorRT 11 and TensorRT-RTX build nothing else (and still accept it)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(onnx_path):
+        errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)] or logger.errors
+        more = f" ({len(errors) - MAX_REPORTED_ERRORS} more)" if len(errors) > MAX_REPORTED_ERRORS else ""
+        reasons = "; ".join(errors[:MAX_REPORTED_ERRORS]) or "no reason given"
+        raise EngineError(_one_line(f"{os.path.join(shown_as, os.path.basename(onnx_path))}: the {flavor.product} "
+                                    f"{trt.__version__} ONNX parser rejects it: {reasons}{more}", directory, shown_as))
+    return ParsedNetwork(builder, network, parser, logger)
+
+
+def builder_config(trt, flavor: Flavor, builder, profiles: list[dict], targets: list[str], opt_level: int = 3,
+                   workspace_mib: int | None = None, version_compatible: bool = False,
+                   timing_cache: bytes | None = None):
+    """(IBuilderConfig, profiles as TensorRT holds them): the profiles are read back from
+    TensorRT's own objects, so what the manifest records is what the engine was built with."""
+    config = builder.create_builder_config()
+    config.builder_optimization_level = opt_level
+    if workspace_mib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    if version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if timing_cache is not None:
+        config.set_timing_cache(config.create_timing_cache(timing_cache), False)
+    if flavor.targets_compute_capabilities:
+        config.num_compute_capabilities = len(targets)
+        for index, target in enumerate(targets):
+            config.set_compute_capability(getattr(trt.ComputeCapability, "SM" + target.replace(".", "")), index)
+    built = []
+    for shapes in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in shapes.items():
+            profile.set_shape(name, low, opt, high)
+        if config.add_optimization_profile(profile) < 0:
+            raise EngineError(f"{flavor.product} refused optimization profile {len(built)}: {shapes}")
+        built.append({name: [list(shape) for shape in profile.get_shape(name)] for name in shapes})
+    return config, built
 
 
 def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: str = "auto",
                  version_compatible: bool = False, timing_cache: str | None = None, opt_level: int = 3,
-                 workspace_mib: int | None = None, progress=print) -> dict:
-    """Build `directory`/engine.plan from the exported ONNX; return the manifest's `tensorrt` section."""
-    version, why = tensorrt_version()
-    if version is None:
-        raise EngineError(f"cannot build a TensorRT engine: {why}")
-    check_version(version)
-    import tensorrt as trt
-    from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile)
+                 workspace_mib: int | None = None, flavor: Flavor = TENSORRT,
+                 compute_capabilities: list[str] | None = None, shown_as: str | None = None,
+                 progress=print) -> dict:
+    """Build `directory`/engine.plan from the exported ONNX; return the manifest's `tensorrt` section.
 
-    use_plugins = _use_plugins(plugins, progress)
+    Messages name `shown_as` (the build's final place) instead of `directory` (where it is written).
+    """
+    shown_as = shown_as or directory
+    version, why = flavor.installed()
+    if version is None:
+        raise EngineError(f"cannot build a {flavor.product} engine: {why}")
+    flavor.check_version(version)
+    trt = importlib.import_module(flavor.module)
+    targets = check_engine_options(flavor, plugins, version_compatible, timing_cache, compute_capabilities)
+    use_plugins = _use_plugins(flavor, plugins, progress)
     onnx_path = os.path.join(directory, manifest.onnx["file"])
-    path = cache_update_path(version)
+    path = flavor.cache_update_path(version)
     model = onnx.load(onnx_path, load_external_data=False)
     if path == "scatter_elements":
         model = scatter_elements_fallback(model)
         onnx_path = os.path.join(directory, FALLBACK_ONNX)
         onnx.save(model, onnx_path)  # its initializers still point at model.onnx.data
-    problems = readiness_problems(model, version, use_plugins)
-    if problems:
-        raise EngineError(f"{onnx_path}: not buildable with TensorRT {'.'.join(map(str, version))}: "
-                          + "; ".join(problems[:5]))
-    profiles = optimization_profiles(manifest, max_prefill)
-    polygraphy_profiles = []
-    for shapes in profiles:
-        profile = Profile()
-        for name, (low, opt, high) in shapes.items():
-            profile.add(name, low, opt, high)
-        polygraphy_profiles.append(profile)
-    pools = {trt.MemoryPoolType.WORKSPACE: workspace_mib * 2**20} if workspace_mib else None
-    progress(f"TensorRT {trt.__version__}: building ({path} cache update, plugins {'on' if use_plugins else 'off'}, "
-             f"{len(profiles)} profiles) ...")
-    # 10.x needs the strongly-typed flag; 11.x builds nothing else (its flag is only kept for compatibility)
-    network = NetworkFromOnnxPath(onnx_path, strongly_typed=True if version[0] < 11 else None)
-    config = CreateConfig(profiles=polygraphy_profiles, load_timing_cache=timing_cache,
-                          builder_optimization_level=opt_level, memory_pool_limits=pools,
-                          version_compatible=version_compatible or None)
-    try:
-        engine = EngineBytesFromNetwork(network, config=config, save_timing_cache=timing_cache)()
-    except Exception as e:  # Polygraphy raises its own PolygraphyException with the parser's node errors
-        raise EngineError(f"{onnx_path}: TensorRT build failed: {e}") from None
-    with open(os.path.join(directory, ENGINE_FILE), "wb") as f:
-        f.write(engine)
     onnx_file = os.path.basename(onnx_path)
-    return {
-        "version": ".".join(map(str, version)), "engine_file": ENGINE_FILE, "onnx_file": onnx_file,
-        "compute_capability": compute_capability(), "version_compatible": version_compatible,
+    problems = readiness_problems(model, flavor.parser_version(version), use_plugins)
+    if problems:
+        raise EngineError(_one_line(f"{os.path.join(shown_as, onnx_file)}: not buildable with {flavor.product} "
+                                    f"{_dotted(version)}: " + "; ".join(problems[:MAX_REPORTED_ERRORS]),
+                                    directory, shown_as))
+    profiles = optimization_profiles(manifest, max_prefill)
+    progress(f"{flavor.product} {trt.__version__}: building ({path} cache update, plugins "
+             f"{'on' if use_plugins else 'off'}, {len(profiles)} profiles, compute capability "
+             f"{', '.join(targets) or 'of this GPU'}) ...")
+    parsed = parse_onnx(flavor, onnx_path, shown_as)
+    cache = _read_timing_cache(timing_cache)
+    config, built_profiles = builder_config(trt, flavor, parsed.builder, profiles, targets, opt_level,
+                                            workspace_mib, version_compatible, cache)
+    engine = parsed.builder.build_serialized_network(parsed.network, config)
+    if engine is None:
+        reasons = "; ".join(parsed.logger.errors[-MAX_REPORTED_ERRORS:]) or "no reason given"
+        raise EngineError(_one_line(f"{os.path.join(shown_as, onnx_file)}: the {flavor.product} build failed: "
+                                    f"{reasons}", directory, shown_as))
+    with open(os.path.join(directory, ENGINE_FILE), "wb") as f:
+        f.write(memoryview(engine))
+    if timing_cache:
+        with open(timing_cache, "wb") as f:
+            f.write(memoryview(config.get_timing_cache().serialize()))
+    section = {
+        "flavor": flavor.backend, "version": _dotted(version), "engine_file": ENGINE_FILE, "onnx_file": onnx_file,
+        "compute_capabilities": [t for t in targets if t != "unknown"], "version_compatible": version_compatible,
         "cache_update": path, "plugins": use_plugins, "plugin_ptx": _plugin_ptx(use_plugins),
-        "max_prefill": max_prefill,
-        "profiles": [{name: [list(s) for s in shapes] for name, shapes in p.items()} for p in profiles],
-        "trtexec": trtexec_command(onnx_file, ENGINE_FILE, profiles, version, version_compatible, timing_cache,
-                                   opt_level, workspace_mib),
+        "max_prefill": max_prefill, "profiles": built_profiles,
         "polygraphy": polygraphy_command(onnx_file, ENGINE_FILE, profiles, version_compatible, timing_cache,
-                                         opt_level, workspace_mib),
+                                         opt_level, workspace_mib, flavor, targets),
     }
+    if flavor is TENSORRT:  # TensorRT-RTX's own command-line tool is not part of its pip package
+        section["trtexec"] = trtexec_command(onnx_file, ENGINE_FILE, profiles, version, version_compatible,
+                                             timing_cache, opt_level, workspace_mib)
+    return section
 
 
-def _use_plugins(plugins: str, progress) -> bool:
+def check_engine_options(flavor: Flavor, plugins: str = "auto", version_compatible: bool = False,
+                         timing_cache: str | None = None, compute_capabilities: list[str] | None = None) -> list[str]:
+    """Refuse what `flavor` cannot do before anything is exported; return the target compute capabilities."""
+    if version_compatible and not flavor.lean_runtime:
+        raise EngineError(f"--version-compatible: {flavor.product} has no lean runtime to embed; its engines load "
+                          f"on the {flavor.product} version that built them")
+    if timing_cache and not flavor.timing_cache:
+        raise EngineError(f"--timing-cache: {flavor.product} ignores timing caches, and using one makes its build "
+                          f"need a GPU; leave it out")
+    if plugins == "on" and not flavor.aot_plugins:
+        raise EngineError(f"--plugins on: {flavor.product} has no Python-defined plugins (no tensorrt.plugin); "
+                          f"use --plugins off or auto (the custom ops then build from their function bodies)")
+    return choose_targets(flavor, importlib.import_module(flavor.module), compute_capabilities)
+
+
+def _read_timing_cache(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    if not os.path.exists(path):
+        return b""  # a new cache, written after the build
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise EngineError(f"--timing-cache {path}: cannot be read ({e.strerror})") from None
+
+
+def _use_plugins(flavor: Flavor, plugins: str, progress) -> bool:
     """Register the AOT plugins when asked (on) or when possible (auto)."""
     if plugins == "off":
+        return False
+    if not flavor.aot_plugins:  # (`on` was refused by check_engine_options)
         return False
     try:
         from persimmon_plugins.compile import nvcc

@@ -23,6 +23,7 @@ MANIFEST_FILE = "manifest.json"
 CUSTOM_OP_DOMAIN = "persimmon"
 CUSTOM_OP_VERSION = 1
 MAX_MANIFEST_BYTES = 16 << 20  # real ones are a few KB; bounds what a hostile file makes us parse
+ENGINE_FLAVORS = ("tensorrt", "tensorrt-rtx")  # NVIDIA TensorRT, TensorRT-RTX (absent: tensorrt)
 STEP_INPUTS = ("input_ids", "cache_position", "token_count", "attention_mask")
 
 
@@ -43,7 +44,7 @@ class Manifest:
     outputs: list
     cache_aliases: dict            # output name -> the input it updates in place
     files: dict = field(default_factory=dict)  # name -> {"bytes", "sha256"}
-    tensorrt: dict | None = None   # engine file, TensorRT version, GPU, profiles, plugins (TensorRT builds)
+    tensorrt: dict | None = None   # engine builds: flavor, version, engine file, target GPUs, profiles, plugins
     exporter_version: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -215,6 +216,9 @@ _FILE_NAME = _kind("a file name in the build directory (no path)", _is_file_name
 _SHA256 = _kind("64 lowercase hex digits", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v))
 _DIM = _kind("a dimension (an integer >= 0 or a name)",
              lambda v: isinstance(v, str) or (type(v) is int and v >= 0))
+# the GPUs an engine was built for, as 'major.minor' ('8.6', '12.0')
+_COMPUTE_CAPABILITY = _kind("a compute capability such as '8.6'",
+                            lambda v: isinstance(v, str) and re.fullmatch(r"\d{1,2}\.\d", v))
 # what a driver needs to JIT-compile the plugins' PTX in an engine (PTX ISA and CUDA versions)
 _MAJOR_MINOR = _kind("a version such as '9.0'",
                      lambda v: isinstance(v, str) and re.fullmatch(r"[0-9]{1,2}\.[0-9]{1,2}", v))
@@ -243,7 +247,8 @@ _TOP_LEVEL = {
         "max_prefill": (_count(1), True), "profiles": (_list_of(_kind("an object", lambda v: isinstance(v, dict))),
                                                        True),
         "version_compatible": (_BOOL, False),
-        "plugin_ptx": (_PLUGIN_PTX, False), "compute_capability": (_STR, False)})), False),
+        "plugin_ptx": (_PLUGIN_PTX, False), "flavor": (_one_of(*ENGINE_FLAVORS), False),
+        "compute_capabilities": (_list_of(_COMPUTE_CAPABILITY), False)})), False),
     "exporter_version": (_STR, False),
 }
 

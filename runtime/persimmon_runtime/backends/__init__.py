@@ -9,6 +9,7 @@ first calls `check_step`: the graphs do not bound-check their cache writes.
 
 from __future__ import annotations
 
+import importlib
 import re
 
 import numpy as np
@@ -20,14 +21,16 @@ BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def load_backend(build_dir: str, manifest: Manifest, backend: str = "auto", device: str | None = None):
-    """`auto` picks TensorRT when the build has an engine and this machine can run it, else onnxruntime.
+    """`auto` picks TensorRT when the build has an engine and this machine can run it (the engine's
+    TensorRT or TensorRT-RTX imports, and the GPU is one it was built for), else onnxruntime.
 
     device None means the backend's default: "cuda" for TensorRT, "cpu" for onnxruntime.
     """
     if device is not None and not (isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d{1,3})?", device)):
         raise PersimmonError(f"device {device!r} is not 'cpu', 'cuda' or 'cuda:N' (N a GPU index, e.g. cuda:0)")
     if backend == "auto":
-        backend = "tensorrt" if manifest.tensorrt and _tensorrt_usable() and device != "cpu" else "onnxruntime"
+        backend = "tensorrt" if manifest.tensorrt and device != "cpu" and _engine_usable(manifest.tensorrt) \
+            else "onnxruntime"
     if backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend
 
@@ -39,14 +42,19 @@ def load_backend(build_dir: str, manifest: Manifest, backend: str = "auto", devi
     raise PersimmonError(f"backend {backend!r} is unknown; choose 'auto' or one of {BACKENDS}")
 
 
-def _tensorrt_usable() -> bool:
+def _engine_usable(section: dict) -> bool:
+    """The engine's TensorRT (or TensorRT-RTX) imports and a GPU it was built for is present."""
     try:
-        import tensorrt  # noqa: F401
+        from .tensorrt import engine_runtime
+        from .cuda import check, compute_capability, cudart
 
-        from .cuda import check, cudart
-        return check(cudart().cudaGetDeviceCount()) > 0
+        importlib.import_module(engine_runtime(section)[0])
+        if check(cudart().cudaGetDeviceCount()) < 1:
+            return False
     except Exception:
         return False
+    targets = section.get("compute_capabilities") or []
+    return not targets or compute_capability() in targets
 
 
 def check_step(manifest: Manifest, batch: int, input_ids, cache_position, token_count, attention_mask) -> None:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 
@@ -42,21 +43,49 @@ def parse_version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+# manifest `tensorrt.flavor` -> (module, product, how to install its runtime)
+ENGINE_RUNTIMES = {
+    "tensorrt": ("tensorrt", "TensorRT", "pip install tensorrt from NVIDIA's index, or an NGC container"),
+    "tensorrt-rtx": ("tensorrt_rtx", "TensorRT-RTX", "pip install tensorrt-rtx-cu12"),
+}
+
+
+def engine_runtime(section: dict) -> tuple[str, str, str]:
+    """(module, product, install hint) of the TensorRT that runs this engine (no flavor: TensorRT)."""
+    return ENGINE_RUNTIMES[section.get("flavor", "tensorrt")]
+
+
+def where_engine_runs(section: dict) -> str:
+    """Which software and GPUs can run the engine, e.g. 'TensorRT-RTX 1.7.1.116 on a GPU of compute
+    capability 8.6, 8.9 or 12.0'."""
+    _, product, _ = engine_runtime(section)
+    software = f"{product} {section['version']}" + (" or newer" if section.get("version_compatible") else "")
+    gpus = section.get("compute_capabilities") or []
+    if not gpus:
+        return f"{software} on the kind of GPU that built it"
+    return f"{software} on a GPU of compute capability " + (
+        gpus[0] if len(gpus) == 1 else f"{', '.join(gpus[:-1])} or {gpus[-1]}")
+
+
 def check_engine_compatible(section: dict, installed: str, capability: str) -> None:
-    """Refuse, with the reason, an engine this machine cannot run."""
-    built = section["version"]
-    rebuild = "rebuild it here with `persimmon-export build --backend tensorrt`"
+    """Refuse, with where the engine can run, an engine this machine cannot run."""
+    flavor = section.get("flavor", "tensorrt")
+    built, product = section["version"], engine_runtime(section)[1]
+    rebuild = f"rebuild it here with `persimmon-export build --backend {flavor}`"
+    where = f"engine.plan runs on {where_engine_runs(section)}"
     if section.get("version_compatible"):
         if parse_version(installed)[:2] < parse_version(built)[:2]:
-            raise PersimmonError(f"engine.plan was built with TensorRT {built} (version compatible: it loads on "
-                                 f"{built} or newer); this machine has {installed}: {rebuild}")
+            raise PersimmonError(f"{where} (version compatible); this machine has {product} {installed}: {rebuild}")
     elif parse_version(installed)[:3] != parse_version(built)[:3]:
-        raise PersimmonError(f"engine.plan was built with TensorRT {built}; this machine has {installed}: {rebuild}, "
-                             f"or build with --version-compatible for engines that must load on newer TensorRT")
-    wanted = section.get("compute_capability", "unknown")
-    if "unknown" not in (wanted, capability) and wanted != capability:
-        raise PersimmonError(f"engine.plan was built for GPU compute capability {wanted}; this GPU has {capability}: "
-                             f"{rebuild}")
+        hint = "" if flavor == "tensorrt-rtx" else \
+            ", or build with --version-compatible for engines that must load on newer TensorRT"
+        raise PersimmonError(f"{where}; this machine has {product} {installed}: {rebuild}{hint}")
+    targets = section.get("compute_capabilities") or []
+    if targets and capability != "unknown" and capability not in targets:
+        if flavor == "tensorrt-rtx":  # it targets RTX-class GPUs only (not Hopper, for one)
+            rebuild = (f"rebuild it with `persimmon-export build --backend tensorrt-rtx --compute-capabilities "
+                       f"{capability}` if TensorRT-RTX targets this GPU, else with `--backend tensorrt` here")
+        raise PersimmonError(f"{where}; this GPU has compute capability {capability}: {rebuild}")
 
 
 def check_driver_runs_plugin_ptx(section: dict, driver_version: int) -> None:
@@ -98,11 +127,11 @@ class TensorRTBackend:
         if not section:
             raise PersimmonError(f"{build_dir}: this build has no TensorRT engine; rebuild it with "
                                  f"`persimmon-export build --backend tensorrt`")
+        module, _, install = engine_runtime(section)
         try:
-            import tensorrt as trt
+            trt = importlib.import_module(module)
         except ImportError:
-            raise PersimmonError("tensorrt is not installed: the TensorRT backend needs the TensorRT runtime "
-                                 "(pip install tensorrt from NVIDIA's index, or an NGC container)") from None
+            raise PersimmonError(f"{module} is not installed: {where_engine_runs(section)} ({install})") from None
         kind, _, index = device.partition(":")
         if kind != "cuda":
             raise PersimmonError(f"device {device!r}: the TensorRT backend runs on 'cuda' or 'cuda:N'")
