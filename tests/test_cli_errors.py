@@ -136,3 +136,12 @@ def test_unreadable_checkpoint_is_one_line_naming_it(checkpoint, tmp_path, lock)
     err = result.stderr.decode()
     assert "ermission denied" in err and "not found" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_non_utf8_checkpoint_path_is_named_as_such(checkpoint, tmp_path):
+    ck = os.path.join(os.fsencode(str(tmp_path)), b"ck\xff")
+    shutil.copytree(os.fsencode(checkpoint), ck)
+    result = run("persimmon-export", "build", "--checkpoint", ck, "--out", str(tmp_path / "out"), "--dtype", "float32",
+                 "--max-seq", "32")
+    assert_one_line(result, "opens only UTF-8 paths")
+    assert "truncated" not in result.stderr.decode()

@@ -479,3 +479,29 @@ def test_hostile_tensor_shapes_are_one_line(key, value, reason, base, tmp_path, 
         tree["encoder"][key.removeprefix("model.").replace("self_attn", "self_attention")] = value
     torch.save(ckpt, tmp_path / "model_optim_rng.pt")
     assert_refused(tmp_path, tmp_path / "model_optim_rng.pt", base[1], capsys, monkeypatch, reason=reason)
+
+
+def test_byte_amplification_through_codecs_encode(base, tmp_path, capsys, monkeypatch):
+    """One memoized 1 MiB string encoded 1000 times would allocate 1 GiB from a 1 MiB file."""
+    real, tokenizer = base
+    pt = tmp_path / "model_optim_rng.pt"
+    encode_again = b"h\x01h\x00h\x02\x86R"  # BINGET encode, BINGET text, BINGET 'latin1', TUPLE2, REDUCE
+    body = (P2 + global_("_codecs", "encode") + b"q\x01" + text("a" * 2**20) + b"q\x00" + text("latin1") + b"q\x02"
+            + b"](" + encode_again * 1000 + b"e.")
+    legacy_checkpoint(pt, body)
+    assert_refused(tmp_path, pt, tokenizer, capsys, monkeypatch, reason="byte-amplification")
+
+
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
+def test_a_view_larger_than_its_storage_is_refused(layout, base, tmp_path, capsys, monkeypatch):
+    """A stride-0 view: a few bytes on disk claiming an 80 GB tensor once converted."""
+    real, tokenizer = base
+    ckpt = torch.load(real, weights_only=False)
+    ckpt["model"]["language_model"]["embedding"]["word_embeddings"]["weight"] = torch.zeros(1).expand(200000, 100000)
+    pt = tmp_path / "model_optim_rng.pt"
+    torch.save(ckpt, pt, _use_new_zipfile_serialization=layout == "zip")
+    assert_refused(tmp_path, pt, tokenizer, capsys, monkeypatch, reason="claims more elements than its 4-byte storage")
+    torch.save({"model.embed_tokens.weight": torch.zeros(1).expand(200000, 100000)}, tmp_path / "pytorch_model.bin",
+               _use_new_zipfile_serialization=layout == "zip")
+    with pytest.raises(CheckpointError, match="claims more elements"):
+        list(iter_tensors(str(tmp_path / "pytorch_model.bin")))

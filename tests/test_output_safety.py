@@ -15,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -169,6 +170,20 @@ def test_overwrite_replaces_our_previous_build(workspace, tmp_path, capsys):
                         "--max-batch", "3", "--backend", "onnxruntime", "--overwrite")
     assert code == 0, err
     assert Manifest.load(out).max_batch == 3 and sorted(os.listdir(tmp_path)) == ["b"]
+
+
+@pytest.mark.parametrize("added", ["other_model", "notes.txt"])
+def test_overwrite_never_deletes_what_the_user_added_to_our_output(tmp_path, added):
+    """e.g. a second model put into a repository we wrote: --overwrite must not take it along."""
+    out = tmp_path / "repo"
+    with atomic_directory(str(out), "triton") as tmp:
+        os.makedirs(os.path.join(tmp, "persimmon", "1"))
+    (out / added).mkdir() if "." not in added else (out / added).write_text("mine")
+    before = snapshot(tmp_path)
+    with pytest.raises(OutputError, match=rf"also holds {added}, which persimmon-export did not write"):
+        with atomic_directory(str(out), "triton", overwrite=True):
+            pass
+    assert snapshot(tmp_path) == before
 
 
 def test_library_default_refuses_to_overwrite(workspace, tmp_path):
@@ -351,3 +366,25 @@ def test_help_explains_out_and_overwrite(capsys):
             cli.main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert "a new or empty directory, outside every input" in text and "--overwrite" in text
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signals_sent_during_the_swap_arrive_after_it(signum):
+    """Between the two renames no signal may interrupt, whichever thread the OS delivers it to."""
+    from persimmon_export.files import _signals_deferred
+    from persimmon_runtime.console import Terminated, _raise_terminated
+
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    reached_the_end = False
+    try:
+        with pytest.raises(KeyboardInterrupt) as raised:
+            with _signals_deferred():
+                sender = threading.Thread(target=os.kill, args=(os.getpid(), signum))
+                sender.start()
+                sender.join()
+                time.sleep(0.2)  # the handler would run here, in the main thread, without the deferral
+                reached_the_end = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert reached_the_end
+    assert isinstance(raised.value, Terminated) == (signum == signal.SIGTERM)

@@ -72,6 +72,9 @@ def iter_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
     if path.endswith(".safetensors"):
+        if not _is_utf8(path):
+            raise CheckpointError(f"{path}: the safetensors library opens only UTF-8 paths; rename the directory "
+                                  f"(or file) to a UTF-8 name")
         try:
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
@@ -87,6 +90,14 @@ def iter_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
         if not (isinstance(name, str) and isinstance(tensor, torch.Tensor)):
             raise CheckpointError(f"{path}: entry {name!r:.80} holds a {type(tensor).__name__}, not a tensor")
     yield from state.items()
+
+
+def _is_utf8(path: str) -> bool:
+    try:
+        os.fsencode(path).decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def checkpoint_dtype(directory: str) -> torch.dtype:

@@ -26,6 +26,7 @@ import signal
 import socket
 import stat
 import tempfile
+import threading
 
 from persimmon_runtime.errors import PersimmonError
 
@@ -108,6 +109,13 @@ def _refuse_existing(path: str, kind: str, overwrite: bool) -> None:
     if not overwrite:
         raise OutputError(f"--out {path}: already holds {KINDS[kind]}; pass --overwrite to replace it "
                           f"(nothing was changed)")
+    names = marker.get("names")
+    ours = set(names) if isinstance(names, list) and all(isinstance(n, str) for n in names) else set()
+    added = sorted(set(os.listdir(path)) - {MARKER} - ours)
+    if added:  # e.g. another model put into our Triton repository: --overwrite would delete it
+        raise OutputError(f"--out {path}: also holds {', '.join(added[:3])}{' ...' if len(added) > 3 else ''}, "
+                          f"which persimmon-export did not write; move that out or choose another --out (nothing "
+                          f"was changed)")
 
 
 def read_marker(directory: str) -> dict | None:
@@ -130,6 +138,8 @@ def _write_marker(directory: str, kind: str, writing: bool) -> None:
     marker = {"written_by": _WRITTEN_BY, "kind": kind}
     if writing:  # who to ask whether this temp is still being written
         marker.update(state="writing", host=socket.gethostname(), pid=os.getpid())
+    else:  # what --overwrite may delete: only these
+        marker["names"] = sorted(set(os.listdir(directory)) - {MARKER})
     with open(os.path.join(directory, MARKER), "w", encoding="utf-8") as f:
         json.dump(marker, f)
 
@@ -192,15 +202,25 @@ def _swap(tmp: str, out: str) -> None:
 
 @contextlib.contextmanager
 def _signals_deferred():
-    """Hold SIGINT/SIGTERM back (they are delivered on exit) so they cannot fall between two renames."""
-    if not hasattr(signal, "pthread_sigmask"):
+    """Hold SIGINT/SIGTERM back so they cannot fall between two renames; deliver them after.
+
+    Python runs signal handlers in the main thread whichever thread the OS picked, so masking
+    the main thread is not enough (torch and onnxruntime threads would still take them): swap
+    the handlers for ones that only record, then re-raise what was recorded.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in received:
+            signal.raise_signal(sig)
 
 
 def _remove_ours(path: str) -> None:

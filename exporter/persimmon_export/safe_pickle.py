@@ -117,6 +117,7 @@ class _Scan:
         self.containers: list[_Value] = []
         self.hashed: list[_Value] = []  # dict keys, BUILD state, arguments of hashing callables
         self.objects = 0
+        self.encoded_bytes = 0  # what _codecs.encode calls will allocate
 
     def pickle(self, f) -> None:
         """Scan one pickle from `f`, leaving `f` just after its STOP."""
@@ -319,6 +320,14 @@ def _global(scan, f):
 
 
 def _call(scan, callable_: _Value, args: _Value):
+    if callable_.literal == "_codecs.encode" and args.parts:
+        # one memoized string encoded again and again allocates its size each time, while the
+        # file holds it once: torch.save encodes each bytes object once, so its total fits the file
+        text = args.parts[0].literal
+        scan.encoded_bytes += len(text) if isinstance(text, (str, bytes)) else 0
+        if scan.encoded_bytes > scan.file_size:
+            raise _Refused(f"its _codecs.encode calls build more bytes than the file's {scan.file_size} "
+                           f"(a byte-amplification pickle)")
     scan.push(parts=[callable_, args])
     if isinstance(callable_.literal, _Global) and callable_.literal in _HASHING:
         scan.hashed.append(args)
@@ -453,6 +462,30 @@ def load(path: str, foreign_classes: bool, error: type[PersimmonError] = Persimm
     try:
         with torch.serialization.safe_globals(placeholders), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. TypedStorage deprecation: not the user's concern
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except Exception as e:  # torch raises many types for a bad pickle, zip or storage
         raise error(f"{path}: cannot read the checkpoint ({_one_line(e)})") from None
+    for tensor in _tensors(loaded):
+        # A view may repeat its storage (stride 0): 4 bytes on disk can claim 80 GB once copied.
+        if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+            raise error(f"{path}: refused to load: a tensor of shape {tuple(tensor.shape)} (strides "
+                        f"{tensor.stride()}) claims more elements than its {tensor.untyped_storage().nbytes()}-byte "
+                        f"storage holds; a checkpoint stores each weight whole - get this file from a source "
+                        f"you trust")
+    return loaded
+
+
+def _tensors(loaded):
+    """Every tensor in what torch.load returned (the scan bounded its depth and size)."""
+    pending = [loaded]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            yield item
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            pending.extend(item)
+        elif isinstance(item, Placeholder):
+            pending.extend((item.args, item.state))

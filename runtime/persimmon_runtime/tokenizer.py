@@ -119,7 +119,10 @@ def _load_model(model_file: str) -> spm.SentencePieceProcessor:
     Reading all pieces once (one call) finds that now.
     """
     try:
-        sp = spm.SentencePieceProcessor(model_file=model_file)
+        with open(model_file, "rb") as f:  # read here: sentencepiece's own open takes only UTF-8 paths
+            proto = f.read()
+        sp = spm.SentencePieceProcessor()
+        sp.LoadFromSerializedProto(proto)  # raises on a bad model (the constructor's model_proto= does not)
         sp.id_to_piece(list(range(sp.get_piece_size())))
     except (RuntimeError, OSError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{model_file}: not a sentencepiece model, or a damaged one ({type(e).__name__}: {e}); "
