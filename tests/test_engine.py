@@ -262,7 +262,7 @@ def rtx_builds(tmp_path_factory):
     return out
 
 
-def _layers(network, trt):
+def _layers(network):
     return [network.get_layer(i) for i in range(network.num_layers)]
 
 
@@ -286,7 +286,7 @@ def test_rtx_network_is_strongly_typed_and_updates_each_cache_in_place(rtx_build
     parsed = parse_onnx(TENSORRT_RTX, os.path.join(directory, manifest.tensorrt["onnx_file"]))
     network = parsed.network
     assert network.get_flag(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    layers = _layers(network, trt)
+    layers = _layers(network)
     updates = [layer for layer in layers if layer.type == trt.LayerType.KV_CACHE_UPDATE]
     assert len(updates) == 2 * manifest.num_layers  # k and v per model layer
     # each writes into the cache input that manifest.cache_aliases pairs with its output
@@ -363,7 +363,7 @@ def test_the_scatter_elements_fallback_graph_builds(rtx_builds, tmp_path):
     onnx.save(fallback, str(path))
     shutil.copyfile(os.path.join(directory, "model.onnx.data"), tmp_path / "model.onnx.data")
     parsed = parse_onnx(TENSORRT_RTX, str(path))
-    types = [layer.type for layer in _layers(parsed.network, trt)]
+    types = [layer.type for layer in _layers(parsed.network)]
     assert types.count(trt.LayerType.SCATTER) == 2 * manifest.num_layers
     assert trt.LayerType.KV_CACHE_UPDATE not in types
     config, _ = builder_config(trt, TENSORRT_RTX, parsed.builder, optimization_profiles(manifest, 16), ["8.9"])
@@ -406,7 +406,7 @@ def test_parser_errors_name_each_node_in_one_line_without_the_temp_directory(rtx
     (dict(plugins="on"), "--plugins on: TensorRT-RTX has no Python-defined plugins"),
     (dict(version_compatible=True), "--version-compatible: TensorRT-RTX has no lean runtime"),
     (dict(timing_cache="timing.cache"), "--timing-cache: TensorRT-RTX ignores timing caches"),
-    (dict(compute_capabilities=["7.5"]), r"--compute-capabilities 7.5: TensorRT-RTX 1.7.1 crashes"),
+    (dict(compute_capabilities=["7.5"]), r"--compute-capabilities 7.5: TensorRT-RTX 1.7.1 cannot build this model for Turing"),
     (dict(compute_capabilities=["9.0"]), r"--compute-capabilities '9.0': TensorRT-RTX .* builds for 8.0, 8.6"),
     (dict(compute_capabilities=["sm_86"]), r"--compute-capabilities 'sm_86'"),
     (dict(backend="tensorrt", compute_capabilities=["8.6"]),
@@ -421,10 +421,24 @@ def test_what_tensorrt_rtx_cannot_do_is_refused_before_exporting(built, tmp_path
 
 
 @needs_rtx
+def test_the_cli_says_a_refusal_in_one_line(built, tmp_path, capsys):
+    from persimmon_export.cli import main
+
+    status = main(["build", "--checkpoint", built[0], "--out", str(tmp_path / "out"), "--backend", "tensorrt-rtx",
+                   "--compute-capabilities", "8.6", "9.0"])
+    captured = capsys.readouterr()
+    assert status == 2
+    assert captured.err.startswith("persimmon-export build: error: --compute-capabilities '9.0': TensorRT-RTX ")
+    assert captured.err.count("\n") == 1 and "builds for 8.0, 8.6, 8.9, 12.0" in captured.err
+    assert os.listdir(tmp_path) == []
+
+
+@needs_rtx
 @pytest.mark.parametrize("field,value,complaint", [
     ("flavor", "tensorrt-llm", "field tensorrt.flavor must be 'tensorrt' or 'tensorrt-rtx'"),
     ("compute_capabilities", ["sm_86"], r"field tensorrt.compute_capabilities\[0\] must be a compute capability"),
     ("compute_capabilities", "8.6", "field tensorrt.compute_capabilities must be a list"),
+    ("compute_capabilities", ["\u0668.\u0666"], r"field tensorrt.compute_capabilities\[0\] must be"),  # Arabic digits
 ])
 def test_manifest_engine_fields_are_validated(rtx_builds, tmp_path, field, value, complaint):
     copy = tmp_path / "build"

@@ -123,11 +123,11 @@ TENSORRT_RTX = Flavor(
     install="pip install tensorrt-rtx-cu12 (Linux x86_64 and Windows; no GPU needed to build)")
 FLAVORS = {flavor.backend: flavor for flavor in (TENSORRT, TENSORRT_RTX)}
 
-# TensorRT-RTX's ComputeCapability members are SM<major><minor>.
-# 7.5: TensorRT-RTX 1.7.1 crashes (segmentation fault) compiling this graph for Turing without a
-# GPU (seen here for fp16 and the demo model), so it is refused rather than offered.
-UNBUILDABLE_TARGETS = {"7.5": "TensorRT-RTX 1.7.1 crashes (segmentation fault) compiling this model for Turing "
-                              "(7.5) on a CPU-only build"}
+# Targets refused, with why. 7.5 (Turing), tried here with TensorRT-RTX 1.7.1 on a CPU-only
+# build: the fp16 graph crashes the builder (segmentation fault); the fp32 one fails ("FP32 GEMM
+# is not supported" on Turing).
+UNBUILDABLE_TARGETS = {"7.5": "TensorRT-RTX 1.7.1 cannot build this model for Turing (7.5): its builder crashes "
+                              "(segmentation fault) on the fp16 graph and has no fp32 matrix multiply for Turing"}
 
 
 def rtx_targets(trt) -> list[str]:

@@ -218,7 +218,7 @@ _DIM = _kind("a dimension (an integer >= 0 or a name)",
              lambda v: isinstance(v, str) or (type(v) is int and v >= 0))
 # the GPUs an engine was built for, as 'major.minor' ('8.6', '12.0')
 _COMPUTE_CAPABILITY = _kind("a compute capability such as '8.6'",
-                            lambda v: isinstance(v, str) and re.fullmatch(r"\d{1,2}\.\d", v))
+                            lambda v: isinstance(v, str) and re.fullmatch(r"[0-9]{1,2}\.[0-9]", v))
 # what a driver needs to JIT-compile the plugins' PTX in an engine (PTX ISA and CUDA versions)
 _MAJOR_MINOR = _kind("a version such as '9.0'",
                      lambda v: isinstance(v, str) and re.fullmatch(r"[0-9]{1,2}\.[0-9]{1,2}", v))
