@@ -230,8 +230,12 @@ def test_doctor_reports_every_item_with_reasons():
     if RTX_VERSION is None:
         assert findings["tensorrt-rtx"].startswith("unavailable: tensorrt_rtx is not importable")
     else:
+        import tensorrt_rtx
+
+        targets = ", ".join(choose_targets(TENSORRT_RTX, tensorrt_rtx, None))
         assert findings["tensorrt-rtx"].startswith(f"{'.'.join(map(str, RTX_VERSION))} (supported; builds engines "
-                                                   f"without a GPU for compute capability 8.0, 8.6, 8.9, 12.0")
+                                                   f"without a GPU for compute capability {targets} ")
+        assert "8.9" in targets and "7.5" not in targets
     assert findings["plugins"].startswith("kernels compile with") or findings["plugins"].startswith("nvcc not found")
 
 
@@ -406,7 +410,7 @@ def test_parser_errors_name_each_node_in_one_line_without_the_temp_directory(rtx
     (dict(plugins="on"), "--plugins on: TensorRT-RTX has no Python-defined plugins"),
     (dict(version_compatible=True), "--version-compatible: TensorRT-RTX has no lean runtime"),
     (dict(timing_cache="timing.cache"), "--timing-cache: TensorRT-RTX ignores timing caches"),
-    (dict(compute_capabilities=["7.5"]), r"--compute-capabilities 7.5: TensorRT-RTX 1.7.1 cannot build this model for Turing"),
+    (dict(compute_capabilities=["7.5"]), r"--compute-capabilities 7.5: TensorRT-RTX 1.7.1 cannot build this model"),
     (dict(compute_capabilities=["9.0"]), r"--compute-capabilities '9.0': TensorRT-RTX .* builds for 8.0, 8.6"),
     (dict(compute_capabilities=["sm_86"]), r"--compute-capabilities 'sm_86'"),
     (dict(backend="tensorrt", compute_capabilities=["8.6"]),
@@ -418,6 +422,29 @@ def test_what_tensorrt_rtx_cannot_do_is_refused_before_exporting(built, tmp_path
     with pytest.raises(PersimmonError, match=refusal):
         build(built[0], str(tmp_path / "out"), progress=quiet, **options)
     assert os.listdir(tmp_path) == []
+
+
+@needs_rtx
+def test_the_runtime_says_where_an_rtx_engine_runs_when_it_cannot_run_it(rtx_builds):
+    from persimmon_runtime.generator import Generator
+
+    directory = rtx_builds["qkln-fp16"][1]
+    assert Generator.load(directory).backend.name == "onnxruntime"  # auto: no GPU it targets here
+    code = f"""
+import sys
+class NoRTX:  # a serving host without TensorRT-RTX
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorrt_rtx", "tensorrt_rtx_libs", "tensorrt_rtx_bindings"):
+            raise ImportError("blocked")
+sys.meta_path.insert(0, NoRTX())
+from persimmon_runtime.generator import Generator
+Generator.load({directory!r}, backend="tensorrt")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "tensorrt_rtx is not installed: engine.plan runs on TensorRT-RTX " in result.stderr
+    targets = Manifest.load(directory).tensorrt["compute_capabilities"]
+    listed = f"{', '.join(targets[:-1])} or {targets[-1]}"
+    assert f"on a GPU of compute capability {listed} (pip install tensorrt-rtx-cu12)" in result.stderr
 
 
 @needs_rtx

@@ -131,7 +131,8 @@ class TensorRTBackend:
         try:
             trt = importlib.import_module(module)
         except ImportError:
-            raise PersimmonError(f"{module} is not installed: {where_engine_runs(section)} ({install})") from None
+            raise PersimmonError(f"{module} is not installed: {section['engine_file']} runs on "
+                                 f"{where_engine_runs(section)} ({install})") from None
         kind, _, index = device.partition(":")
         if kind != "cuda":
             raise PersimmonError(f"device {device!r}: the TensorRT backend runs on 'cuda' or 'cuda:N'")
