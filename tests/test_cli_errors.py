@@ -145,3 +145,13 @@ def test_a_non_utf8_checkpoint_path_is_named_as_such(checkpoint, tmp_path):
                  "--max-seq", "32")
     assert_one_line(result, "opens only UTF-8 paths")
     assert "truncated" not in result.stderr.decode()
+
+
+def test_doctor_names_the_driver_the_plugin_ptx_needs():
+    from persimmon_plugins.compile import PTX_ISA_MIN_CUDA, nvcc, plugin_ptx_requirements
+
+    if nvcc() is None:
+        pytest.skip("no nvcc: the plugins line says so instead")
+    needs = plugin_ptx_requirements()
+    finding = dict(doctor.report())["plugins"]
+    assert f"ISA {needs['isa']}" in finding and f"CUDA {PTX_ISA_MIN_CUDA[needs['isa']]}+ driver" in finding

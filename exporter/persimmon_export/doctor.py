@@ -86,16 +86,22 @@ def _support(flavor, version) -> str:
 
 def _plugins() -> str:
     from persimmon_plugins import KERNELS
-    from persimmon_plugins.compile import PTX_TARGET, CompileError, compile_kernel, nvcc
+    from persimmon_plugins.compile import PTX_ISA_MIN_CUDA, PTX_TARGET, CompileError, compile_kernel, nvcc, \
+        ptx_isa_version
 
     compiler = nvcc()
     if compiler is None:
         return "nvcc not found: engines build with --plugins off (function bodies as native layers)"
     try:
-        sizes = [len(compile_kernel(op, PTX_TARGET, timeout_s=PROBE_TIMEOUT_S)) for op in KERNELS]
+        ptx = [compile_kernel(op, PTX_TARGET, timeout_s=PROBE_TIMEOUT_S) for op in KERNELS]
+        isa = max((ptx_isa_version(code) for code in ptx), key=lambda v: tuple(map(int, v.split("."))))
     except CompileError as e:
         return f"nvcc at {compiler} fails to compile the kernels: {e}"
-    return f"kernels compile with {compiler} ({', '.join(KERNELS)}: {sum(sizes)} bytes of {PTX_TARGET} PTX)"
+    driver = PTX_ISA_MIN_CUDA.get(isa)
+    needs = f"engines with them need a CUDA {driver}+ driver" if driver else \
+        "an ISA this release does not know: --plugins on will refuse it"
+    return (f"kernels compile with {compiler} ({', '.join(KERNELS)}: {sum(map(len, ptx))} bytes of {PTX_TARGET} PTX, "
+            f"ISA {isa}; {needs}; NVIDIA TensorRT only, not TensorRT-RTX)")
 
 
 def _onnxruntime() -> str:
