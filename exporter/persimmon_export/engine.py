@@ -441,13 +441,15 @@ def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: 
     cache = _read_timing_cache(timing_cache)
     config, built_profiles = builder_config(trt, flavor, parsed.builder, profiles, targets, opt_level,
                                             workspace_mib, version_compatible, cache)
-    engine = parsed.builder.build_serialized_network(parsed.network, config)
-    if engine is None:
+    try:
+        built = _build_to_file(trt, parsed, config, os.path.join(directory, ENGINE_FILE))
+    except OSError as e:
+        raise EngineError(f"{os.path.join(shown_as, ENGINE_FILE)}: cannot write the engine ({e.strerror}); free "
+                          f"some space or choose another --out") from None
+    if not built:
         reasons = "; ".join(parsed.logger.errors[-MAX_REPORTED_ERRORS:]) or "no reason given"
         raise EngineError(_one_line(f"{os.path.join(shown_as, onnx_file)}: the {flavor.product} build failed: "
                                     f"{reasons}", directory, shown_as))
-    with open(os.path.join(directory, ENGINE_FILE), "wb") as f:
-        f.write(memoryview(engine))
     if timing_cache:
         with open(timing_cache, "wb") as f:
             f.write(memoryview(config.get_timing_cache().serialize()))
@@ -478,6 +480,37 @@ def check_engine_options(flavor: Flavor, plugins: str = "auto", version_compatib
         raise EngineError(f"--plugins on: {flavor.product} has no Python-defined plugins (no tensorrt.plugin); "
                           f"use --plugins off or auto (the custom ops then build from their function bodies)")
     return choose_targets(flavor, importlib.import_module(flavor.module), compute_capabilities)
+
+
+def _build_to_file(trt, parsed: ParsedNetwork, config, path: str) -> bool:
+    """Build the engine into `path`; False if the build fails, OSError if writing does.
+
+    The builder streams the engine to the file where it can (TensorRT >= 10.15, TensorRT-RTX):
+    a serialized engine holds every weight, and holding it in memory besides the builder's own
+    copy of the weights doubles the peak (an 8B-shaped fp16 build needs ~2.1x its weights in
+    anonymous memory that way, ~1.1x streamed: benchmarks/export_memory.py).
+    """
+    class FileWriter(trt.IStreamWriter):
+        def __init__(self, file):
+            trt.IStreamWriter.__init__(self)
+            self.file, self.error = file, None
+
+        def write(self, data) -> int:
+            try:
+                return self.file.write(data)
+            except OSError as e:  # an exception cannot cross the builder: returning 0 stops it
+                self.error = self.error or e
+                return 0
+
+    with open(path, "wb") as f:
+        if not hasattr(parsed.builder, "build_serialized_network_to_stream"):
+            engine = parsed.builder.build_serialized_network(parsed.network, config)
+            return engine is not None and f.write(memoryview(engine)) > 0
+        writer = FileWriter(f)
+        built = parsed.builder.build_serialized_network_to_stream(parsed.network, config, writer)
+    if writer.error:
+        raise writer.error
+    return built
 
 
 def _read_timing_cache(path: str | None) -> bytes | None:
