@@ -1,12 +1,18 @@
 """Peak memory and wall time of `persimmon-export build` on a Persimmon-8B-shaped checkpoint.
 
     .venv/bin/python benchmarks/export_memory.py [--work /tmp/persimmon-export-bench] [--layers 36]
+    nice -n 10 .venv/bin/python benchmarks/export_memory.py --backend tensorrt-rtx [--layers 36] \
+        [--json benchmarks/results/engine_8b.json]
 
 Writes an 8B-shaped bf16 checkpoint with random weights (about 18.8 GB; --layers scales it
 down) plus a tiny tokenizer, runs `persimmon-export build --dtype float16` on it in a child
 process, and reports the child's wall time, peak RSS and peak anonymous memory (sampled
 RssAnon, what the process really holds; RSS also counts memory-mapped checkpoint pages).
-Target: peak RSS < 8 GiB. Deletes everything it wrote.
+Target for the ONNX export: peak RSS < 8 GiB. With --backend tensorrt-rtx the build also
+compiles a TensorRT-RTX engine (no GPU needed); the export and the engine phases are then
+reported apart (time, and peak memory up to the end of the export), with the engine's size.
+Refuses to start unless the disk keeps 10 GB free after everything it will write.
+Deletes everything it wrote.
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ import threading
 import time
 
 from checkpoint_memory import write_checkpoint
+
+GIB = 2**30
+FULL_LAYERS = 36
+CHECKPOINT_BYTES_8B = 18.8e9  # bf16, 36 layers; fp16 ONNX weights are the same size
+DISK_MARGIN_BYTES = 10e9      # never leave less free than this (others share the disk)
 
 
 def sample_memory(pid: int, result: dict) -> None:
@@ -42,11 +53,111 @@ def sample_memory(pid: int, result: dict) -> None:
         time.sleep(0.02)
 
 
+def memory_available() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def guard_memory(child: subprocess.Popen, floor_bytes: int, result: dict) -> None:
+    """Kill the build (and say so) if the machine's available memory falls below `floor_bytes`:
+    others share this machine, and an out-of-memory kill could hit their processes instead."""
+    while child.poll() is None:
+        if memory_available() < floor_bytes:
+            result["killed_low_memory_after_seconds"] = round(time.perf_counter() - result["started"], 1)
+            child.kill()
+            return
+        time.sleep(0.2)
+
+
+def check_disk(work: str, layers: int, backend: str) -> None:
+    """Refuse to start when checkpoint + ONNX (+ an engine up to the ONNX's size) would leave
+    less than DISK_MARGIN_BYTES free: a full disk stops everyone on this machine."""
+    weights = CHECKPOINT_BYTES_8B * (0.23 + 0.77 * layers / FULL_LAYERS)  # embeddings are ~23% of 8B
+    needed = weights * (3 if backend == "tensorrt-rtx" else 2)
+    parent = os.path.dirname(os.path.abspath(work))
+    free = shutil.disk_usage(parent).free
+    if free - needed < DISK_MARGIN_BYTES:
+        raise SystemExit(f"{parent}: {free / 1e9:.1f} GB free, this run writes up to {needed / 1e9:.1f} GB and "
+                         f"must leave {DISK_MARGIN_BYTES / 1e9:.0f} GB; use --work elsewhere or fewer --layers")
+
+
+def machine() -> dict:
+    """Where the numbers come from: CPU model, cores, RAM, and the TensorRT-RTX version if any."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    info = {"description": f"{platform.machine()}, {os.cpu_count()} cores, "
+                           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB",
+            "cpu": cpu, "cores": os.cpu_count(),
+            "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+    try:
+        import tensorrt_rtx
+        info["tensorrt_rtx"] = tensorrt_rtx.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def run_build(command: list[str], memory_floor_bytes: int) -> dict:
+    """Run the build, echoing its output; return wall time, peaks, and the split at the engine phase.
+
+    The engine phase starts at the builder's "TensorRT-RTX <version>: building" progress line.
+    """
+    started = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    sampled: dict = {}
+    sampler = threading.Thread(target=sample_memory, args=(child.pid, sampled), daemon=True)
+    sampler.start()
+    guarded = {"started": started}
+    threading.Thread(target=guard_memory, args=(child, memory_floor_bytes, guarded), daemon=True).start()
+    phases: dict = {}
+    for line in child.stdout:
+        elapsed = time.perf_counter() - started
+        print(f"  [{elapsed:7.1f}s] {line.rstrip()}", flush=True)
+        if "export_seconds" not in phases and line.startswith("TensorRT-RTX") and ": building" in line:
+            phases = {"export_seconds": round(elapsed, 1), "export_peak_rss_bytes": sampled.get("peak_rss_bytes"),
+                      "export_peak_anon_bytes": sampled.get("peak_anon_bytes")}
+    status = child.wait()
+    sampler.join(timeout=1)
+    seconds = time.perf_counter() - started
+    if "killed_low_memory_after_seconds" in guarded:
+        raise SystemExit(f"build stopped after {seconds:.0f}s: the machine had less than "
+                         f"{memory_floor_bytes / GIB:.1f} GiB available (peak anonymous memory of the build "
+                         f"{sampled.get('peak_anon_bytes', 0) / GIB:.2f} GiB); it does not fit here")
+    if status != 0:
+        raise SystemExit(f"build failed with status {status} after {seconds:.0f}s")
+    result = {"build_seconds": round(seconds, 1), "peak_rss_bytes": sampled.get("peak_rss_bytes"),
+              "peak_anon_bytes": sampled.get("peak_anon_bytes"), **phases}
+    if phases:
+        result["engine_seconds"] = round(seconds - phases["export_seconds"], 1)
+    return result
+
+
+def output_sizes(out: str) -> dict:
+    """Sizes of what the build wrote, from its manifest."""
+    with open(os.path.join(out, "manifest.json")) as f:
+        manifest = json.load(f)
+    sizes = {"onnx_data_bytes": os.path.getsize(os.path.join(out, "model.onnx.data")),
+             "onnx_bytes": os.path.getsize(os.path.join(out, "model.onnx"))}
+    engine = manifest.get("tensorrt")
+    if engine:
+        sizes["engine_bytes"] = os.path.getsize(os.path.join(out, engine["engine_file"]))
+        sizes["compute_capabilities"] = engine["compute_capabilities"]
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/persimmon-export-bench")
-    parser.add_argument("--layers", type=int, default=36)
+    parser.add_argument("--layers", type=int, default=FULL_LAYERS)
+    parser.add_argument("--backend", choices=["onnxruntime", "tensorrt-rtx"], default="onnxruntime",
+                        help="tensorrt-rtx also builds an engine (default: the ONNX export only)")
+    parser.add_argument("--build-arg", action="append", default=[],
+                        help="extra `persimmon-export build` argument, repeatable (e.g. --build-arg=--opt-level=0)")
+    parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--memory-floor-gib", type=float, default=1.0,
+                        help="stop the build when the machine has less available memory than this (default 1)")
     args = parser.parse_args()
+    check_disk(args.work, args.layers, args.backend)
     checkpoint, out = os.path.join(args.work, "checkpoint"), os.path.join(args.work, "build")
     try:
         from persimmon_export.convert import tokenizer_files
@@ -60,31 +171,28 @@ def main() -> None:
         print(f"  written in {seconds:.0f}s", flush=True)
         exe = os.path.join(os.path.dirname(sys.executable), "persimmon-export")
         command = [exe, "build", "--checkpoint", checkpoint, "--out", out, "--dtype", "float16",
-                   "--max-seq", "4096", "--max-batch", "8"]
+                   "--max-seq", "4096", "--max-batch", "8", "--backend", args.backend, *args.build_arg]
         print("running:", " ".join(command), flush=True)
-        started = time.perf_counter()
-        child = subprocess.Popen(command)
-        sampled: dict = {}
-        sampler = threading.Thread(target=sample_memory, args=(child.pid, sampled), daemon=True)
-        sampler.start()
-        status = child.wait()
-        sampler.join(timeout=1)
-        seconds = time.perf_counter() - started
-        if status != 0:
-            raise SystemExit(f"build failed with status {status}")
-        data_bytes = os.path.getsize(os.path.join(out, "model.onnx.data"))
+        measured = run_build(command, int(args.memory_floor_gib * GIB))
+        sizes = output_sizes(out)
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
-    gib = 2**30
-    result = {"layers": args.layers, "build_seconds": round(seconds, 1), "onnx_data_bytes": data_bytes,
-              "peak_rss_bytes": sampled.get("peak_rss_bytes"), "peak_anon_bytes": sampled.get("peak_anon_bytes"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / gib:.0f} GiB"}
+    info = machine()
+    result = {"layers": args.layers, "backend": args.backend, "build_args": args.build_arg, **measured, **sizes,
+              "machine": info["description"], "machine_details": info}
     print(json.dumps(result, indent=2))
-    verdict = "PASS" if result["peak_rss_bytes"] < 8 * gib else "FAIL"
-    print(f"export of {data_bytes / gib:.2f} GiB fp16 weights: {seconds:.0f}s, peak RSS "
-          f"{result['peak_rss_bytes'] / gib:.2f} GiB, peak anonymous {result['peak_anon_bytes'] / gib:.2f} GiB "
-          f"(target < 8 GiB: {verdict})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    export_peak = result.get("export_peak_rss_bytes", result["peak_rss_bytes"])  # the target is the export's
+    verdict = "PASS" if export_peak < 8 * GIB else "FAIL"
+    print(f"build of {sizes['onnx_data_bytes'] / GIB:.2f} GiB fp16 weights: {measured['build_seconds']:.0f}s, "
+          f"peak RSS {result['peak_rss_bytes'] / GIB:.2f} GiB, peak anonymous {result['peak_anon_bytes'] / GIB:.2f} "
+          f"GiB (export: peak RSS {export_peak / GIB:.2f} GiB, target < 8 GiB: {verdict})")
+    if "engine_bytes" in sizes:
+        print(f"engine {sizes['engine_bytes'] / GIB:.2f} GiB for {', '.join(sizes['compute_capabilities'])}; export "
+              f"{measured.get('export_seconds')}s, engine {measured.get('engine_seconds')}s")
 
 
 if __name__ == "__main__":
