@@ -64,8 +64,7 @@ def measure_capacity(context: int, steps: int, capacities) -> dict:
                                 extra_files=tokenizer_files(tokenizer))
         for capacity in capacities:
             out = os.path.join(work, f"build-{capacity}")
-            build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=1, max_seq=capacity,
-                  progress=lambda *_: None)
+            build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=1, max_seq=capacity)
             generator = Generator.load(out)
             logits, positions = prefill(generator.backend, [prompt])
             token = logits.argmax(-1)

@@ -1,7 +1,12 @@
+import fcntl
 import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -83,3 +88,36 @@ def without_permission_override() -> list[str]:
     if not shutil.which("setpriv"):
         pytest.skip("running as root and setpriv (util-linux) is missing to drop CAP_DAC_OVERRIDE")
     return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--"]
+
+
+@pytest.fixture
+def terminal(monkeypatch):
+    """Call it in the test (pytest resets sys.stderr between phases) to make sys.stderr a
+    120-column pseudo-terminal; it returns `shown()`, which ends the terminal and returns what
+    reached it."""
+    controller, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    screen = os.fdopen(slave, "w")
+    received = []
+    reader = threading.Thread(target=lambda: received.extend(iter(lambda: read_terminal(controller), b"")))
+    reader.start()  # drained as it is written: a full terminal buffer would block the writer
+
+    def shown() -> str:
+        screen.close()  # the reader then gets EIO after the last byte
+        reader.join(timeout=30)
+        return b"".join(received).decode()
+
+    def attach():
+        monkeypatch.setattr("sys.stderr", screen)
+        return shown
+    yield attach
+    if not screen.closed:
+        shown()
+    os.close(controller)
+
+
+def read_terminal(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except OSError:  # EIO: every writer has closed the terminal
+        return b""

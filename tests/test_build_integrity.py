@@ -22,7 +22,6 @@ from persimmon_runtime.generator import Generator
 from persimmon_runtime.manifest import Manifest, ManifestError
 from persimmon_runtime.verify import IntegrityError
 
-QUIET = lambda *_: None  # noqa: E731
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 CAPACITY = 64
 DATA = "model.onnx.data"
@@ -42,7 +41,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def build_dir(checkpoint, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("build") / "fp16")
-    build(checkpoint, out, dtype="float16", max_batch=2, max_seq=CAPACITY, backend="onnxruntime", progress=QUIET)
+    build(checkpoint, out, dtype="float16", max_batch=2, max_seq=CAPACITY, backend="onnxruntime")
     return out
 
 
@@ -473,7 +472,7 @@ def test_build_refuses_non_finite_weights(checkpoint, tmp_path, value, dtype):
     poisoned = _poison(checkpoint, tmp_path, value)
     out = tmp_path / "out"
     with pytest.raises(ExportError, match=rf"checkpoint tensor '{TENSOR}' holds at least 1 NaN/inf value") as error:
-        build(poisoned, str(out), dtype=dtype, max_seq=CAPACITY, backend="onnxruntime", progress=QUIET)
+        build(poisoned, str(out), dtype=dtype, max_seq=CAPACITY, backend="onnxruntime")
     one_line(error)
     assert not out.exists()
 
@@ -482,13 +481,12 @@ def test_build_refuses_weights_that_overflow_float16(checkpoint, tmp_path):
     # relu^2 scaling multiplies dense_4h_to_h by 256: 300 becomes 76800 > 65504
     poisoned = _poison(checkpoint, tmp_path, 300.0)
     with pytest.raises(ExportError, match=rf"'{TENSOR}' has values up to 300, beyond torch.float16.*--dtype float32"):
-        build(poisoned, str(tmp_path / "out"), dtype="float16", max_seq=CAPACITY, backend="onnxruntime",
-              progress=QUIET)
+        build(poisoned, str(tmp_path / "out"), dtype="float16", max_seq=CAPACITY, backend="onnxruntime")
 
 
 def test_values_that_round_to_the_float16_limit_are_built(checkpoint, tmp_path):
     poisoned = _poison(checkpoint, tmp_path, 65510 / 256)  # x256 = 65510: rounds to 65504, finite
-    build(poisoned, str(tmp_path / "out"), dtype="float16", max_seq=CAPACITY, backend="onnxruntime", progress=QUIET)
+    build(poisoned, str(tmp_path / "out"), dtype="float16", max_seq=CAPACITY, backend="onnxruntime")
 
 
 def test_nan_embedding_is_refused_through_the_cli(checkpoint, tmp_path, capsys):

@@ -1,19 +1,44 @@
 """The console script, run as a user runs it."""
 
+import fcntl
 import os
+import pty
+import re
 import shutil
+import struct
 import subprocess
 import sys
+import termios
+import threading
 
 import pytest
+import torch
 
+from conftest import read_terminal
 from persimmon_export.checkpoint import load_model
-from persimmon_runtime import Tokenizer
+from persimmon_export.generate import greedy_generate
+from persimmon_runtime import IncrementalDetokenizer, Tokenizer, format_chat
+
+EXE = shutil.which("persimmon-export") or os.path.join(os.path.dirname(sys.executable), "persimmon-export")
 
 
 def run(*args, cwd=None):
-    exe = shutil.which("persimmon-export") or os.path.join(os.path.dirname(sys.executable), "persimmon-export")
-    return subprocess.run([exe, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run([EXE, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def run_on_a_terminal(*args, cwd=None):
+    """(result with stdout, what reached stderr): stderr is a pseudo-terminal, as when a user watches."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 120 columns, like a window
+    process = subprocess.Popen([EXE, *args], stdout=subprocess.PIPE, stderr=terminal, text=True, cwd=cwd)
+    os.close(terminal)
+    shown = []
+    reader = threading.Thread(target=lambda: shown.extend(iter(lambda: read_terminal(controller), b"")))
+    reader.start()  # drained while it runs: a full terminal buffer would block the writer
+    stdout, _ = process.communicate(timeout=300)
+    reader.join(timeout=30)
+    os.close(controller)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout), b"".join(shown).decode()
 
 
 def test_help_lists_the_subcommands():
@@ -28,11 +53,23 @@ def test_demo_makes_a_checkpoint_and_streams_generation(tmp_path):
     result = run("demo", "--out", "ckpt", "--max-new-tokens", "12", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "human: What is the capital of France?\\n\\nadept:" in result.stdout
-    assert "12 tokens in" in result.stdout
     model = load_model(str(tmp_path / "ckpt"))
     tokenizer = Tokenizer.from_dir(str(tmp_path / "ckpt"))
     assert model.config.vocab_size >= tokenizer.vocab_size
     assert model.config.bos_token_id == tokenizer.bos_id
+    # what it streamed is the written checkpoint's greedy answer, and it counts the tokens it made
+    prompt_ids = tokenizer.encode(format_chat("What is the capital of France?"))
+    new_ids = greedy_generate(model, torch.tensor([prompt_ids]), max_new_tokens=12)[0, len(prompt_ids):].tolist()
+    stream = IncrementalDetokenizer(tokenizer, prompt_ids)
+    answer = "".join(stream.push(i) for i in new_ids) + stream.finish()
+    expected = f"greedy:\n{answer}\n{len(new_ids)} tokens in ".replace("\r\n", "\n").replace("\r", "\n")
+    assert answer.strip() and expected in result.stdout  # (newlines as text mode reads them)
+
+
+def test_quiet_prints_only_the_result(tmp_path):
+    result, terminal = run_on_a_terminal("demo", "--out", "ckpt", "--max-new-tokens", "3", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0 and terminal == ""
+    assert len(result.stdout.splitlines()) == 1 and "tokens in" not in result.stdout  # the answer alone
 
 
 def test_bad_arguments_exit_2_with_one_line(tmp_path):
@@ -43,10 +80,13 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path):
 
 def test_build_then_parity_from_the_shell(tmp_path):
     assert run("demo", "--out", "ckpt", "--max-new-tokens", "2", cwd=tmp_path).returncode == 0
-    built = run("build", "--checkpoint", "ckpt", "--out", "build", "--dtype", "float32", "--max-seq", "128",
-                cwd=tmp_path)
-    assert built.returncode == 0, built.stderr
+    built, terminal = run_on_a_terminal("build", "--checkpoint", "ckpt", "--out", "build", "--dtype", "float32",
+                                        "--max-seq", "128", "--verbose", cwd=tmp_path)
+    assert built.returncode == 0, terminal
     assert "checking the graph" in built.stdout and "built" in built.stdout
+    assert re.search(r"^model\.embed_tokens\.weight: \(\d+, 64\) torch\.float32$", built.stdout, re.M)  # --verbose
+    assert "weights:" in terminal and "%|" in terminal  # the bar, on the terminal
+    assert "GiB written" not in built.stdout  # it replaces the count lines
     parity = run("parity", "--checkpoint", "ckpt", "--build", "build", "--steps", "8", cwd=tmp_path)
     assert parity.returncode == 0, parity.stdout + parity.stderr
     assert "PASS" in parity.stdout and parity.stdout.strip().endswith("parity: all bounds hold")
@@ -59,3 +99,4 @@ def test_build_errors_are_one_line(tmp_path):
     result = run("build", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "b"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "not a directory" in result.stderr and not (tmp_path / "b").exists()
+

@@ -40,20 +40,20 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def build_dir(checkpoint, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("build") / "b")
-    build(checkpoint, out, dtype="float32", max_batch=4, max_seq=48, progress=lambda *_: None)
+    build(checkpoint, out, dtype="float32", max_batch=4, max_seq=48)
     return out
 
 
 @pytest.mark.parametrize("steps", [-1, -1000])
 def test_parity_refuses_negative_steps(checkpoint, build_dir, steps):
     with pytest.raises(PersimmonError, match="--steps must be"):
-        check_parity(checkpoint, build_dir, decode_steps=steps, progress=lambda *_: None)
+        check_parity(checkpoint, build_dir, decode_steps=steps)
 
 
 def test_parity_steps_past_the_cache_name_the_capacity(checkpoint, build_dir):
     # 48 slots: a few-token prompt + 100 steps cannot fit; the error says how many can
     with pytest.raises(PersimmonError, match="kv_capacity 48; use --steps <= "):
-        check_parity(checkpoint, build_dir, prompts=["hello"], decode_steps=100, progress=lambda *_: None)
+        check_parity(checkpoint, build_dir, prompts=["hello"], decode_steps=100)
     result = run("persimmon-export", "parity", "--checkpoint", checkpoint, "--build", build_dir, "--steps", "1000")
     assert_one_line(result, "kv_capacity 48")
 
@@ -62,13 +62,13 @@ def test_parity_exactly_filling_the_cache_runs(checkpoint, build_dir):
     generator = Generator.load(build_dir)
     prompt_len = len(generator.tokenizer.encode("hello"))
     steps = generator.manifest.kv_capacity - prompt_len
-    [result] = check_parity(checkpoint, build_dir, prompts=["hello"], decode_steps=steps, progress=lambda *_: None)
+    [result] = check_parity(checkpoint, build_dir, prompts=["hello"], decode_steps=steps)
     assert result.passed and result.decode_steps == steps
 
 
 def test_parity_refuses_more_prompts_than_the_batch(checkpoint, build_dir):
     with pytest.raises(PersimmonError, match="max_batch is 4"):
-        check_parity(checkpoint, build_dir, prompts=["a"] * 5, decode_steps=1, progress=lambda *_: None)
+        check_parity(checkpoint, build_dir, prompts=["a"] * 5, decode_steps=1)
 
 
 @pytest.mark.parametrize("device", ["cuda:x", "cuda:", "gpu", "cpu:0:1", "", "cuda:-1", "cuda:99999", "CPU"])

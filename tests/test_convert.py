@@ -79,7 +79,7 @@ def test_plain_torch_load_needs_the_source(adept_checkpoint):
 def test_convert_without_the_source(adept_checkpoint, tmp_path, monkeypatch):
     root, reference = adept_checkpoint
     monkeypatch.chdir(tmp_path)
-    out = convert_megatron(str(root), str(tmp_path / "hf"), progress=lambda *_: None)
+    out = convert_megatron(str(root), str(tmp_path / "hf"))
 
     config = json.loads(open(os.path.join(out, "config.json")).read())
     assert config["torch_dtype"] == "bfloat16"
@@ -99,7 +99,7 @@ def test_convert_without_the_source(adept_checkpoint, tmp_path, monkeypatch):
 
 def test_converted_tokenizer_files_load_in_transformers(adept_checkpoint, tmp_path):
     root, _ = adept_checkpoint
-    out = convert_megatron(str(root), str(tmp_path / "hf"), progress=lambda *_: None)
+    out = convert_megatron(str(root), str(tmp_path / "hf"))
     ours = Tokenizer.from_dir(out)
     hf = transformers.AutoTokenizer.from_pretrained(out)
     text = "human: What is the capital of France?\n\nadept:"
@@ -130,10 +130,9 @@ def test_missing_tokenizer_and_wrong_file(adept_checkpoint, tmp_path):
     lonely.mkdir(parents=True)
     (lonely / "model_optim_rng.pt").write_bytes(pt.read_bytes())
     with pytest.raises(ConvertError, match="adept_vocab.model: not found; pass --tokenizer"):
-        convert_megatron(str(tmp_path / "lonely"), str(tmp_path / "out"), progress=lambda *_: None)
+        convert_megatron(str(tmp_path / "lonely"), str(tmp_path / "out"))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00" * 100)
     with pytest.raises(ConvertError, match="junk.pt: cannot read the checkpoint"):
-        convert_megatron(str(junk), str(tmp_path / "out"), tokenizer_file=str(root / "adept_vocab.model"),
-                         progress=lambda *_: None)
+        convert_megatron(str(junk), str(tmp_path / "out"), tokenizer_file=str(root / "adept_vocab.model"))
     assert not os.path.exists(tmp_path / "out")

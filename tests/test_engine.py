@@ -8,7 +8,9 @@ an engine needs a GPU: those tests are marked `gpu` and skip without one.
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -24,7 +26,8 @@ from persimmon_export.build import build
 from persimmon_export.demo import make_demo_checkpoint
 from persimmon_export.engine import (TENSORRT, TENSORRT_RTX, EngineError, builder_config, choose_targets,
                                      optimization_profiles, parse_onnx, parse_version, polygraphy_command,
-                                     readiness_problems, scatter_elements_fallback, trtexec_command)
+                                     scatter_elements_fallback, trtexec_command)
+from persimmon_export.progress import build_monitor
 from persimmon_runtime import PersimmonError
 from persimmon_runtime.backends.cuda import compute_capability
 from persimmon_runtime.manifest import Manifest, ManifestError
@@ -36,10 +39,6 @@ GPU = compute_capability()  # 'unknown' without a GPU (or without cuda-python)
 needs_rtx = pytest.mark.skipif(RTX_VERSION is None, reason=f"TensorRT-RTX is not installed: {RTX_MISSING}")
 
 
-def quiet(*_):
-    pass
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
@@ -49,7 +48,7 @@ def built(tmp_path_factory):
         out[dtype] = str(root / dtype)
         # the TensorRT graph (static cache length, sliced), exported without TensorRT
         build(checkpoint, out[dtype], dtype=dtype, max_batch=4, max_seq=64, backend="onnxruntime",
-              cache_layout="window", progress=lambda *_: None)
+              cache_layout="window")
     return checkpoint, out
 
 
@@ -91,26 +90,48 @@ def test_profiles_cover_prefill_and_decode(built):
         optimization_profiles(manifest, max_prefill=65)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_exported_graph_is_ready_for_tensorrt(built, dtype):
-    model = load(built[1][dtype])
-    assert readiness_problems(model, (10, 15, 1), plugins=True) == []
-    assert readiness_problems(model, (11, 0, 0), plugins=False) == []  # through the function bodies
-    old = readiness_problems(model, (10, 12, 0), plugins=True)
-    assert old and all("TensorScatter needs TensorRT >= 10.15" in p for p in old)
-    assert readiness_problems(scatter_elements_fallback(model), (10, 9, 0), plugins=False) == []
+def _one_node_graph(node, inputs, output, *, opsets=(("", 24),)):
+    return helper.make_model(helper.make_graph([node], "g", inputs, [output]),
+                             opset_imports=[helper.make_opsetid(domain, v) for domain, v in opsets])
 
 
-def test_readiness_flags_unsupported_ops_and_mixed_types():
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 2])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])
-    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 2])
-    graph = helper.make_graph([helper.make_node("Det", ["y"], ["d"], name="det"),
-                               helper.make_node("Add", ["x", "y"], ["z"], name="mixed")], "g", [x, y], [z])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24)])
-    problems = " | ".join(readiness_problems(model, (10, 15), plugins=False))
-    assert "node det: Det is not in the TensorRT ONNX parser's supported set" in problems
-    assert "type/shape inference fails" in problems and "mixed" in problems
+def _value(name, elem_type, shape):
+    return helper.make_tensor_value_info(name, elem_type, shape)
+
+
+HALF, FLOAT = TensorProto.FLOAT16, TensorProto.FLOAT
+REJECTED_GRAPHS = {  # graphs onnx accepts and TensorRT cannot build, with the reason the parser gives
+    "an op it lacks": (_one_node_graph(helper.make_node("Det", ["y"], ["z"], name="det"),
+                                       [_value("y", FLOAT, [2, 2])], _value("z", FLOAT, [])), "node 0 det (Det): "),
+    "mixed input types": (_one_node_graph(helper.make_node("Add", ["x", "y"], ["z"], name="mixed"),
+                                          [_value("x", HALF, [2, 2]), _value("y", FLOAT, [2, 2])],
+                                          _value("z", FLOAT, [2, 2])), "must have same input types"),
+    "a custom op without function body or plugin": (
+        _one_node_graph(helper.make_node("QKLayerNorm", ["y"], ["z"], name="bodiless", domain="persimmon"),
+                        [_value("y", FLOAT, [2, 2])], _value("z", FLOAT, [2, 2]),
+                        opsets=(("", 24), ("persimmon", 1))), "node 0 bodiless (QKLayerNorm): "),
+    "TensorScatter on the heads axis": (
+        _one_node_graph(helper.make_node("TensorScatter", ["past", "update", "write"], ["present"], name="scatter",
+                                         axis=1),
+                        [_value("past", HALF, [1, 2, 8, 4]), _value("update", HALF, [1, 2, 1, 4]),
+                         _value("write", TensorProto.INT64, [1])], _value("present", HALF, [1, 2, 8, 4])),
+        "Sequence dimension must be -2"),
+}
+
+
+@needs_rtx
+@pytest.mark.parametrize("case", sorted(REJECTED_GRAPHS))
+def test_the_parser_judges_what_builds_and_says_why_in_one_line(tmp_path, case):
+    """No hand-copied op table: what TensorRT cannot build, its own parser refuses, naming the node."""
+    model, reason = REJECTED_GRAPHS[case]
+    onnx.checker.check_model(model)  # valid ONNX: only TensorRT refuses it
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(EngineError) as error:
+        parse_onnx(TENSORRT_RTX, str(path), shown_as="/builds/b")
+    message = str(error.value)
+    assert message.startswith("/builds/b/model.onnx: the TensorRT-RTX ") and "ONNX parser rejects it: " in message
+    assert reason in message and "\n" not in message
 
 
 def test_scatter_elements_fallback_computes_the_same_step(built):
@@ -204,18 +225,18 @@ def test_tensorrt_backend_errors_are_clear_without_tensorrt(built, tmp_path):
 @pytest.mark.skipif(TRT_VERSION is not None, reason="TensorRT is installed here")
 def test_build_for_tensorrt_without_it_is_one_clear_error(built, tmp_path):
     with pytest.raises(PersimmonError, match="--backend tensorrt: tensorrt is not importable"):
-        build(built[0], str(tmp_path / "trt"), backend="tensorrt", progress=quiet)
+        build(built[0], str(tmp_path / "trt"), backend="tensorrt")
     assert not (tmp_path / "trt").exists()
 
 
 @pytest.mark.skipif(TRT_VERSION is not None, reason="NVIDIA TensorRT is installed here: auto builds with it")
-def test_auto_never_picks_tensorrt_rtx(built, tmp_path):
-    said = []
-    manifest = build(built[0], str(tmp_path / "auto"), max_batch=2, max_seq=64, progress=said.append)
+def test_auto_never_picks_tensorrt_rtx(built, tmp_path, caplog):
+    caplog.set_level(logging.INFO, "persimmon_export")
+    manifest = build(built[0], str(tmp_path / "auto"), max_batch=2, max_seq=64)
     assert manifest.tensorrt is None and manifest.onnx["cache_layout"] == "whole"
     assert not (tmp_path / "auto" / "engine.plan").exists()
     if RTX_VERSION is not None:  # it is only pointed out
-        assert any("--backend tensorrt-rtx builds an engine" in line for line in said)
+        assert "--backend tensorrt-rtx builds an engine" in caplog.text
 
 
 def test_doctor_reports_every_item_with_reasons():
@@ -229,13 +250,17 @@ def test_doctor_reports_every_item_with_reasons():
         assert findings["tensorrt"].startswith("unavailable: ")
     if RTX_VERSION is None:
         assert findings["tensorrt-rtx"].startswith("unavailable: tensorrt_rtx is not importable")
-    else:
+    else:  # what TensorRT-RTX itself says, not what doctor computes
         import tensorrt_rtx
 
-        targets = ", ".join(choose_targets(TENSORRT_RTX, tensorrt_rtx, None))
-        assert findings["tensorrt-rtx"].startswith(f"{'.'.join(map(str, RTX_VERSION))} (supported; builds engines "
-                                                   f"without a GPU for compute capability {targets} ")
-        assert "8.9" in targets and "7.5" not in targets
+        finding = findings["tensorrt-rtx"]
+        assert finding.startswith(f"{tensorrt_rtx.__version__} (supported; builds engines without a GPU for "
+                                  f"compute capability ")
+        listed = re.search(r"compute capability ([0-9., ]+) \(--backend tensorrt-rtx\)", finding).group(1)
+        targets = listed.split(", ")
+        assert all("SM" + t.replace(".", "") in tensorrt_rtx.ComputeCapability.__members__ for t in targets)
+        assert {"8.6", "8.9", "12.0"} <= set(targets) and "7.5" not in targets  # Turing only when asked for
+        assert ("no GPU here" in finding) == (GPU == "unknown")
     assert findings["plugins"].startswith("kernels compile with") or findings["plugins"].startswith("nvcc not found")
 
 
@@ -262,7 +287,7 @@ def rtx_builds(tmp_path_factory):
     for seed, (name, (fields, dtype)) in enumerate(RTX_CONFIGS.items()):
         checkpoint = make_demo_checkpoint(str(root / f"{name}-ckpt"), seed=seed, **fields)
         out[name] = (checkpoint, str(root / name))
-        build(checkpoint, out[name][1], dtype=dtype, backend="tensorrt-rtx", progress=quiet, **RTX_BUILD)
+        build(checkpoint, out[name][1], dtype=dtype, backend="tensorrt-rtx", **RTX_BUILD)
     return out
 
 
@@ -357,7 +382,7 @@ def test_the_recorded_polygraphy_line_rebuilds_the_engine(rtx_builds, tmp_path):
 
 
 @needs_rtx
-def test_the_scatter_elements_fallback_graph_builds(rtx_builds, tmp_path):
+def test_the_scatter_elements_fallback_graph_builds(rtx_builds, tmp_path, terminal, caplog):
     import tensorrt_rtx as trt
 
     directory = rtx_builds["qkln-fp16"][1]
@@ -371,13 +396,17 @@ def test_the_scatter_elements_fallback_graph_builds(rtx_builds, tmp_path):
     assert types.count(trt.LayerType.SCATTER) == 2 * manifest.num_layers
     assert trt.LayerType.KV_CACHE_UPDATE not in types
     config, _ = builder_config(trt, TENSORRT_RTX, parsed.builder, optimization_profiles(manifest, 16), ["8.9"])
+    caplog.set_level(logging.INFO, "persimmon_export")
+    shown = terminal()  # with the build's progress bars on it, as `persimmon-export build` shows them
+    config.progress_monitor = monitor = build_monitor(trt, logging.getLogger("persimmon_export.engine"))
     engine = parsed.builder.build_serialized_network(parsed.network, config)
     assert engine is not None and engine.nbytes > 100_000
+    assert monitor.bars == {} and "Building engine:" in shown()  # every phase finished; the top one was shown
 
 
 def _break_tensor_scatter(real_export):
-    """export_onnx, then set TensorScatter's mode to 'circular' (valid ONNX the readiness check
-    lets through; TensorRT's parser supports only 'linear')."""
+    """export_onnx, then set TensorScatter's mode to 'circular' (valid ONNX; TensorRT's parser
+    supports only 'linear')."""
     def export(config, tensors, out_dir, **kwargs):
         result = real_export(config, tensors, out_dir, **kwargs)
         path = os.path.join(out_dir, "model.onnx")
@@ -396,7 +425,7 @@ def test_parser_errors_name_each_node_in_one_line_without_the_temp_directory(rtx
     monkeypatch.setattr(build_module, "export_onnx", _break_tensor_scatter(build_module.export_onnx))
     out = tmp_path / "out"
     with pytest.raises(EngineError) as error:
-        build(rtx_builds["qkln-fp16"][0], str(out), backend="tensorrt-rtx", progress=quiet, **RTX_BUILD)
+        build(rtx_builds["qkln-fp16"][0], str(out), backend="tensorrt-rtx", **RTX_BUILD)
     message = str(error.value)
     assert message.startswith(f"{out}/model.onnx: the TensorRT-RTX {RTX_VERSION[0]}.")
     assert "ONNX parser rejects it: node " in message
@@ -420,7 +449,7 @@ def test_parser_errors_name_each_node_in_one_line_without_the_temp_directory(rtx
 def test_what_tensorrt_rtx_cannot_do_is_refused_before_exporting(built, tmp_path, options, refusal):
     options = {"backend": "tensorrt-rtx", **options}
     with pytest.raises(PersimmonError, match=refusal):
-        build(built[0], str(tmp_path / "out"), progress=quiet, **options)
+        build(built[0], str(tmp_path / "out"), **options)
     assert os.listdir(tmp_path) == []
 
 
@@ -498,7 +527,6 @@ def test_tiny_rtx_engine_matches_torch_and_onnxruntime(built, tmp_path):
 def _check_engine_parity(checkpoint, out, backend):
     from persimmon_export.parity import check_parity
 
-    build(checkpoint, out, dtype="float16", max_batch=4, max_seq=64, backend=backend, max_prefill=32, progress=quiet)
-    results = check_parity(checkpoint, out, decode_steps=16, backends=("tensorrt", "onnxruntime"), device="cuda",
-                           progress=quiet)
+    build(checkpoint, out, dtype="float16", max_batch=4, max_seq=64, backend=backend, max_prefill=32)
+    results = check_parity(checkpoint, out, decode_steps=16, backends=("tensorrt", "onnxruntime"), device="cuda")
     assert all(r.passed for r in results), [r.line() for r in results]

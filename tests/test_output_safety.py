@@ -30,7 +30,6 @@ from persimmon_export.demo import make_demo_checkpoint
 from persimmon_export.files import MARKER, OutputError, atomic_directory, check_output, read_marker
 from persimmon_runtime.manifest import Manifest
 
-QUIET = dict(progress=lambda *_: None)
 SMALL_BUILD = dict(dtype="float32", max_seq=16, max_batch=1, backend="onnxruntime")
 CONSOLE = os.path.join(os.path.dirname(sys.executable), "persimmon-export")
 
@@ -65,7 +64,7 @@ def workspace(tmp_path_factory):
     checkpoint = make_demo_checkpoint(str(root / "models" / "ck"))
     (root / "models" / "notes.txt").write_text("a sibling of the checkpoint")
     built = str(root / "builds" / "b")
-    build(checkpoint, built, **SMALL_BUILD, **QUIET)
+    build(checkpoint, built, **SMALL_BUILD)
     adept = root / "adept"
     (adept / "iter_0001000" / "mp_rank_00").mkdir(parents=True)
     (adept / "iter_0001000" / "mp_rank_00" / "model_optim_rng.pt").write_bytes(b"weights")
@@ -157,14 +156,14 @@ def test_the_console_script_refuses_in_one_line(workspace):
 
 def test_an_empty_directory_may_be_used(workspace, tmp_path):
     (tmp_path / "empty").mkdir()
-    build(str(workspace / "models" / "ck"), str(tmp_path / "empty"), **SMALL_BUILD, **QUIET)
+    build(str(workspace / "models" / "ck"), str(tmp_path / "empty"), **SMALL_BUILD)
     Manifest.load(str(tmp_path / "empty"))
     assert read_marker(str(tmp_path / "empty"))["kind"] == "build" and temps_in(tmp_path) == []
 
 
 def test_overwrite_replaces_our_previous_build(workspace, tmp_path, capsys):
     ck, out = str(workspace / "models" / "ck"), str(tmp_path / "b")
-    build(ck, out, **SMALL_BUILD, **QUIET)
+    build(ck, out, **SMALL_BUILD)
     assert Manifest.load(out).max_batch == 1
     code, err = run_cli(capsys, "build", "--checkpoint", ck, "--out", out, "--dtype", "float32", "--max-seq", "16",
                         "--max-batch", "3", "--backend", "onnxruntime", "--overwrite")
@@ -211,7 +210,7 @@ def test_an_interrupted_write_removes_its_temp_and_keeps_the_old_output(tmp_path
 
 def test_sigterm_during_a_build_cleans_up_and_keeps_the_old_build(workspace, tmp_path):
     out = tmp_path / "b"
-    build(str(workspace / "models" / "ck"), str(out), **SMALL_BUILD, **QUIET)
+    build(str(workspace / "models" / "ck"), str(out), **SMALL_BUILD)
     before = snapshot(tmp_path)
     process = subprocess.Popen([CONSOLE, "build", "--checkpoint", str(workspace / "models" / "ck"), "--out", str(out),
                                 "--overwrite", "--dtype", "float32", "--max-seq", "16", "--backend", "onnxruntime"],

@@ -168,8 +168,7 @@ def raw_manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("ptx-manifest")
     checkpoint = make_demo_checkpoint(str(root / "ckpt"), seed=3, max_position_embeddings=32, hidden_size=32,
                                       intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    build(checkpoint, str(root / "build"), dtype="float32", backend="onnxruntime", max_batch=1, max_seq=32,
-          progress=lambda *_: None)
+    build(checkpoint, str(root / "build"), dtype="float32", backend="onnxruntime", max_batch=1, max_seq=32)
     with open(root / "build" / "manifest.json") as f:
         return json.load(f)
 

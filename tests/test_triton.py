@@ -47,8 +47,7 @@ def build_dir(tmp_path_factory):
     checkpoint = make_demo_checkpoint(str(root / "ckpt"), seed=5, max_position_embeddings=CAPACITY, hidden_size=256,
                                       intermediate_size=1024, num_hidden_layers=4)
     out = str(root / "build")
-    build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=2, max_seq=CAPACITY,
-          progress=lambda *_: None)
+    build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=2, max_seq=CAPACITY)
     return out
 
 
@@ -65,7 +64,7 @@ def overflow_build(tmp_path_factory):
     weights["lm_head.weight"] = np.full_like(weights["lm_head.weight"], 3e38)
     save_file(weights, weights_file, metadata={"format": "pt"})
     out = str(root / "build")
-    build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=1, max_seq=64, progress=lambda *_: None)
+    build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=1, max_seq=64)
     return out
 
 
@@ -73,10 +72,9 @@ def overflow_build(tmp_path_factory):
 def repository(build_dir, overflow_build, tmp_path_factory):
     """The repository under test, plus the overflowing model moved in beside it as `overflow`."""
     repo = str(tmp_path_factory.mktemp("repo") / "models")
-    assert write_repository(build_dir, repo, instances=1, generate_timeout_s=GENERATE_TIMEOUT_S,
-                            progress=lambda *_: None) == ["persimmon"]
+    assert write_repository(build_dir, repo, instances=1, generate_timeout_s=GENERATE_TIMEOUT_S) == ["persimmon"]
     other = str(tmp_path_factory.mktemp("repo") / "overflow")
-    write_repository(overflow_build, other, name="overflow", progress=lambda *_: None)
+    write_repository(overflow_build, other, name="overflow")
     shutil.move(os.path.join(other, "overflow"), os.path.join(repo, "overflow"))
     return repo
 
@@ -111,7 +109,7 @@ def test_a_tensorrt_build_is_served_by_the_python_model_alone(build_dir, tmp_pat
                          "max_prefill": 4, "profiles": [{}, {}]}
     manifest.save(str(trt_build))
     repo = tmp_path / "repo"
-    assert write_repository(str(trt_build), str(repo), progress=lambda *_: None) == ["persimmon"]
+    assert write_repository(str(trt_build), str(repo)) == ["persimmon"]
     assert [entry for entry in os.listdir(repo) if not entry.startswith(".")] == ["persimmon"]
     config = text_format.Parse((repo / "persimmon" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert config.backend == "python" and config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
@@ -164,7 +162,7 @@ HOSTILE_NAMES = ["", ".", "..", "../../x", "a/../../x", "/abs", "a/b", "a\\b", "
 def test_hostile_model_names_are_refused_before_anything_is_written(build_dir, tmp_path, name):
     out = tmp_path / "deep" / "er" / "repo"
     with pytest.raises(PersimmonError, match="not a usable Triton model name"):
-        write_repository(build_dir, str(out), name=name, progress=lambda *_: None)
+        write_repository(build_dir, str(out), name=name)
     assert not (tmp_path / "deep").exists()
 
 
@@ -173,7 +171,7 @@ def test_model_names_triton_accepts_are_taken(build_dir, tmp_path, name):
     from tritonclient.grpc import model_config_pb2
 
     repo = tmp_path / "repo"
-    assert write_repository(build_dir, str(repo), name=name, progress=lambda *_: None) == [name]
+    assert write_repository(build_dir, str(repo), name=name) == [name]
     config = text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert config.name == name
 
@@ -181,7 +179,7 @@ def test_model_names_triton_accepts_are_taken(build_dir, tmp_path, name):
 @pytest.mark.parametrize("instances", [0, -1, MAX_INSTANCES + 1, 1_000_000, True, 1.5, "2"])
 def test_instance_counts_are_bounded(build_dir, tmp_path, instances):
     with pytest.raises(PersimmonError, match=f"from 1 to {MAX_INSTANCES}"):
-        write_repository(build_dir, str(tmp_path / "repo"), instances=instances, progress=lambda *_: None)
+        write_repository(build_dir, str(tmp_path / "repo"), instances=instances)
     assert not (tmp_path / "repo").exists()
 
 
@@ -205,7 +203,7 @@ def test_python_paths_cannot_inject_code_into_model_py(build_dir, tmp_path):
     hostile = [f"']; open({str(marker)!r}, 'w'); x = ['", f'"]\nopen({str(marker)!r}, "w")\n#', "\\'", "ü\u2028x",
                "{paths}", "\udcff"]  # a path from undecodable argv bytes (surrogateescape)
     repo = tmp_path / "repo"
-    write_repository(build_dir, str(repo), python_paths=hostile, progress=lambda *_: None)
+    write_repository(build_dir, str(repo), python_paths=hostile)
     model_py = str(repo / "persimmon" / "1" / "model.py")
     code = f"""
 import json, runpy, sys

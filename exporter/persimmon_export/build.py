@@ -6,6 +6,7 @@ the runtime reads. The directory appears complete or not at all.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -22,6 +23,7 @@ from .export import (DATA_FILE, MODEL_FILE, OPSET, QK_LAYERNORM_OP, RELU2_SCALE,
                      io_spec)
 from .files import atomic_directory
 
+log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt-rtx")
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -30,7 +32,7 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
           backend: str = "auto", max_prefill: int | None = None, plugins: str = "auto",
           version_compatible: bool = False, timing_cache: str | None = None, opt_level: int = 3,
           workspace_mib: int | None = None, cache_layout: str | None = None, overwrite: bool = False,
-          compute_capabilities: list[str] | None = None, progress=print) -> Manifest:
+          compute_capabilities: list[str] | None = None) -> Manifest:
     """Export `checkpoint` (an HF directory with tokenizer files) into `out_dir`; return its manifest.
 
     max_seq (the KV cache capacity) defaults to min(4096, max_position_embeddings). backend
@@ -50,7 +52,7 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
     if backend == "auto":
         backend = "tensorrt" if TENSORRT.installed()[0] is not None else "onnxruntime"
         if backend == "onnxruntime" and TENSORRT_RTX.installed()[0] is not None:
-            progress("auto: building for onnxruntime; TensorRT-RTX is installed: --backend tensorrt-rtx builds an "
+            log.info("auto: building for onnxruntime; TensorRT-RTX is installed: --backend tensorrt-rtx builds an "
                      "engine for RTX GPUs too")
     flavor = FLAVORS.get(backend)  # None: no engine
     if flavor is not None:
@@ -77,10 +79,10 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
     started = time.perf_counter()
     inputs = (checkpoint, tokenizer.model_file, timing_cache)
     with atomic_directory(out_dir, "build", overwrite=overwrite, inputs=inputs) as tmp:
-        progress(f"exporting {checkpoint} -> {out_dir} ({config.num_hidden_layers} layers, {dtype}, "
+        log.info(f"exporting {checkpoint} -> {out_dir} ({config.num_hidden_layers} layers, {dtype}, "
                  f"kv_capacity {max_seq}, max_batch {max_batch})")
         exported = export_onnx(config, checked_tensors(checkpoint, config), tmp, dtype=dtype, kv_capacity=max_seq,
-                               cache_layout=cache_layout, progress=progress)
+                               cache_layout=cache_layout)
         shutil.copyfile(tokenizer.model_file, os.path.join(tmp, TOKENIZER_FILE))
         inputs, outputs, aliases = io_spec(config, dtype, max_seq, cache_layout)
         eos = config.eos_token_id
@@ -102,12 +104,11 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
                                              plugins=plugins, version_compatible=version_compatible,
                                              timing_cache=timing_cache, opt_level=opt_level,
                                              workspace_mib=workspace_mib, flavor=flavor,
-                                             compute_capabilities=compute_capabilities, shown_as=out_dir,
-                                             progress=progress)
+                                             compute_capabilities=compute_capabilities, shown_as=out_dir)
             for name in {manifest.tensorrt["engine_file"], manifest.tensorrt["onnx_file"]} - set(manifest.files):
                 manifest.files[name] = _file_entry(os.path.join(tmp, name))
         manifest.save(tmp)
-    progress(f"built {out_dir} in {time.perf_counter() - started:.1f}s")
+    log.info(f"built {out_dir} in {time.perf_counter() - started:.1f}s")
     return manifest
 
 

@@ -6,7 +6,7 @@ import argparse
 import math
 import sys
 
-from persimmon_runtime.console import run_command
+from persimmon_runtime.console import add_verbosity_flags, configure_logging, run_command
 from persimmon_runtime.errors import PersimmonError
 
 
@@ -36,6 +36,8 @@ def _parity(args) -> int:
     results = check_parity(args.checkpoint, args.build, prompts=args.prompt or DEFAULT_PROMPTS,
                            decode_steps=args.steps, backends=args.backend, device=args.device,
                            max_abs=args.max_abs_diff, min_top1=args.min_top1)
+    for result in results:
+        print(result.line())
     failed = [r for r in results if not r.passed]
     print("parity: " + ("FAILED for " + ", ".join(r.backend for r in failed) if failed else "all bounds hold"))
     return 1 if failed else 0
@@ -184,11 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="What is the capital of France?", help="the human turn")
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.set_defaults(run=_demo)
+    for command in commands.choices.values():
+        add_verbosity_flags(command)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(args.verbosity)
     return run_command(f"persimmon-export {args.command}", lambda: args.run(args))
 
 

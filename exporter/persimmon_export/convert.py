@@ -9,6 +9,7 @@ nothing from the file is executed, and nothing outside an exact allow-list is im
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -22,7 +23,10 @@ from persimmon_runtime.tokenizer import DEFAULT_BOS, Tokenizer
 from .checkpoint import parse_dtype, save_checkpoint
 from .config import PersimmonConfig
 from .files import check_output
+from .progress import Steps
 from .safe_pickle import load as safe_load
+
+log = logging.getLogger(__name__)
 
 _RENAMES = (  # the upstream converter's renames, applied in order to the flattened key
     ("language_model.encoder", "model"),
@@ -171,7 +175,7 @@ def tokenizer_config(tokenizer: Tokenizer) -> dict:
 
 
 def convert_megatron(source: str, out_dir: str, tokenizer_file: str | None = None, dtype: str | None = None,
-                     max_shard_bytes: int = 2 * 2**30, overwrite: bool = False, progress=print) -> str:
+                     max_shard_bytes: int = 2 * 2**30, overwrite: bool = False) -> str:
     """adept-inference checkpoint -> HF directory (config.json, safetensors, tokenizer files).
 
     An existing `out_dir` is replaced only if it is a checkpoint we wrote and `overwrite` is set.
@@ -185,7 +189,7 @@ def convert_megatron(source: str, out_dir: str, tokenizer_file: str | None = Non
     inputs = (source, path, tokenizer_file)
     check_output(out_dir, "checkpoint", overwrite, inputs)  # refuse before the slow read, not after
     tokenizer = Tokenizer(tokenizer_file, bos_token=DEFAULT_BOS)
-    progress(f"reading {path}")
+    log.info(f"reading {path}")
     ckpt = load_megatron(path)
     tensors = hf_tensors(ckpt["model"])
     config = infer_config(tensors, ckpt.get("args"), tokenizer, source=path)
@@ -196,15 +200,15 @@ def convert_megatron(source: str, out_dir: str, tokenizer_file: str | None = Non
     stored = next(t for t in tensors.values() if t.is_floating_point()).dtype
     config.torch_dtype = str(target or stored).removeprefix("torch.")
     names = [n for n in tensors if not n.endswith(_INV_FREQ)]
-    progress(f"writing {len(names)} tensors ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+    log.info(f"writing {len(names)} tensors ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
              f"{config.torch_dtype}) to {out_dir}")
 
     def stream():
-        for i, name in enumerate(names, 1):
-            t = tensors[name]
-            if i % 50 == 0 or i == len(names):
-                progress(f"  {i}/{len(names)} tensors")
-            yield name, t.to(target) if target is not None and t.is_floating_point() else t
+        with Steps(log, "converting", len(names), "tensors", every=50) as step:
+            for name in names:
+                t = tensors[name]
+                yield name, t.to(target) if target is not None and t.is_floating_point() else t
+                step()
 
     return save_checkpoint(stream(), config, out_dir, max_shard_bytes=max_shard_bytes,
                            extra_files=tokenizer_files(tokenizer), overwrite=overwrite, inputs=inputs)

@@ -8,6 +8,7 @@ identity normalization (newlines and control characters survive), whitespace kep
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tempfile
 import time
@@ -23,6 +24,8 @@ from .config import PersimmonConfig
 from .convert import tokenizer_files
 from .generate import greedy_generate
 from .model import PersimmonForCausalLM
+
+log = logging.getLogger(__name__)
 
 DEMO_TEXTS = [
     "human: What is the capital of France?\n\nadept: The capital of France is Paris.",
@@ -87,17 +90,17 @@ def make_demo_checkpoint(out_dir: str, seed: int = 0, dtype: str = "float32", ov
 
 
 def run_demo(out_dir: str, prompt: str = "What is the capital of France?", max_new_tokens: int = 24,
-             overwrite: bool = False, progress=print) -> str:
+             overwrite: bool = False) -> str:
     """Make the demo checkpoint, load it back and stream a greedy chat answer from the reference model."""
     t0 = time.perf_counter()
     make_demo_checkpoint(out_dir, overwrite=overwrite)
-    progress(f"wrote tiny checkpoint + tokenizer to {out_dir} ({time.perf_counter() - t0:.2f}s)")
+    log.info(f"wrote tiny checkpoint + tokenizer to {out_dir} ({time.perf_counter() - t0:.2f}s)")
     model = load_model(out_dir)
     tokenizer = Tokenizer.from_dir(out_dir)
     text = format_chat(prompt)
     prompt_ids = tokenizer.encode(text)
-    progress(f"prompt ({len(prompt_ids)} tokens): {text!r}")
-    progress("reference model (random weights, so the answer is noise), greedy:")
+    log.info(f"prompt ({len(prompt_ids)} tokens): {text!r}")
+    log.info("reference model (random weights, so the answer is noise), greedy:")
     stream = IncrementalDetokenizer(tokenizer, prompt_ids)
     pieces = []
 
@@ -106,9 +109,10 @@ def run_demo(out_dir: str, prompt: str = "What is the capital of France?", max_n
         print(pieces[-1], end="", flush=True)
 
     t0 = time.perf_counter()
-    greedy_generate(model, torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, on_token=emit)
+    output = greedy_generate(model, torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, on_token=emit)
     pieces.append(stream.finish())
     elapsed = time.perf_counter() - t0
     print(pieces[-1])
-    progress(f"{max_new_tokens} tokens in {elapsed:.2f}s ({max_new_tokens / elapsed:.0f} tokens/s)")
+    generated = output.shape[1] - len(prompt_ids)  # what the model produced, not what was asked for
+    log.info(f"{generated} tokens in {elapsed:.2f}s ({generated / elapsed:.0f} tokens/s)")
     return "".join(pieces)

@@ -31,6 +31,7 @@ What depends on the version:
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
 import shlex
@@ -44,18 +45,13 @@ from persimmon_runtime.backends.tensorrt import parse_version
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import Manifest
 
+from .progress import build_monitor
+
+log = logging.getLogger(__name__)
+
 ENGINE_FILE = "engine.plan"
 FALLBACK_ONNX = "model.trt.onnx"
 PREFILL, DECODE = 0, 1  # optimization profile indices
-# ONNX ops the TensorRT 10.15 parser supports (onnx-tensorrt docs/operators.md) that this graph
-# may use, with the first version that has them where it is recent.
-OP_SINCE = {"TensorScatter": (10, 15), "Attention": (10, 14), "RotaryEmbedding": (10, 15),
-            "RMSNormalization": (10, 15)}
-PARSER_OPS = set(OP_SINCE) | {
-    "Add", "And", "Cast", "CastLike", "Concat", "Constant", "Cos", "Div", "Equal", "Expand", "Gather",
-    "GatherElements", "GatherND", "Gelu", "Greater", "Identity", "LayerNormalization", "Less", "LessOrEqual",
-    "MatMul", "Mul", "Neg", "Not", "Range", "Reshape", "Relu", "ScatterElements", "Shape", "Sigmoid", "Sin",
-    "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where"}
 MAX_REPORTED_ERRORS = 5  # parser errors quoted in the one-line message
 
 
@@ -77,7 +73,6 @@ class Flavor:
     min_version: tuple[int, int]
     max_major: int
     in_place_since: tuple[int, int]   # first version parsing TensorScatter into the KV-cache-update layer
-    parser_ops_as_of: tuple[int, int] | None  # TensorRT version whose parser ops it has (None: its own)
     targets_compute_capabilities: bool  # True: builds for listed GPUs (RTX); False: for the builder's GPU
     aot_plugins: bool                 # has tensorrt.plugin (Python-defined plugins with AOT kernels)
     lean_runtime: bool                # can build version-compatible engines
@@ -93,10 +88,6 @@ class Flavor:
         """'tensor_scatter' (KV-cache-update layer, in place) or 'scatter_elements' (the fallback)."""
         return "tensor_scatter" if version[:2] >= self.in_place_since else "scatter_elements"
 
-    def parser_version(self, version: tuple[int, ...]) -> tuple[int, ...]:
-        """The TensorRT version whose ONNX parser ops `readiness_problems` checks against."""
-        return self.parser_ops_as_of or version
-
     def installed(self) -> tuple[tuple[int, ...] | None, str]:
         """(version, '') when this product's builder imports, else (None, why not)."""
         try:
@@ -111,14 +102,12 @@ class Flavor:
 
 TENSORRT = Flavor(
     backend="tensorrt", product="TensorRT", module="tensorrt", min_version=(10, 9), max_major=11,
-    in_place_since=(10, 15), parser_ops_as_of=None, targets_compute_capabilities=False, aot_plugins=True,
+    in_place_since=(10, 15), targets_compute_capabilities=False, aot_plugins=True,
     lean_runtime=True, timing_cache=True,
     install="install TensorRT (pip install tensorrt from NVIDIA's index, or use an NGC container)")
-# TensorRT-RTX 1.7's parser has the TensorRT 10.15 ops this graph uses (TensorScatter, Attention,
-# RotaryEmbedding, RMSNormalization: checked with OnnxParser.supports_operator).
 TENSORRT_RTX = Flavor(
     backend="tensorrt-rtx", product="TensorRT-RTX", module="tensorrt_rtx", min_version=(1, 7), max_major=1,
-    in_place_since=(1, 7), parser_ops_as_of=(10, 15), targets_compute_capabilities=True, aot_plugins=False,
+    in_place_since=(1, 7), targets_compute_capabilities=True, aot_plugins=False,
     lean_runtime=False, timing_cache=False,
     install="pip install tensorrt-rtx-cu12 (Linux x86_64 and Windows; no GPU needed to build)")
 FLAVORS = {flavor.backend: flavor for flavor in (TENSORRT, TENSORRT_RTX)}
@@ -185,50 +174,6 @@ def optimization_profiles(manifest: Manifest, max_prefill: int) -> list[dict[str
             shapes[name] = ((1, *cache), (batch, *cache), (batch, *cache))
         profiles.append(shapes)
     return profiles
-
-
-def readiness_problems(model: onnx.ModelProto, version: tuple[int, ...], plugins: bool) -> list[str]:
-    """What would stop TensorRT `version` from building this graph (empty when ready).
-
-    Checks every node against the parser's supported ops (custom ops through their function
-    bodies unless plugins are used), TensorScatter's restrictions, and that the graph is strongly
-    typed as is: every elementwise op sees one input type (no implicit casts to infer).
-    """
-    problems = []
-    functions = {f.name: f for f in model.functions}
-    nodes = list(model.graph.node)
-    if not plugins:
-        nodes += [n for f in functions.values() for n in f.node]
-    for node in nodes:
-        if node.domain and node.op_type in functions:
-            continue
-        if node.domain not in ("", "ai.onnx"):
-            problems.append(f"node {node.name}: op {node.domain}.{node.op_type} has no function body or plugin")
-        elif node.op_type not in PARSER_OPS:
-            problems.append(f"node {node.name}: {node.op_type} is not in the TensorRT ONNX parser's supported set")
-        elif version[:2] < OP_SINCE.get(node.op_type, (0, 0)):
-            since = ".".join(map(str, OP_SINCE[node.op_type]))
-            problems.append(f"node {node.name}: {node.op_type} needs TensorRT >= {since}")
-        if node.op_type == "TensorScatter":
-            axis = next((a.i for a in node.attribute if a.name == "axis"), -2)
-            if axis != -2:
-                problems.append(f"node {node.name}: TensorRT's TensorScatter needs axis=-2, got {axis}")
-    try:  # strict inference also proves the graph strongly typed: no node sees mismatched types
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    except onnx.shape_inference.InferenceError as e:
-        problems.append(f"type/shape inference fails: {e}")
-        inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type for v in
-             list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
-    types.update({t.name: t.data_type for t in model.graph.initializer})
-    for node in inferred.graph.node:
-        if node.op_type in ("Add", "Sub", "Mul", "Div", "MatMul", "Where", "Concat"):
-            inputs = node.input[1:] if node.op_type == "Where" else node.input
-            seen = {types.get(name) for name in inputs if name}
-            if len(seen) > 1:
-                names = [TensorProto.DataType.Name(t) for t in seen if t is not None]
-                problems.append(f"node {node.name}: {node.op_type} mixes input types {sorted(names)}")
-    return problems
 
 
 def scatter_elements_fallback(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -406,8 +351,7 @@ def builder_config(trt, flavor: Flavor, builder, profiles: list[dict], targets: 
 def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: str = "auto",
                  version_compatible: bool = False, timing_cache: str | None = None, opt_level: int = 3,
                  workspace_mib: int | None = None, flavor: Flavor = TENSORRT,
-                 compute_capabilities: list[str] | None = None, shown_as: str | None = None,
-                 progress=print) -> dict:
+                 compute_capabilities: list[str] | None = None, shown_as: str | None = None) -> dict:
     """Build `directory`/engine.plan from the exported ONNX; return the manifest's `tensorrt` section.
 
     Messages name `shown_as` (the build's final place) instead of `directory` (where it is written).
@@ -419,28 +363,25 @@ def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: 
     flavor.check_version(version)
     trt = importlib.import_module(flavor.module)
     targets = check_engine_options(flavor, plugins, version_compatible, timing_cache, compute_capabilities)
-    use_plugins = _use_plugins(flavor, plugins, progress)
+    use_plugins = _use_plugins(flavor, plugins)
     onnx_path = os.path.join(directory, manifest.onnx["file"])
     path = flavor.cache_update_path(version)
-    model = onnx.load(onnx_path, load_external_data=False)
     if path == "scatter_elements":
-        model = scatter_elements_fallback(model)
+        model = scatter_elements_fallback(onnx.load(onnx_path, load_external_data=False))
         onnx_path = os.path.join(directory, FALLBACK_ONNX)
         onnx.save(model, onnx_path)  # its initializers still point at model.onnx.data
     onnx_file = os.path.basename(onnx_path)
-    problems = readiness_problems(model, flavor.parser_version(version), use_plugins)
-    if problems:
-        raise EngineError(_one_line(f"{os.path.join(shown_as, onnx_file)}: not buildable with {flavor.product} "
-                                    f"{_dotted(version)}: " + "; ".join(problems[:MAX_REPORTED_ERRORS]),
-                                    directory, shown_as))
     profiles = optimization_profiles(manifest, max_prefill)
-    progress(f"{flavor.product} {trt.__version__}: building ({path} cache update, plugins "
+    log.info(f"{flavor.product} {trt.__version__}: building ({path} cache update, plugins "
              f"{'on' if use_plugins else 'off'}, {len(profiles)} profiles, compute capability "
              f"{', '.join(targets) or 'of this GPU'}) ...")
     parsed = parse_onnx(flavor, onnx_path, shown_as)
     cache = _read_timing_cache(timing_cache)
     config, built_profiles = builder_config(trt, flavor, parsed.builder, profiles, targets, opt_level,
                                             workspace_mib, version_compatible, cache)
+    monitor = build_monitor(trt, log)  # held here: the builder keeps no reference of its own
+    if monitor is not None:
+        config.progress_monitor = monitor
     try:
         built = _build_to_file(trt, parsed, config, os.path.join(directory, ENGINE_FILE))
     except OSError as e:
@@ -525,7 +466,7 @@ def _read_timing_cache(path: str | None) -> bytes | None:
         raise EngineError(f"--timing-cache {path}: cannot be read ({e.strerror})") from None
 
 
-def _use_plugins(flavor: Flavor, plugins: str, progress) -> bool:
+def _use_plugins(flavor: Flavor, plugins: str) -> bool:
     """Register the AOT plugins when asked (on) or when possible (auto)."""
     if plugins == "off":
         return False
@@ -541,7 +482,7 @@ def _use_plugins(flavor: Flavor, plugins: str, progress) -> bool:
     except Exception as e:
         if plugins == "on":
             raise EngineError(f"--plugins on: the plugins cannot be used ({e.__class__.__name__}: {e})") from None
-        progress(f"plugins unavailable ({e}); the parser inlines the custom ops' function bodies")
+        log.info(f"plugins unavailable ({e}); the parser inlines the custom ops' function bodies")
         return False
 
 

@@ -26,6 +26,7 @@ fp16 once x > 256; the exporter folds a power-of-two scale s into the MLP weight
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Iterable
 
@@ -41,7 +42,9 @@ from persimmon_runtime.verify import sha256_file
 
 from .config import PersimmonConfig
 from .model import rope_inv_freq
+from .progress import Steps
 
+log = logging.getLogger(__name__)
 OPSET = 24
 PLUGIN_VERSION = "1"
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
@@ -326,7 +329,7 @@ def _refuse_non_finite(name: str, original: torch.Tensor, target: torch.dtype) -
 
 
 def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str,
-                dtype: str = "float16", kv_capacity: int = 4096, cache_layout: str = "window", progress=print) -> dict:
+                dtype: str = "float16", kv_capacity: int = 4096, cache_layout: str = "window") -> dict:
     """Write out_dir/model.onnx + model.onnx.data; return {"files": {name: {bytes, sha256}}}.
 
     `tensors` streams (name, tensor) in checkpoint names, e.g. `checked_tensors(...)`.
@@ -336,23 +339,25 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
     graph = build_graph(config, dtype, kv_capacity, cache_layout)
     writer = _DataWriter(os.path.join(out_dir, DATA_FILE))
     expected = 4 + 12 * config.num_hidden_layers + (4 if config.qk_layernorm else 0) * config.num_hidden_layers
+    step = Steps(log, "weights", expected, "tensors", every=25)
     try:
-        for count, (name, tensor) in enumerate(tensors, 1):
+        for name, tensor in tensors:
             target, transpose, scale = onnx_layout(name, tensor, config, dtype)
             graph.initializer.append(writer.add(name, tensor, target, transpose, scale))
             if config.tie_word_embeddings and name == "model.embed_tokens.weight":
                 lm_target, _, _ = onnx_layout("lm_head.weight", tensor, config, dtype)
                 graph.initializer.append(writer.add("lm_head.weight", tensor, lm_target, True, 1.0))
-            if count % 25 == 0:
-                progress(f"  {count}/{expected} tensors, {writer.offset / 2**30:.2f} GiB written")
+            log.debug(f"{name}: {tuple(tensor.shape)} {tensor.dtype}")
+            step(f"{writer.offset / 2**30:.2f} GiB written")
     finally:
+        step.close()
         writer.close()
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                     helper.make_opsetid(CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION)],
                               functions=custom_op_functions(), producer_name="persimmon-export")
     model_path = os.path.join(out_dir, MODEL_FILE)
     onnx.save(model, model_path)
-    progress("checking the graph (onnx.checker full check, shape inference) ...")
+    log.info("checking the graph (onnx.checker full check, shape inference) ...")
     try:
         onnx.checker.check_model(model_path, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:

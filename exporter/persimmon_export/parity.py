@@ -9,6 +9,7 @@ greedy generation.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,8 @@ from persimmon_runtime.generator import Generator, decode, prefill
 
 from .checkpoint import load_model
 from .generate import greedy_generate
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = (format_chat("What is the capital of France?"), "The quick brown fox jumps over",
                    "東京は日本の首都です。 Emoji: 🎉")
@@ -82,7 +85,7 @@ def _check_fits(manifest, prompt_ids: list[list[int]], decode_steps: int) -> Non
 @torch.no_grad()
 def check_parity(checkpoint: str, build_dir: str, prompts=DEFAULT_PROMPTS, decode_steps: int = 16,
                  backends=("onnxruntime",), device: str | None = None, max_abs: float | None = None,
-                 min_top1: float | None = None, progress=print) -> list[ParityResult]:
+                 min_top1: float | None = None) -> list[ParityResult]:
     if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 0:
         raise PersimmonError(f"--steps must be a whole number >= 0, got {decode_steps!r}")
     reference = load_model(checkpoint, dtype="float32")
@@ -92,7 +95,7 @@ def check_parity(checkpoint: str, build_dir: str, prompts=DEFAULT_PROMPTS, decod
         dtype = generator.manifest.dtype
         prompt_ids = [generator.tokenizer.encode(p) for p in prompts]
         _check_fits(generator.manifest, prompt_ids, decode_steps)
-        progress(f"{name}: {len(prompt_ids)} prompts, prefill + {decode_steps} decode steps")
+        log.info(f"{name}: {len(prompt_ids)} prompts, prefill + {decode_steps} decode steps")
         logits, tokens = backend_greedy(generator.backend, prompt_ids, decode_steps)
         diffs, prefill_diffs, agree, total, scale = [], [], 0, 0, 0.0
         greedy_identical = 0
@@ -114,5 +117,4 @@ def check_parity(checkpoint: str, build_dir: str, prompts=DEFAULT_PROMPTS, decod
         results.append(ParityResult(name, dtype, decode_steps, float(max(prefill_diffs)), float(max(diffs)), bound,
                                     agree / total, min_top1 if min_top1 is not None else bound_spec["top1"],
                                     greedy_identical, len(prompt_ids), bound_spec["greedy_must_match"]))
-        progress(results[-1].line())
     return results

@@ -14,6 +14,7 @@ on the GPU. A TensorRT build is served by the Python-backend model on the Tensor
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ from persimmon_runtime.manifest import Manifest
 
 from .files import atomic_directory
 
+log = logging.getLogger(__name__)
 KINDS = ("auto", "cpu", "gpu")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
@@ -116,7 +118,7 @@ def _link_or_copy(source: str, target: str) -> None:
 
 def write_repository(build_dir: str, out_dir: str, name: str = "persimmon", kind: str = "auto", instances: int = 1,
                      backend: str = "auto", python_paths: list[str] | None = None, overwrite: bool = False,
-                     generate_timeout_s: float = DEFAULT_GENERATE_TIMEOUT_S, progress=print) -> list[str]:
+                     generate_timeout_s: float = DEFAULT_GENERATE_TIMEOUT_S) -> list[str]:
     """Write the model repository; return the model names in it.
 
     An existing `out_dir` is replaced only if it is a repository we wrote and `overwrite` is set.
@@ -141,5 +143,5 @@ def write_repository(build_dir: str, out_dir: str, name: str = "persimmon", kind
         with open(os.path.join(version_dir, "model.py"), "w") as f:
             f.write(MODEL_PY.format(paths=python_paths))  # repr: a Python literal, whatever the paths hold
         shutil.copytree(build_dir, os.path.join(version_dir, "build"), copy_function=_link_or_copy)
-    progress(f"wrote model repository {out_dir}: {name} ({'GPU' if gpu else 'CPU'} instances x{instances})")
+    log.info(f"wrote model repository {out_dir}: {name} ({'GPU' if gpu else 'CPU'} instances x{instances})")
     return [name]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import signal
 import sys
@@ -17,6 +19,54 @@ class Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum, frame):
     raise Terminated()
+
+
+LOGGERS = ("persimmon_export", "persimmon_runtime", "persimmon_plugins")  # the libraries' module loggers
+LEVELS = {"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG}
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Plain message lines on whatever sys.stdout is when a record comes (a CLI may run in-process,
+    with stdout replaced). Progress goes to stdout so that stderr keeps the one error line."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _):  # StreamHandler.__init__ sets it; the property always answers sys.stdout
+        pass
+
+    def handleError(self, record) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            raise  # the reader went away: stop, like print would (run_command says so in one line)
+        super().handleError(record)
+
+
+_HANDLER = _StdoutHandler()
+
+
+def add_verbosity_flags(parser: argparse.ArgumentParser) -> None:
+    """--quiet / --verbose, read back by `configure_logging(args.verbosity)`."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const="quiet", default="normal",
+                       help="print only warnings and the result (no progress lines or bars)")
+    group.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const="verbose",
+                       help="also print debugging detail (e.g. every tensor as it is written)")
+
+
+def configure_logging(verbosity: str = "normal") -> None:
+    """Show our libraries' log records as plain lines on stdout at the chosen level; other
+    libraries' records stay at their defaults. Idempotent: the CLI may run more than once."""
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(LEVELS[verbosity])
+        if _HANDLER not in logger.handlers:
+            logger.addHandler(_HANDLER)
 
 
 def run_command(prog: str, command: Callable[[], int | None]) -> int:
