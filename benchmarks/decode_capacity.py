@@ -64,7 +64,7 @@ def measure_capacity(context: int, steps: int, capacities) -> dict:
                                 extra_files=tokenizer_files(tokenizer))
         for capacity in capacities:
             out = os.path.join(work, f"build-{capacity}")
-            build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=1, max_seq=capacity)
+            build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=1, kv_capacity=capacity)
             generator = Generator.load(out)
             logits, positions = prefill(generator.backend, [prompt])
             token = logits.argmax(-1)
@@ -81,7 +81,7 @@ def measure_capacity(context: int, steps: int, capacities) -> dict:
         # copied in and out every step (what a naive runtime does)
         session, manifest = generator.backend.session, generator.manifest
         cache = np.zeros((1, *manifest.cache_shape), np.float32)
-        feeds = {"input_ids": np.array([[int(token[0])]]), "cache_position": positions_at_start,
+        feeds = {"input_ids": np.array([[int(token[0])]]), "first_slot": positions_at_start,
                  "token_count": np.ones(1, np.int64), "attention_mask": np.ones((1, capacity), np.int64),
                  **{name: cache for name in manifest.cache_inputs}}
         results[f"session_run_capacity_{capacity}"] = timed(lambda: session.run(["logits"], feeds), steps)

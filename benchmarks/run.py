@@ -122,7 +122,7 @@ def run_config(name: str, work: str, batches, lengths, steps: int, repeats: int,
     checkpoint = save_model(model, os.path.join(work, name), extra_files=tokenizer_files(tokenizer))
     out = os.path.join(work, f"{name}-build")
     build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=max(batches),
-          max_seq=max(lengths) + steps + 2)
+          kv_capacity=max(lengths) + steps + 2)
     generator = Generator.load(out)
     hf = transformers.PersimmonForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     rows = []

@@ -9,7 +9,7 @@ bin=.venv/bin
 echo "== 1. tiny checkpoint + tokenizer (Hugging Face layout), reference model generation"
 $bin/persimmon-export demo --out demo/checkpoint --overwrite
 echo "== 2. build: ONNX float16, KV cache of 512 slots, batches up to 4"
-$bin/persimmon-export build --checkpoint demo/checkpoint --out demo/build --overwrite --dtype float16 --max-seq 512 --max-batch 4
+$bin/persimmon-export build --checkpoint demo/checkpoint --out demo/build --overwrite --dtype float16 --kv-capacity 512 --max-batch 4
 echo "== 3. generate with the onnxruntime runtime (streamed)"
 $bin/persimmon-run demo/build "What is the capital of France?" --chat --max-new-tokens 24
 echo "== 4. parity of the build against the torch reference"

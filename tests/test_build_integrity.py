@@ -19,8 +19,10 @@ from persimmon_runtime.backends import check_step
 from persimmon_runtime.backends.tensorrt import TensorRTBackend
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.generator import Generator
-from persimmon_runtime.manifest import Manifest, ManifestError
+from persimmon_runtime.manifest import FORMAT_VERSION, Manifest, ManifestError, OutdatedBuildError
 from persimmon_runtime.verify import IntegrityError
+
+from manifest_parts import engine_dict, engine_section
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 CAPACITY = 64
@@ -41,7 +43,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def build_dir(checkpoint, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("build") / "fp16")
-    build(checkpoint, out, dtype="float16", max_batch=2, max_seq=CAPACITY, backend="onnxruntime")
+    build(checkpoint, out, dtype="float16", max_batch=2, kv_capacity=CAPACITY, backend="onnxruntime")
     return out
 
 
@@ -154,8 +156,7 @@ def test_corrupt_engine_is_refused_without_tensorrt(copy):
     manifest_path = os.path.join(copy, "manifest.json")
     raw = json.load(open(manifest_path))
     raw["files"]["engine.plan"] = {"bytes": 4096, "sha256": verify.sha256_file(engine)}
-    raw["tensorrt"] = {"version": "10.15.1", "engine_file": "engine.plan", "onnx_file": "model.onnx",
-                       "max_prefill": 8, "profiles": []}
+    raw["tensorrt"] = engine_dict()
     json.dump(raw, open(manifest_path, "w"))
     Manifest.load(copy)
     flip_bytes(engine)
@@ -346,32 +347,69 @@ HOSTILE = [
     ("onnx file unlisted", _set(["onnx", "file"], "evil.onnx"), "onnx.file is 'evil.onnx', which `files`"),
     ("onnx data file missing", _delete(["onnx", "data_file"]), "field onnx.data_file is missing"),
     ("cache layout unknown", _set(["onnx", "cache_layout"], "diagonal"), "field onnx.cache_layout must be"),
-    ("inputs an object", _set(["inputs"], {}), "field inputs must be a list, got dict"),
-    ("input without a name", _delete(["inputs", 0, "name"]), r"field inputs\[0\].name is missing"),
-    ("input shape with a float", _set(["inputs", 1, "shape"], [1.5]), r"field inputs\[1\].shape\[0\] must be"),
-    ("input shape negative", _set(["inputs", 1, "shape"], [-2]), r"inputs\[1\].shape\[0\] must be a dimension"),
-    ("no attention_mask", _set(["inputs", 3, "name"], "mask"), "inputs lacks 'attention_mask'"),
-    ("outputs a string", _set(["outputs"], "logits"), "field outputs must be a list"),
-    ("cache aliases a list", _set(["cache_aliases"], []), "field cache_aliases must be an object, got list"),
-    ("cache alias to nothing", _set(["cache_aliases", "present_key_0"], "nothing"),
+    ("onnx opset recorded", _set(["onnx", "opset"], 24), "unknown field 'onnx.opset'"),
+    ("layers unlike the caches", _set(["model", "num_hidden_layers"], 3),
+     "onnx.cache_aliases pairs 2 caches, but model.num_hidden_layers 3 needs 6"),
+    ("onnx unknown field", _set(["onnx", "relu2_scale"], 16.0), "unknown field 'onnx.relu2_scale'"),
+    ("model unknown field", _set(["model", "hidden_size"], 32), "unknown field 'model.hidden_size'"),
+    ("custom op domain", _set(["onnx", "custom_ops", "domain"], "evil"), "field onnx.custom_ops.domain must be "
+                                                                          "'persimmon'"),
+    ("custom op unknown", _set(["onnx", "custom_ops", "ops"], ["Exec"]), r"field onnx.custom_ops.ops\[0\] must be"),
+    ("custom ops missing", _delete(["onnx", "custom_ops"]), "field onnx.custom_ops is missing"),
+    ("inputs an object", _set(["onnx", "inputs"], {}), "field onnx.inputs must be a list, got dict"),
+    ("input without a name", _delete(["onnx", "inputs", 0, "name"]), r"field onnx.inputs\[0\].name is missing"),
+    ("input dtype unknown", _set(["onnx", "inputs", 0, "dtype"], "int8"), r"field onnx.inputs\[0\].dtype must be"),
+    ("input shape with a float", _set(["onnx", "inputs", 1, "shape"], [1.5]),
+     r"field onnx.inputs\[1\].shape\[0\] must be"),
+    ("input shape negative", _set(["onnx", "inputs", 1, "shape"], [-2]),
+     r"onnx.inputs\[1\].shape\[0\] must be a dimension"),
+    ("no attention_mask", _set(["onnx", "inputs", 3, "name"], "mask"), "onnx.inputs lacks 'attention_mask'"),
+    ("old input name", _set(["onnx", "inputs", 1, "name"], "cache_position"), "onnx.inputs lacks 'first_slot'"),
+    ("outputs a string", _set(["onnx", "outputs"], "logits"), "field onnx.outputs must be a list"),
+    ("cache aliases a list", _set(["onnx", "cache_aliases"], []),
+     "field onnx.cache_aliases must be an object, got list"),
+    ("cache alias to nothing", _set(["onnx", "cache_aliases", "present_key_0"], "nothing"),
      "cache_aliases maps 'present_key_0' -> 'nothing'"),
-    ("cache alias a number", _set(["cache_aliases", "present_key_0"], 0),
-     r"field cache_aliases\['present_key_0'\] must be a string"),
+    ("cache alias a number", _set(["onnx", "cache_aliases", "present_key_0"], 0),
+     r"field onnx.cache_aliases\['present_key_0'\] must be a string"),
     ("tensorrt a list", _set(["tensorrt"], []), "field tensorrt must be an object, got list"),
-    ("tensorrt without engine", _set(["tensorrt"], {"version": "10.15", "onnx_file": "model.onnx",
-                                                    "max_prefill": 8, "profiles": []}),
+    ("tensorrt missing", _delete(["tensorrt"]), "field tensorrt is missing"),
+    ("tensorrt without engine", _set(["tensorrt"], {k: v for k, v in engine_dict().items() if k != "engine_file"}),
      "field tensorrt.engine_file is missing"),
-    ("tensorrt engine unlisted", _set(["tensorrt"], {"version": "10.15", "engine_file": "engine.plan",
-                                                     "onnx_file": "model.onnx", "max_prefill": 8, "profiles": []}),
+    ("tensorrt engine unlisted", _set(["tensorrt"], engine_dict()),
      "tensorrt.engine_file is 'engine.plan', which `files` does not list"),
-    ("tensorrt prefill zero", _set(["tensorrt"], {"version": "10.15", "engine_file": "model.onnx",
-                                                  "onnx_file": "model.onnx", "max_prefill": 0, "profiles": []}),
+    ("tensorrt prefill zero", _set(["tensorrt"], engine_dict(engine_file="model.onnx", max_prefill=0)),
      "field tensorrt.max_prefill must be an integer in 1"),
+    ("tensorrt flavor unknown", _set(["tensorrt"], engine_dict(engine_file="model.onnx", flavor="tensorflow")),
+     "field tensorrt.flavor must be 'tensorrt' or 'tensorrt-rtx'"),
+    ("tensorrt cache update unknown", _set(["tensorrt"], engine_dict(engine_file="model.onnx", cache_update="copy")),
+     "field tensorrt.cache_update must be"),
+    ("tensorrt trtexec a number", _set(["tensorrt"], engine_dict(engine_file="model.onnx", trtexec=7)),
+     "field tensorrt.trtexec must be a string"),
+    ("profiles as indices", _set(["tensorrt"], engine_dict(engine_file="model.onnx", profiles=[{}, {}])),
+     r"field tensorrt.profiles\[0\].role is missing"),
+    ("profile role unknown", _set(["tensorrt"], engine_dict(
+        engine_file="model.onnx", profiles=[{"role": "warmup", "shapes": {}}])),
+     r"tensorrt.profiles\[0\].role must be"),
+    ("profile roles twice", _set(["tensorrt"], engine_dict(
+        engine_file="model.onnx", profiles=[{"role": "prefill", "shapes": {}}] * 2)),
+     r"tensorrt.profiles has roles \['prefill', 'prefill'\], expected one each of \['prefill', 'decode'\]"),
+    ("profile shapes two", _set(["tensorrt"], engine_dict(
+        engine_file="model.onnx", profiles=[{"role": "prefill", "shapes": {"input_ids": [[1, 1], [2, 2]]}},
+                                            {"role": "decode", "shapes": {}}])),
+     r"field tensorrt.profiles\[0\].shapes\['input_ids'\] must be a list of 3 shapes"),
+    ("profile shape negative", _set(["tensorrt"], engine_dict(
+        engine_file="model.onnx", profiles=[{"role": "prefill", "shapes": {"input_ids": [[1], [2], [-3]]}},
+                                            {"role": "decode", "shapes": {}}])),
+     r"field tensorrt.profiles\[0\].shapes\['input_ids'\]\[2\]\[0\] must be an integer in 0"),
     ("exporter_version a number", _set(["exporter_version"], 1), "field exporter_version must be a string"),
     ("unknown field", _set(["run_this"], "rm -rf /"), "unknown field 'run_this'"),
-    ("format_version a string", _set(["format_version"], "1"), "format_version str '1', this runtime reads 1"),
+    ("format_version a string", _set(["format_version"], "2"),
+     f"format_version str '2', this runtime reads {FORMAT_VERSION}"),
     ("format_version true", _set(["format_version"], True), "format_version bool True"),
-    ("format_version 2", _set(["format_version"], 2), "format_version int 2"),
+    ("format_version newer", _set(["format_version"], FORMAT_VERSION + 1),
+     f"format_version int {FORMAT_VERSION + 1}, this runtime reads {FORMAT_VERSION}; upgrade persimmon_runtime"),
+    ("format_version 1", _set(["format_version"], 1), "format_version 1 is from an older persimmon-export"),
     ("format missing", _delete(["format"]), "not a persimmon-build manifest"),
     ("long garbage value", _set(["dtype"], "x" * 10000), r"field dtype must be 'float16' or 'float32', got str 'xxx"),
 ]
@@ -393,6 +431,47 @@ def test_hostile_manifest_fields(build_dir, good_manifest, tmp_path, name, mutat
     with pytest.raises(ManifestError, match=message) as error:
         Manifest.load(str(directory))
     assert len(one_line(error)) < 400
+
+
+def _as_format_1(raw: dict) -> dict:
+    """The manifest as persimmon-export wrote it before format 2: I/O at the top level, old input name."""
+    old = json.loads(json.dumps(raw))
+    graph = old["onnx"]
+    for key in ("inputs", "outputs", "cache_aliases"):
+        old[key] = graph.pop(key)
+    old["inputs"][1]["name"] = "cache_position"
+    old["format_version"] = 1
+    return old
+
+
+def test_an_older_build_is_refused_with_the_rebuild_command(good_manifest, tmp_path, capsys):
+    directory = tmp_path / "old"
+    directory.mkdir()
+    (directory / "manifest.json").write_text(json.dumps(_as_format_1(good_manifest)))
+    with pytest.raises(OutdatedBuildError) as error:
+        Manifest.load(str(directory))
+    assert one_line(error) == (
+        f"{directory / 'manifest.json'}: format_version 1 is from an older persimmon-export; this runtime reads "
+        f"{FORMAT_VERSION}: rebuild with `persimmon-export build --checkpoint CHECKPOINT --out {directory} "
+        f"--overwrite`")
+    code, err = run_cli(capsys, str(directory), "hello")
+    assert code == 2 and "rebuild with `persimmon-export build" in err and err.strip().count("\n") == 0
+
+
+def test_a_loaded_manifest_is_typed_and_saves_back_unchanged(build_dir, good_manifest, tmp_path):
+    manifest = Manifest.load(build_dir)
+    assert manifest.onnx.inputs[1].name == "first_slot" and manifest.onnx.cache_layout == "whole"
+    assert manifest.model.vocab_size == good_manifest["model"]["vocab_size"] and manifest.tensorrt is None
+    manifest.save(str(tmp_path))
+    assert json.loads((tmp_path / "manifest.json").read_text()) == good_manifest
+
+
+def test_save_refuses_what_load_would_refuse(build_dir, tmp_path):
+    manifest = Manifest.load(build_dir)
+    manifest.tensorrt = engine_section()  # its engine.plan is not in `files`
+    with pytest.raises(ManifestError, match="tensorrt.engine_file is 'engine.plan', which `files` does not list"):
+        manifest.save(str(tmp_path))
+    assert not (tmp_path / "manifest.json").exists()
 
 
 HOSTILE_TEXT = [
@@ -472,7 +551,7 @@ def test_build_refuses_non_finite_weights(checkpoint, tmp_path, value, dtype):
     poisoned = _poison(checkpoint, tmp_path, value)
     out = tmp_path / "out"
     with pytest.raises(ExportError, match=rf"checkpoint tensor '{TENSOR}' holds at least 1 NaN/inf value") as error:
-        build(poisoned, str(out), dtype=dtype, max_seq=CAPACITY, backend="onnxruntime")
+        build(poisoned, str(out), dtype=dtype, kv_capacity=CAPACITY, backend="onnxruntime")
     one_line(error)
     assert not out.exists()
 
@@ -481,19 +560,19 @@ def test_build_refuses_weights_that_overflow_float16(checkpoint, tmp_path):
     # relu^2 scaling multiplies dense_4h_to_h by 256: 300 becomes 76800 > 65504
     poisoned = _poison(checkpoint, tmp_path, 300.0)
     with pytest.raises(ExportError, match=rf"'{TENSOR}' has values up to 300, beyond torch.float16.*--dtype float32"):
-        build(poisoned, str(tmp_path / "out"), dtype="float16", max_seq=CAPACITY, backend="onnxruntime")
+        build(poisoned, str(tmp_path / "out"), dtype="float16", kv_capacity=CAPACITY, backend="onnxruntime")
 
 
 def test_values_that_round_to_the_float16_limit_are_built(checkpoint, tmp_path):
     poisoned = _poison(checkpoint, tmp_path, 65510 / 256)  # x256 = 65510: rounds to 65504, finite
-    build(poisoned, str(tmp_path / "out"), dtype="float16", max_seq=CAPACITY, backend="onnxruntime")
+    build(poisoned, str(tmp_path / "out"), dtype="float16", kv_capacity=CAPACITY, backend="onnxruntime")
 
 
 def test_nan_embedding_is_refused_through_the_cli(checkpoint, tmp_path, capsys):
     from persimmon_export import cli as export_cli
 
     poisoned = _poison(checkpoint, tmp_path, math.nan, name="model.embed_tokens.weight")
-    code = export_cli.main(["build", "--checkpoint", poisoned, "--out", str(tmp_path / "out"), "--max-seq", "64",
+    code = export_cli.main(["build", "--checkpoint", poisoned, "--out", str(tmp_path / "out"), "--kv-capacity", "64",
                             "--backend", "onnxruntime"])
     err = capsys.readouterr().err
     assert code == 2 and "'model.embed_tokens.weight' holds at least 1 NaN/inf" in err
@@ -511,11 +590,11 @@ def _step_args(batch=1, seq=1, position=0, count=None, width=None, ids=None):
 
 
 BAD_STEPS = [
-    ("negative position", dict(position=-1, width=1), "cache_position -1 of row 0 is negative"),
+    ("negative position", dict(position=-1, width=1), "first_slot -1 of row 0 is negative"),
     ("position at capacity", dict(position=CAPACITY, width=CAPACITY),
-     f"cache_position {CAPACITY} \\+ 1 new tokens exceeds the KV cache capacity {CAPACITY}"),
+     f"first_slot {CAPACITY} \\+ 1 new tokens exceeds the KV cache capacity {CAPACITY}"),
     ("two tokens from the last slot", dict(position=CAPACITY - 1, seq=2, width=CAPACITY),
-     f"cache_position {CAPACITY - 1} \\+ 2 new tokens exceeds"),
+     f"first_slot {CAPACITY - 1} \\+ 2 new tokens exceeds"),
     ("position wrapping int64", dict(position=2**63 - 1, width=1), "exceeds the KV cache capacity"),
     ("prompt longer than the cache", dict(seq=CAPACITY + 1, width=CAPACITY), "0 \\+ 65 new tokens exceeds"),
     ("zero token count", dict(seq=2, count=0, width=2), "token_count 0 of row 0 is outside 1..2"),
@@ -564,7 +643,7 @@ def test_step_before_start_and_odd_inputs(build_dir):
         backend.step(*_step_args())
     backend.start(1)
     ids, position, count, mask = _step_args()
-    with pytest.raises(PersimmonError, match="step input cache_position must be an integer numpy array, got list"):
+    with pytest.raises(PersimmonError, match="step input first_slot must be an integer numpy array, got list"):
         backend.step(ids, [0], count, mask)
     with pytest.raises(PersimmonError, match=r"token_count has shape \(2,\), expected \(1,\)"):
         backend.step(ids, position, np.ones(2, np.int64), mask)
@@ -576,7 +655,7 @@ def test_step_before_start_and_odd_inputs(build_dir):
 def test_tensorrt_keeps_its_max_prefill_check_after_the_common_one(build_dir):
     backend = TensorRTBackend.__new__(TensorRTBackend)
     backend.manifest, backend.batch = Manifest.load(build_dir), 1
-    backend.manifest.tensorrt = {"max_prefill": 4}
+    backend.manifest.tensorrt = engine_section(max_prefill=4)
     with pytest.raises(PersimmonError, match="5 new tokens in one step exceed the engine's max_prefill 4"):
         backend.step(*_step_args(seq=5))
 
@@ -590,4 +669,4 @@ def test_the_last_slot_is_usable_and_refusals_leave_the_backend_working(onnxrunt
     with pytest.raises(PersimmonError, match="exceeds the KV cache capacity"):
         backend.step(*_step_args(batch=2, position=CAPACITY, width=CAPACITY))
     logits = backend.step(*_step_args(batch=2, position=CAPACITY - 1, ids=prompt[:, -1:]))
-    assert logits.shape == (2, backend.manifest.model["vocab_size"]) and np.isfinite(logits).all()
+    assert logits.shape == (2, backend.manifest.model.vocab_size) and np.isfinite(logits).all()

@@ -100,3 +100,16 @@ def test_build_errors_are_one_line(tmp_path):
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "not a directory" in result.stderr and not (tmp_path / "b").exists()
 
+
+def test_kv_capacity_has_one_name_and_the_old_flag_still_sets_it(capsys):
+    from persimmon_export.cli import build_parser
+
+    parser = build_parser()
+    base = ["build", "--checkpoint", "ckpt", "--out", "build"]
+    assert parser.parse_args(base + ["--kv-capacity", "64"]).kv_capacity == 64
+    assert parser.parse_args(base + ["--max-seq", "96"]).kv_capacity == 96  # what existing scripts pass
+    with pytest.raises(SystemExit):
+        parser.parse_args(["build", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--kv-capacity SLOTS, --max-seq SLOTS" in help_text
+    assert "the manifest's kv_capacity" in help_text and "is an older name of this flag" in help_text

@@ -40,7 +40,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def build_dir(checkpoint, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("build") / "b")
-    build(checkpoint, out, dtype="float32", max_batch=4, max_seq=48)
+    build(checkpoint, out, dtype="float32", max_batch=4, kv_capacity=48)
     return out
 
 
@@ -131,7 +131,7 @@ def test_unreadable_checkpoint_is_one_line_naming_it(checkpoint, tmp_path, lock)
     target.chmod(0)
     result = subprocess.run([*without_permission_override(), os.path.join(BIN, "persimmon-export"), "build",
                              "--checkpoint", str(ck), "--out", str(tmp_path / "out"), "--dtype", "float32",
-                             "--max-seq", "32"], capture_output=True, timeout=300)
+                             "--kv-capacity", "32"], capture_output=True, timeout=300)
     assert_one_line(result, target.name)
     err = result.stderr.decode()
     assert "ermission denied" in err and "not found" not in err
@@ -142,7 +142,7 @@ def test_a_non_utf8_checkpoint_path_is_named_as_such(checkpoint, tmp_path):
     ck = os.path.join(os.fsencode(str(tmp_path)), b"ck\xff")
     shutil.copytree(os.fsencode(checkpoint), ck)
     result = run("persimmon-export", "build", "--checkpoint", ck, "--out", str(tmp_path / "out"), "--dtype", "float32",
-                 "--max-seq", "32")
+                 "--kv-capacity", "32")
     assert_one_line(result, "opens only UTF-8 paths")
     assert "truncated" not in result.stderr.decode()
 

@@ -33,6 +33,8 @@ from persimmon_runtime.backends.cuda import compute_capability
 from persimmon_runtime.manifest import Manifest, ManifestError
 from persimmon_runtime.verify import IntegrityError
 
+from manifest_parts import engine_section
+
 TRT_VERSION, TRT_MISSING = TENSORRT.installed()
 RTX_VERSION, RTX_MISSING = TENSORRT_RTX.installed()
 GPU = compute_capability()  # 'unknown' without a GPU (or without cuda-python)
@@ -47,7 +49,7 @@ def built(tmp_path_factory):
     for dtype in ("float16", "float32"):
         out[dtype] = str(root / dtype)
         # the TensorRT graph (static cache length, sliced), exported without TensorRT
-        build(checkpoint, out[dtype], dtype=dtype, max_batch=4, max_seq=64, backend="onnxruntime",
+        build(checkpoint, out[dtype], dtype=dtype, max_batch=4, kv_capacity=64, backend="onnxruntime",
               cache_layout="window")
     return checkpoint, out
 
@@ -77,7 +79,7 @@ def test_versions():
 def test_profiles_cover_prefill_and_decode(built):
     manifest = Manifest.load(built[1]["float16"])
     prefill, decode = optimization_profiles(manifest, max_prefill=32)
-    assert set(prefill) == set(decode) == {s["name"] for s in manifest.inputs}
+    assert set(prefill) == set(decode) == {spec.name for spec in manifest.onnx.inputs}
     assert prefill["input_ids"] == ((1, 1), (4, 32), (4, 32))
     assert decode["input_ids"] == ((1, 1), (4, 1), (4, 1))
     assert decode["attention_mask"] == ((1, 1), (4, 32), (4, 64))
@@ -145,7 +147,7 @@ def test_scatter_elements_fallback_computes_the_same_step(built):
         sessions = [ort.InferenceSession(os.path.join(directory, f), providers=["CPUExecutionProvider"])
                     for f in ("model.onnx", "fallback-test.onnx")]
         rng = np.random.default_rng(0)
-        feeds = {"input_ids": np.array([[5, 6, 7], [8, 9, 10]], np.int64), "cache_position": np.array([2, 7]),
+        feeds = {"input_ids": np.array([[5, 6, 7], [8, 9, 10]], np.int64), "first_slot": np.array([2, 7]),
                  "token_count": np.array([3, 2]), "attention_mask": np.ones((2, 10), np.int64)}
         for name in manifest.cache_inputs:  # a cache with earlier contents, written at two offsets
             feeds[name] = rng.normal(size=(2, *manifest.cache_shape)).astype(np.float32)
@@ -165,7 +167,7 @@ def test_equivalent_command_lines(built):
     assert "--stronglyTyped" in trtexec and "--versionCompatible" in trtexec
     assert trtexec.count("--profile=0") == trtexec.count("--profile=1") == 1
     assert next(a for a in trtexec if a.startswith("--minShapes")).startswith(
-        "--minShapes=input_ids:1x1,cache_position:1,token_count:1,attention_mask:1x1,past_key_0:1x")
+        "--minShapes=input_ids:1x1,first_slot:1,token_count:1,attention_mask:1x1,past_key_0:1x")
     assert any(a.startswith("--optShapes=input_ids:4x16,") for a in trtexec)
     assert "--memPoolSize=workspace:2048M" in trtexec and "--timingCacheFile=timing.cache" in trtexec
     assert "--stronglyTyped" not in trtexec_command("m", "e", profiles, (11, 0), False, None, 3, None)
@@ -182,7 +184,7 @@ def test_equivalent_command_lines(built):
 def test_runtime_refuses_a_mismatched_engine_with_the_reason():
     from persimmon_runtime.backends.tensorrt import check_engine_compatible
 
-    section = {"version": "10.15.1.29", "compute_capabilities": ["9.0"], "version_compatible": False}
+    section = engine_section(version="10.15.1.29", compute_capabilities=["9.0"], version_compatible=False)
     check_engine_compatible(section, "10.15.1.29", "9.0")
     with pytest.raises(PersimmonError, match=r"runs on TensorRT 10.15.1.29 on a GPU of compute capability 9.0; "
                                              r"this machine has TensorRT 11.0.0.*--version-compatible"):
@@ -190,7 +192,7 @@ def test_runtime_refuses_a_mismatched_engine_with_the_reason():
     with pytest.raises(PersimmonError, match=r"compute capability 9.0; this GPU has compute capability 8.0: "
                                              r"rebuild it here with `persimmon-export build --backend tensorrt`"):
         check_engine_compatible(section, "10.15.1.29", "8.0")
-    compatible = {**section, "version_compatible": True}
+    compatible = engine_section(version="10.15.1.29", compute_capabilities=["9.0"], version_compatible=True)
     check_engine_compatible(compatible, "11.2.0", "9.0")  # loads on newer TensorRT
     with pytest.raises(PersimmonError, match=r"TensorRT 10.15.1.29 or newer .*\(version compatible\); this machine "
                                              r"has TensorRT 10.14"):
@@ -200,8 +202,8 @@ def test_runtime_refuses_a_mismatched_engine_with_the_reason():
 def test_runtime_says_where_a_tensorrt_rtx_engine_runs():
     from persimmon_runtime.backends.tensorrt import check_engine_compatible, where_engine_runs
 
-    section = {"flavor": "tensorrt-rtx", "version": "1.7.1.116", "compute_capabilities": ["8.6", "8.9", "12.0"],
-               "version_compatible": False}
+    section = engine_section(flavor="tensorrt-rtx", version="1.7.1.116", compute_capabilities=["8.6", "8.9", "12.0"],
+                             version_compatible=False)
     assert where_engine_runs(section) == "TensorRT-RTX 1.7.1.116 on a GPU of compute capability 8.6, 8.9 or 12.0"
     check_engine_compatible(section, "1.7.1.116", "8.9")
     with pytest.raises(PersimmonError, match=r"this GPU has compute capability 9.0: rebuild it with .*"
@@ -232,8 +234,8 @@ def test_build_for_tensorrt_without_it_is_one_clear_error(built, tmp_path):
 @pytest.mark.skipif(TRT_VERSION is not None, reason="NVIDIA TensorRT is installed here: auto builds with it")
 def test_auto_never_picks_tensorrt_rtx(built, tmp_path, caplog):
     caplog.set_level(logging.INFO, "persimmon_export")
-    manifest = build(built[0], str(tmp_path / "auto"), max_batch=2, max_seq=64)
-    assert manifest.tensorrt is None and manifest.onnx["cache_layout"] == "whole"
+    manifest = build(built[0], str(tmp_path / "auto"), max_batch=2, kv_capacity=64)
+    assert manifest.tensorrt is None and manifest.onnx.cache_layout == "whole"
     assert not (tmp_path / "auto" / "engine.plan").exists()
     if RTX_VERSION is not None:  # it is only pointed out
         assert "--backend tensorrt-rtx builds an engine" in caplog.text
@@ -275,7 +277,7 @@ RTX_CONFIGS = {
     "full-rotary-fp32": (dict(hidden_size=80, num_attention_heads=4, intermediate_size=192, num_hidden_layers=3,
                               partial_rotary_factor=1.0), "float32"),
 }
-RTX_BUILD = dict(max_batch=2, max_seq=64, max_prefill=16)
+RTX_BUILD = dict(max_batch=2, kv_capacity=64, max_prefill=16)
 
 
 @pytest.fixture(scope="module")
@@ -301,8 +303,7 @@ def _tensors(network, count, get):
 
 def _expected_tensors(specs, trt):
     dtypes = {"int64": trt.int64, "float16": trt.float16, "float32": trt.float32}
-    return [(s["name"], dtypes[s["dtype"]], tuple(-1 if isinstance(d, str) else d for d in s["shape"]))
-            for s in specs]
+    return [(s.name, dtypes[s.dtype], tuple(-1 if isinstance(d, str) else d for d in s.shape)) for s in specs]
 
 
 @needs_rtx
@@ -312,18 +313,18 @@ def test_rtx_network_is_strongly_typed_and_updates_each_cache_in_place(rtx_build
 
     directory = rtx_builds[name][1]
     manifest = Manifest.load(directory)
-    parsed = parse_onnx(TENSORRT_RTX, os.path.join(directory, manifest.tensorrt["onnx_file"]))
+    parsed = parse_onnx(TENSORRT_RTX, os.path.join(directory, manifest.tensorrt.onnx_file))
     network = parsed.network
     assert network.get_flag(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     layers = _layers(network)
     updates = [layer for layer in layers if layer.type == trt.LayerType.KV_CACHE_UPDATE]
-    assert len(updates) == 2 * manifest.num_layers  # k and v per model layer
+    assert len(updates) == 2 * manifest.model.num_hidden_layers  # k and v per model layer
     # each writes into the cache input that manifest.cache_aliases pairs with its output
     pairs = {(layer.get_output(0).name, layer.get_input(0).name) for layer in updates}
     assert pairs == set(manifest.cache_aliases.items())
     assert not [layer.name for layer in layers if layer.type == trt.LayerType.SCATTER]  # no copying fallback
-    assert _tensors(network, network.num_inputs, network.get_input) == _expected_tensors(manifest.inputs, trt)
-    assert _tensors(network, network.num_outputs, network.get_output) == _expected_tensors(manifest.outputs, trt)
+    assert _tensors(network, network.num_inputs, network.get_input) == _expected_tensors(manifest.onnx.inputs, trt)
+    assert _tensors(network, network.num_outputs, network.get_output) == _expected_tensors(manifest.onnx.outputs, trt)
 
 
 @needs_rtx
@@ -334,20 +335,22 @@ def test_rtx_build_records_what_it_built(rtx_builds, name):
     directory = rtx_builds[name][1]
     manifest = Manifest.load(directory, verify_checksums=True)
     section = manifest.tensorrt
-    assert (section["flavor"], section["version"]) == ("tensorrt-rtx", trt.__version__)
-    assert section["compute_capabilities"] == choose_targets(TENSORRT_RTX, trt, None)
-    assert "8.9" in section["compute_capabilities"] and "7.5" not in section["compute_capabilities"]
-    assert (section["cache_update"], section["plugins"], section["version_compatible"]) == \
-        ("tensor_scatter", False, False)
-    assert "trtexec" not in section  # TensorRT-RTX's pip package has no trtexec
-    # the profiles as TensorRT held them when building (read back from its profile objects)
+    assert (section.flavor, section.version) == ("tensorrt-rtx", trt.__version__)
+    assert section.compute_capabilities == choose_targets(TENSORRT_RTX, trt, None)
+    assert "8.9" in section.compute_capabilities and "7.5" not in section.compute_capabilities
+    assert (section.cache_update, section.plugin_ptx, section.version_compatible) == ("tensor_scatter", None, False)
+    assert section.trtexec is None  # TensorRT-RTX's pip package has no trtexec
+    # the profiles as TensorRT held them when building (read back from its profile objects), by role
     intended = optimization_profiles(manifest, RTX_BUILD["max_prefill"])
-    assert section["profiles"] == [{name: [list(s) for s in shapes] for name, shapes in p.items()} for p in intended]
-    engine = os.path.join(directory, section["engine_file"])
+    assert [profile.role for profile in section.profiles] == ["prefill", "decode"]
+    assert [profile.shapes for profile in section.profiles] == \
+        [{name: [list(s) for s in shapes] for name, shapes in p.items()} for p in intended]
+    assert section.profiles[section.profile_index("decode")].shapes["input_ids"][2] == [RTX_BUILD["max_batch"], 1]
+    engine = os.path.join(directory, section.engine_file)
     with open(engine, "rb") as f:
         data = f.read()
     assert len(data) > 100_000  # a serialized engine, not an empty or stub file
-    assert manifest.files[section["engine_file"]] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert manifest.files[section.engine_file] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 @needs_rtx
@@ -372,11 +375,11 @@ def test_the_recorded_polygraphy_line_rebuilds_the_engine(rtx_builds, tmp_path):
     manifest = Manifest.load(str(copy))
     built = os.path.getsize(copy / "engine.plan")
     os.remove(copy / "engine.plan")
-    command = shlex.split(manifest.tensorrt["polygraphy"])
+    command = shlex.split(manifest.tensorrt.polygraphy)
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     result = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    targets = manifest.tensorrt["compute_capabilities"]
+    targets = manifest.tensorrt.compute_capabilities
     assert f"Setting {len(targets)} target compute capabilities" in result.stdout + result.stderr
     assert os.path.getsize(copy / "engine.plan") == built
 
@@ -393,7 +396,7 @@ def test_the_scatter_elements_fallback_graph_builds(rtx_builds, tmp_path, termin
     shutil.copyfile(os.path.join(directory, "model.onnx.data"), tmp_path / "model.onnx.data")
     parsed = parse_onnx(TENSORRT_RTX, str(path))
     types = [layer.type for layer in _layers(parsed.network)]
-    assert types.count(trt.LayerType.SCATTER) == 2 * manifest.num_layers
+    assert types.count(trt.LayerType.SCATTER) == 2 * manifest.model.num_hidden_layers
     assert trt.LayerType.KV_CACHE_UPDATE not in types
     config, _ = builder_config(trt, TENSORRT_RTX, parsed.builder, optimization_profiles(manifest, 16), ["8.9"])
     caplog.set_level(logging.INFO, "persimmon_export")
@@ -471,7 +474,7 @@ Generator.load({directory!r}, backend="tensorrt")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "tensorrt_rtx is not installed: engine.plan runs on TensorRT-RTX " in result.stderr
-    targets = Manifest.load(directory).tensorrt["compute_capabilities"]
+    targets = Manifest.load(directory).tensorrt.compute_capabilities
     listed = f"{', '.join(targets[:-1])} or {targets[-1]}"
     assert f"on a GPU of compute capability {listed} (pip install tensorrt-rtx-cu12)" in result.stderr
 
@@ -527,6 +530,6 @@ def test_tiny_rtx_engine_matches_torch_and_onnxruntime(built, tmp_path):
 def _check_engine_parity(checkpoint, out, backend):
     from persimmon_export.parity import check_parity
 
-    build(checkpoint, out, dtype="float16", max_batch=4, max_seq=64, backend=backend, max_prefill=32)
+    build(checkpoint, out, dtype="float16", max_batch=4, kv_capacity=64, backend=backend, max_prefill=32)
     results = check_parity(checkpoint, out, decode_steps=16, backends=("tensorrt", "onnxruntime"), device="cuda")
     assert all(r.passed for r in results), [r.line() for r in results]

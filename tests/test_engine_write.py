@@ -17,7 +17,7 @@ RTX_VERSION, RTX_MISSING = TENSORRT_RTX.installed()
 def test_a_full_disk_while_the_engine_streams_out_is_one_clear_error(tmp_path):
     checkpoint = make_demo_checkpoint(str(tmp_path / "ckpt"), seed=3)
     out = str(tmp_path / "build")
-    build(checkpoint, out, max_batch=2, max_seq=32, backend="onnxruntime", cache_layout="window")
+    build(checkpoint, out, max_batch=2, kv_capacity=32, backend="onnxruntime", cache_layout="window")
     os.symlink("/dev/full", os.path.join(out, ENGINE_FILE))  # every write fails with ENOSPC
     with pytest.raises(EngineError) as raised:
         build_engine(out, Manifest.load(out), max_prefill=8, flavor=TENSORRT_RTX, compute_capabilities=["8.9"],

@@ -17,11 +17,12 @@ from persimmon_export.build import build
 from persimmon_export.checkpoint import CheckpointError, load_model
 from persimmon_export.demo import make_demo_checkpoint
 from persimmon_export.engine import TENSORRT_RTX
-from persimmon_export.export import QK_LAYERNORM_OP, ROTARY_OP, ExportError
+from persimmon_export.export import ExportError
 from persimmon_export.parity import check_parity
 from persimmon_runtime import PersimmonError
+from persimmon_runtime.custom_ops import QK_LAYERNORM_OP, ROTARY_OP
 from persimmon_runtime.generator import Generator
-from persimmon_runtime.manifest import Manifest
+from persimmon_runtime.manifest import CustomOps, Manifest
 
 CONFIGS = {
     "base": {},
@@ -38,7 +39,7 @@ def step_feeds(manifest, ids, slots):
     """Prefill feeds for a direct session run: empty caches of `slots` slots, mask as wide."""
     heads, _, head_dim = manifest.cache_shape
     dtype = np.float16 if manifest.dtype == "float16" else np.float32
-    feeds = {"input_ids": ids, "cache_position": np.zeros(1, np.int64),
+    feeds = {"input_ids": ids, "first_slot": np.zeros(1, np.int64),
              "token_count": np.array([ids.shape[1]], np.int64), "attention_mask": np.ones((1, slots), np.int64)}
     feeds.update({name: np.zeros((1, heads, slots, head_dim), dtype) for name in manifest.cache_inputs})
     return feeds
@@ -57,9 +58,9 @@ def builds(checkpoints, tmp_path_factory):
     out = {}
     for name, checkpoint in checkpoints.items():
         out[name, "float32"] = str(root / f"{name}-fp32")
-        build(checkpoint, out[name, "float32"], dtype="float32", max_batch=4, max_seq=128, backend="onnxruntime")
+        build(checkpoint, out[name, "float32"], dtype="float32", max_batch=4, kv_capacity=128, backend="onnxruntime")
     out["base", "float16"] = str(root / "base-fp16")
-    build(checkpoints["base"], out["base", "float16"], dtype="float16", max_batch=4, max_seq=128,
+    build(checkpoints["base"], out["base", "float16"], dtype="float16", max_batch=4, kv_capacity=128,
           backend="onnxruntime")
     return out
 
@@ -70,9 +71,10 @@ def test_build_directory_is_self_describing(builds):
                                              "tokenizer.model"]
     manifest = Manifest.load(directory, verify_checksums=True)
     assert (manifest.dtype, manifest.kv_capacity, manifest.max_batch) == ("float16", 128, 4)
-    assert manifest.onnx["custom_ops"] == {"domain": "persimmon", "version": 1, "ops": [QK_LAYERNORM_OP, ROTARY_OP]}
+    assert manifest.onnx.custom_ops == CustomOps("persimmon", 1, [QK_LAYERNORM_OP, ROTARY_OP])
     assert manifest.cache_aliases["present_key_0"] == "past_key_0"
-    assert [i["name"] for i in manifest.inputs[:4]] == ["input_ids", "cache_position", "token_count", "attention_mask"]
+    assert [spec.name for spec in manifest.onnx.inputs[:4]] == ["input_ids", "first_slot", "token_count",
+                                                               "attention_mask"]
     assert manifest.files["model.onnx.data"]["bytes"] == os.path.getsize(os.path.join(directory, "model.onnx.data"))
 
 
@@ -181,10 +183,10 @@ def test_model_runs_in_a_fresh_onnxruntime_session_without_custom_op_library(bui
     directory = builds["base", "float16"]
     session = ort.InferenceSession(os.path.join(directory, "model.onnx"), providers=["CPUExecutionProvider"])
     manifest = Manifest.load(directory)
-    assert manifest.onnx["cache_layout"] == "whole"  # onnxruntime builds: cache length is a graph dimension
+    assert manifest.onnx.cache_layout == "whole"  # onnxruntime builds: cache length is a graph dimension
     feeds = step_feeds(manifest, np.array([[1, 2, 3]], np.int64), slots=8)
     logits, present_key_0 = session.run(["logits", "present_key_0"], feeds)
-    assert logits.shape == (1, manifest.model["vocab_size"]) and logits.dtype == np.float32
+    assert logits.shape == (1, manifest.model.vocab_size) and logits.dtype == np.float32
     assert np.isfinite(logits).all()
     assert np.abs(present_key_0[0, :, :3]).sum() > 0 and not present_key_0[0, :, 3:].any()  # written at slots 0..2
 
@@ -204,7 +206,7 @@ def test_cache_is_updated_in_place_through_io_binding(builds):
 def test_dynamic_rope_scaling_is_refused_clearly(tmp_path):
     checkpoint = make_demo_checkpoint(str(tmp_path / "dyn"), rope_scaling={"type": "dynamic", "factor": 2.0})
     with pytest.raises(ExportError, match="rope_scaling 'dynamic' cannot be exported"):
-        build(checkpoint, str(tmp_path / "out"), max_seq=128, backend="onnxruntime")
+        build(checkpoint, str(tmp_path / "out"), kv_capacity=128, backend="onnxruntime")
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -217,14 +219,14 @@ def test_failed_build_leaves_the_old_directory_and_no_temp(checkpoints, builds, 
     config["intermediate_size"] += 8
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="has shape"):
-        build(str(broken), str(out), dtype="float32", max_seq=128, backend="onnxruntime", overwrite=True)
+        build(str(broken), str(out), dtype="float32", kv_capacity=128, backend="onnxruntime", overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["broken", "build"]
     Manifest.load(str(out), verify_checksums=True)  # the previous build is intact
 
 
 def test_bad_build_options(checkpoints, tmp_path):
-    with pytest.raises(ExportError, match="--max-seq must be in"):
-        build(checkpoints["base"], str(tmp_path / "o"), max_seq=10**6, backend="onnxruntime")
+    with pytest.raises(ExportError, match="--kv-capacity must be in"):
+        build(checkpoints["base"], str(tmp_path / "o"), kv_capacity=10**6, backend="onnxruntime")
     with pytest.raises(ExportError, match="--max-batch must be >= 1"):
         build(checkpoints["base"], str(tmp_path / "o"), max_batch=0, backend="onnxruntime")
     with pytest.raises(PersimmonError, match="not a directory"):

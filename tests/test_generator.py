@@ -29,7 +29,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def build_dir(checkpoint, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("build") / "b")
-    build(checkpoint, out, dtype="float32", max_batch=2, max_seq=96)
+    build(checkpoint, out, dtype="float32", max_batch=2, kv_capacity=96)
     return out
 
 

@@ -64,7 +64,7 @@ def test_corrupt_weights_give_one_error_line_not_token_0(build_dir, tmp_path, va
 
 
 def test_float16_overflow_is_named_with_the_float32_remedy(checkpoint, build_dir, tmp_path):
-    build(checkpoint, str(tmp_path / "b16"), dtype="float16", max_batch=1, max_seq=32)
+    build(checkpoint, str(tmp_path / "b16"), dtype="float16", max_batch=1, kv_capacity=32)
     # A large but finite LayerNorm weight: the activations it scales pass float16's 65504 and
     # overflow to inf (then inf - inf = NaN downstream); in float32 the same weights are fine.
     tensor = "model.layers.0.input_layernorm.weight"

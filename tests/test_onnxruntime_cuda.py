@@ -39,7 +39,7 @@ def test_cuda_provider_matches_cpu(tmp_path, dtype):
     checkpoint = make_demo_checkpoint(str(tmp_path / "ckpt"), seed=11, max_position_embeddings=64, hidden_size=64,
                                       intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     out = str(tmp_path / "build")
-    build(checkpoint, out, dtype=dtype, backend="onnxruntime", max_batch=1, max_seq=64)
+    build(checkpoint, out, dtype=dtype, backend="onnxruntime", max_batch=1, kv_capacity=64)
     on_gpu = Generator.load(out, backend="onnxruntime", device="cuda").backend
     # onnxruntime falls back to CPU, with only a log line, when the CUDA libraries do not load
     assert on_gpu.session.get_providers()[0] == "CUDAExecutionProvider"

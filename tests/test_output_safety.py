@@ -30,7 +30,7 @@ from persimmon_export.demo import make_demo_checkpoint
 from persimmon_export.files import MARKER, OutputError, atomic_directory, check_output, read_marker
 from persimmon_runtime.manifest import Manifest
 
-SMALL_BUILD = dict(dtype="float32", max_seq=16, max_batch=1, backend="onnxruntime")
+SMALL_BUILD = dict(dtype="float32", kv_capacity=16, max_batch=1, backend="onnxruntime")
 CONSOLE = os.path.join(os.path.dirname(sys.executable), "persimmon-export")
 
 
@@ -165,7 +165,7 @@ def test_overwrite_replaces_our_previous_build(workspace, tmp_path, capsys):
     ck, out = str(workspace / "models" / "ck"), str(tmp_path / "b")
     build(ck, out, **SMALL_BUILD)
     assert Manifest.load(out).max_batch == 1
-    code, err = run_cli(capsys, "build", "--checkpoint", ck, "--out", out, "--dtype", "float32", "--max-seq", "16",
+    code, err = run_cli(capsys, "build", "--checkpoint", ck, "--out", out, "--dtype", "float32", "--kv-capacity", "16",
                         "--max-batch", "3", "--backend", "onnxruntime", "--overwrite")
     assert code == 0, err
     assert Manifest.load(out).max_batch == 3 and sorted(os.listdir(tmp_path)) == ["b"]
@@ -213,7 +213,7 @@ def test_sigterm_during_a_build_cleans_up_and_keeps_the_old_build(workspace, tmp
     build(str(workspace / "models" / "ck"), str(out), **SMALL_BUILD)
     before = snapshot(tmp_path)
     process = subprocess.Popen([CONSOLE, "build", "--checkpoint", str(workspace / "models" / "ck"), "--out", str(out),
-                                "--overwrite", "--dtype", "float32", "--max-seq", "16", "--backend", "onnxruntime"],
+                                "--overwrite", "--dtype", "float32", "--kv-capacity", "16", "--backend", "onnxruntime"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not temps_in(tmp_path) and process.poll() is None and time.monotonic() < deadline:
@@ -291,7 +291,7 @@ def test_no_write_permission_is_one_line(workspace, tmp_path):
     locked.mkdir()
     locked.chmod(0o555)
     result = subprocess.run([*without_permission_override(), CONSOLE, "build", "--checkpoint", str(workspace / "models" / "ck"),
-                             "--out", str(locked / "b"), "--dtype", "float32", "--max-seq", "16",
+                             "--out", str(locked / "b"), "--dtype", "float32", "--kv-capacity", "16",
                              "--backend", "onnxruntime"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert f"{locked}/b: cannot create it (Permission denied); check the permissions" in result.stderr
@@ -313,7 +313,7 @@ def tiny_disk(tmp_path):
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(workspace, tiny_disk, capsys):
     code, err = run_cli(capsys, "build", "--checkpoint", str(workspace / "models" / "ck"), "--out",
-                        str(tiny_disk / "b"), "--dtype", "float32", "--max-seq", "16", "--backend", "onnxruntime")
+                        str(tiny_disk / "b"), "--dtype", "float32", "--kv-capacity", "16", "--backend", "onnxruntime")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "No space left on device; the disk is full" in err and str(tiny_disk / "b") in err
     assert os.listdir(tiny_disk) == []
@@ -333,7 +333,7 @@ def _limit_file_size():
 
 def test_the_file_size_limit_is_one_line_and_leaves_nothing(workspace, tmp_path):
     result = subprocess.run([CONSOLE, "build", "--checkpoint", str(workspace / "models" / "ck"), "--out",
-                             str(tmp_path / "b"), "--dtype", "float32", "--max-seq", "16", "--backend", "onnxruntime"],
+                             str(tmp_path / "b"), "--dtype", "float32", "--kv-capacity", "16", "--backend", "onnxruntime"],
                             capture_output=True, text=True, timeout=120, preexec_fn=_limit_file_size)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "File too large" in result.stderr and str(tmp_path / "b") in result.stderr

@@ -17,7 +17,9 @@ import pytest
 from persimmon_export.config import PersimmonConfig
 from persimmon_export.export import build_graph, custom_op_functions
 import persimmon_plugins
-from persimmon_plugins import KERNELS, NAMESPACE, QK_LAYERNORM_OP, ROTARY_OP
+from persimmon_plugins import KERNELS
+from persimmon_runtime.custom_ops import CUSTOM_OP_DOMAIN as NAMESPACE
+from persimmon_runtime.custom_ops import QK_LAYERNORM_OP, ROTARY_OP
 from persimmon_plugins.compile import (ARCHITECTURES, PTX_ISA_MIN_CUDA, PTX_TARGET, CompileError, compile_kernel,
                                        nvcc, plugin_ptx_requirements, ptx_isa_version)
 

@@ -13,6 +13,8 @@ import pytest
 from persimmon_runtime.backends.tensorrt import TensorRTBackend
 from persimmon_runtime.errors import PersimmonError
 
+from manifest_parts import engine_dict
+
 
 class RecordingRuntime:
     """The graph calls of cuda-python's runtime module, (error, value) tuples included."""
@@ -127,17 +129,18 @@ def test_graphs_are_made_and_destroyed_through_cuda_python():
 # ---- the plugins' PTX against the driver ----
 
 from persimmon_runtime.backends.tensorrt import check_driver_runs_plugin_ptx  # noqa: E402
+from persimmon_runtime.manifest import PluginPtx  # noqa: E402
 
 
 @pytest.mark.parametrize("driver", [13000, 13010, 14000])
 def test_a_driver_as_new_as_the_ptx_runs_it(driver):
-    check_driver_runs_plugin_ptx({"plugin_ptx": {"isa": "9.0", "min_driver_cuda": "13.0"}}, driver)
+    check_driver_runs_plugin_ptx(PluginPtx("9.0", "13.0"), driver)
 
 
 @pytest.mark.parametrize("driver, shown", [(12090, "12.9"), (12040, "12.4"), (11080, "11.8")])
 def test_an_older_driver_is_refused_with_what_to_do(driver, shown):
     with pytest.raises(PersimmonError) as error:
-        check_driver_runs_plugin_ptx({"plugin_ptx": {"isa": "9.0", "min_driver_cuda": "13.0"}}, driver)
+        check_driver_runs_plugin_ptx(PluginPtx("9.0", "13.0"), driver)
     message = str(error.value)
     assert f"PTX ISA 9.0, which needs an NVIDIA driver for CUDA 13.0 or newer; this machine's driver supports " \
            f"CUDA {shown}: update the driver, or rebuild with an nvcc from CUDA {shown} or older, or with " \
@@ -146,15 +149,14 @@ def test_an_older_driver_is_refused_with_what_to_do(driver, shown):
 
 def test_minor_versions_count_for_ptx():
     """PTX JIT has no minor-version compatibility: a CUDA 12.4 driver cannot run 12.8's PTX."""
-    section = {"plugin_ptx": {"isa": "8.7", "min_driver_cuda": "12.8"}}
+    ptx = PluginPtx("8.7", "12.8")
     with pytest.raises(PersimmonError, match="supports CUDA 12.4"):
-        check_driver_runs_plugin_ptx(section, 12040)
-    check_driver_runs_plugin_ptx(section, 12080)
+        check_driver_runs_plugin_ptx(ptx, 12040)
+    check_driver_runs_plugin_ptx(ptx, 12080)
 
 
-@pytest.mark.parametrize("section", [{}, {"plugin_ptx": None}, {"plugins": False}])
-def test_engines_without_plugin_ptx_need_no_particular_driver(section):
-    check_driver_runs_plugin_ptx(section, 11000)
+def test_engines_without_plugin_ptx_need_no_particular_driver():
+    check_driver_runs_plugin_ptx(None, 11000)
 
 
 @pytest.fixture(scope="module")
@@ -168,15 +170,15 @@ def raw_manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("ptx-manifest")
     checkpoint = make_demo_checkpoint(str(root / "ckpt"), seed=3, max_position_embeddings=32, hidden_size=32,
                                       intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    build(checkpoint, str(root / "build"), dtype="float32", backend="onnxruntime", max_batch=1, max_seq=32)
+    build(checkpoint, str(root / "build"), dtype="float32", backend="onnxruntime", max_batch=1, kv_capacity=32)
     with open(root / "build" / "manifest.json") as f:
         return json.load(f)
 
 
 def _with_plugin_ptx(raw, value):
     raw = dict(raw, files=dict(raw["files"], **{"engine.plan": {"bytes": 1, "sha256": "0" * 64}}))
-    raw["tensorrt"] = {"version": "10.15.1", "engine_file": "engine.plan", "onnx_file": raw["onnx"]["file"],
-                       "max_prefill": 4, "profiles": [{}, {}], "plugins": True, "plugin_ptx": value}
+    raw["tensorrt"] = engine_dict(plugin_ptx=None)
+    raw["tensorrt"]["plugin_ptx"] = value
     return raw
 
 
@@ -195,7 +197,7 @@ def test_the_manifest_accepts_recorded_plugin_ptx(raw_manifest, value):
     ({"isa": "9.0", "min_driver_cuda": "13.0.1"}, "tensorrt.plugin_ptx.min_driver_cuda"),
     ({"isa": "9.0", "min_driver_cuda": "13.0\n"}, "tensorrt.plugin_ptx.min_driver_cuda"),
     ({"isa": "٩.٠", "min_driver_cuda": "13.0"}, "tensorrt.plugin_ptx.isa"),  # Unicode digits are not versions
-    ({"isa": "9.0", "min_driver_cuda": "13.0", "extra": 1}, "'extra'"),
+    ({"isa": "9.0", "min_driver_cuda": "13.0", "extra": 1}, "unknown field 'tensorrt.plugin_ptx.extra'"),
 ])
 def test_the_manifest_refuses_bad_plugin_ptx_naming_the_field(raw_manifest, value, field):
     from persimmon_runtime.manifest import ManifestError, validate

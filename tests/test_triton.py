@@ -29,6 +29,8 @@ from persimmon_runtime import PersimmonError
 from persimmon_runtime.generator import Generator
 from persimmon_runtime.triton_model import RequestSettings, parse_parameters
 
+from manifest_parts import engine_section
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = os.path.join(ROOT, ".cache", "tritonserver", "pytriton", "tritonserver")
 LIBS = os.path.join(ROOT, ".cache", "tritonserver", "nvidia_pytriton.libs")
@@ -47,7 +49,7 @@ def build_dir(tmp_path_factory):
     checkpoint = make_demo_checkpoint(str(root / "ckpt"), seed=5, max_position_embeddings=CAPACITY, hidden_size=256,
                                       intermediate_size=1024, num_hidden_layers=4)
     out = str(root / "build")
-    build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=2, max_seq=CAPACITY)
+    build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=2, kv_capacity=CAPACITY)
     return out
 
 
@@ -64,7 +66,7 @@ def overflow_build(tmp_path_factory):
     weights["lm_head.weight"] = np.full_like(weights["lm_head.weight"], 3e38)
     save_file(weights, weights_file, metadata={"format": "pt"})
     out = str(root / "build")
-    build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=1, max_seq=64)
+    build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=1, kv_capacity=64)
     return out
 
 
@@ -105,8 +107,7 @@ def test_a_tensorrt_build_is_served_by_the_python_model_alone(build_dir, tmp_pat
     (trt_build / "engine.plan").write_bytes(engine)
     manifest = Manifest.load(str(trt_build))
     manifest.files["engine.plan"] = {"bytes": len(engine), "sha256": hashlib.sha256(engine).hexdigest()}
-    manifest.tensorrt = {"version": "10.15.1", "engine_file": "engine.plan", "onnx_file": manifest.onnx["file"],
-                         "max_prefill": 4, "profiles": [{}, {}]}
+    manifest.tensorrt = engine_section()
     manifest.save(str(trt_build))
     repo = tmp_path / "repo"
     assert write_repository(str(trt_build), str(repo)) == ["persimmon"]

@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 
-from persimmon_runtime.manifest import CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION, Manifest
+from persimmon_runtime.manifest import Manifest, ModelShape, TokenizerSection
 from persimmon_runtime.tokenizer import Tokenizer
 from persimmon_runtime.verify import sha256_file
 
@@ -19,8 +19,7 @@ from . import __version__
 from .checkpoint import check_directory, checked_tensors
 from .config import PersimmonConfig
 from .engine import FLAVORS, TENSORRT, TENSORRT_RTX, build_engine, check_engine_options
-from .export import (DATA_FILE, MODEL_FILE, OPSET, QK_LAYERNORM_OP, RELU2_SCALE, ROTARY_OP, ExportError, export_onnx,
-                     io_spec)
+from .export import ExportError, export_onnx
 from .files import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -28,14 +27,15 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt-rtx")
 TOKENIZER_FILE = "tokenizer.model"
 
 
-def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int = 8, max_seq: int | None = None,
-          backend: str = "auto", max_prefill: int | None = None, plugins: str = "auto",
+def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int = 8,
+          kv_capacity: int | None = None, backend: str = "auto", max_prefill: int | None = None, plugins: str = "auto",
           version_compatible: bool = False, timing_cache: str | None = None, opt_level: int = 3,
           workspace_mib: int | None = None, cache_layout: str | None = None, overwrite: bool = False,
           compute_capabilities: list[str] | None = None) -> Manifest:
     """Export `checkpoint` (an HF directory with tokenizer files) into `out_dir`; return its manifest.
 
-    max_seq (the KV cache capacity) defaults to min(4096, max_position_embeddings). backend
+    kv_capacity (cache slots per sequence: prompt + generated tokens; the CLI's --kv-capacity)
+    defaults to min(4096, max_position_embeddings). backend
     "tensorrt" (NVIDIA TensorRT) or "tensorrt-rtx" (TensorRT-RTX) also builds an engine; "auto"
     builds a TensorRT engine when NVIDIA TensorRT's builder imports, and never picks TensorRT-RTX
     (its engines run only on the GPUs it targets: that is a choice to make, not a default). The
@@ -45,8 +45,8 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
     """
     checkpoint = check_directory(checkpoint)
     config = PersimmonConfig.from_file(checkpoint)
-    if max_seq is None:
-        max_seq = min(4096, config.max_position_embeddings)
+    if kv_capacity is None:
+        kv_capacity = min(4096, config.max_position_embeddings)
     if backend not in BACKENDS:
         raise ExportError(f"backend {backend!r} is not available; choose one of {BACKENDS}")
     if backend == "auto":
@@ -61,10 +61,10 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
             raise ExportError(f"--backend {backend}: {missing}")
     if max_batch < 1:
         raise ExportError(f"--max-batch must be >= 1, got {max_batch}")
-    if not 2 <= max_seq <= config.max_position_embeddings:
-        raise ExportError(f"--max-seq must be in [2, max_position_embeddings={config.max_position_embeddings}], "
-                          f"got {max_seq}")
-    max_prefill = max_prefill or min(max_seq, 2048)
+    if not 2 <= kv_capacity <= config.max_position_embeddings:
+        raise ExportError(f"--kv-capacity must be in [2, max_position_embeddings={config.max_position_embeddings}], "
+                          f"got {kv_capacity}")
+    max_prefill = max_prefill or min(kv_capacity, 2048)
     cache_layout = cache_layout or ("whole" if flavor is None else "window")
     if flavor is not None and cache_layout != "window":
         raise ExportError(f"{flavor.product} builds need cache_layout 'window' (a static cache length for its "
@@ -73,31 +73,25 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
         check_engine_options(flavor, plugins, version_compatible, timing_cache, compute_capabilities)
     elif compute_capabilities:
         raise ExportError("--compute-capabilities is for --backend tensorrt-rtx")
-    if not 1 <= max_prefill <= max_seq:
-        raise ExportError(f"--max-prefill must be in [1, max_seq={max_seq}], got {max_prefill}")
+    if not 1 <= max_prefill <= kv_capacity:
+        raise ExportError(f"--max-prefill must be in [1, kv_capacity={kv_capacity}], got {max_prefill}")
     tokenizer = Tokenizer.from_dir(checkpoint)
     started = time.perf_counter()
     inputs = (checkpoint, tokenizer.model_file, timing_cache)
     with atomic_directory(out_dir, "build", overwrite=overwrite, inputs=inputs) as tmp:
         log.info(f"exporting {checkpoint} -> {out_dir} ({config.num_hidden_layers} layers, {dtype}, "
-                 f"kv_capacity {max_seq}, max_batch {max_batch})")
-        exported = export_onnx(config, checked_tensors(checkpoint, config), tmp, dtype=dtype, kv_capacity=max_seq,
-                               cache_layout=cache_layout)
+                 f"kv_capacity {kv_capacity}, max_batch {max_batch})")
+        graph, files = export_onnx(config, checked_tensors(checkpoint, config), tmp, dtype=dtype,
+                                   kv_capacity=kv_capacity, cache_layout=cache_layout)
         shutil.copyfile(tokenizer.model_file, os.path.join(tmp, TOKENIZER_FILE))
-        inputs, outputs, aliases = io_spec(config, dtype, max_seq, cache_layout)
         eos = config.eos_token_id
         manifest = Manifest(
-            dtype=dtype, max_batch=max_batch, kv_capacity=max_seq,
-            model={**config.to_dict(), "head_dim": config.head_dim, "rotary_dims": config.rotary_dims},
-            tokenizer={"file": TOKENIZER_FILE, "add_bos": tokenizer.add_bos, "bos_token": tokenizer.bos_token,
-                       "eos_token": tokenizer.eos_token},
+            dtype=dtype, max_batch=max_batch, kv_capacity=kv_capacity,
+            model=ModelShape(config.vocab_size, config.num_hidden_layers, config.num_attention_heads,
+                             config.head_dim),
+            tokenizer=TokenizerSection(TOKENIZER_FILE, tokenizer.add_bos, tokenizer.bos_token, tokenizer.eos_token),
             eos_token_ids=[] if eos is None else list(eos) if isinstance(eos, list) else [eos],
-            onnx={"file": MODEL_FILE, "data_file": DATA_FILE, "opset": OPSET, "relu2_scale": RELU2_SCALE[dtype],
-                  "cache_layout": cache_layout,
-                  "custom_ops": {"domain": CUSTOM_OP_DOMAIN, "version": CUSTOM_OP_VERSION,
-                                 "ops": [QK_LAYERNORM_OP, ROTARY_OP] if config.qk_layernorm else [ROTARY_OP]}},
-            inputs=inputs, outputs=outputs, cache_aliases=aliases,
-            files={**exported["files"], TOKENIZER_FILE: _file_entry(os.path.join(tmp, TOKENIZER_FILE))},
+            onnx=graph, files={**files, TOKENIZER_FILE: _file_entry(os.path.join(tmp, TOKENIZER_FILE))},
             exporter_version=__version__)
         if flavor is not None:
             manifest.tensorrt = build_engine(tmp, manifest, max_prefill=max_prefill,
@@ -105,7 +99,7 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
                                              timing_cache=timing_cache, opt_level=opt_level,
                                              workspace_mib=workspace_mib, flavor=flavor,
                                              compute_capabilities=compute_capabilities, shown_as=out_dir)
-            for name in {manifest.tensorrt["engine_file"], manifest.tensorrt["onnx_file"]} - set(manifest.files):
+            for name in {manifest.tensorrt.engine_file, manifest.tensorrt.onnx_file} - set(manifest.files):
                 manifest.files[name] = _file_entry(os.path.join(tmp, name))
         manifest.save(tmp)
     log.info(f"built {out_dir} in {time.perf_counter() - started:.1f}s")

@@ -23,7 +23,7 @@ def _convert(args) -> None:
 def _build(args) -> None:
     from .build import build
 
-    build(args.checkpoint, args.out, dtype=args.dtype, max_batch=args.max_batch, max_seq=args.max_seq,
+    build(args.checkpoint, args.out, dtype=args.dtype, max_batch=args.max_batch, kv_capacity=args.kv_capacity,
           backend=args.backend, max_prefill=args.max_prefill, plugins=args.plugins,
           version_compatible=args.version_compatible, timing_cache=args.timing_cache, opt_level=args.opt_level,
           workspace_mib=int(args.workspace_gb * 1024) if args.workspace_gb else None, overwrite=args.overwrite,
@@ -106,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights, activations and KV cache (default float16; LayerNorm, softmax and logits "
                             "stay fp32)")
     build.add_argument("--max-batch", type=int, default=8, help="largest batch the runtime will run (default 8)")
-    build.add_argument("--max-seq", type=int,
-                       help="KV cache capacity per sequence: prompt + generated tokens (default: 4096, or the "
-                            "model's max_position_embeddings if smaller)")
+    # --max-seq: the flag's first name, kept so that existing scripts still build
+    build.add_argument("--kv-capacity", "--max-seq", dest="kv_capacity", type=int, metavar="SLOTS",
+                       help="KV cache slots per sequence, prompt + generated tokens: the manifest's kv_capacity "
+                            "(default: 4096, or the model's max_position_embeddings if smaller; --max-seq is an "
+                            "older name of this flag)")
     build.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt", "tensorrt-rtx"], default="auto",
                        help="tensorrt: also build an NVIDIA TensorRT engine (10.9 - 11.x; for the GPU it builds on); "
                             "tensorrt-rtx: a TensorRT-RTX engine (1.7 - 1.x; builds without a GPU, runs on the RTX "
@@ -116,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "importable, else onnxruntime (never tensorrt-rtx)")
     trt = build.add_argument_group("TensorRT engine (--backend tensorrt or tensorrt-rtx)")
     trt.add_argument("--max-prefill", type=int,
-                     help="most new tokens in one prefill step (profile 0; default min(max-seq, 2048))")
+                     help="most new tokens in one prefill step (profile 0; default min(kv-capacity, 2048))")
     trt.add_argument("--plugins", choices=["auto", "on", "off"], default="auto",
                      help="custom ops as ahead-of-time plugin kernels (tensorrt only; needs nvcc at build time) or, "
                           "off, as the ONNX function bodies; auto uses them when possible")

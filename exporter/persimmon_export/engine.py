@@ -43,7 +43,7 @@ from onnx import TensorProto, helper
 from persimmon_runtime.backends.cuda import compute_capability
 from persimmon_runtime.backends.tensorrt import parse_version
 from persimmon_runtime.errors import PersimmonError
-from persimmon_runtime.manifest import Manifest
+from persimmon_runtime.manifest import PROFILE_ROLES, EngineSection, Manifest, PluginPtx, Profile
 
 from .progress import build_monitor
 
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 
 ENGINE_FILE = "engine.plan"
 FALLBACK_ONNX = "model.trt.onnx"
-PREFILL, DECODE = 0, 1  # optimization profile indices
 MAX_REPORTED_ERRORS = 5  # parser errors quoted in the one-line message
 
 
@@ -154,19 +153,22 @@ def choose_targets(flavor: Flavor, trt, requested: list[str] | None) -> list[str
 
 
 def optimization_profiles(manifest: Manifest, max_prefill: int) -> list[dict[str, tuple]]:
-    """Profile 0 serves prefill (up to max_prefill new tokens), profile 1 decode (one token).
+    """One profile per PROFILE_ROLES entry, in that order: prefill (up to max_prefill new tokens
+    per row), then decode (one new token per row).
 
     Each maps every input to (min, opt, max) shapes; batch spans 1..max_batch in both.
     """
     batch, capacity = manifest.max_batch, manifest.kv_capacity
     if not 1 <= max_prefill <= capacity:
-        raise EngineError(f"--max-prefill must be in [1, max_seq={capacity}], got {max_prefill}")
+        raise EngineError(f"--max-prefill must be in [1, kv_capacity={capacity}], got {max_prefill}")
     cache = manifest.cache_shape
+    new_tokens = {"prefill": (max_prefill, max_prefill), "decode": (1, max(1, capacity // 2))}  # (seq, kv opt)
     profiles = []
-    for seq, kv_opt in ((max_prefill, max_prefill), (1, max(1, capacity // 2))):
+    for role in PROFILE_ROLES:
+        seq, kv_opt = new_tokens[role]
         shapes = {
             "input_ids": ((1, 1), (batch, seq), (batch, seq)),
-            "cache_position": ((1,), (batch,), (batch,)),
+            "first_slot": ((1,), (batch,), (batch,)),
             "token_count": ((1,), (batch,), (batch,)),
             "attention_mask": ((1, 1), (batch, kv_opt), (batch, capacity)),
         }
@@ -351,7 +353,7 @@ def builder_config(trt, flavor: Flavor, builder, profiles: list[dict], targets: 
 def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: str = "auto",
                  version_compatible: bool = False, timing_cache: str | None = None, opt_level: int = 3,
                  workspace_mib: int | None = None, flavor: Flavor = TENSORRT,
-                 compute_capabilities: list[str] | None = None, shown_as: str | None = None) -> dict:
+                 compute_capabilities: list[str] | None = None, shown_as: str | None = None) -> EngineSection:
     """Build `directory`/engine.plan from the exported ONNX; return the manifest's `tensorrt` section.
 
     Messages name `shown_as` (the build's final place) instead of `directory` (where it is written).
@@ -364,7 +366,7 @@ def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: 
     trt = importlib.import_module(flavor.module)
     targets = check_engine_options(flavor, plugins, version_compatible, timing_cache, compute_capabilities)
     use_plugins = _use_plugins(flavor, plugins)
-    onnx_path = os.path.join(directory, manifest.onnx["file"])
+    onnx_path = os.path.join(directory, manifest.onnx.file)
     path = flavor.cache_update_path(version)
     if path == "scatter_elements":
         model = scatter_elements_fallback(onnx.load(onnx_path, load_external_data=False))
@@ -394,18 +396,17 @@ def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: 
     if timing_cache:
         with open(timing_cache, "wb") as f:
             f.write(memoryview(config.get_timing_cache().serialize()))
-    section = {
-        "flavor": flavor.backend, "version": _dotted(version), "engine_file": ENGINE_FILE, "onnx_file": onnx_file,
-        "compute_capabilities": [t for t in targets if t != "unknown"], "version_compatible": version_compatible,
-        "cache_update": path, "plugins": use_plugins, "plugin_ptx": _plugin_ptx(use_plugins),
-        "max_prefill": max_prefill, "profiles": built_profiles,
-        "polygraphy": polygraphy_command(onnx_file, ENGINE_FILE, profiles, version_compatible, timing_cache,
-                                         opt_level, workspace_mib, flavor, targets),
-    }
-    if flavor is TENSORRT:  # TensorRT-RTX's own command-line tool is not part of its pip package
-        section["trtexec"] = trtexec_command(onnx_file, ENGINE_FILE, profiles, version, version_compatible,
-                                             timing_cache, opt_level, workspace_mib)
-    return section
+    # TensorRT-RTX's own command-line tool is not part of its pip package: no trtexec line
+    trtexec = trtexec_command(onnx_file, ENGINE_FILE, profiles, version, version_compatible, timing_cache,
+                              opt_level, workspace_mib) if flavor is TENSORRT else None
+    return EngineSection(
+        flavor=flavor.backend, version=_dotted(version), engine_file=ENGINE_FILE, onnx_file=onnx_file,
+        compute_capabilities=[t for t in targets if t != "unknown"], version_compatible=version_compatible,
+        cache_update=path, plugin_ptx=_plugin_ptx(use_plugins), max_prefill=max_prefill,
+        profiles=[Profile(role, shapes) for role, shapes in zip(PROFILE_ROLES, built_profiles)],
+        polygraphy=polygraphy_command(onnx_file, ENGINE_FILE, profiles, version_compatible, timing_cache,
+                                      opt_level, workspace_mib, flavor, targets),
+        trtexec=trtexec)
 
 
 def check_engine_options(flavor: Flavor, plugins: str = "auto", version_compatible: bool = False,
@@ -486,9 +487,9 @@ def _use_plugins(flavor: Flavor, plugins: str) -> bool:
         return False
 
 
-def _plugin_ptx(use_plugins: bool) -> dict | None:
-    """What a driver needs to JIT-compile the plugins' PTX in the engine: {"isa", "min_driver_cuda"}."""
+def _plugin_ptx(use_plugins: bool) -> PluginPtx | None:
+    """What a driver needs to JIT-compile the plugins' PTX in the engine (None: no plugins)."""
     if not use_plugins:
         return None
     from persimmon_plugins.compile import plugin_ptx_requirements
-    return plugin_ptx_requirements()
+    return PluginPtx(**plugin_ptx_requirements())

@@ -7,14 +7,15 @@ would need the whole model materialised and inlines the custom-op functions.)
 
 One graph serves prefill and decode. Per row b of the batch:
 - `input_ids[b, :token_count[b]]` are the row's new tokens (right-padded to `seq`);
-- they are written into the cache at slots `cache_position[b] ...` (opset-24 `TensorScatter`,
+- they are written into the cache at slots `first_slot[b] ...` (opset-24 `TensorScatter`,
   which onnxruntime does in place when the cache output is bound to the input's buffer and
   which TensorRT maps to its KV-cache-update layer); position = slot;
 - attention reads the first `kv_length` slots (the width of `attention_mask`), causally, skipping
-  slots whose mask is 0. Two layouts keep the decode cost following the context, not the
-  capacity: `window` (for TensorRT) has caches of static length max_seq and slices the first
-  kv_length slots; `whole` (for onnxruntime, whose Slice copies) has caches whose length is a
-  graph dimension, `kv_length`, which the runtime grows in steps, and reads them whole;
+  slots whose mask is 0. Two cache layouts (`manifest.CACHE_LAYOUTS`) keep the decode cost
+  following the context, not the capacity: `window` (for TensorRT) has caches of static length
+  kv_capacity and slices the first kv_length slots; `whole` (for onnxruntime, whose Slice
+  copies) has caches whose length is a graph dimension, `kv_length`, which the runtime grows in
+  steps, and reads them whole;
 - `logits[b]` (fp32) are those of the row's last new token.
 
 fp16 graphs keep LayerNorm statistics, rotary tables, softmax and logits in fp32 with explicit
@@ -35,9 +36,9 @@ import onnx
 import torch
 from onnx import AttributeProto, TensorProto, helper
 
-from persimmon_plugins import QK_LAYERNORM_OP, ROTARY_OP
+from persimmon_runtime.custom_ops import CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION, PLUGIN_VERSION, QK_LAYERNORM_OP, ROTARY_OP
 from persimmon_runtime.errors import PersimmonError
-from persimmon_runtime.manifest import CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION
+from persimmon_runtime.manifest import CACHE_LAYOUTS, CustomOps, GraphSection, TensorSpec
 from persimmon_runtime.verify import sha256_file
 
 from .config import PersimmonConfig
@@ -46,7 +47,6 @@ from .progress import Steps
 
 log = logging.getLogger(__name__)
 OPSET = 24
-PLUGIN_VERSION = "1"
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -130,36 +130,36 @@ class _GraphBuilder:
         return name
 
 
-CACHE_LAYOUTS = ("window", "whole")
-
-
-def io_spec(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_layout: str) -> tuple[list, list, dict]:
-    """Graph inputs and outputs ({"name", "dtype", "shape"}) and cache output -> input aliases."""
+def graph_section(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_layout: str) -> GraphSection:
+    """The manifest's `onnx` section for this graph: files, I/O, cache aliases, layout, custom ops."""
     length = kv_capacity if cache_layout == "window" else "kv_length"
     cache_shape = ["batch", config.num_attention_heads, length, config.head_dim]
-    inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
-              {"name": "cache_position", "dtype": "int64", "shape": ["batch"]},
-              {"name": "token_count", "dtype": "int64", "shape": ["batch"]},
-              {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "kv_length"]}]
-    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", config.vocab_size]}]
+    inputs = [TensorSpec("input_ids", "int64", ["batch", "seq"]),
+              TensorSpec("first_slot", "int64", ["batch"]),
+              TensorSpec("token_count", "int64", ["batch"]),
+              TensorSpec("attention_mask", "int64", ["batch", "kv_length"])]
+    outputs = [TensorSpec("logits", "float32", ["batch", config.vocab_size])]
     aliases = {}
     for layer in range(config.num_hidden_layers):
         for kind in ("key", "value"):
-            inputs.append({"name": f"past_{kind}_{layer}", "dtype": dtype, "shape": cache_shape})
-            outputs.append({"name": f"present_{kind}_{layer}", "dtype": dtype, "shape": cache_shape})
+            inputs.append(TensorSpec(f"past_{kind}_{layer}", dtype, cache_shape))
+            outputs.append(TensorSpec(f"present_{kind}_{layer}", dtype, cache_shape))
             aliases[f"present_{kind}_{layer}"] = f"past_{kind}_{layer}"
-    return inputs, outputs, aliases
+    ops = [QK_LAYERNORM_OP, ROTARY_OP] if config.qk_layernorm else [ROTARY_OP]
+    return GraphSection(file=MODEL_FILE, data_file=DATA_FILE, cache_layout=cache_layout,
+                        custom_ops=CustomOps(CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION, ops),
+                        inputs=inputs, outputs=outputs, cache_aliases=aliases)
 
 
-def _value_info(spec):
-    elem = {"int64": TensorProto.INT64, **ONNX_DTYPES}[spec["dtype"]]
-    return helper.make_tensor_value_info(spec["name"], elem, spec["shape"])
+def _value_info(spec: TensorSpec):
+    elem = {"int64": TensorProto.INT64, **ONNX_DTYPES}[spec.dtype]
+    return helper.make_tensor_value_info(spec.name, elem, spec.shape)
 
 
 def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_layout: str = "window") -> onnx.GraphProto:
     """The step graph, with initializers left out (the caller adds them as external data)."""
     if cache_layout not in CACHE_LAYOUTS:
-        raise ExportError(f"cache layout {cache_layout!r} is not one of {CACHE_LAYOUTS}")
+        raise ExportError(f"cache layout {cache_layout!r} is not one of {tuple(CACHE_LAYOUTS)}")
     if config.rope_scaling_type == "dynamic":
         raise ExportError("rope_scaling 'dynamic' cannot be exported yet: its frequencies change with the "
                           "sequence length; use a config without dynamic scaling")
@@ -175,7 +175,7 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_lay
             {"0": [0], "1": [1], "2": [2], "01": [0, 1]}.items()}
     seq = g.op("Gather", g.op("Shape", "input_ids"), one, axis=0, name="seq_len")  # scalar
     kv_length = g.op("Gather", g.op("Shape", "attention_mask"), axes["1"], axis=0, name="kv_length")  # [1]
-    positions = g.op("Add", g.op("Unsqueeze", "cache_position", axes["1"]),
+    positions = g.op("Add", g.op("Unsqueeze", "first_slot", axes["1"]),
                      g.op("Unsqueeze", g.op("Range", zero, seq, one), axes["0"]), name="positions")  # [B, T]
     slots = g.op("Range", zero, g.op("Squeeze", kv_length), one, name="slots")  # [kv]
     causal = g.op("LessOrEqual", g.op("Unsqueeze", slots, axes["01"]), g.op("Unsqueeze", positions, axes["2"]))
@@ -228,7 +228,7 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_lay
         q, k, v = (g.op("Transpose", t, perm=[0, 2, 1, 3]) for t in (q, k, v))  # [B, heads, T, head_dim]
         caches = []
         for kind, new in (("key", k), ("value", v)):
-            present = g.op("TensorScatter", f"past_{kind}_{i}", new, "cache_position", axis=-2,
+            present = g.op("TensorScatter", f"past_{kind}_{i}", new, "first_slot", axis=-2,
                            outputs=[f"present_{kind}_{i}"], name=f"{p}.cache_update_{kind}")
             caches.append(g.op("Slice", present, axes["0"], kv_length, axes["2"])
                           if cache_layout == "window" else present)
@@ -247,9 +247,9 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_lay
     logits = g.op("MatMul", final, "lm_head.weight")
     g.op("Cast", logits, to=f32, outputs=["logits"]) if half else g.op("Identity", logits, outputs=["logits"])
 
-    inputs, outputs, _ = io_spec(config, dtype, kv_capacity, cache_layout)
-    return helper.make_graph(g.nodes, "persimmon_step", [_value_info(s) for s in inputs],
-                             [_value_info(s) for s in outputs])
+    section = graph_section(config, dtype, kv_capacity, cache_layout)
+    return helper.make_graph(g.nodes, "persimmon_step", [_value_info(s) for s in section.inputs],
+                             [_value_info(s) for s in section.outputs])
 
 
 def onnx_layout(name: str, tensor: torch.Tensor, config: PersimmonConfig, dtype: str):
@@ -329,8 +329,10 @@ def _refuse_non_finite(name: str, original: torch.Tensor, target: torch.dtype) -
 
 
 def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str,
-                dtype: str = "float16", kv_capacity: int = 4096, cache_layout: str = "window") -> dict:
-    """Write out_dir/model.onnx + model.onnx.data; return {"files": {name: {bytes, sha256}}}.
+                dtype: str = "float16", kv_capacity: int = 4096,
+                cache_layout: str = "window") -> tuple[GraphSection, dict]:
+    """Write out_dir/model.onnx + model.onnx.data; return the manifest's `onnx` section and the
+    files written ({name: {"bytes", "sha256"}}).
 
     `tensors` streams (name, tensor) in checkpoint names, e.g. `checked_tensors(...)`.
     """
@@ -363,5 +365,6 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"{model_path}: the exported graph fails onnx.checker: {e}") from None
     data_path = os.path.join(out_dir, DATA_FILE)
-    return {"files": {MODEL_FILE: {"bytes": os.path.getsize(model_path), "sha256": sha256_file(model_path)},
-                      DATA_FILE: {"bytes": os.path.getsize(data_path), "sha256": writer.sha256.hexdigest()}}}
+    files = {MODEL_FILE: {"bytes": os.path.getsize(model_path), "sha256": sha256_file(model_path)},
+             DATA_FILE: {"bytes": os.path.getsize(data_path), "sha256": writer.sha256.hexdigest()}}
+    return graph_section(config, dtype, kv_capacity, cache_layout), files

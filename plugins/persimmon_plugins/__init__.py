@@ -1,13 +1,11 @@
 """CUDA kernels for Persimmon's two custom ONNX ops, and their TensorRT plugin definitions.
 
-The op names are those of the exported ONNX nodes (domain `persimmon`), so TensorRT's ONNX
-parser swaps a registered plugin in for the node's function body.
+The ops' identity (domain = plugin namespace, names, plugin version) is defined once, in
+`persimmon_runtime.custom_ops`, which the exporter imports too: TensorRT's ONNX parser swaps a
+registered plugin in for the node of the same namespace and name instead of its function body.
 """
 
-from persimmon_runtime.manifest import CUSTOM_OP_DOMAIN as NAMESPACE  # noqa: F401 (the ONNX domain)
-
-QK_LAYERNORM_OP = "PersimmonQKLayerNorm"
-ROTARY_OP = "PersimmonPartialRotary"
+from persimmon_runtime.custom_ops import QK_LAYERNORM_OP, ROTARY_OP
 
 # op -> (kernel source in kernels/, kernel function per storage dtype)
 KERNELS = {

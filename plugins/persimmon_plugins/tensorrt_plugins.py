@@ -19,7 +19,10 @@ from typing import Tuple, Union
 import tensorrt as trt
 import tensorrt.plugin as trtp
 
-from . import KERNELS, NAMESPACE, QK_LAYERNORM_OP, ROTARY_OP
+from persimmon_runtime.custom_ops import CUSTOM_OP_DOMAIN as NAMESPACE
+from persimmon_runtime.custom_ops import QK_LAYERNORM_OP, ROTARY_OP
+
+from . import KERNELS
 from .compile import plugin_ptx
 
 WARPS_PER_BLOCK = 4

@@ -130,8 +130,8 @@ class Generator:
         """
         manifest = Manifest.load(build_dir, verify_checksums=verify_checksums)
         spec = manifest.tokenizer
-        tokenizer = Tokenizer(os.path.join(build_dir, spec["file"]), add_bos=spec["add_bos"],
-                              bos_token=spec["bos_token"], eos_token=spec["eos_token"])
+        tokenizer = Tokenizer(os.path.join(build_dir, spec.file), add_bos=spec.add_bos, bos_token=spec.bos_token,
+                              eos_token=spec.eos_token)
         return cls(load_backend(build_dir, manifest, backend=backend, device=device), tokenizer)
 
     # ---- public API ----
@@ -227,7 +227,7 @@ class Generator:
                 raise PersimmonError(
                     f"prompt {index} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} that exceeds "
                     f"the build's kv_capacity {capacity}: shorten it, lower max_new_tokens or rebuild with a larger "
-                    f"--max-seq")
+                    f"--kv-capacity")
             sequences.append(_Sequence(index, ids, Sampler(params, row=index),
                                        IncrementalDetokenizer(self.tokenizer, ids), params.stop))
         return sequences

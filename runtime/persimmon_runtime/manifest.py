@@ -1,9 +1,11 @@
 """The build directory's manifest: the contract between exporter and runtime.
 
 `manifest.json` describes everything the runtime needs: the model's shape, dtype, cache
-capacity, graph I/O names and shapes, custom ops, tokenizer settings and file checksums. The
-runtime reads nothing else about the model. `Manifest.load` checks every field it reads (one
-ManifestError line naming the field) and, by default, the files' checksums (see `verify`).
+capacity, the graph (its files, I/O names and shapes, cache layout, custom ops), the tokenizer
+settings, the TensorRT engine if any, and file checksums. The runtime reads nothing else about
+the model. Each section is a small typed class with one writer (docs/manifest.md lists every
+field, who writes it and who reads it). `Manifest.load` checks every field (one ManifestError
+line naming the field) and, by default, the files' checksums (see `verify`).
 """
 
 from __future__ import annotations
@@ -14,21 +16,136 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 
+from .custom_ops import CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION, CUSTOM_OPS
 from .errors import PersimmonError
 from . import verify
 
 FORMAT = "persimmon-build"
-FORMAT_VERSION = 1
+# 2: typed sections; graph I/O, aliases and layout inside `onnx`; `first_slot` (was
+# cache_position); engine profiles recorded by role
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
-CUSTOM_OP_DOMAIN = "persimmon"
-CUSTOM_OP_VERSION = 1
 MAX_MANIFEST_BYTES = 16 << 20  # real ones are a few KB; bounds what a hostile file makes us parse
-ENGINE_FLAVORS = ("tensorrt", "tensorrt-rtx")  # NVIDIA TensorRT, TensorRT-RTX (absent: tensorrt)
-STEP_INPUTS = ("input_ids", "cache_position", "token_count", "attention_mask")
+ENGINE_FLAVORS = ("tensorrt", "tensorrt-rtx")  # NVIDIA TensorRT, TensorRT-RTX
+# The step inputs every graph has, besides its caches: a row's new tokens (right-padded to seq),
+# the cache slot its first new token is written to (= tokens already cached), how many of the
+# seq tokens are real, and which of the first kv_length slots attention may read.
+STEP_INPUTS = ("input_ids", "first_slot", "token_count", "attention_mask")
+# How a graph's cache tensors span the slot axis (onnx.cache_layout):
+CACHE_LAYOUTS = {
+    "window": "caches always hold all kv_capacity slots (the static shape TensorRT's KV-cache update needs); "
+              "attention reads a window of them: the first kv_length slots",
+    "whole": "caches are kv_length slots long (a graph dimension the runtime grows in steps) and attention "
+             "reads them whole, so onnxruntime copies no slice",
+}
+# TensorRT optimization profiles, by the steps they serve: prefill (many new tokens per row)
+# and decode (one new token per row). The engine's profile index is the position in the list.
+PROFILE_ROLES = ("prefill", "decode")
+CACHE_UPDATES = ("tensor_scatter", "scatter_elements")  # in place (KV-cache-update layer) or two buffers
 
 
 class ManifestError(PersimmonError):
     pass
+
+
+class OutdatedBuildError(ManifestError):
+    """A build from an older persimmon-export: its manifest format is one this runtime no longer reads."""
+
+
+# ---- the sections ----
+# Each is written by one stage and checked field by field on load (see FIELDS and `_fields`).
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output."""
+    name: str
+    dtype: str         # "int64", "float16" or "float32"
+    shape: list        # integers, or names of dimensions that vary ("batch", "seq", "kv_length")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Section `model`, written by build from the checkpoint's config: the shapes the runtime allocates."""
+    vocab_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class TokenizerSection:
+    """Section `tokenizer`, written by build from the checkpoint's tokenizer files."""
+    file: str                # the sentencepiece model, in the build directory
+    add_bos: bool
+    bos_token: str | None
+    eos_token: str | None
+
+
+@dataclass(frozen=True)
+class CustomOps:
+    """The custom ops the graph uses (see `custom_ops`), each with a function body of standard ops."""
+    domain: str
+    version: int
+    ops: list
+
+
+@dataclass(frozen=True)
+class GraphSection:
+    """Section `onnx`, written by the exporter (`export.export_onnx`): the step graph and its contract."""
+    file: str                # model.onnx
+    data_file: str           # its external weights
+    cache_layout: str        # a key of CACHE_LAYOUTS
+    custom_ops: CustomOps
+    inputs: list             # [TensorSpec]: STEP_INPUTS, then past_{key,value}_{layer}
+    outputs: list            # [TensorSpec]: logits, then present_{key,value}_{layer}
+    cache_aliases: dict      # present_* output -> the past_* input it updates in place
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "GraphSection":
+        return cls(**{**raw, "custom_ops": CustomOps(**raw["custom_ops"]),
+                      "inputs": [TensorSpec(**spec) for spec in raw["inputs"]],
+                      "outputs": [TensorSpec(**spec) for spec in raw["outputs"]]})
+
+
+@dataclass(frozen=True)
+class PluginPtx:
+    """What a driver needs to JIT-compile the plugins' PTX embedded in an engine."""
+    isa: str                 # PTX ISA version, '9.0'
+    min_driver_cuda: str     # the oldest CUDA release whose driver compiles it, '13.0'
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One TensorRT optimization profile: the step it serves and, per input, [min, opt, max] shapes."""
+    role: str                # a PROFILE_ROLES entry
+    shapes: dict
+
+
+@dataclass(frozen=True)
+class EngineSection:
+    """Section `tensorrt`, written by `engine.build_engine` (absent: no engine)."""
+    flavor: str                      # an ENGINE_FLAVORS entry: which TensorRT runs the engine
+    version: str                     # the TensorRT (or TensorRT-RTX) version that built it
+    engine_file: str
+    onnx_file: str                   # the ONNX it was built from (model.onnx, or the fallback model.trt.onnx)
+    compute_capabilities: list       # GPUs it runs on ('8.6'); empty: the kind of GPU that built it
+    version_compatible: bool         # loads on newer TensorRT (embedded lean runtime)
+    cache_update: str                # a CACHE_UPDATES entry
+    plugin_ptx: PluginPtx | None     # None: no plugins (the custom ops run as their function bodies)
+    max_prefill: int                 # most new tokens per row in one step
+    profiles: list                   # [Profile], in the engine's profile order
+    polygraphy: str                  # the `polygraphy convert` line that rebuilds the same engine by hand
+    trtexec: str | None              # the same as a trtexec line (None: TensorRT-RTX, which has no trtexec)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "EngineSection":
+        ptx = raw["plugin_ptx"]
+        return cls(**{**raw, "plugin_ptx": None if ptx is None else PluginPtx(**ptx),
+                      "profiles": [Profile(**profile) for profile in raw["profiles"]]})
+
+    def profile_index(self, role: str) -> int:
+        """The engine's optimization profile for `role` ('prefill' or 'decode')."""
+        return next(index for index, profile in enumerate(self.profiles) if profile.role == role)
 
 
 @dataclass
@@ -36,38 +153,45 @@ class Manifest:
     dtype: str                     # "float16" | "float32": weights, activations and the cache
     max_batch: int
     kv_capacity: int               # cache slots per sequence (prompt + generated tokens)
-    model: dict                    # vocab_size, hidden_size, num_hidden_layers, heads, head_dim, ...
-    tokenizer: dict                # file, add_bos, bos_token, eos_token
+    model: ModelShape
+    tokenizer: TokenizerSection
     eos_token_ids: list
-    onnx: dict                     # file, data_file, opset, custom_ops, relu2_scale
-    inputs: list                   # [{"name", "dtype", "shape"}], symbolic dims as strings
-    outputs: list
-    cache_aliases: dict            # output name -> the input it updates in place
-    files: dict = field(default_factory=dict)  # name -> {"bytes", "sha256"}
-    tensorrt: dict | None = None   # engine builds: flavor, version, engine file, target GPUs, profiles, plugins
+    onnx: GraphSection
+    files: dict = field(default_factory=dict)  # name -> {"bytes", "sha256"}: every file the runtime opens
+    tensorrt: EngineSection | None = None
     exporter_version: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
     @property
-    def num_layers(self) -> int:
-        return self.model["num_hidden_layers"]
-
-    @property
     def cache_shape(self) -> tuple:
         """(heads, kv_capacity, head_dim): the cache tensor shape after the batch dimension."""
-        return (self.model["num_attention_heads"], self.kv_capacity, self.model["head_dim"])
+        return (self.model.num_attention_heads, self.kv_capacity, self.model.head_dim)
+
+    @property
+    def cache_aliases(self) -> dict:
+        return self.onnx.cache_aliases
 
     @property
     def cache_inputs(self) -> list[str]:
-        return list(self.cache_aliases.values())
+        return list(self.onnx.cache_aliases.values())
 
     def save(self, directory: str) -> str:
         path = os.path.join(directory, MANIFEST_FILE)
+        raw = asdict(self)
+        validate(path, raw)  # never write what load would refuse
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(asdict(self), f, indent=2)
+            json.dump(raw, f, indent=2)
             f.write("\n")
         return path
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Manifest":
+        """A Manifest from a dict that `validate` accepted."""
+        engine = raw["tensorrt"]
+        return cls(**{**raw, "model": ModelShape(**raw["model"]), "tokenizer": TokenizerSection(**raw["tokenizer"]),
+                      "onnx": GraphSection.from_dict(raw["onnx"]),
+                      "tensorrt": None if engine is None else EngineSection.from_dict(engine)})
 
     @classmethod
     def load(cls, directory: str, verify_checksums: bool = True) -> "Manifest":
@@ -81,9 +205,9 @@ class Manifest:
         directory = os.fspath(directory)
         path = os.path.join(directory, MANIFEST_FILE)
         data = _read_manifest(path, directory)
-        raw = _parse(path, data)
+        raw = _parse(path, data, directory)
         validate(path, raw)
-        manifest = cls(**raw)
+        manifest = cls.from_dict(raw)
         verify.check_sizes(directory, manifest.files)
         if verify_checksums:
             verify.verify_checksums(directory, manifest.files, hashlib.sha256(data).hexdigest())
@@ -105,7 +229,7 @@ def _read_manifest(path: str, directory: str) -> bytes:
     return data
 
 
-def _parse(path: str, data: bytes) -> dict:
+def _parse(path: str, data: bytes, directory: str) -> dict:
     try:
         raw = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -114,15 +238,21 @@ def _parse(path: str, data: bytes) -> dict:
         raise ManifestError(f"{path}: not valid JSON ({str(e)[:120]}); the file is corrupt, rebuild") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ManifestError(f"{path}: not a {FORMAT} manifest")
-    if raw.get("format_version") != FORMAT_VERSION or isinstance(raw.get("format_version"), bool):
-        raise ManifestError(f"{path}: format_version {_show(raw.get('format_version'))}, this runtime reads "
-                            f"{FORMAT_VERSION}; rebuild with the matching persimmon-export")
+    version = raw.get("format_version")
+    if type(version) is int and 1 <= version < FORMAT_VERSION:
+        raise OutdatedBuildError(f"{path}: format_version {version} is from an older persimmon-export; this "
+                                 f"runtime reads {FORMAT_VERSION}: rebuild with `persimmon-export build "
+                                 f"--checkpoint CHECKPOINT --out {directory} --overwrite`")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise ManifestError(f"{path}: format_version {_show(version)}, this runtime reads {FORMAT_VERSION}; "
+                            f"upgrade persimmon_runtime to match the persimmon-export that wrote it, or rebuild "
+                            f"with this one")
     return raw
 
 
 def validate(path: str, raw: dict) -> None:
     """Check each field the runtime and exporter read: its presence, type and range."""
-    _check(path, "", raw, _section(_TOP_LEVEL, extra_allowed=False))  # raw is a dict: only its fields can fail
+    _check(path, "", raw, _fields(_TOP_LEVEL))  # raw is a dict: only its fields can fail
     _check_references(path, raw)
 
 
@@ -185,21 +315,20 @@ def _object_of(value_check):
     return check
 
 
-def _section(spec: dict, extra_allowed: bool = True):
-    """A JSON object with the keys of `spec` ({key: (check, required)})."""
+def _fields(spec: dict):
+    """A JSON object with exactly the keys of `spec` ({key: check}): a missing one or an unknown one is refused."""
     def check(path, name, value):
         if not isinstance(value, dict):
             raise _Invalid("an object")
-        for key, (check_value, required) in spec.items():
+        for key, check_value in spec.items():
             where = f"{name}.{key}" if name else key
-            if key in value:
-                _check(path, where, value[key], check_value)
-            elif required:
+            if key not in value:
                 raise ManifestError(f"{path}: field {where} is missing; {_REBUILD}")
+            _check(path, where, value[key], check_value)
         unknown = sorted(set(value) - set(spec))
-        if unknown and not extra_allowed:
-            raise ManifestError(f"{path}: unknown field {unknown[0]!r}; is this manifest from a newer "
-                                f"persimmon-export?")
+        if unknown:
+            where = f"{name}.{unknown[0]}" if name else unknown[0]
+            raise ManifestError(f"{path}: unknown field {where!r}; is this manifest from a newer persimmon-export?")
     return check
 
 
@@ -222,44 +351,57 @@ _COMPUTE_CAPABILITY = _kind("a compute capability such as '8.6'",
 # what a driver needs to JIT-compile the plugins' PTX in an engine (PTX ISA and CUDA versions)
 _MAJOR_MINOR = _kind("a version such as '9.0'",
                      lambda v: isinstance(v, str) and re.fullmatch(r"[0-9]{1,2}\.[0-9]{1,2}", v))
-_PLUGIN_PTX = _optional(_section({"isa": (_MAJOR_MINOR, True), "min_driver_cuda": (_MAJOR_MINOR, True)},
-                                 extra_allowed=False))
-_IO = _section({"name": (_STR, True), "dtype": (_STR, True), "shape": (_list_of(_DIM), True)})
+_SHAPE = _list_of(_count(0))  # a concrete tensor shape
+_TENSOR_SPEC = _fields({"name": _STR, "dtype": _one_of("int64", "float16", "float32"), "shape": _list_of(_DIM)})
+_MODEL = _fields({key: _count(1) for key in ("vocab_size", "num_hidden_layers", "num_attention_heads", "head_dim")})
+_TOKENIZER = _fields({"file": _FILE_NAME, "add_bos": _BOOL, "bos_token": _optional(_STR), "eos_token": _optional(_STR)})
+_CUSTOM_OPS = _fields({"domain": _one_of(CUSTOM_OP_DOMAIN), "version": _count(CUSTOM_OP_VERSION, CUSTOM_OP_VERSION),
+                       "ops": _list_of(_one_of(*CUSTOM_OPS))})
+_GRAPH = _fields({
+    "file": _FILE_NAME, "data_file": _FILE_NAME, "cache_layout": _one_of(*CACHE_LAYOUTS),
+    "custom_ops": _CUSTOM_OPS, "inputs": _list_of(_TENSOR_SPEC), "outputs": _list_of(_TENSOR_SPEC),
+    "cache_aliases": _object_of(_STR)})
+
+
+def _min_opt_max(path, name, value):
+    """An input's [min, opt, max] shapes in an optimization profile."""
+    if not (isinstance(value, list) and len(value) == 3):
+        raise _Invalid("a list of 3 shapes [min, opt, max]")
+    for index, shape in enumerate(value):
+        _check(path, f"{name}[{index}]", shape, _SHAPE)
+
+
+_PROFILE = _fields({"role": _one_of(*PROFILE_ROLES), "shapes": _object_of(_min_opt_max)})
+_ENGINE = _fields({
+    "flavor": _one_of(*ENGINE_FLAVORS), "version": _STR, "engine_file": _FILE_NAME, "onnx_file": _FILE_NAME,
+    "compute_capabilities": _list_of(_COMPUTE_CAPABILITY), "version_compatible": _BOOL,
+    "cache_update": _one_of(*CACHE_UPDATES),
+    "plugin_ptx": _optional(_fields({"isa": _MAJOR_MINOR, "min_driver_cuda": _MAJOR_MINOR})),
+    "max_prefill": _count(1), "profiles": _list_of(_PROFILE), "polygraphy": _STR, "trtexec": _optional(_STR)})
 _TOP_LEVEL = {
-    "format": (_STR, True),
-    "format_version": (_count(1), True),
-    "dtype": (_one_of("float16", "float32"), True),
-    "max_batch": (_count(1), True),
-    "kv_capacity": (_count(1), True),
-    "model": (_section({key: (_count(1), True) for key in
-                        ("vocab_size", "num_hidden_layers", "num_attention_heads", "head_dim")}), True),
-    "tokenizer": (_section({"file": (_FILE_NAME, True), "add_bos": (_BOOL, True),
-                            "bos_token": (_optional(_STR), True), "eos_token": (_optional(_STR), True)}), True),
-    "eos_token_ids": (_list_of(_count(0)), True),
-    "onnx": (_section({"file": (_FILE_NAME, True), "data_file": (_FILE_NAME, True),
-                       "cache_layout": (_one_of("window", "whole"), False)}), True),
-    "inputs": (_list_of(_IO), True),
-    "outputs": (_list_of(_IO), True),
-    "cache_aliases": (_object_of(_STR), True),
-    "files": (_object_of(_section({"bytes": (_count(0, 2**63 - 1), True), "sha256": (_SHA256, True)})), True),
-    "tensorrt": (_optional(_section({
-        "version": (_STR, True), "engine_file": (_FILE_NAME, True), "onnx_file": (_FILE_NAME, True),
-        "max_prefill": (_count(1), True), "profiles": (_list_of(_kind("an object", lambda v: isinstance(v, dict))),
-                                                       True),
-        "version_compatible": (_BOOL, False),
-        "plugin_ptx": (_PLUGIN_PTX, False), "flavor": (_one_of(*ENGINE_FLAVORS), False),
-        "compute_capabilities": (_list_of(_COMPUTE_CAPABILITY), False)})), False),
-    "exporter_version": (_STR, False),
+    "format": _STR,
+    "format_version": _count(1),
+    "dtype": _one_of("float16", "float32"),
+    "max_batch": _count(1),
+    "kv_capacity": _count(1),
+    "model": _MODEL,
+    "tokenizer": _TOKENIZER,
+    "eos_token_ids": _list_of(_count(0)),
+    "onnx": _GRAPH,
+    "files": _object_of(_fields({"bytes": _count(0, 2**63 - 1), "sha256": _SHA256})),
+    "tensorrt": _optional(_ENGINE),
+    "exporter_version": _STR,
 }
 
 
 def _check_references(path: str, raw: dict) -> None:
     """Names that point elsewhere in the manifest must exist there: every file the runtime opens is
     listed in `files` (so it is size- and checksum-checked), every cache alias names real I/O."""
-    opened = {"tokenizer.file": raw["tokenizer"]["file"], "onnx.file": raw["onnx"]["file"],
-              "onnx.data_file": raw["onnx"]["data_file"]}
-    if raw.get("tensorrt"):
-        opened["tensorrt.engine_file"] = raw["tensorrt"]["engine_file"]
+    graph, engine = raw["onnx"], raw["tensorrt"]
+    opened = {"tokenizer.file": raw["tokenizer"]["file"], "onnx.file": graph["file"],
+              "onnx.data_file": graph["data_file"]}
+    if engine is not None:
+        opened["tensorrt.engine_file"] = engine["engine_file"]
     bad_names = [name for name in raw["files"] if not _is_file_name(name)]
     if bad_names:
         raise ManifestError(f"{path}: files lists {bad_names[0]!r}, which is not a file name in the build "
@@ -267,15 +409,24 @@ def _check_references(path: str, raw: dict) -> None:
     for where, name in opened.items():
         if name not in raw["files"]:
             raise ManifestError(f"{path}: {where} is {name!r}, which `files` does not list; {_REBUILD}")
-    input_names = {spec["name"] for spec in raw["inputs"]}
-    output_names = {spec["name"] for spec in raw["outputs"]}
+    input_names = {spec["name"] for spec in graph["inputs"]}
+    output_names = {spec["name"] for spec in graph["outputs"]}
     missing = [name for name in STEP_INPUTS if name not in input_names]
     if missing:
-        raise ManifestError(f"{path}: inputs lacks {missing[0]!r}; {_REBUILD}")
-    for present, past in raw["cache_aliases"].items():
+        raise ManifestError(f"{path}: onnx.inputs lacks {missing[0]!r}; {_REBUILD}")
+    for present, past in graph["cache_aliases"].items():
         if present not in output_names or past not in input_names:
-            raise ManifestError(f"{path}: cache_aliases maps {present!r} -> {past!r}, which are not an output and "
-                                f"an input of the graph; {_REBUILD}")
+            raise ManifestError(f"{path}: onnx.cache_aliases maps {present!r} -> {past!r}, which are not an output "
+                                f"and an input of the graph; {_REBUILD}")
+    layers = raw["model"]["num_hidden_layers"]
+    if len(graph["cache_aliases"]) != 2 * layers:  # a key and a value cache per layer
+        raise ManifestError(f"{path}: onnx.cache_aliases pairs {len(graph['cache_aliases'])} caches, but "
+                            f"model.num_hidden_layers {layers} needs {2 * layers}; {_REBUILD}")
+    if engine is not None:
+        roles = [profile["role"] for profile in engine["profiles"]]
+        if sorted(roles) != sorted(PROFILE_ROLES):
+            raise ManifestError(f"{path}: tensorrt.profiles has roles {roles}, expected one each of "
+                                f"{list(PROFILE_ROLES)}; {_REBUILD}")
     vocab = raw["model"]["vocab_size"]
     if any(token >= vocab for token in raw["eos_token_ids"]):
         raise ManifestError(f"{path}: eos_token_ids has an id >= vocab_size {vocab}; {_REBUILD}")

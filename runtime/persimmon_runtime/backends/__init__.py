@@ -2,8 +2,9 @@
 batching) is shared and lives in `generator`.
 
 A backend has `manifest`, `name`, `start(batch)` (zeroed cache for `batch` sequences) and
-`step(input_ids, cache_position, token_count, attention_mask) -> fp32 logits [batch, vocab]`,
-with the inputs as described in the manifest (int64 numpy arrays). Every backend's `step`
+`step(input_ids, first_slot, token_count, attention_mask) -> fp32 logits [batch, vocab]`,
+with the inputs as described in the manifest (int64 numpy arrays; `first_slot[b]` is the cache
+slot of row b's first new token, i.e. how many tokens the row has cached). Every backend's `step`
 first calls `check_step`: the graphs do not bound-check their cache writes.
 """
 
@@ -15,7 +16,7 @@ import re
 import numpy as np
 
 from ..errors import PersimmonError
-from ..manifest import Manifest
+from ..manifest import EngineSection, Manifest
 
 BACKENDS = ("onnxruntime", "tensorrt")
 
@@ -42,7 +43,7 @@ def load_backend(build_dir: str, manifest: Manifest, backend: str = "auto", devi
     raise PersimmonError(f"backend {backend!r} is unknown; choose 'auto' or one of {BACKENDS}")
 
 
-def _engine_usable(section: dict) -> bool:
+def _engine_usable(section: EngineSection) -> bool:
     """The engine's TensorRT (or TensorRT-RTX) imports and a GPU it was built for is present."""
     try:
         from .tensorrt import engine_runtime
@@ -53,29 +54,29 @@ def _engine_usable(section: dict) -> bool:
             return False
     except Exception:
         return False
-    targets = section.get("compute_capabilities") or []
+    targets = section.compute_capabilities
     return not targets or compute_capability() in targets
 
 
-def check_step(manifest: Manifest, batch: int, input_ids, cache_position, token_count, attention_mask) -> None:
+def check_step(manifest: Manifest, batch: int, input_ids, first_slot, token_count, attention_mask) -> None:
     """Refuse, naming the values, a step that would write or read outside the KV cache.
 
     The cache update (ONNX TensorScatter; TensorRT's KV-cache-update layer) writes all `seq`
-    new slots of a row, padding included, at cache_position .. cache_position + seq - 1 and
+    new slots of a row, padding included, at first_slot .. first_slot + seq - 1 and
     assumes they fit: onnxruntime fails deep inside, TensorRT writes out of bounds. `batch` is
     the batch the backend was started for (0: not started); its buffers hold that many rows.
     """
     if batch < 1:
         raise PersimmonError("step() before start(): start the backend for a batch first")
-    arrays = {"input_ids": input_ids, "cache_position": cache_position, "token_count": token_count,
+    arrays = {"input_ids": input_ids, "first_slot": first_slot, "token_count": token_count,
               "attention_mask": attention_mask}
     for name, value in arrays.items():
         if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.integer):
             kind = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
             raise PersimmonError(f"step input {name} must be an integer numpy array, got {kind}")
-    _check_shapes(batch, input_ids, cache_position, token_count, attention_mask)
-    _check_slots(manifest.kv_capacity, input_ids.shape[1], cache_position, token_count, attention_mask.shape[1])
-    vocab = manifest.model["vocab_size"]
+    _check_shapes(batch, input_ids, first_slot, token_count, attention_mask)
+    _check_slots(manifest.kv_capacity, input_ids.shape[1], first_slot, token_count, attention_mask.shape[1])
+    vocab = manifest.model.vocab_size
     outside = (input_ids < 0) | (input_ids >= vocab)
     if outside.any():
         row, column = np.argwhere(outside)[0]
@@ -83,28 +84,28 @@ def check_step(manifest: Manifest, batch: int, input_ids, cache_position, token_
                              f"(0..{vocab - 1})")
 
 
-def _check_shapes(batch: int, input_ids, cache_position, token_count, attention_mask) -> None:
+def _check_shapes(batch: int, input_ids, first_slot, token_count, attention_mask) -> None:
     if input_ids.ndim != 2 or input_ids.shape[0] != batch or input_ids.shape[1] < 1:
         raise PersimmonError(f"input_ids has shape {input_ids.shape}; the backend was started for {batch} rows: "
                              f"expected ({batch}, seq >= 1)")
-    for name, value in (("cache_position", cache_position), ("token_count", token_count)):
+    for name, value in (("first_slot", first_slot), ("token_count", token_count)):
         if value.shape != (batch,):
             raise PersimmonError(f"{name} has shape {value.shape}, expected ({batch},): one per row")
     if attention_mask.ndim != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < 1:
         raise PersimmonError(f"attention_mask has shape {attention_mask.shape}, expected ({batch}, slots >= 1)")
 
 
-def _check_slots(capacity: int, seq: int, cache_position, token_count, width: int) -> None:
+def _check_slots(capacity: int, seq: int, first_slot, token_count, width: int) -> None:
     def first(rows):
         return int(np.flatnonzero(rows)[0])
 
-    if (cache_position < 0).any():
-        row = first(cache_position < 0)
-        raise PersimmonError(f"cache_position {cache_position[row]} of row {row} is negative")
-    # compared as capacity - seq: cache_position + seq could wrap around int64
-    if (cache_position > capacity - seq).any():
-        row = first(cache_position > capacity - seq)
-        raise PersimmonError(f"row {row}: cache_position {cache_position[row]} + {seq} new tokens exceeds the KV "
+    if (first_slot < 0).any():
+        row = first(first_slot < 0)
+        raise PersimmonError(f"first_slot {first_slot[row]} of row {row} is negative")
+    # compared as capacity - seq: first_slot + seq could wrap around int64
+    if (first_slot > capacity - seq).any():
+        row = first(first_slot > capacity - seq)
+        raise PersimmonError(f"row {row}: first_slot {first_slot[row]} + {seq} new tokens exceeds the KV "
                              f"cache capacity {capacity} of this build")
     if ((token_count < 1) | (token_count > seq)).any():
         row = first((token_count < 1) | (token_count > seq))
@@ -112,7 +113,7 @@ def _check_slots(capacity: int, seq: int, cache_position, token_count, width: in
                              f"in this step)")
     if width > capacity:
         raise PersimmonError(f"attention_mask covers {width} slots, past the KV cache capacity {capacity}")
-    reach = cache_position + token_count  # each row's last real token sits at slot reach - 1
+    reach = first_slot + token_count  # each row's last real token sits at slot reach - 1
     if (reach > width).any():
         row = first(reach > width)
         raise PersimmonError(f"attention_mask covers {width} slots, but row {row}'s last new token is at slot "

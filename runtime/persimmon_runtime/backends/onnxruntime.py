@@ -24,7 +24,7 @@ CACHE_STEP = 256
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, build_dir: str, manifest: Manifest, device: str = "cpu", threads: int | None = None):
+    def __init__(self, build_dir: str, manifest: Manifest, device: str = "cpu"):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -44,12 +44,10 @@ class OnnxRuntimeBackend:
             raise PersimmonError(f"device {device!r} is not 'cpu', 'cuda' or 'cuda:N'")
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(os.path.join(build_dir, manifest.onnx["file"]), options,
+        self.session = ort.InferenceSession(os.path.join(build_dir, manifest.onnx.file), options,
                                             providers=providers)
         graph_inputs = {i.name for i in self.session.get_inputs()}
-        missing = [s["name"] for s in manifest.inputs if s["name"] not in graph_inputs]
+        missing = [spec.name for spec in manifest.onnx.inputs if spec.name not in graph_inputs]
         if missing:
             raise PersimmonError(f"{build_dir}: the ONNX model lacks inputs {missing[:3]} named in the manifest; "
                                  f"the build is inconsistent, rebuild it")
@@ -68,7 +66,7 @@ class OnnxRuntimeBackend:
         self.batch, self.slots = batch, 0
         self.caches = []
         self._host_caches = []  # on CPU the OrtValues borrow these arrays: keep them alive
-        self.whole = self.manifest.onnx.get("cache_layout", "window") == "whole"
+        self.whole = self.manifest.onnx.cache_layout == "whole"
         self._allocate(CACHE_STEP if self.whole else self.manifest.kv_capacity)
 
     def _allocate(self, slots: int) -> None:
@@ -89,18 +87,18 @@ class OnnxRuntimeBackend:
             self.binding.bind_ortvalue_output(present, value)
         self.slots = slots
 
-    def step(self, input_ids, cache_position, token_count, attention_mask) -> np.ndarray:
-        check_step(self.manifest, self.batch, input_ids, cache_position, token_count, attention_mask)
+    def step(self, input_ids, first_slot, token_count, attention_mask) -> np.ndarray:
+        check_step(self.manifest, self.batch, input_ids, first_slot, token_count, attention_mask)
         binding = self.binding
         if self.whole:  # the graph reads whole caches (mask width = cache length) and writes seq slots per row
-            needed = max(attention_mask.shape[1], int(cache_position.max()) + input_ids.shape[1])
+            needed = max(attention_mask.shape[1], int(first_slot.max()) + input_ids.shape[1])
             if needed > self.slots:
                 self._allocate(-(-needed // CACHE_STEP) * CACHE_STEP)
             padded = np.ones((attention_mask.shape[0], self.slots), np.int64)  # later slots: causally masked
             padded[:, :attention_mask.shape[1]] = attention_mask
             attention_mask = padded
         # held in a local until the run ends: the binding borrows their memory
-        arrays = {"input_ids": input_ids, "cache_position": cache_position, "token_count": token_count,
+        arrays = {"input_ids": input_ids, "first_slot": first_slot, "token_count": token_count,
                   "attention_mask": attention_mask}
         arrays = {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in arrays.items()}
         for name, value in arrays.items():

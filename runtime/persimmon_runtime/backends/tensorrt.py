@@ -4,7 +4,8 @@
   `present_*` output that `engine.get_aliased_input_tensor` pairs with it (the KV-cache-update
   layer writes in place). Engines built with the ScatterElements fallback (TensorRT < 10.15)
   have no alias: each cache tensor then has two buffers that swap roles every step.
-- Profile 0 serves prefill, profile 1 decode; the context switches when the step kind changes.
+- The manifest records which optimization profile serves prefill and which decode (by role);
+  the context switches profile when the step kind changes.
 - Decode steps replay CUDA graphs, one per (batch, attention width bucket): the attention mask
   width is rounded up to a multiple of `KV_BUCKET` (the extra slots lie ahead of every query, so
   causality masks them), so a graph serves KV_BUCKET consecutive steps.
@@ -19,11 +20,10 @@ import re
 import numpy as np
 
 from ..errors import PersimmonError
-from ..manifest import Manifest
+from ..manifest import EngineSection, Manifest, PluginPtx
 from . import check_step
 from .cuda import check, compute_capability, cudart
 
-PREFILL, DECODE = 0, 1
 KV_BUCKET = 64
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -50,37 +50,37 @@ ENGINE_RUNTIMES = {
 }
 
 
-def engine_runtime(section: dict) -> tuple[str, str, str]:
-    """(module, product, install hint) of the TensorRT that runs this engine (no flavor: TensorRT)."""
-    return ENGINE_RUNTIMES[section.get("flavor", "tensorrt")]
+def engine_runtime(section: EngineSection) -> tuple[str, str, str]:
+    """(module, product, install hint) of the TensorRT that runs this engine."""
+    return ENGINE_RUNTIMES[section.flavor]
 
 
-def where_engine_runs(section: dict) -> str:
+def where_engine_runs(section: EngineSection) -> str:
     """Which software and GPUs can run the engine, e.g. 'TensorRT-RTX 1.7.1.116 on a GPU of compute
     capability 8.6, 8.9 or 12.0'."""
     _, product, _ = engine_runtime(section)
-    software = f"{product} {section['version']}" + (" or newer" if section.get("version_compatible") else "")
-    gpus = section.get("compute_capabilities") or []
+    software = f"{product} {section.version}" + (" or newer" if section.version_compatible else "")
+    gpus = section.compute_capabilities
     if not gpus:
         return f"{software} on the kind of GPU that built it"
     return f"{software} on a GPU of compute capability " + (
         gpus[0] if len(gpus) == 1 else f"{', '.join(gpus[:-1])} or {gpus[-1]}")
 
 
-def check_engine_compatible(section: dict, installed: str, capability: str) -> None:
+def check_engine_compatible(section: EngineSection, installed: str, capability: str) -> None:
     """Refuse, with where the engine can run, an engine this machine cannot run."""
-    flavor = section.get("flavor", "tensorrt")
-    built, product = section["version"], engine_runtime(section)[1]
+    flavor = section.flavor
+    built, product = section.version, engine_runtime(section)[1]
     rebuild = f"rebuild it here with `persimmon-export build --backend {flavor}`"
     where = f"engine.plan runs on {where_engine_runs(section)}"
-    if section.get("version_compatible"):
+    if section.version_compatible:
         if parse_version(installed)[:2] < parse_version(built)[:2]:
             raise PersimmonError(f"{where} (version compatible); this machine has {product} {installed}: {rebuild}")
     elif parse_version(installed)[:3] != parse_version(built)[:3]:
         hint = "" if flavor == "tensorrt-rtx" else \
             ", or build with --version-compatible for engines that must load on newer TensorRT"
         raise PersimmonError(f"{where}; this machine has {product} {installed}: {rebuild}{hint}")
-    targets = section.get("compute_capabilities") or []
+    targets = section.compute_capabilities
     if targets and capability != "unknown" and capability not in targets:
         if flavor == "tensorrt-rtx":  # it targets RTX-class GPUs only (not Hopper, for one)
             rebuild = (f"rebuild it with `persimmon-export build --backend tensorrt-rtx --compute-capabilities "
@@ -88,17 +88,17 @@ def check_engine_compatible(section: dict, installed: str, capability: str) -> N
         raise PersimmonError(f"{where}; this GPU has compute capability {capability}: {rebuild}")
 
 
-def check_driver_runs_plugin_ptx(section: dict, driver_version: int) -> None:
-    """Refuse an engine whose plugin PTX this driver cannot JIT-compile. `driver_version` is
-    cudaDriverGetVersion's (12040: CUDA 12.4); PTX JIT has no minor-version compatibility."""
-    ptx = section.get("plugin_ptx")
-    if not ptx:
+def check_driver_runs_plugin_ptx(ptx: PluginPtx | None, driver_version: int) -> None:
+    """Refuse an engine whose plugin PTX (None: no plugins) this driver cannot JIT-compile.
+    `driver_version` is cudaDriverGetVersion's (12040: CUDA 12.4); PTX JIT has no minor-version
+    compatibility."""
+    if ptx is None:
         return
-    needed = parse_version(ptx["min_driver_cuda"])[:2]
+    needed = parse_version(ptx.min_driver_cuda)[:2]
     has = (driver_version // 1000, driver_version % 1000 // 10)
     if has < needed:
         need, have = ".".join(map(str, needed)), ".".join(map(str, has))
-        raise PersimmonError(f"engine.plan holds plugin kernels as PTX ISA {ptx['isa']}, which needs an NVIDIA driver "
+        raise PersimmonError(f"engine.plan holds plugin kernels as PTX ISA {ptx.isa}, which needs an NVIDIA driver "
                              f"for CUDA {need} or newer; this machine's driver supports CUDA {have}: update the "
                              f"driver, or rebuild with an nvcc from CUDA {have} or older, or with --plugins off")
 
@@ -122,7 +122,7 @@ class _Buffer:
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, build_dir: str, manifest: Manifest, device: str = "cuda", cuda_graphs: bool = True):
+    def __init__(self, build_dir: str, manifest: Manifest, device: str = "cuda"):
         section = manifest.tensorrt
         if not section:
             raise PersimmonError(f"{build_dir}: this build has no TensorRT engine; rebuild it with "
@@ -131,30 +131,35 @@ class TensorRTBackend:
         try:
             trt = importlib.import_module(module)
         except ImportError:
-            raise PersimmonError(f"{module} is not installed: {section['engine_file']} runs on "
+            raise PersimmonError(f"{module} is not installed: {section.engine_file} runs on "
                                  f"{where_engine_runs(section)} ({install})") from None
         kind, _, index = device.partition(":")
         if kind != "cuda":
             raise PersimmonError(f"device {device!r}: the TensorRT backend runs on 'cuda' or 'cuda:N'")
         self.rt = rt = cudart()
         check(rt.cudaSetDevice(int(index or 0)), "cudaSetDevice")
-        check_driver_runs_plugin_ptx(section, check(rt.cudaDriverGetVersion(), "cudaDriverGetVersion"))
+        check_driver_runs_plugin_ptx(section.plugin_ptx, check(rt.cudaDriverGetVersion(), "cudaDriverGetVersion"))
         check_engine_compatible(section, trt.__version__, compute_capability())
         self.manifest = manifest
         self.trt = trt
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        if section.get("version_compatible"):
+        if section.version_compatible:
             runtime.engine_host_code_allowed = True  # version-compatible engines embed their lean runtime
-        with open(os.path.join(build_dir, section["engine_file"]), "rb") as f:
+        with open(os.path.join(build_dir, section.engine_file), "rb") as f:
             self.engine = runtime.deserialize_cuda_engine(f.read())
         if self.engine is None:
-            raise PersimmonError(f"{build_dir}/{section['engine_file']}: TensorRT could not deserialize the engine")
+            raise PersimmonError(f"{build_dir}/{section.engine_file}: TensorRT could not deserialize the engine")
         self.context = self.engine.create_execution_context()
         self.stream = check(rt.cudaStreamCreate(), "cudaStreamCreate")
         aliases = manifest.cache_aliases
         get_alias = getattr(self.engine, "get_aliased_input_tensor", None)
         self.in_place = get_alias is not None and all(get_alias(out) == past for out, past in aliases.items())
-        self.cuda_graphs = cuda_graphs
+        if self.in_place != (section.cache_update == "tensor_scatter"):
+            raise PersimmonError(f"{build_dir}/{section.engine_file}: the engine's caches are "
+                                 f"{'' if self.in_place else 'not '}updated in place, but the manifest records "
+                                 f"cache_update {section.cache_update!r}; the build is inconsistent, rebuild it")
+        self.prefill_profile, self.decode_profile = section.profile_index("prefill"), section.profile_index("decode")
+        self.cuda_graphs = True  # until a capture fails (see _capture)
         self.profile = None
         self.buffers: dict[str, _Buffer] = {}
         self.batch = 0
@@ -171,43 +176,44 @@ class TensorRTBackend:
         for name in names:
             self.buffers[name] = _Buffer(rt, cache_bytes)
             check(rt.cudaMemsetAsync(self.buffers[name].ptr, 0, cache_bytes, stream), "cudaMemsetAsync")
-        prefill = self.manifest.tensorrt["max_prefill"]
-        for name, elements in (("input_ids", batch * prefill), ("cache_position", batch), ("token_count", batch),
+        prefill = self.manifest.tensorrt.max_prefill
+        for name, elements in (("input_ids", batch * prefill), ("first_slot", batch), ("token_count", batch),
                                ("attention_mask", batch * m.kv_capacity)):
             self.buffers[name] = _Buffer(rt, elements * 8)
-        self.buffers["logits"] = _Buffer(rt, batch * m.model["vocab_size"] * 4)
+        self.buffers["logits"] = _Buffer(rt, batch * m.model.vocab_size * 4)
         self.graphs: dict[tuple, object] = {}
         self.batch = batch
 
-    def step(self, input_ids, cache_position, token_count, attention_mask) -> np.ndarray:
+    def step(self, input_ids, first_slot, token_count, attention_mask) -> np.ndarray:
         # before any upload: the buffers hold self.batch rows and the KV-cache-update layer
         # writes out of bounds past the capacity
-        check_step(self.manifest, self.batch, input_ids, cache_position, token_count, attention_mask)
+        check_step(self.manifest, self.batch, input_ids, first_slot, token_count, attention_mask)
         batch, seq = input_ids.shape
-        if seq > self.manifest.tensorrt["max_prefill"]:
+        if seq > self.manifest.tensorrt.max_prefill:
             raise PersimmonError(f"{seq} new tokens in one step exceed the engine's max_prefill "
-                                 f"{self.manifest.tensorrt['max_prefill']}")
+                                 f"{self.manifest.tensorrt.max_prefill}")
         rt, stream, context = self.rt, self.stream, self.context
-        profile = PREFILL if seq > 1 else DECODE
+        decoding = seq == 1
+        profile = self.decode_profile if decoding else self.prefill_profile
         width = attention_mask.shape[1]
-        if profile == DECODE:  # a bucketed width lets one CUDA graph serve many steps
+        if decoding:  # a bucketed width lets one CUDA graph serve many steps
             width = min(self.manifest.kv_capacity, -(-width // KV_BUCKET) * KV_BUCKET)
         mask = np.ones((batch, width), np.int64)
         mask[:, :attention_mask.shape[1]] = attention_mask
-        inputs = {"input_ids": np.asarray(input_ids, np.int64), "cache_position": np.asarray(cache_position, np.int64),
+        inputs = {"input_ids": np.asarray(input_ids, np.int64), "first_slot": np.asarray(first_slot, np.int64),
                   "token_count": np.asarray(token_count, np.int64), "attention_mask": mask}
         for name, array in inputs.items():
             self.buffers[name].upload(array, stream)
         key = (batch, width)
-        if profile == DECODE and key in self.graphs:
+        if decoding and key in self.graphs:
             check(rt.cudaGraphLaunch(self.graphs[key], stream), "cudaGraphLaunch")
         else:
             self._bind(profile, inputs)
             if not context.execute_async_v3(stream_handle=int(stream)):
                 raise PersimmonError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
-            if profile == DECODE and self.cuda_graphs and self.in_place:
+            if decoding and self.cuda_graphs and self.in_place:
                 self._capture(key)
-        logits = np.empty((batch, self.manifest.model["vocab_size"]), np.float32)
+        logits = np.empty((batch, self.manifest.model.vocab_size), np.float32)
         check(rt.cudaMemcpyAsync(logits.ctypes.data, self.buffers["logits"].ptr, logits.nbytes,
                                  rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream), "copy logits")
         check(rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
