@@ -24,8 +24,7 @@ import numpy as np
 
 from persimmon_export import PersimmonConfig
 from persimmon_export.build import build
-from persimmon_export.checkpoint import save_model
-from persimmon_export.convert import tokenizer_files
+from persimmon_export.checkpoint import save_model, tokenizer_files
 from persimmon_export.demo import random_model, train_tokenizer
 from persimmon_runtime import Tokenizer
 from persimmon_runtime.generator import Generator, decode, prefill

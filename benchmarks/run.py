@@ -37,8 +37,7 @@ from decode_capacity import cpu_model, measure_capacity, timed  # noqa: E402
 
 from persimmon_export import PersimmonConfig  # noqa: E402
 from persimmon_export.build import build  # noqa: E402
-from persimmon_export.checkpoint import save_model  # noqa: E402
-from persimmon_export.convert import tokenizer_files  # noqa: E402
+from persimmon_export.checkpoint import save_model, tokenizer_files  # noqa: E402
 from persimmon_export.demo import random_model, train_tokenizer  # noqa: E402
 from persimmon_runtime import Tokenizer  # noqa: E402
 from persimmon_runtime.generator import Generator, decode, prefill  # noqa: E402

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from persimmon_runtime.errors import PersimmonError
+from persimmon_runtime.tokenizer import Tokenizer
 
 from . import safe_pickle
 from .config import PersimmonConfig
@@ -252,3 +253,19 @@ def save_model(model: torch.nn.Module, out_dir: str, dtype: str | torch.dtype | 
     saved_config = PersimmonConfig(**{**config.__dict__, "torch_dtype": str(stored).removeprefix("torch.")})
     return save_checkpoint(tensors, saved_config, out_dir, max_shard_bytes=max_shard_bytes, extra_files=extra_files,
                            overwrite=overwrite)
+
+
+def tokenizer_config(tokenizer: Tokenizer) -> dict:
+    """HF tokenizer_config.json for LlamaTokenizer with Persimmon's settings."""
+    return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+            "bos_token": tokenizer.bos_token, "eos_token": None, "pad_token": None, "unk_token": "<unk>",
+            "clean_up_tokenization_spaces": False, "legacy": True, "model_max_length": 16384}
+
+
+def tokenizer_files(tokenizer: Tokenizer) -> dict[str, str | bytes]:
+    """The tokenizer files of an HF checkpoint directory (see `save_checkpoint`'s extra_files)."""
+    settings = tokenizer_config(tokenizer)
+    special = {"bos_token": settings["bos_token"], "unk_token": settings["unk_token"]}
+    return {"tokenizer.model": tokenizer.model_file,
+            "tokenizer_config.json": json.dumps(settings, indent=2).encode(),
+            "special_tokens_map.json": json.dumps(special, indent=2).encode()}

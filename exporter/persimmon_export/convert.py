@@ -8,7 +8,6 @@ nothing from the file is executed, and nothing outside an exact allow-list is im
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -20,7 +19,7 @@ import torch
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.tokenizer import DEFAULT_BOS, Tokenizer
 
-from .checkpoint import parse_dtype, save_checkpoint
+from .checkpoint import parse_dtype, save_checkpoint, tokenizer_files
 from .config import PersimmonConfig
 from .files import check_output
 from .progress import Steps
@@ -167,13 +166,6 @@ def infer_config(tensors: dict[str, torch.Tensor], args=None, tokenizer: Tokeniz
     return config
 
 
-def tokenizer_config(tokenizer: Tokenizer) -> dict:
-    """HF tokenizer_config.json for LlamaTokenizer with Persimmon's settings."""
-    return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-            "bos_token": tokenizer.bos_token, "eos_token": None, "pad_token": None, "unk_token": "<unk>",
-            "clean_up_tokenization_spaces": False, "legacy": True, "model_max_length": 16384}
-
-
 def convert_megatron(source: str, out_dir: str, tokenizer_file: str | None = None, dtype: str | None = None,
                      max_shard_bytes: int = 2 * 2**30, overwrite: bool = False) -> str:
     """adept-inference checkpoint -> HF directory (config.json, safetensors, tokenizer files).
@@ -212,12 +204,3 @@ def convert_megatron(source: str, out_dir: str, tokenizer_file: str | None = Non
 
     return save_checkpoint(stream(), config, out_dir, max_shard_bytes=max_shard_bytes,
                            extra_files=tokenizer_files(tokenizer), overwrite=overwrite, inputs=inputs)
-
-
-def tokenizer_files(tokenizer: Tokenizer) -> dict[str, str | bytes]:
-    """The tokenizer files of an HF checkpoint directory (see `save_checkpoint`'s extra_files)."""
-    settings = tokenizer_config(tokenizer)
-    special = {"bos_token": settings["bos_token"], "unk_token": settings["unk_token"]}
-    return {"tokenizer.model": tokenizer.model_file,
-            "tokenizer_config.json": json.dumps(settings, indent=2).encode(),
-            "special_tokens_map.json": json.dumps(special, indent=2).encode()}

@@ -19,9 +19,8 @@ import torch
 from persimmon_runtime import IncrementalDetokenizer, Tokenizer, format_chat
 from persimmon_runtime.tokenizer import DEFAULT_BOS
 
-from .checkpoint import load_model, save_model
+from .checkpoint import load_model, save_model, tokenizer_files
 from .config import PersimmonConfig
-from .convert import tokenizer_files
 from .generate import greedy_generate
 from .model import PersimmonForCausalLM
 
