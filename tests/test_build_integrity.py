@@ -670,3 +670,22 @@ def test_the_last_slot_is_usable_and_refusals_leave_the_backend_working(onnxrunt
         backend.step(*_step_args(batch=2, position=CAPACITY, width=CAPACITY))
     logits = backend.step(*_step_args(batch=2, position=CAPACITY - 1, ids=prompt[:, -1:]))
     assert logits.shape == (2, backend.manifest.model.vocab_size) and np.isfinite(logits).all()
+
+
+def _field_paths(section: dict, prefix: str = "") -> set[str]:
+    """Dotted names of a manifest's fields: sections are walked into, maps keyed by data (files,
+    aliases) are fields themselves."""
+    paths = set()
+    for key, value in section.items():
+        path = prefix + key
+        if isinstance(value, dict) and key not in ("files", "cache_aliases"):
+            paths |= _field_paths(value, path + ".")
+        else:
+            paths.add(path)
+    return paths
+
+
+def test_docs_manifest_md_describes_every_field(good_manifest):
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "manifest.md"), encoding="utf-8").read()
+    fields = _field_paths({**good_manifest, "tensorrt": engine_dict()})
+    assert not [field for field in sorted(fields) if f"| `{field}` |" not in doc]
