@@ -387,3 +387,21 @@ def test_signals_sent_during_the_swap_arrive_after_it(signum):
         signal.signal(signal.SIGTERM, previous)
     assert reached_the_end
     assert isinstance(raised.value, Terminated) == (signum == signal.SIGTERM)
+
+
+def test_a_build_from_before_markers_can_be_overwritten_but_not_with_user_files(workspace, tmp_path):
+    """Builds written before outputs carried a marker are recognised by their persimmon-build
+    manifest and their file set; anything else in the directory keeps it foreign."""
+    ck, out = str(workspace / "models" / "ck"), tmp_path / "b"
+    build(ck, str(out), **SMALL_BUILD)
+    os.remove(out / MARKER)  # as an older persimmon-export wrote it
+    with pytest.raises(OutputError, match="already holds a persimmon-export build; pass --overwrite"):
+        build(ck, str(out), **SMALL_BUILD)
+    (out / "my-notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    with pytest.raises(OutputError, match="non-empty directory that persimmon-export did not write"):
+        build(ck, str(out), overwrite=True, **SMALL_BUILD)
+    assert snapshot(tmp_path) == before
+    os.remove(out / "my-notes.txt")
+    build(ck, str(out), overwrite=True, **SMALL_BUILD)
+    assert read_marker(str(out))["kind"] == "build"

@@ -99,7 +99,7 @@ def _refuse_existing(path: str, kind: str, overwrite: bool) -> None:
                           f"(nothing was changed)")
     if not os.listdir(path):
         return
-    marker = read_marker(path)
+    marker = read_marker(path) or _unmarked_build(path)
     if marker is None:
         raise OutputError(f"--out {path}: is a non-empty directory that persimmon-export did not write; choose a "
                           f"new or empty directory (nothing was changed)")
@@ -116,6 +116,27 @@ def _refuse_existing(path: str, kind: str, overwrite: bool) -> None:
         raise OutputError(f"--out {path}: also holds {', '.join(added[:3])}{' ...' if len(added) > 3 else ''}, "
                           f"which persimmon-export did not write; move that out or choose another --out (nothing "
                           f"was changed)")
+
+
+# What a build directory held before outputs carried a marker (persimmon-export 0.1 before the
+# marker): such a directory, holding only these files and a persimmon-build manifest, is ours.
+_UNMARKED_BUILD_FILES = {"manifest.json", "model.onnx", "model.onnx.data", "tokenizer.model", "engine.plan",
+                         "model.trt.onnx"}
+
+
+def _unmarked_build(directory: str) -> dict | None:
+    """A marker standing in for a build written before markers, or None."""
+    names = set(os.listdir(directory))
+    if "manifest.json" not in names or not names <= _UNMARKED_BUILD_FILES:
+        return None
+    try:
+        with open(os.path.join(directory, "manifest.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != "persimmon-build":
+        return None
+    return {"written_by": _WRITTEN_BY, "kind": "build", "names": sorted(names)}
 
 
 def read_marker(directory: str) -> dict | None:

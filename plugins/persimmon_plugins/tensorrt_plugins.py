@@ -5,8 +5,7 @@ Importing this module registers `persimmon::PersimmonQKLayerNorm` and
 `persimmon::PersimmonPartialRotary` in TensorRT's plugin registry; the ONNX parser then imports
 the exported nodes (which carry plugin_namespace="persimmon") as these plugins instead of
 inlining their function bodies. The builder calls the `aot_impl` functions and embeds the
-returned PTX in the engine, so the engine runs with no Python and no plugin library (in Triton's
-tensorrt_plan backend too). Kernel arguments follow TensorRT's AOT convention: input pointers,
+returned PTX in the engine, so the engine runs with no Python and no plugin library. Kernel arguments follow TensorRT's AOT convention: input pointers,
 int32 scalars, output pointers.
 
 No `from __future__ import annotations` here: tensorrt.plugin reads these signatures with
