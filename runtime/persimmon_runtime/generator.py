@@ -26,6 +26,8 @@ from .manifest import Manifest
 from .sampling import Sampler, SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
+_NO_HISTORY = np.zeros(0, np.int64)  # for samplers that do not read the ids so far
+
 
 @dataclass
 class Completion:
@@ -258,7 +260,8 @@ class Generator:
                 if s.finish_reason:
                     continue
                 self._require_finite(logits[row], s)
-                tokens[row] = token = s.sampler(logits[row], np.asarray(s.prompt_ids + s.token_ids))
+                history = np.asarray(s.prompt_ids + s.token_ids) if s.sampler.reads_history else _NO_HISTORY
+                tokens[row] = token = s.sampler(logits[row], history)
                 if token in eos:
                     s.finish_reason = "eos"
                     piece = s.add_text(s.detokenizer.finish(), final=True)

@@ -116,6 +116,11 @@ class Sampler:
             logits[order[cut:]] = -np.inf
         return logits
 
+    @property
+    def reads_history(self) -> bool:
+        """Only the repetition penalty looks at the ids so far (callers may skip building them)."""
+        return self.params.repetition_penalty != 1.0
+
     def __call__(self, logits: np.ndarray, history: np.ndarray) -> int:
         """The next token. logits: fp32 [vocab]; history: the sequence's ids so far, prompt included."""
         p = self.params

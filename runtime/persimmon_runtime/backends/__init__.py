@@ -27,8 +27,8 @@ def load_backend(build_dir: str, manifest: Manifest, backend: str = "auto", devi
 
     device None means the backend's default: "cuda" for TensorRT, "cpu" for onnxruntime.
     """
-    if device is not None and not (isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d{1,3})?", device)):
-        raise PersimmonError(f"device {device!r} is not 'cpu', 'cuda' or 'cuda:N' (N a GPU index, e.g. cuda:0)")
+    if device is not None:
+        parse_device(device)  # refused here, before any backend is chosen or imported
     if backend == "auto":
         backend = "tensorrt" if manifest.tensorrt and device != "cpu" and _engine_usable(manifest.tensorrt) \
             else "onnxruntime"
@@ -41,6 +41,14 @@ def load_backend(build_dir: str, manifest: Manifest, backend: str = "auto", devi
 
         return TensorRTBackend(build_dir, manifest, device=device or "cuda")
     raise PersimmonError(f"backend {backend!r} is unknown; choose 'auto' or one of {BACKENDS}")
+
+
+def parse_device(device) -> tuple[str, int]:
+    """'cpu', 'cuda' or 'cuda:N' -> (kind, index); anything else is refused in one line."""
+    if not (isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d{1,3})?", device)):
+        raise PersimmonError(f"device {device!r} is not 'cpu', 'cuda' or 'cuda:N' (N a GPU index, e.g. cuda:0)")
+    kind, _, index = device.partition(":")
+    return kind, int(index or 0)
 
 
 def _engine_usable(section: EngineSection) -> bool:

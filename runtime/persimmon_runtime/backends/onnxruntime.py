@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import PersimmonError
 from ..manifest import Manifest
-from . import check_step
+from . import check_step, parse_device
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 CACHE_STEP = 256
@@ -31,17 +31,14 @@ class OnnxRuntimeBackend:
             raise PersimmonError("onnxruntime is not installed: pip install onnxruntime "
                                  "(or onnxruntime-gpu for CUDA)") from None
         self.manifest = manifest
-        self.device_type, _, index = device.partition(":")
-        self.device_id = int(index or 0)
+        self.device_type, self.device_id = parse_device(device)
         if self.device_type == "cpu":
             providers = ["CPUExecutionProvider"]
-        elif self.device_type == "cuda":
+        else:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise PersimmonError(f"device {device!r}: this onnxruntime has no CUDA execution provider "
                                      f"(has {ort.get_available_providers()}); install onnxruntime-gpu or use 'cpu'")
             providers = [("CUDAExecutionProvider", {"device_id": self.device_id}), "CPUExecutionProvider"]
-        else:
-            raise PersimmonError(f"device {device!r} is not 'cpu', 'cuda' or 'cuda:N'")
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(os.path.join(build_dir, manifest.onnx.file), options,

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import PersimmonError
 from ..manifest import EngineSection, Manifest, PluginPtx
-from . import check_step
+from . import check_step, parse_device
 from .cuda import check, compute_capability, cudart
 
 KV_BUCKET = 64
@@ -133,11 +133,11 @@ class TensorRTBackend:
         except ImportError:
             raise PersimmonError(f"{module} is not installed: {section.engine_file} runs on "
                                  f"{where_engine_runs(section)} ({install})") from None
-        kind, _, index = device.partition(":")
+        kind, index = parse_device(device)
         if kind != "cuda":
             raise PersimmonError(f"device {device!r}: the TensorRT backend runs on 'cuda' or 'cuda:N'")
         self.rt = rt = cudart()
-        check(rt.cudaSetDevice(int(index or 0)), "cudaSetDevice")
+        check(rt.cudaSetDevice(index), "cudaSetDevice")
         check_driver_runs_plugin_ptx(section.plugin_ptx, check(rt.cudaDriverGetVersion(), "cudaDriverGetVersion"))
         check_engine_compatible(section, trt.__version__, compute_capability())
         self.manifest = manifest
