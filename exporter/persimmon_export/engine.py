@@ -359,12 +359,8 @@ def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: 
     Messages name `shown_as` (the build's final place) instead of `directory` (where it is written).
     """
     shown_as = shown_as or directory
-    version, why = flavor.installed()
-    if version is None:
-        raise EngineError(f"cannot build a {flavor.product} engine: {why}")
-    flavor.check_version(version)
+    version, targets = check_engine_options(flavor, plugins, version_compatible, timing_cache, compute_capabilities)
     trt = importlib.import_module(flavor.module)
-    targets = check_engine_options(flavor, plugins, version_compatible, timing_cache, compute_capabilities)
     use_plugins = _use_plugins(flavor, plugins)
     onnx_path = os.path.join(directory, manifest.onnx.file)
     path = flavor.cache_update_path(version)
@@ -410,8 +406,14 @@ def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: 
 
 
 def check_engine_options(flavor: Flavor, plugins: str = "auto", version_compatible: bool = False,
-                         timing_cache: str | None = None, compute_capabilities: list[str] | None = None) -> list[str]:
-    """Refuse what `flavor` cannot do before anything is exported; return the target compute capabilities."""
+                         timing_cache: str | None = None, compute_capabilities: list[str] | None = None
+                         ) -> tuple[tuple[int, ...], list[str]]:
+    """Refuse what `flavor` (as installed) cannot do, before anything is exported; return its
+    version and the target compute capabilities."""
+    version, why = flavor.installed()
+    if version is None:
+        raise EngineError(f"cannot build a {flavor.product} engine: {why}")
+    flavor.check_version(version)
     if version_compatible and not flavor.lean_runtime:
         raise EngineError(f"--version-compatible: {flavor.product} has no lean runtime to embed; its engines load "
                           f"on the {flavor.product} version that built them")
@@ -421,7 +423,7 @@ def check_engine_options(flavor: Flavor, plugins: str = "auto", version_compatib
     if plugins == "on" and not flavor.aot_plugins:
         raise EngineError(f"--plugins on: {flavor.product} has no Python-defined plugins (no tensorrt.plugin); "
                           f"use --plugins off or auto (the custom ops then build from their function bodies)")
-    return choose_targets(flavor, importlib.import_module(flavor.module), compute_capabilities)
+    return version, choose_targets(flavor, importlib.import_module(flavor.module), compute_capabilities)
 
 
 def _build_to_file(trt, parsed: ParsedNetwork, config, path: str) -> bool:
