@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import platform
 import shutil
 import subprocess
@@ -43,65 +44,62 @@ def _gpu() -> str:
 
 
 def _tensorrt() -> str:
-    from .engine import TENSORRT
+    from .engine import TENSORRT, dotted_version
 
     version, why = TENSORRT.installed()
     if version is None:
         return f"unavailable: {why}"
     path = TENSORRT.cache_update_path(version)
     note = "in-place KV-cache-update layer" if path == "tensor_scatter" else \
-        f"ScatterElements fallback (in-place update needs >= {'.'.join(map(str, TENSORRT.in_place_since))})"
-    return f"{'.'.join(map(str, version))} ({_support(TENSORRT, version)}; cache update: {note}; engines run on " \
+        f"ScatterElements fallback (in-place update needs >= {dotted_version(TENSORRT.in_place_since)})"
+    return f"{dotted_version(version)} ({_support(TENSORRT, version)}; cache update: {note}; engines run on " \
            f"GPUs like the one that builds them)"
 
 
 def _tensorrt_rtx() -> str:
     from persimmon_runtime.backends.cuda import compute_capability
 
-    from .engine import TENSORRT_RTX, choose_targets
+    from .engine import TENSORRT_RTX, dotted_version, choose_targets
 
     version, why = TENSORRT_RTX.installed()
     if version is None:
         return f"unavailable: {why}"
-    import tensorrt_rtx
-
-    targets = choose_targets(TENSORRT_RTX, tensorrt_rtx, None)
+    targets = choose_targets(TENSORRT_RTX, importlib.import_module(TENSORRT_RTX.module), None)
     gpu = compute_capability()
     here = "no GPU here" if gpu == "unknown" else \
         f"this GPU ({gpu}) {'is' if gpu in targets else 'is NOT'} one of them"
-    return (f"{'.'.join(map(str, version))} ({_support(TENSORRT_RTX, version)}; builds engines without a GPU for "
+    return (f"{dotted_version(version)} ({_support(TENSORRT_RTX, version)}; builds engines without a GPU for "
             f"compute capability {', '.join(targets)} (--backend tensorrt-rtx); {here}; running one needs a CUDA "
             f"driver and such a GPU)")
 
 
 def _support(flavor, version) -> str:
-    from .engine import EngineError
+    from .engine import EngineError, dotted_version
 
     try:
         flavor.check_version(version)
     except EngineError:
-        return f"NOT supported: use {'.'.join(map(str, flavor.min_version))} - {flavor.max_major}.x"
+        return f"NOT supported: use {dotted_version(flavor.min_version)} - {flavor.max_major}.x"
     return "supported"
 
 
 def _plugins() -> str:
     from persimmon_plugins import KERNELS
-    from persimmon_plugins.compile import PTX_ISA_MIN_CUDA, PTX_TARGET, CompileError, compile_kernel, nvcc, \
-        ptx_isa_version
+    from persimmon_plugins.compile import PTX_TARGET, CompileError, compile_kernel, nvcc, ptx_requirements
 
     compiler = nvcc()
     if compiler is None:
         return "nvcc not found: engines build with --plugins off (function bodies as native layers)"
     try:
         ptx = [compile_kernel(op, PTX_TARGET, timeout_s=PROBE_TIMEOUT_S) for op in KERNELS]
-        isa = max((ptx_isa_version(code) for code in ptx), key=lambda v: tuple(map(int, v.split("."))))
+        needs = ptx_requirements(ptx)
     except CompileError as e:
         return f"nvcc at {compiler} fails to compile the kernels: {e}"
-    driver = PTX_ISA_MIN_CUDA.get(isa)
-    needs = f"engines with them need a CUDA {driver}+ driver" if driver else \
+    driver = needs["min_driver_cuda"]
+    runs = f"engines with them need a CUDA {driver}+ driver" if driver else \
         "an ISA this release does not know: --plugins on will refuse it"
     return (f"kernels compile with {compiler} ({', '.join(KERNELS)}: {sum(map(len, ptx))} bytes of {PTX_TARGET} PTX, "
-            f"ISA {isa}; {needs}; NVIDIA TensorRT only, not TensorRT-RTX)")
+            f"ISA {needs['isa']}; {runs}; NVIDIA TensorRT only, not TensorRT-RTX)")
 
 
 def _onnxruntime() -> str:
@@ -122,7 +120,7 @@ def report() -> list[tuple[str, str]]:
         ("torch", _version("torch") or "not installed (the exporter needs it: pip install '.[export]')"),
         ("onnx", _version("onnx") or "not installed"),
         ("onnxruntime", _onnxruntime()),
-        ("polygraphy", _version("polygraphy") or "not installed (TensorRT builds need it: pip install polygraphy)"),
+        ("polygraphy", _version("polygraphy") or "not installed (only to rerun a build's recorded `polygraphy convert` line: pip install polygraphy)"),
         ("tensorrt", _tensorrt()),
         ("tensorrt-rtx", _tensorrt_rtx()),
         ("cuda-python", _version("cuda-python") or _version("cuda-bindings") or

@@ -58,7 +58,7 @@ class EngineError(PersimmonError):
     pass
 
 
-def _dotted(version: tuple[int, ...]) -> str:
+def dotted_version(version: tuple[int, ...]) -> str:
     return ".".join(map(str, version))
 
 
@@ -80,8 +80,8 @@ class Flavor:
 
     def check_version(self, version: tuple[int, ...]) -> None:
         if version[:2] < self.min_version or version[0] > self.max_major:
-            raise EngineError(f"{self.product} {_dotted(version)} is outside the supported range "
-                              f"{_dotted(self.min_version)} - {self.max_major}.x")
+            raise EngineError(f"{self.product} {dotted_version(version)} is outside the supported range "
+                              f"{dotted_version(self.min_version)} - {self.max_major}.x")
 
     def cache_update_path(self, version: tuple[int, ...]) -> str:
         """'tensor_scatter' (KV-cache-update layer, in place) or 'scatter_elements' (the fallback)."""
@@ -396,7 +396,7 @@ def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: 
     trtexec = trtexec_command(onnx_file, ENGINE_FILE, profiles, version, version_compatible, timing_cache,
                               opt_level, workspace_mib) if flavor is TENSORRT else None
     return EngineSection(
-        flavor=flavor.backend, version=_dotted(version), engine_file=ENGINE_FILE, onnx_file=onnx_file,
+        flavor=flavor.backend, version=dotted_version(version), engine_file=ENGINE_FILE, onnx_file=onnx_file,
         compute_capabilities=[t for t in targets if t != "unknown"], version_compatible=version_compatible,
         cache_update=path, plugin_ptx=_plugin_ptx(use_plugins), max_prefill=max_prefill,
         profiles=[Profile(role, shapes) for role, shapes in zip(PROFILE_ROLES, built_profiles)],

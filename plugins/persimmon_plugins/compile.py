@@ -85,11 +85,18 @@ def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split("."))
 
 
+def ptx_requirements(ptx: list[bytes]) -> dict:
+    """What a driver needs to run these PTX modules: {"isa": "9.0", "min_driver_cuda": "13.0"};
+    min_driver_cuda is None for an ISA newer than PTX_ISA_MIN_CUDA knows."""
+    isa = max((ptx_isa_version(code) for code in ptx), key=_version_key)
+    return {"isa": isa, "min_driver_cuda": PTX_ISA_MIN_CUDA.get(isa)}
+
+
 def plugin_ptx_requirements() -> dict:
-    """What a driver needs to run the plugins' PTX: {"isa": "9.0", "min_driver_cuda": "13.0"}."""
-    isa = max((ptx_isa_version(plugin_ptx(op)) for op in sorted(KERNELS)), key=_version_key)
-    if isa not in PTX_ISA_MIN_CUDA:
+    """What a driver needs to run the plugins' PTX (see ptx_requirements); an unknown ISA is refused."""
+    needs = ptx_requirements([plugin_ptx(op) for op in sorted(KERNELS)])
+    if needs["min_driver_cuda"] is None:
         newest = max(PTX_ISA_MIN_CUDA.values(), key=_version_key)
-        raise CompileError(f"nvcc wrote PTX ISA {isa}, whose minimum driver this release does not know; build with "
-                           f"an nvcc from CUDA {newest} or older, or with --plugins off")
-    return {"isa": isa, "min_driver_cuda": PTX_ISA_MIN_CUDA[isa]}
+        raise CompileError(f"nvcc wrote PTX ISA {needs['isa']}, whose minimum driver this release does not know; "
+                           f"build with an nvcc from CUDA {newest} or older, or with --plugins off")
+    return needs
