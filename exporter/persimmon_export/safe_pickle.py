@@ -338,11 +338,6 @@ def _reduce(scan, f):
     _call(scan, scan.stack.pop(), args)
 
 
-def _newobj(scan, f):
-    args = scan.stack.pop()
-    _call(scan, scan.stack.pop(), args)
-
-
 def _build(scan, f):
     state = scan.stack.pop()
     if isinstance(scan.stack[-1].literal, _Global):  # the standard unpickler would setattr on the class
@@ -390,7 +385,7 @@ def _long1(f):
 
 # Exactly the opcodes torch's weights_only unpickler implements, with the same meaning.
 _OPCODES = {
-    b"c": _global, b"\x81": _newobj,
+    b"c": _global, b"\x81": _reduce,  # NEWOBJ: cls.__new__(cls, *args), a call like REDUCE
     b"R": _reduce, b"b": _build, b"a": _append, b"e": _appends, b"s": _setitem, b"u": _setitems,
     b"(": _mark, b"t": _tuple_mark, b"\x85": _tuple(1), b"\x86": _tuple(2), b"\x87": _tuple(3),
     b")": _tuple(0), b"]": _empty, b"}": _empty, b"\x8f": _empty,
