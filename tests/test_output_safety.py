@@ -373,7 +373,10 @@ def test_signals_sent_during_the_swap_arrive_after_it(signum):
     from persimmon_export.files import _signals_deferred
     from persimmon_runtime.console import Terminated, _raise_terminated
 
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    # the CLI's handlers, whatever an earlier test or library left installed (an ignored SIGINT
+    # would be deferred and then ignored too, correctly, and raise nothing here)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     reached_the_end = False
     try:
         with pytest.raises(KeyboardInterrupt) as raised:
@@ -384,7 +387,8 @@ def test_signals_sent_during_the_swap_arrive_after_it(signum):
                 time.sleep(0.2)  # the handler would run here, in the main thread, without the deferral
                 reached_the_end = True
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     assert reached_the_end
     assert isinstance(raised.value, Terminated) == (signum == signal.SIGTERM)
 
