@@ -51,6 +51,24 @@ def private_verification_records(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random Persimmon checkpoint (HF layout, with tokenizer files); tests must not change it."""
+    from persimmon_export.demo import make_demo_checkpoint
+
+    return make_demo_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"), seed=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tiny_checkpoint, tmp_path_factory):
+    """Its float32 onnxruntime build (max_batch 2, kv_capacity 96); tests must not change it."""
+    from persimmon_export.build import build
+
+    out = str(tmp_path_factory.mktemp("build") / "b")
+    build(tiny_checkpoint, out, dtype="float32", max_batch=2, kv_capacity=96, backend="onnxruntime")
+    return out
+
+
+@pytest.fixture(scope="session")
 def sp_model(tmp_path_factory):
     """A sentencepiece Unigram model, byte fallback, `|ENDOFTEXT|` as a control piece."""
     return train_tokenizer(str(tmp_path_factory.mktemp("sp") / "tokenizer.model"))

@@ -11,11 +11,10 @@ import pytest
 from conftest import without_permission_override
 
 from persimmon_export import doctor
-from persimmon_export.build import build
-from persimmon_export.demo import make_demo_checkpoint
 from persimmon_export.parity import check_parity
 from persimmon_runtime import PersimmonError
 from persimmon_runtime.generator import Generator
+from persimmon_runtime.manifest import Manifest
 
 BIN = os.path.dirname(sys.executable)
 
@@ -32,68 +31,59 @@ def assert_one_line(result, *fragments):
         assert fragment in err, err
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_demo_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"), seed=2)
-
-
-@pytest.fixture(scope="module")
-def build_dir(checkpoint, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("build") / "b")
-    build(checkpoint, out, dtype="float32", max_batch=4, kv_capacity=48)
-    return out
-
-
 @pytest.mark.parametrize("steps", [-1, -1000])
-def test_parity_refuses_negative_steps(checkpoint, build_dir, steps):
+def test_parity_refuses_negative_steps(tiny_checkpoint, tiny_build, steps):
     with pytest.raises(PersimmonError, match="--steps must be"):
-        check_parity(checkpoint, build_dir, decode_steps=steps)
+        check_parity(tiny_checkpoint, tiny_build, decode_steps=steps)
 
 
-def test_parity_steps_past_the_cache_name_the_capacity(checkpoint, build_dir):
-    # 48 slots: a few-token prompt + 100 steps cannot fit; the error says how many can
-    with pytest.raises(PersimmonError, match="kv_capacity 48; use --steps <= "):
-        check_parity(checkpoint, build_dir, prompts=["hello"], decode_steps=100)
-    result = run("persimmon-export", "parity", "--checkpoint", checkpoint, "--build", build_dir, "--steps", "1000")
-    assert_one_line(result, "kv_capacity 48")
+def test_parity_steps_past_the_cache_name_the_capacity(tiny_checkpoint, tiny_build):
+    capacity = Manifest.load(tiny_build).kv_capacity
+    assert capacity < 100  # so a few-token prompt + 100 steps cannot fit; the error says how many can
+    with pytest.raises(PersimmonError, match=f"kv_capacity {capacity}; use --steps <= "):
+        check_parity(tiny_checkpoint, tiny_build, prompts=["hello"], decode_steps=100)
+    result = run("persimmon-export", "parity", "--checkpoint", tiny_checkpoint, "--build", tiny_build,
+                 "--prompt", "hello", "--steps", "1000")
+    assert_one_line(result, f"kv_capacity {capacity}")
 
 
-def test_parity_exactly_filling_the_cache_runs(checkpoint, build_dir):
-    generator = Generator.load(build_dir)
+def test_parity_exactly_filling_the_cache_runs(tiny_checkpoint, tiny_build):
+    generator = Generator.load(tiny_build)
     prompt_len = len(generator.tokenizer.encode("hello"))
     steps = generator.manifest.kv_capacity - prompt_len
-    [result] = check_parity(checkpoint, build_dir, prompts=["hello"], decode_steps=steps)
+    [result] = check_parity(tiny_checkpoint, tiny_build, prompts=["hello"], decode_steps=steps)
     assert result.passed and result.decode_steps == steps
 
 
-def test_parity_refuses_more_prompts_than_the_batch(checkpoint, build_dir):
-    with pytest.raises(PersimmonError, match="max_batch is 4"):
-        check_parity(checkpoint, build_dir, prompts=["a"] * 5, decode_steps=1)
+def test_parity_refuses_more_prompts_than_the_batch(tiny_checkpoint, tiny_build):
+    max_batch = Manifest.load(tiny_build).max_batch
+    with pytest.raises(PersimmonError, match=f"max_batch is {max_batch}"):
+        check_parity(tiny_checkpoint, tiny_build, prompts=["a"] * (max_batch + 1), decode_steps=1)
 
 
 @pytest.mark.parametrize("device", ["cuda:x", "cuda:", "gpu", "cpu:0:1", "", "cuda:-1", "cuda:99999", "CPU"])
-def test_bad_device_strings_are_one_line(build_dir, device):
+def test_bad_device_strings_are_one_line(tiny_build, device):
     with pytest.raises(PersimmonError, match="is not 'cpu', 'cuda' or 'cuda:N'"):
-        Generator.load(build_dir, device=device)
+        Generator.load(tiny_build, device=device)
 
 
-def test_bad_device_from_both_clis(checkpoint, build_dir):
-    assert_one_line(run("persimmon-run", build_dir, "hi", "--device", "cuda:x"), "cuda:x")
-    assert_one_line(run("persimmon-export", "parity", "--checkpoint", checkpoint, "--build", build_dir,
+def test_bad_device_from_both_clis(tiny_checkpoint, tiny_build):
+    assert_one_line(run("persimmon-run", tiny_build, "hi", "--device", "cuda:x"), "cuda:x")
+    assert_one_line(run("persimmon-export", "parity", "--checkpoint", tiny_checkpoint, "--build", tiny_build,
                         "--device", "cuda:x", "--steps", "1"), "cuda:x")
 
 
-def test_closed_stdout_stops_generation_with_one_line(build_dir):
+def test_closed_stdout_stops_generation_with_one_line(tiny_build):
     # `persimmon-run ... | head -c 5`: the reader leaves after 5 bytes
-    shell = f"{os.path.join(BIN, 'persimmon-run')} {build_dir} 'hello' --max-new-tokens 40 --ignore-eos | head -c 5"
+    shell = f"{os.path.join(BIN, 'persimmon-run')} {tiny_build} 'hello' --max-new-tokens 40 --ignore-eos | head -c 5"
     result = subprocess.run(["bash", "-o", "pipefail", "-c", shell], capture_output=True, timeout=300)
     assert len(result.stdout) <= 5
     assert_one_line(result, "broken pipe")
 
 
 @pytest.mark.parametrize("raw", [b"\xff", b"caf\xe9", b"ok \xed\xa0\x80 surrogate", b"\xc3"])
-def test_prompt_that_is_not_utf8_is_one_line(build_dir, raw):
-    result = subprocess.run([os.fsencode(os.path.join(BIN, "persimmon-run")), os.fsencode(build_dir), raw],
+def test_prompt_that_is_not_utf8_is_one_line(tiny_build, raw):
+    result = subprocess.run([os.fsencode(os.path.join(BIN, "persimmon-run")), os.fsencode(tiny_build), raw],
                             capture_output=True, timeout=300)
     assert_one_line(result, "prompt: not valid UTF-8")
 
@@ -124,9 +114,9 @@ def test_doctor_does_not_hang_on_a_wedged_nvidia_smi_or_nvcc(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("lock", ["directory", "config.json", "model.safetensors", "tokenizer.model"])
-def test_unreadable_checkpoint_is_one_line_naming_it(checkpoint, tmp_path, lock):
+def test_unreadable_checkpoint_is_one_line_naming_it(tiny_checkpoint, tmp_path, lock):
     ck = tmp_path / "ck"
-    shutil.copytree(checkpoint, ck)
+    shutil.copytree(tiny_checkpoint, ck)
     target = ck if lock == "directory" else ck / lock
     target.chmod(0)
     result = subprocess.run([*without_permission_override(), os.path.join(BIN, "persimmon-export"), "build",
@@ -138,9 +128,9 @@ def test_unreadable_checkpoint_is_one_line_naming_it(checkpoint, tmp_path, lock)
     assert not (tmp_path / "out").exists()
 
 
-def test_a_non_utf8_checkpoint_path_is_named_as_such(checkpoint, tmp_path):
+def test_a_non_utf8_checkpoint_path_is_named_as_such(tiny_checkpoint, tmp_path):
     ck = os.path.join(os.fsencode(str(tmp_path)), b"ck\xff")
-    shutil.copytree(os.fsencode(checkpoint), ck)
+    shutil.copytree(os.fsencode(tiny_checkpoint), ck)
     result = run("persimmon-export", "build", "--checkpoint", ck, "--out", str(tmp_path / "out"), "--dtype", "float32",
                  "--kv-capacity", "32")
     assert_one_line(result, "opens only UTF-8 paths")

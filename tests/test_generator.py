@@ -12,8 +12,6 @@ from conftest import run_without_torch
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from persimmon_export.build import build
-from persimmon_export.demo import make_demo_checkpoint
 from persimmon_runtime import PersimmonError, format_chat
 from persimmon_runtime.generator import Generator
 from persimmon_runtime.sampling import Sampler, SamplingParams
@@ -22,20 +20,8 @@ PROMPTS = ["human: hi\n\nadept:", "The quick brown fox", "東京"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_demo_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"), seed=4)
-
-
-@pytest.fixture(scope="module")
-def build_dir(checkpoint, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("build") / "b")
-    build(checkpoint, out, dtype="float32", max_batch=2, kv_capacity=96)
-    return out
-
-
-@pytest.fixture(scope="module")
-def generator(build_dir):
-    return Generator.load(build_dir)
+def generator(tiny_build):
+    return Generator.load(tiny_build)
 
 
 def test_sampling_filters_equal_transformers_logits_processors():
@@ -64,8 +50,8 @@ def test_sampling_follows_the_softmax():
     np.testing.assert_allclose(draws, [0.5, 0.3, 0.2, 0.0], atol=0.03)
 
 
-def test_greedy_with_repetition_penalty_equals_transformers_generate(checkpoint, generator):
-    hf = transformers.PersimmonForCausalLM.from_pretrained(checkpoint).eval()
+def test_greedy_with_repetition_penalty_equals_transformers_generate(tiny_checkpoint, generator):
+    hf = transformers.PersimmonForCausalLM.from_pretrained(tiny_checkpoint).eval()
     prompt = PROMPTS[1]
     ids = generator.tokenizer.encode(prompt)
     ours = generator.generate(prompt, max_new_tokens=30, repetition_penalty=1.5, ignore_eos=True)
@@ -128,8 +114,8 @@ def test_stop_strings_cut_the_text_and_are_never_streamed(generator):
     assert "".join(generator.stream(PROMPTS[1], max_new_tokens=40, ignore_eos=True, stop=stop)) == cut
 
 
-def test_eos_ends_a_row(build_dir):
-    generator = Generator.load(build_dir)
+def test_eos_ends_a_row(tiny_build):
+    generator = Generator.load(tiny_build)
     tokens = generator.generate(PROMPTS[2], max_new_tokens=10, ignore_eos=True).token_ids
     generator.manifest.eos_token_ids = [tokens[4]]
     completion = generator.generate(PROMPTS[2], max_new_tokens=10)
@@ -158,27 +144,27 @@ def test_chat_uses_the_persimmon_format(generator):
     (lambda g: g.stream("x" * 400, max_new_tokens=10), r"exceeds the build's kv_capacity"),  # raised at the call
     (lambda g: g.stream(["a"]), r"stream\(\) takes one prompt"),
 ])
-def test_invalid_requests_fail_before_any_compute(build_dir, call, message):
-    generator = Generator.load(build_dir)
+def test_invalid_requests_fail_before_any_compute(tiny_build, call, message):
+    generator = Generator.load(tiny_build)
     with pytest.raises((PersimmonError, TypeError), match=message):
         call(generator)
     assert generator.backend.binding is None  # the backend never started
 
 
-def test_persimmon_run_streams_and_reports_errors(build_dir, generator):
+def test_persimmon_run_streams_and_reports_errors(tiny_build, generator):
     exe = os.path.join(os.path.dirname(sys.executable), "persimmon-run")
-    result = subprocess.run([exe, build_dir, "hi", "--chat", "--max-new-tokens", "12", "--ignore-eos"],
+    result = subprocess.run([exe, tiny_build, "hi", "--chat", "--max-new-tokens", "12", "--ignore-eos"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout == generator.chat("hi", max_new_tokens=12, ignore_eos=True).text + "\n"
-    bad = subprocess.run([exe, build_dir, "hi", "--top-p", "2"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([exe, tiny_build, "hi", "--top-p", "2"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip() == "persimmon-run: error: top_p=2.0: must be in (0, 1] (1 = off)"
 
 
-def test_runtime_generates_without_torch(build_dir, generator):
+def test_runtime_generates_without_torch(tiny_build, generator):
     result = run_without_torch(f"""
         from persimmon_runtime.generator import Generator
-        print(Generator.load({build_dir!r}).generate("hi", max_new_tokens=6, ignore_eos=True).token_ids)
+        print(Generator.load({tiny_build!r}).generate("hi", max_new_tokens=6, ignore_eos=True).token_ids)
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(generator.generate("hi", max_new_tokens=6, ignore_eos=True).token_ids)

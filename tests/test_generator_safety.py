@@ -13,10 +13,9 @@ import numpy as np
 import onnx
 import pytest
 from conftest import TRICKY_TEXTS
-from test_generator import build_dir, checkpoint, generator  # noqa: F401 (fixtures: a tiny fp32 build)
+from test_generator import generator  # noqa: F401 (a fixture: the Generator of conftest's tiny_build)
 
 from persimmon_export.build import build
-from persimmon_export.demo import make_demo_checkpoint
 from persimmon_runtime import PersimmonError, Tokenizer, format_chat
 from persimmon_runtime.generator import Generator, _Sequence
 from persimmon_runtime.sampling import MAX_STOP_CHARS, MAX_STOPS, Sampler, SamplingParams
@@ -51,9 +50,10 @@ def _poisoned_copy(build_dir, dest, tensor, value):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_corrupt_weights_give_one_error_line_not_token_0(build_dir, tmp_path, value):
-    generator = Generator.load(_poisoned_copy(build_dir, tmp_path / "bad", "model.final_layernorm.weight", value))
-    settings_tried = ({}, {"temperature": 0.8, "seed": 1}, {"repetition_penalty": 1.3}, {"temperature": 1.0, "top_p": 0.5})
+def test_corrupt_weights_give_one_error_line_not_token_0(tiny_build, tmp_path, value):
+    generator = Generator.load(_poisoned_copy(tiny_build, tmp_path / "bad", "model.final_layernorm.weight", value))
+    settings_tried = ({}, {"temperature": 0.8, "seed": 1}, {"repetition_penalty": 1.3},
+                      {"temperature": 1.0, "top_p": 0.5})
     for settings in settings_tried:
         with pytest.raises(PersimmonError, match=r"NaN/inf logits for prompt 0 at generated token 0.*corrupt weights") \
                 as caught:
@@ -63,15 +63,15 @@ def test_corrupt_weights_give_one_error_line_not_token_0(build_dir, tmp_path, va
             list(generator.stream(PROMPTS[1], max_new_tokens=5, **settings))
 
 
-def test_float16_overflow_is_named_with_the_float32_remedy(checkpoint, build_dir, tmp_path):
-    build(checkpoint, str(tmp_path / "b16"), dtype="float16", max_batch=1, kv_capacity=32)
+def test_float16_overflow_is_named_with_the_float32_remedy(tiny_checkpoint, tiny_build, tmp_path):
+    build(tiny_checkpoint, str(tmp_path / "b16"), dtype="float16", max_batch=1, kv_capacity=32, backend="onnxruntime")
     # A large but finite LayerNorm weight: the activations it scales pass float16's 65504 and
     # overflow to inf (then inf - inf = NaN downstream); in float32 the same weights are fine.
     tensor = "model.layers.0.input_layernorm.weight"
     hot16 = _poisoned_copy(str(tmp_path / "b16"), tmp_path / "hot16", tensor, 60000.0)
     with pytest.raises(PersimmonError, match=r"float16 overflow.*--dtype float32.*persimmon-export parity"):
         Generator.load(hot16).generate("hi", max_new_tokens=3)
-    hot32 = _poisoned_copy(build_dir, tmp_path / "hot32", tensor, 60000.0)
+    hot32 = _poisoned_copy(tiny_build, tmp_path / "hot32", tensor, 60000.0)
     assert len(Generator.load(hot32).generate("hi", max_new_tokens=3, ignore_eos=True).token_ids) == 3
 
 
@@ -102,15 +102,15 @@ def _faulty(build_dir, value, row, at):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("row,at", [(0, 0), (1, 0), (1, 3), (0, 5)])
-def test_a_non_finite_logit_in_any_row_at_any_step_is_caught(build_dir, value, row, at):
-    generator = _faulty(build_dir, value, row, at)
+def test_a_non_finite_logit_in_any_row_at_any_step_is_caught(tiny_build, value, row, at):
+    generator = _faulty(tiny_build, value, row, at)
     for settings in ({}, {"temperature": 0.7, "top_k": 20, "seed": 3}):
         with pytest.raises(PersimmonError, match=rf"NaN/inf logits for prompt {row} at generated token {at}"):
             generator.generate(PROMPTS[:2], max_new_tokens=8, ignore_eos=True, **settings)
 
 
-def test_a_failed_stream_hands_out_only_good_text_and_frees_the_generator(build_dir, generator):
-    faulty = _faulty(build_dir, float("nan"), 0, 6)
+def test_a_failed_stream_hands_out_only_good_text_and_frees_the_generator(tiny_build, generator):
+    faulty = _faulty(tiny_build, float("nan"), 0, 6)
     expected = generator.generate(PROMPTS[1], max_new_tokens=12, ignore_eos=True)
     pieces = []
     with pytest.raises(PersimmonError, match="NaN/inf logits"):
@@ -121,13 +121,13 @@ def test_a_failed_stream_hands_out_only_good_text_and_frees_the_generator(build_
     assert faulty.generate(PROMPTS[1], max_new_tokens=6, ignore_eos=True).token_ids == expected.token_ids[:6]
 
 
-def test_finished_rows_are_not_checked(build_dir, generator):
+def test_finished_rows_are_not_checked(tiny_build, generator):
     """A row that finished gets padding fed in; its logits are never sampled and must not fail the batch."""
     alone = {p: generator.generate(p, max_new_tokens=10, ignore_eos=True).token_ids for p in PROMPTS}
     # a pair where the first row's k-th token can serve as its EOS without ending anything else
     first, second, k = next((a, b, k) for a in PROMPTS for b in PROMPTS if a != b for k in range(6)
                             if alone[a][k] not in alone[a][:k] + alone[b])
-    faulty = _faulty(build_dir, float("nan"), 0, k + 1)
+    faulty = _faulty(tiny_build, float("nan"), 0, k + 1)
     faulty.manifest.eos_token_ids = [alone[first][k]]  # row 0 ends at step k
     result = faulty.generate([first, second], max_new_tokens=10)
     assert [c.token_ids for c in result] == [alone[first][:k], alone[second]]
@@ -218,8 +218,8 @@ def test_extreme_settings_through_the_generator(generator):
     ({"bogus": 1}, r"^unknown sampling setting 'bogus'; known: max_new_tokens, "),
     ({"Temperature": 0.5}, r"^unknown sampling setting 'Temperature'"),
 ])
-def test_bad_settings_are_one_line_before_any_compute(build_dir, settings, message):
-    generator = Generator.load(build_dir)
+def test_bad_settings_are_one_line_before_any_compute(tiny_build, settings, message):
+    generator = Generator.load(tiny_build)
     for call in (lambda: generator.generate("hi", **settings), lambda: generator.stream("hi", **settings),
                  lambda: generator.stream_batch(["hi"], **settings), lambda: generator.chat("hi", **settings)):
         with pytest.raises(PersimmonError, match=message) as caught:
