@@ -23,6 +23,7 @@ from persimmon_export.cli import main
 from persimmon_export.convert import load_megatron
 from persimmon_export.demo import random_model
 from persimmon_export.safe_pickle import MAX_MEMO, Placeholder, load
+from persimmon_runtime.errors import PersimmonError
 
 P2 = b"\x80\x02"
 
@@ -505,3 +506,27 @@ def test_a_view_larger_than_its_storage_is_refused(layout, base, tmp_path, capsy
                _use_new_zipfile_serialization=layout == "zip")
     with pytest.raises(CheckpointError, match="claims more elements"):
         list(iter_tensors(str(tmp_path / "pytorch_model.bin")))
+
+
+def test_an_enum_member_pickled_by_name_loads_as_a_placeholder(tmp_path):
+    """Python >= 3.11.2 pickles an enum member as getattr(EnumClass, "NAME") (Megatron's args hold
+    enums): that call is allowed on the file's own classes only, and never runs getattr."""
+    member = call(global_("builtins", "getattr"), global_("megatron.model.enums", "AttnMaskType"), text("causal"))
+    legacy_checkpoint(tmp_path / "ok.pt", P2 + member + b".")
+    loaded = load(str(tmp_path / "ok.pt"), foreign_classes=True)
+    assert isinstance(loaded, Placeholder) and loaded.args == ("causal",)
+    with pytest.raises(PersimmonError, match="refused to load: it calls builtins.getattr"):
+        load(str(tmp_path / "ok.pt"), foreign_classes=False)  # a weights file: no classes, no members
+
+
+@pytest.mark.parametrize("owner, args", [
+    (global_("torch._utils", "_rebuild_tensor"), text("__globals__")),  # a real function's internals
+    (global_("megatron.model.enums", "AttnMaskType"), text("__class__")),  # a private name
+    (global_("megatron.model.enums", "AttnMaskType"), b"K\x05"),  # not a name
+    (global_("megatron.model.enums", "AttnMaskType"), text("causal") + text("default")),  # getattr's default
+    (global_("collections", "OrderedDict"), text("fromkeys")),  # a real class
+])
+def test_getattr_on_anything_else_is_refused(tmp_path, owner, args):
+    legacy_checkpoint(tmp_path / "bad.pt", P2 + call(global_("builtins", "getattr"), owner, args) + b".")
+    with pytest.raises(PersimmonError, match="refused to load"):
+        load(str(tmp_path / "bad.pt"), foreign_classes=True)

@@ -118,6 +118,7 @@ class _Scan:
         self.hashed: list[_Value] = []  # dict keys, BUILD state, arguments of hashing callables
         self.objects = 0
         self.encoded_bytes = 0  # what _codecs.encode calls will allocate
+        self.member_lookups = False  # getattr(<placeholder class>, "name"): an enum member
 
     def pickle(self, f) -> None:
         """Scan one pickle from `f`, leaving `f` just after its STOP."""
@@ -159,6 +160,9 @@ class _Scan:
         if not (name.isidentifier() and all(part.isidentifier() for part in module.split("."))):
             raise _Refused(f"it names the global {full!r}, which is not a plain module.name")
         if full in _TENSOR_GLOBALS:
+            return _Global(full)
+        if full == _MEMBER_LOOKUP and self.foreign_classes:  # each call's arguments are checked in _call
+            self.member_lookups = True
             return _Global(full)
         top = module.split(".")[0]
         if top == "torch" or full in _get_allowed_globals():
@@ -221,6 +225,14 @@ class _Scan:
 
 
 _STOP = object()
+_MEMBER_LOOKUP = "builtins.getattr"
+
+
+def _placeholder_member(owner, name):
+    """Stands in for getattr(EnumClass, "NAME") (see _call): the member as a placeholder instance."""
+    if not (isinstance(owner, type) and issubclass(owner, Placeholder) and isinstance(name, str)):
+        raise TypeError(f"getattr({owner!r}, {name!r}) is not an enum member of the checkpoint's own classes")
+    return owner(name)
 
 
 def _read(f, n: int) -> bytes:
@@ -320,6 +332,15 @@ def _global(scan, f):
 
 
 def _call(scan, callable_: _Value, args: _Value):
+    if callable_.literal == _MEMBER_LOOKUP:
+        # Python >= 3.11.2 pickles an enum member as getattr(EnumClass, "NAME"); allowed only on a
+        # class that becomes a placeholder, with a public name, and run as `_placeholder_member`
+        owner, name = args.parts if args.parts is not None and len(args.parts) == 2 else (None, None)
+        if not (owner is not None and isinstance(owner.literal, _Global) and owner.literal in scan.placeholders
+                and isinstance(name.literal, str) and name.literal.isidentifier()
+                and not name.literal.startswith("_")):
+            raise _Refused("it calls builtins.getattr on something other than a public member of one of its own "
+                           "classes (an enum member)")
     if callable_.literal == "_codecs.encode" and args.parts:
         # one memoized string encoded again and again allocates its size each time, while the
         # file holds it once: torch.save encodes each bytes object once, so its total fits the file
@@ -454,6 +475,8 @@ def load(path: str, foreign_classes: bool, error: type[PersimmonError] = Persimm
         raise error(f"{path}: cannot read the checkpoint ({_one_line(e)})") from None
     placeholders = [(type(name.rpartition(".")[2], (Placeholder,), {"__module__": f"placeholder:{name}"}), name)
                     for name in sorted(scan.placeholders)]
+    if scan.member_lookups:  # the file's "builtins.getattr" resolves to this, never to getattr
+        placeholders.append((_placeholder_member, _MEMBER_LOOKUP))
     try:
         with torch.serialization.safe_globals(placeholders), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. TypedStorage deprecation: not the user's concern
