@@ -612,6 +612,7 @@ def test_a_killed_server_leaves_no_stub_process_or_shared_memory(repository, tmp
     running = start_server(repository, tmp_path, "--exit-timeout-secs", "1")
     pgid = running["process"].pid
     regions = set(glob.glob(SHM_REGIONS)) - running["regions_before"]
+    assert regions  # the Python backend's region exists while the server runs
     body = json.dumps({"text_input": "x", "max_new_tokens": CAPACITY - 96, "ignore_eos": True, "stream": True})
     request = urllib.request.Request(f"{running['http']}/v2/models/persimmon/generate_stream", data=body.encode(),
                                      headers={"Content-Type": "application/json"})
@@ -619,8 +620,8 @@ def test_a_killed_server_leaves_no_stub_process_or_shared_memory(repository, tmp
         assert stream.readline().startswith(b"data: ")  # a generation is under way
         os.kill(pgid, sig)
         running["process"].wait(timeout=60)
-    orphans = _group_members(pgid)
-    assert orphans and all(os.path.exists(r) for r in regions)  # what stopping the server alone leaves
+    # What the server's death leaves varies: usually the stub and its region, but a stub that notices
+    # in time removes some of it itself. Whatever is left, stop_server must clear it.
     stop_server(running)
     assert _group_members(pgid) == []
-    assert regions and not [r for r in regions if os.path.exists(r)]
+    assert not [r for r in regions if os.path.exists(r)]
