@@ -27,7 +27,8 @@ from persimmon_export.build import build
 from persimmon_export.checkpoint import save_model, tokenizer_files
 from persimmon_export.demo import random_model, train_tokenizer
 from persimmon_runtime import Tokenizer
-from persimmon_runtime.generator import Generator, decode, prefill
+from persimmon_runtime.backends import decode, prefill
+from persimmon_runtime.generator import Generator
 
 CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
               num_attention_heads=12, max_position_embeddings=8192)

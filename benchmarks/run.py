@@ -40,7 +40,8 @@ from persimmon_export.build import build  # noqa: E402
 from persimmon_export.checkpoint import save_model, tokenizer_files  # noqa: E402
 from persimmon_export.demo import random_model, train_tokenizer  # noqa: E402
 from persimmon_runtime import Tokenizer  # noqa: E402
-from persimmon_runtime.generator import Generator, decode, prefill  # noqa: E402
+from persimmon_runtime.backends import decode, prefill  # noqa: E402
+from persimmon_runtime.generator import Generator  # noqa: E402
 
 CONFIGS = {
     "30M": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536),

@@ -605,7 +605,7 @@ BAD_STEPS = [
     ("negative token id", dict(ids=np.array([[-3]])), "input_ids\\[0, 0\\] = -3 is not a token id"),
     ("more rows than started", dict(batch=2), "the backend was started for 1 rows"),
     ("float ids", dict(ids=np.array([[5.0]])), "step input input_ids must be an integer numpy array, got float64"),
-    ("empty step", dict(ids=np.zeros((1, 0), np.int64), count=0, width=1), "expected \\(1, seq >= 1\\)"),
+    ("empty step", dict(ids=np.zeros((1, 0), np.int64), count=0, width=1), "expected \\(1..1, seq >= 1\\) from row 0"),
 ]
 
 

@@ -3,6 +3,7 @@ stop lists, extreme sampling settings, lone surrogates and damaged tokenizer fil
 Each must give correct output or one PersimmonError line, never garbage or a foreign exception."""
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -17,7 +18,8 @@ from test_generator import generator  # noqa: F401 (a fixture: the Generator of 
 
 from persimmon_export.build import build
 from persimmon_runtime import PersimmonError, Tokenizer, format_chat
-from persimmon_runtime.generator import Generator, _Sequence
+from persimmon_runtime.generator import Generator
+from persimmon_runtime.scheduler import Request, Sequence
 from persimmon_runtime.sampling import MAX_STOP_CHARS, MAX_STOPS, Sampler, SamplingParams
 
 PROMPTS = ["human: hi\n\nadept:", "The quick brown fox", "東京", "a b c d e f", "Hello world, this is"]
@@ -81,7 +83,7 @@ class FaultyBackend:
 
     def __init__(self, real, value, row, at):
         self.real, self.value, self.row, self.at = real, value, row, at
-        self.manifest, self.name = real.manifest, real.name
+        self.manifest, self.name, self.max_step_tokens = real.manifest, real.name, real.max_step_tokens
 
     def start(self, batch):
         self.steps = 0
@@ -103,8 +105,8 @@ def _faulty(build_dir, value, row, at):
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("row,at", [(0, 0), (1, 0), (1, 3), (0, 5)])
 def test_a_non_finite_logit_in_any_row_at_any_step_is_caught(tiny_build, value, row, at):
-    generator = _faulty(tiny_build, value, row, at)
     for settings in ({}, {"temperature": 0.7, "top_k": 20, "seed": 3}):
+        generator = _faulty(tiny_build, value, row, at)  # counts steps from its first request
         with pytest.raises(PersimmonError, match=rf"NaN/inf logits for prompt {row} at generated token {at}"):
             generator.generate(PROMPTS[:2], max_new_tokens=8, ignore_eos=True, **settings)
 
@@ -121,17 +123,22 @@ def test_a_failed_stream_hands_out_only_good_text_and_frees_the_generator(tiny_b
     assert faulty.generate(PROMPTS[1], max_new_tokens=6, ignore_eos=True).token_ids == expected.token_ids[:6]
 
 
-def test_finished_rows_are_not_checked(tiny_build, generator):
-    """A row that finished gets padding fed in; its logits are never sampled and must not fail the batch."""
+def test_finished_rows_leave_the_batch(tiny_build, generator):
+    """A row that finished is not computed any more: the steps after its EOS cover the other row only."""
     alone = {p: generator.generate(p, max_new_tokens=10, ignore_eos=True).token_ids for p in PROMPTS}
     # a pair where the first row's k-th token can serve as its EOS without ending anything else
     first, second, k = next((a, b, k) for a in PROMPTS for b in PROMPTS if a != b for k in range(6)
                             if alone[a][k] not in alone[a][:k] + alone[b])
-    faulty = _faulty(tiny_build, float("nan"), 0, k + 1)
-    faulty.manifest.eos_token_ids = [alone[first][k]]  # row 0 ends at step k
-    result = faulty.generate([first, second], max_new_tokens=10)
+    clean = Generator.load(tiny_build)
+    clean.manifest.eos_token_ids = [alone[first][k]]  # row 0 ends at step k
+    steps = []
+    real_step = clean.backend.step
+    clean.backend.step = lambda ids, *rest: steps.append((rest[-1], len(ids))) or real_step(ids, *rest)
+    result = clean.generate([first, second], max_new_tokens=10)
     assert [c.token_ids for c in result] == [alone[first][:k], alone[second]]
     assert [c.finish_reason for c in result] == ["eos", "length"]
+    # (first_row, rows) per step: both rows through the step that sampled the EOS, then row 1 alone
+    assert steps == [(0, 2)] * (k + 1) + [(1, 1)] * (10 - k - 1)
 
 
 # ---- extreme sampling settings ----
@@ -264,7 +271,7 @@ def test_stop_matching_equals_the_naive_search_for_any_split():
         text = "".join(rng.choice("ab\nc") for _ in range(rng.randint(0, 40)))
         cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 12))))
         pieces = [text[i:j] for i, j in zip([0] + cuts, cuts + [len(text)])]
-        sequence = _Sequence(0, [], None, None, stops)
+        sequence = Sequence(0, [], SamplingParams(stop=stops), None, None, frozenset())
         emitted, seen = "", ""
         for piece in pieces:
             emitted += sequence.add_text(piece)
@@ -328,48 +335,54 @@ def test_threads_sharing_a_generator_get_the_single_threaded_answers(generator):
     assert all(text == expected[index] for (_, _, index), text in results.items())
 
 
-def test_interleaved_streams_in_one_thread_never_corrupt_the_first(generator):
-    expected = generator.generate(PROMPTS[1], max_new_tokens=15, ignore_eos=True).text
+def test_interleaved_streams_in_one_thread_each_get_their_solo_answer(generator):
+    expected = {p: generator.generate(p, max_new_tokens=15, ignore_eos=True).text for p in PROMPTS[1:3]}
     first = generator.stream(PROMPTS[1], max_new_tokens=15, ignore_eos=True)
     second = generator.stream(PROMPTS[2], max_new_tokens=15, ignore_eos=True)
-    pieces = [next(first)]
-    with pytest.raises(PersimmonError, match="busy with an unfinished stream.*close\\(\\)"):
-        next(second)
-    with pytest.raises(PersimmonError, match="busy with an unfinished stream"):
-        generator.generate(PROMPTS[2], max_new_tokens=3)
-    with pytest.raises(PersimmonError, match="busy with an unfinished stream"):
-        list(generator.stream_batch(PROMPTS[:2], max_new_tokens=3))
-    pieces += list(first)
-    assert "".join(pieces) == expected
-    assert generator.generate(PROMPTS[2], max_new_tokens=4).token_ids  # free again once exhausted
+    pieces = {PROMPTS[1]: [next(first)], PROMPTS[2]: [next(second)]}
+    # a whole request, and a batch beyond the free rows, while both streams are unfinished
+    assert generator.generate(PROMPTS[2], max_new_tokens=15, ignore_eos=True).text == expected[PROMPTS[2]]
+    assert [c.text for c in generator.generate(PROMPTS[1:3], max_new_tokens=15, ignore_eos=True)] == \
+        [expected[PROMPTS[1]], expected[PROMPTS[2]]]
+    for a, b in itertools.zip_longest(first, second):
+        pieces[PROMPTS[1]].append(a or "")
+        pieces[PROMPTS[2]].append(b or "")
+    assert {p: "".join(v) for p, v in pieces.items()} == expected
 
 
-def test_closing_or_dropping_a_stream_frees_the_generator(generator):
+def test_closing_or_dropping_a_stream_frees_its_row(generator):
     expected = generator.generate(PROMPTS[0], max_new_tokens=10, ignore_eos=True).text
-    stream = generator.stream(PROMPTS[1], max_new_tokens=30, ignore_eos=True)
-    next(stream)
-    stream.close()
+    streams = [generator.stream(PROMPTS[1], max_new_tokens=80, ignore_eos=True) for _ in range(2)]
+    for stream in streams:  # both rows of the build are taken
+        next(stream)
+    streams[0].close()
+    for _ in generator.stream(PROMPTS[1], max_new_tokens=80, ignore_eos=True):
+        break  # an abandoned iterator, collected and closed
+    # a new request gets a freed row while the other stream still holds its own
     assert generator.generate(PROMPTS[0], max_new_tokens=10, ignore_eos=True).text == expected
-    for _ in generator.stream(PROMPTS[1], max_new_tokens=30, ignore_eos=True):
-        break  # the abandoned iterator is collected and closed
-    assert generator.generate(PROMPTS[0], max_new_tokens=10, ignore_eos=True).text == expected
+    streams[1].close()
 
 
-def test_should_stop_is_asked_before_every_step(generator):
-    """Not only when text appears: the Triton model's cancellation and deadline rely on this."""
-    steps, answers = [], iter([False, False, False, True])
+def test_should_stop_ends_the_stream_and_frees_the_row(generator):
+    """The Triton model's cancellation and deadline rely on this, also while no text appears."""
+    steps = []
     real_step = generator.backend.step
     generator.backend.step = lambda *args: steps.append(1) or real_step(*args)
     try:
-        list(generator.stream(PROMPTS[1], max_new_tokens=60, ignore_eos=True,
-                              should_stop=lambda: next(answers)))
+        answers = iter([False, True])
+        pieces = list(generator.stream(PROMPTS[1], max_new_tokens=80, ignore_eos=True,
+                                       should_stop=lambda: next(answers)))
+        assert len(pieces) <= 2  # asked after the first piece (False), then stops at the next ask
+        # a request that sends nothing (still waiting for a row): should_stop is asked while waiting
+        waiting = Request([])
+        assert list(waiting.events(should_stop=lambda: True, poll_s=0.01)) == [] and waiting.cancelled
+        assert generator.generate(PROMPTS[0], max_new_tokens=4).token_ids  # a row is free
+        assert len(steps) < 2 * 80  # neither stream ran to its end
     finally:
         del generator.backend.step
-    assert len(steps) == 4  # prefill, then 3 tokens each followed by a decode step; the 4th answer stops it
-    assert generator.generate(PROMPTS[0], max_new_tokens=4).token_ids  # freed
 
 
-def test_a_stream_blocks_other_threads_until_it_ends(generator):
+def test_a_paused_stream_does_not_block_other_threads(generator):
     expected = {p: generator.generate(p, max_new_tokens=12, ignore_eos=True).text for p in PROMPTS[:2]}
     stream = generator.stream(PROMPTS[0], max_new_tokens=12, ignore_eos=True)
     pieces = [next(stream)]
@@ -377,32 +390,10 @@ def test_a_stream_blocks_other_threads_until_it_ends(generator):
     thread = threading.Thread(target=lambda: other.update(
         text=generator.generate(PROMPTS[1], max_new_tokens=12, ignore_eos=True).text))
     thread.start()
-    thread.join(timeout=0.5)
-    assert thread.is_alive() and not other  # waits: the stream holds the one KV cache
+    thread.join(timeout=60)
+    assert not thread.is_alive() and other["text"] == expected[PROMPTS[1]]
     pieces += list(stream)
-    thread.join(timeout=60)
-    assert "".join(pieces) == expected[PROMPTS[0]] and other["text"] == expected[PROMPTS[1]]
-
-
-def test_a_stream_handed_to_another_thread_is_driven_there(generator):
-    """The stream's consumer, not its creator, is the one that must not start a second request."""
-    expected = generator.generate(PROMPTS[3], max_new_tokens=12, ignore_eos=True).text
-    stream = generator.stream(PROMPTS[3], max_new_tokens=12, ignore_eos=True)
-    outcome = {}
-
-    def consume():
-        outcome["first"] = next(stream)
-        try:
-            generator.generate("hi", max_new_tokens=2)
-        except PersimmonError as e:
-            outcome["error"] = str(e)
-        outcome["rest"] = "".join(stream)
-
-    thread = threading.Thread(target=consume)
-    thread.start()
-    thread.join(timeout=60)
-    assert "busy with an unfinished stream" in outcome["error"]
-    assert outcome["first"] + outcome["rest"] == expected
+    assert "".join(pieces) == expected[PROMPTS[0]]
 
 
 # ---- prompts and tokenizer files ----

@@ -8,6 +8,7 @@ stopped with its Python-backend stubs and shared-memory regions (see stop_server
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -278,16 +279,18 @@ def start_server(repository: str, workdir, *options: str) -> dict:
     backends = workdir / "backends"
     shutil.copytree(os.path.join(SERVER, "backends", "python"), backends / "python")
     shutil.copy2(stub, backends / "python")
-    http, grpc = _free_port(), _free_port()
+    http, grpc, metrics = _free_port(), _free_port(), _free_port()
     log = open(workdir / "tritonserver.log", "w+")
     env = {**os.environ, "LD_LIBRARY_PATH": LIBS,
            "PYTHONPATH": os.pathsep.join([MODEL_PYTHON, os.path.join(ROOT, "runtime")])}
     regions_before = set(glob.glob(SHM_REGIONS))
     process = subprocess.Popen([binary, "--model-repository", repository, "--backend-directory", str(backends),
                                 "--http-address", "127.0.0.1", "--http-port", str(http), "--grpc-address",
-                                "127.0.0.1", "--grpc-port", str(grpc), "--allow-metrics", "false", *options],
+                                "127.0.0.1", "--grpc-port", str(grpc), "--allow-gpu-metrics", "false",
+                                "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics), *options],
                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = {"http": f"http://127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}", "process": process, "log": log,
+              "metrics": f"http://127.0.0.1:{metrics}/metrics",
               "regions_before": regions_before}
     deadline = time.monotonic() + 90
     while True:
@@ -406,6 +409,35 @@ def test_sixteen_concurrent_requests_all_complete_correctly(server, local):
         assert status == 200, reply
         expected = local.generate(body["text_input"], **{k: v for k, v in body.items() if k != "text_input"}).text
         assert reply["text_output"] == expected
+
+
+def _step_counters(server) -> tuple[float, float]:
+    """(persimmon_steps_total, persimmon_step_requests_total) of the persimmon model, from /metrics."""
+    with urllib.request.urlopen(server["metrics"], timeout=10) as response:
+        text = response.read().decode()
+    values = dict(re.findall(r'^(persimmon_\w+)\{model="persimmon"\} (\S+)$', text, re.MULTILINE))
+    return float(values["persimmon_steps_total"]), float(values["persimmon_step_requests_total"])
+
+
+def test_concurrent_streams_share_model_steps(server, local):
+    """Continuous batching through the server: concurrent requests advance in the same steps (the
+    model's step counters say so), and each still gets exactly its solo completion."""
+    bodies = [{"text_input": PROMPTS[i % len(PROMPTS)], "max_new_tokens": 40, "ignore_eos": True, "stream": True,
+               "temperature": 0.8, "seed": i} for i in range(4)]
+    steps_before, requests_before = _step_counters(server)
+    results = [None] * len(bodies)
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, post(server, "generate_stream", bodies[i])))
+               for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    steps, requests = (after - before for after, before in zip(_step_counters(server), (steps_before, requests_before)))
+    assert requests / steps > 1.0, (steps, requests)  # more than one request per step on average
+    for body, (status, events) in zip(bodies, results):
+        assert status == 200, events
+        settings = {k: v for k, v in body.items() if k not in ("text_input", "stream")}
+        assert "".join(e["text_output"] for e in events) == local.generate(body["text_input"], **settings).text
 
 
 def assert_still_serving(server, local):

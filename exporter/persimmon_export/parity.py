@@ -17,7 +17,8 @@ import torch
 
 from persimmon_runtime.chat import format_chat
 from persimmon_runtime.errors import PersimmonError
-from persimmon_runtime.generator import Generator, decode, prefill
+from persimmon_runtime.backends import decode, prefill
+from persimmon_runtime.generator import Generator
 
 from .checkpoint import load_model
 from .generate import greedy_generate

@@ -9,14 +9,20 @@ top-level keys or a "parameters" object; in gRPC, request parameters):
   timeout_s (seconds after which the client no longer wants the answer).
 An unknown parameter, a bad value, a missing or non-UTF-8 text, or a generation error (such as
 non-finite logits) gets one error response, and the model goes on serving. Requests run on their
-own threads (the model returns from `execute` at once) and share the generator one at a time.
+own threads (the model returns from `execute` at once) and join the generator's scheduler: every
+request in flight shares each model step (continuous batching, up to the build's max_batch rows;
+the rest wait for a free row).
 
 Leaving clients: a cancelled gRPC request or a closed `generate_stream` connection is seen at
-the next text piece and the generation stops there. A non-streaming `generate` connection gives no
-such sign (Triton reads nothing from it until the reply is ready), so such a request stops at its
-deadline: its `timeout_s`, or at the latest the model's `generate_timeout_s` parameter (written by
-`persimmon-export triton --generate-timeout`). A request whose deadline passes while it waits for
-the generator is dropped without computing.
+the next text piece (or within 50 ms while none comes) and its row is freed. A non-streaming
+`generate` connection gives no such sign (Triton reads nothing from it until the reply is ready),
+so such a request stops at its deadline: its `timeout_s`, or at the latest the model's
+`generate_timeout_s` parameter (written by `persimmon-export triton --generate-timeout`). A
+request whose deadline passes while it waits for a row is dropped without computing.
+
+Metrics (with tritonserver --allow-metrics): counters persimmon_steps_total (model steps) and
+persimmon_step_requests_total (requests advanced, summed over steps); their ratio is the mean
+number of requests per step.
 """
 
 from __future__ import annotations
@@ -139,6 +145,26 @@ def _generate_timeout(text: str) -> float:
     return seconds
 
 
+class _StepCounters:
+    """The scheduler's on_step: two Prometheus counters through Triton's custom-metrics API."""
+
+    def __init__(self, family, model: str):
+        labels = {"model": model}
+        self.families = [
+            family(name="persimmon_steps_total", description="Model steps run by the scheduler", kind=family.COUNTER),
+            family(name="persimmon_step_requests_total", kind=family.COUNTER,
+                   description="Requests advanced by model steps, summed over steps (/ steps = mean batch)")]
+        self.steps, self.requests = (f.Metric(labels=labels) for f in self.families)
+
+    def __call__(self, request_count: int) -> None:
+        self.steps.increment(1)
+        self.requests.increment(request_count)
+
+    def close(self) -> None:
+        self.steps = self.requests = None  # a Metric must go before its MetricFamily
+        self.families = []
+
+
 class TritonPythonModel:
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils
@@ -152,7 +178,9 @@ class TritonPythonModel:
         backend = params.get("backend", "auto")
         self.generate_timeout_s = _generate_timeout(params.get("generate_timeout_s", "0"))
         self.generator = Generator.load(build_dir, backend=backend, device=device)
-        self.lock = threading.Lock()
+        family = getattr(pb_utils, "MetricFamily", None)  # Tritons before 23.03 have no custom metrics
+        self.counters = _StepCounters(family, args["model_name"]) if family else None
+        self.generator.scheduler.on_step = self.counters
         pb_utils.Logger.log_info(f"persimmon: {build_dir} on {self.generator.backend.name} ({device})")
 
     def execute(self, requests):
@@ -185,42 +213,38 @@ class TritonPythonModel:
         text = _text_input(tensor.as_numpy().reshape(-1) if tensor is not None else [])
         settings = parse_parameters(request.parameters())
         deadline = _Deadline(settings, self.generate_timeout_s)
-        if not self.lock.acquire(timeout=max(0.0, min(deadline.remaining(), threading.TIMEOUT_MAX))):
-            raise deadline.error("waited for the model instance (busy with other requests)")
+        if sender.is_cancelled():
+            return
+        stopped = []  # why should_stop said yes, if it did
+
+        def should_stop() -> bool:  # asked between pieces and every 50 ms while waiting for one
+            if sender.is_cancelled() or deadline.remaining() <= 0:
+                stopped.append("cancelled" if sender.is_cancelled() else "deadline")
+            return bool(stopped)
+
+        # checks the request before any compute
+        pieces = self.generator.stream(text, should_stop=should_stop, **settings.sampling)
+        collected, characters = [], 0
         try:
-            if sender.is_cancelled():
-                return
-            # checks the request before any compute; asked before every step, so an abandoned
-            # request stops within one step even while its tokens decode to no text yet
-            stopped = []  # why should_stop said yes, if it did
-
-            def should_stop() -> bool:
-                if sender.is_cancelled() or deadline.remaining() <= 0:
-                    stopped.append("cancelled" if sender.is_cancelled() else "deadline")
-                return bool(stopped)
-
-            pieces = self.generator.stream(text, should_stop=should_stop, **settings.sampling)
-            collected, characters = [], 0
-            try:
-                for piece in pieces:
-                    characters += len(piece)
-                    if settings.stream:
-                        sender.send(self._response(piece))
-                    else:
-                        collected.append(piece)
-            finally:
-                pieces.close()  # frees the generator's state now, whether or not the loop finished
-            if stopped == ["cancelled"]:
-                return
-            if stopped:
-                raise deadline.error(f"generated {characters} characters")
-            if not settings.stream:
-                sender.send(self._response("".join(collected)))
+            for piece in pieces:
+                characters += len(piece)
+                if settings.stream:
+                    sender.send(self._response(piece))
+                else:
+                    collected.append(piece)
         finally:
-            self.lock.release()
+            pieces.close()  # cancels the request now (freeing its row) unless it finished
+        if stopped == ["cancelled"]:
+            return
+        if stopped:
+            raise deadline.error(f"generated {characters} characters")
+        if not settings.stream:
+            sender.send(self._response("".join(collected)))
 
     def _response(self, text: str):
         return self.pb.InferenceResponse([self.pb.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object))])
 
     def finalize(self):
         self.generator = None
+        if self.counters is not None:
+            self.counters.close()

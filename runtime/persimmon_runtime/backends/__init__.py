@@ -1,11 +1,16 @@
 """Backends run one model step over the KV cache; everything else (sampling, streaming,
 batching) is shared and lives in `generator`.
 
-A backend has `manifest`, `name`, `start(batch)` (zeroed cache for `batch` sequences) and
-`step(input_ids, first_slot, token_count, attention_mask) -> fp32 logits [batch, vocab]`,
-with the inputs as described in the manifest (int64 numpy arrays; `first_slot[b]` is the cache
-slot of row b's first new token, i.e. how many tokens the row has cached). Every backend's `step`
-first calls `check_step`: the graphs do not bound-check their cache writes.
+A backend has `manifest`, `name`, `max_step_tokens` (the most new tokens per row in one step),
+`start(batch)` (zeroed caches for `batch` rows) and
+`step(input_ids, first_slot, token_count, attention_mask, first_row=0) -> fp32 logits [rows, vocab]`,
+with the inputs as described in the manifest (int64 numpy arrays; `first_slot[r]` is the cache
+slot of row r's first new token, i.e. how many tokens the row has cached). A step runs on the
+cache rows first_row .. first_row + rows - 1 of the started batch and leaves the others alone: the
+caches are [batch, heads, slots, head_dim], so any run of rows is one contiguous block, bound as
+it is (no copy). That lets a scheduler prefill a newcomer's row alone, without computing padding
+for every other row. Every backend's `step` first calls `check_step`: the graphs do not bound-check
+their cache writes.
 """
 
 from __future__ import annotations
@@ -66,13 +71,15 @@ def _engine_usable(section: EngineSection) -> bool:
     return not targets or compute_capability() in targets
 
 
-def check_step(manifest: Manifest, batch: int, input_ids, first_slot, token_count, attention_mask) -> None:
+def check_step(manifest: Manifest, batch: int, input_ids, first_slot, token_count, attention_mask,
+               first_row: int = 0) -> None:
     """Refuse, naming the values, a step that would write or read outside the KV cache.
 
     The cache update (ONNX TensorScatter; TensorRT's KV-cache-update layer) writes all `seq`
     new slots of a row, padding included, at first_slot .. first_slot + seq - 1 and
     assumes they fit: onnxruntime fails deep inside, TensorRT writes out of bounds. `batch` is
-    the batch the backend was started for (0: not started); its buffers hold that many rows.
+    the batch the backend was started for (0: not started); its buffers hold that many rows, of
+    which the step uses input_ids.shape[0] from `first_row` on.
     """
     if batch < 1:
         raise PersimmonError("step() before start(): start the backend for a batch first")
@@ -82,7 +89,7 @@ def check_step(manifest: Manifest, batch: int, input_ids, first_slot, token_coun
         if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.integer):
             kind = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
             raise PersimmonError(f"step input {name} must be an integer numpy array, got {kind}")
-    _check_shapes(batch, input_ids, first_slot, token_count, attention_mask)
+    _check_shapes(batch, first_row, input_ids, first_slot, token_count, attention_mask)
     _check_slots(manifest.kv_capacity, input_ids.shape[1], first_slot, token_count, attention_mask.shape[1])
     vocab = manifest.model.vocab_size
     outside = (input_ids < 0) | (input_ids >= vocab)
@@ -92,15 +99,19 @@ def check_step(manifest: Manifest, batch: int, input_ids, first_slot, token_coun
                              f"(0..{vocab - 1})")
 
 
-def _check_shapes(batch: int, input_ids, first_slot, token_count, attention_mask) -> None:
-    if input_ids.ndim != 2 or input_ids.shape[0] != batch or input_ids.shape[1] < 1:
+def _check_shapes(batch: int, first_row, input_ids, first_slot, token_count, attention_mask) -> None:
+    if isinstance(first_row, bool) or not (isinstance(first_row, (int, np.integer)) and 0 <= first_row < batch):
+        raise PersimmonError(f"first_row {first_row!r} is not a row of the {batch} the backend was started for")
+    rows = batch - first_row  # the most this step can use
+    if input_ids.ndim != 2 or not 1 <= input_ids.shape[0] <= rows or input_ids.shape[1] < 1:
         raise PersimmonError(f"input_ids has shape {input_ids.shape}; the backend was started for {batch} rows: "
-                             f"expected ({batch}, seq >= 1)")
+                             f"expected (1..{rows}, seq >= 1) from row {first_row}")
+    rows = input_ids.shape[0]
     for name, value in (("first_slot", first_slot), ("token_count", token_count)):
-        if value.shape != (batch,):
-            raise PersimmonError(f"{name} has shape {value.shape}, expected ({batch},): one per row")
-    if attention_mask.ndim != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < 1:
-        raise PersimmonError(f"attention_mask has shape {attention_mask.shape}, expected ({batch}, slots >= 1)")
+        if value.shape != (rows,):
+            raise PersimmonError(f"{name} has shape {value.shape}, expected ({rows},): one per row")
+    if attention_mask.ndim != 2 or attention_mask.shape[0] != rows or attention_mask.shape[1] < 1:
+        raise PersimmonError(f"attention_mask has shape {attention_mask.shape}, expected ({rows}, slots >= 1)")
 
 
 def _check_slots(capacity: int, seq: int, first_slot, token_count, width: int) -> None:
@@ -126,3 +137,31 @@ def _check_slots(capacity: int, seq: int, first_slot, token_count, width: int) -
         row = first(reach > width)
         raise PersimmonError(f"attention_mask covers {width} slots, but row {row}'s last new token is at slot "
                              f"{reach[row] - 1}")
+
+
+# ---- the plain step loop, for tools that want every step's logits (parity, benchmarks) ----
+
+def prefill(backend, prompt_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Start `backend` on a batch of prompts: one step, right-padded, every row from slot 0.
+
+    Returns the logits of each prompt's last token and each row's next cache slot. (The
+    Generator's scheduler prefills in chunks instead; see `scheduler`.)
+    """
+    lengths = np.array([len(ids) for ids in prompt_ids], np.int64)
+    input_ids = np.zeros((len(prompt_ids), int(lengths.max())), np.int64)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, :len(ids)] = ids
+    backend.start(len(prompt_ids))
+    # Padding slots past a row's length get junk keys, but they lie ahead of the row's queries
+    # (causally masked) and are overwritten by its next tokens.
+    logits = backend.step(input_ids, np.zeros(len(prompt_ids), np.int64), lengths, np.ones_like(input_ids))
+    return logits, lengths
+
+
+def decode(backend, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """One token per row, written at `positions` (advanced in place); returns the next logits."""
+    batch = len(tokens)
+    attention_mask = np.ones((batch, int(positions.max()) + 1), np.int64)  # width = slots in use
+    logits = backend.step(np.asarray(tokens, np.int64)[:, None], positions, np.ones(batch, np.int64), attention_mask)
+    positions += 1
+    return logits

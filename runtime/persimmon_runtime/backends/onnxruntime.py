@@ -1,7 +1,8 @@
 """The onnxruntime backend: the exported step graph, with the KV cache updated in place.
 
 Each cache tensor is one OrtValue bound both as `past_*` input and as the matching `present_*`
-output. TensorScatter sees the same buffer on both sides and skips its copy. With the `whole`
+output. TensorScatter sees the same buffer on both sides and skips its copy. A step over some of
+the rows binds that block of rows by address (see `backends`). With the `whole`
 cache layout (onnxruntime builds) the caches are only as long as the context needs, in steps of
 CACHE_STEP slots (grown by copying, rarely), and attention reads them whole: a decode step costs
 what its context needs, not what the capacity is, and no cache slice is copied.
@@ -53,8 +54,12 @@ class OnnxRuntimeBackend:
         self.caches = []
         self.batch = 0
 
+    @property
+    def max_step_tokens(self) -> int:
+        return self.manifest.kv_capacity
+
     def start(self, batch: int) -> None:
-        """Zeroed caches for `batch` sequences, bound once as both past (input) and present (output)."""
+        """Zeroed caches for `batch` rows."""
         if not 1 <= batch <= self.manifest.max_batch:
             raise PersimmonError(f"batch {batch} is outside 1..max_batch={self.manifest.max_batch} of this build")
         self.binding = self.session.io_binding()
@@ -63,29 +68,41 @@ class OnnxRuntimeBackend:
         self.batch, self.slots = batch, 0
         self.caches = []
         self._host_caches = []  # on CPU the OrtValues borrow these arrays: keep them alive
+        self._bound = None      # (first_row, rows, slots) of the cache blocks bound now
         self.whole = self.manifest.onnx.cache_layout == "whole"
         self._allocate(CACHE_STEP if self.whole else self.manifest.kv_capacity)
 
     def _allocate(self, slots: int) -> None:
-        """(Re)bind caches of `slots` slots, keeping what the current ones hold."""
+        """(Re)allocate caches of `slots` slots, keeping what the current ones hold."""
         heads, capacity, head_dim = self.manifest.cache_shape
         slots = min(slots, capacity)
         dtype = NUMPY_DTYPES[self.manifest.dtype]
         old = [value.numpy() for value in self.caches]
         self.caches, self._host_caches = [], []
-        for index, (present, past) in enumerate(self.manifest.cache_aliases.items()):
+        for index in range(len(self.manifest.cache_aliases)):
             host = np.zeros((self.batch, heads, slots, head_dim), dtype)
             if old:
                 host[:, :, :old[index].shape[2]] = old[index]
-            value = self._ort.OrtValue.ortvalue_from_numpy(host, self.device_type, self.device_id)
             self._host_caches.append(host)
-            self.caches.append(value)
-            self.binding.bind_ortvalue_input(past, value)
-            self.binding.bind_ortvalue_output(present, value)
-        self.slots = slots
+            self.caches.append(self._ort.OrtValue.ortvalue_from_numpy(host, self.device_type, self.device_id))
+        self.slots, self._bound = slots, None
 
-    def step(self, input_ids, first_slot, token_count, attention_mask) -> np.ndarray:
-        check_step(self.manifest, self.batch, input_ids, first_slot, token_count, attention_mask)
+    def _bind_rows(self, first_row: int, rows: int) -> None:
+        """Bind rows first_row .. first_row + rows - 1 of every cache as both past and present."""
+        if self._bound == (first_row, rows, self.slots):
+            return
+        heads, _, head_dim = self.manifest.cache_shape
+        dtype = NUMPY_DTYPES[self.manifest.dtype]
+        shape = (rows, heads, self.slots, head_dim)
+        offset = first_row * heads * self.slots * head_dim * np.dtype(dtype).itemsize
+        for value, (present, past) in zip(self.caches, self.manifest.cache_aliases.items()):
+            address = value.data_ptr() + offset
+            self.binding.bind_input(past, self.device_type, self.device_id, dtype, shape, address)
+            self.binding.bind_output(present, self.device_type, self.device_id, dtype, shape, address)
+        self._bound = (first_row, rows, self.slots)
+
+    def step(self, input_ids, first_slot, token_count, attention_mask, first_row: int = 0) -> np.ndarray:
+        check_step(self.manifest, self.batch, input_ids, first_slot, token_count, attention_mask, first_row)
         binding = self.binding
         if self.whole:  # the graph reads whole caches (mask width = cache length) and writes seq slots per row
             needed = max(attention_mask.shape[1], int(first_slot.max()) + input_ids.shape[1])
@@ -94,11 +111,13 @@ class OnnxRuntimeBackend:
             padded = np.ones((attention_mask.shape[0], self.slots), np.int64)  # later slots: causally masked
             padded[:, :attention_mask.shape[1]] = attention_mask
             attention_mask = padded
+        self._bind_rows(int(first_row), input_ids.shape[0])
         # held in a local until the run ends: the binding borrows their memory
         arrays = {"input_ids": input_ids, "first_slot": first_slot, "token_count": token_count,
                   "attention_mask": attention_mask}
         arrays = {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in arrays.items()}
         for name, value in arrays.items():
             binding.bind_cpu_input(name, value)
+        binding.bind_output("logits", "cpu")  # again: a bound output keeps its shape, and rows vary by step
         self.session.run_with_iobinding(binding)
         return np.array(binding.get_outputs()[0].numpy())  # a copy: ORT may reuse the buffer next run

@@ -6,7 +6,7 @@
   have no alias: each cache tensor then has two buffers that swap roles every step.
 - The manifest records which optimization profile serves prefill and which decode (by role);
   the context switches profile when the step kind changes.
-- Decode steps replay CUDA graphs, one per (batch, attention width bucket): the attention mask
+- Decode steps replay CUDA graphs, one per (rows, attention width bucket, first row): the attention mask
   width is rounded up to a multiple of `KV_BUCKET` (the extra slots lie ahead of every query, so
   causality masks them), so a graph serves KV_BUCKET consecutive steps.
 """
@@ -137,6 +137,7 @@ class TensorRTBackend:
         if kind != "cuda":
             raise PersimmonError(f"device {device!r}: the TensorRT backend runs on 'cuda' or 'cuda:N'")
         self.rt = rt = cudart()
+        self.device_index = index
         check(rt.cudaSetDevice(index), "cudaSetDevice")
         check_driver_runs_plugin_ptx(section.plugin_ptx, check(rt.cudaDriverGetVersion(), "cudaDriverGetVersion"))
         check_engine_compatible(section, trt.__version__, compute_capability())
@@ -164,6 +165,10 @@ class TensorRTBackend:
         self.buffers: dict[str, _Buffer] = {}
         self.batch = 0
 
+    @property
+    def max_step_tokens(self) -> int:
+        return self.manifest.tensorrt.max_prefill
+
     def start(self, batch: int) -> None:
         """Device buffers for `batch` sequences: caches zeroed, inputs at their largest shapes."""
         m = self.manifest
@@ -171,7 +176,9 @@ class TensorRTBackend:
             raise PersimmonError(f"batch {batch} is outside 1..max_batch={m.max_batch} of this build")
         self.close()
         rt, stream = self.rt, self.stream
-        cache_bytes = batch * int(np.prod(m.cache_shape)) * np.dtype(NUMPY_DTYPES[m.dtype]).itemsize
+        check(rt.cudaSetDevice(self.device_index), "cudaSetDevice")  # the current device is per thread
+        self.row_bytes = int(np.prod(m.cache_shape)) * np.dtype(NUMPY_DTYPES[m.dtype]).itemsize
+        cache_bytes = batch * self.row_bytes
         names = list(m.cache_inputs) + ([] if self.in_place else list(m.cache_aliases))
         for name in names:
             self.buffers[name] = _Buffer(rt, cache_bytes)
@@ -184,15 +191,17 @@ class TensorRTBackend:
         self.graphs: dict[tuple, object] = {}
         self.batch = batch
 
-    def step(self, input_ids, first_slot, token_count, attention_mask) -> np.ndarray:
+    def step(self, input_ids, first_slot, token_count, attention_mask, first_row: int = 0) -> np.ndarray:
         # before any upload: the buffers hold self.batch rows and the KV-cache-update layer
         # writes out of bounds past the capacity
-        check_step(self.manifest, self.batch, input_ids, first_slot, token_count, attention_mask)
+        check_step(self.manifest, self.batch, input_ids, first_slot, token_count, attention_mask, first_row)
+        first_row = int(first_row)
         batch, seq = input_ids.shape
         if seq > self.manifest.tensorrt.max_prefill:
             raise PersimmonError(f"{seq} new tokens in one step exceed the engine's max_prefill "
                                  f"{self.manifest.tensorrt.max_prefill}")
         rt, stream, context = self.rt, self.stream, self.context
+        check(rt.cudaSetDevice(self.device_index), "cudaSetDevice")  # a scheduler steps on its own thread
         decoding = seq == 1
         profile = self.decode_profile if decoding else self.prefill_profile
         width = attention_mask.shape[1]
@@ -204,11 +213,11 @@ class TensorRTBackend:
                   "token_count": np.asarray(token_count, np.int64), "attention_mask": mask}
         for name, array in inputs.items():
             self.buffers[name].upload(array, stream)
-        key = (batch, width)
+        key = (batch, width, first_row)  # a graph holds the addresses of its rows' caches
         if decoding and key in self.graphs:
             check(rt.cudaGraphLaunch(self.graphs[key], stream), "cudaGraphLaunch")
         else:
-            self._bind(profile, inputs)
+            self._bind(profile, inputs, first_row)
             if not context.execute_async_v3(stream_handle=int(stream)):
                 raise PersimmonError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
             if decoding and self.cuda_graphs and self.in_place:
@@ -218,11 +227,23 @@ class TensorRTBackend:
                                  rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream), "copy logits")
         check(rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
         if not self.in_place:  # fallback engines: this step's present is the next step's past
-            for present, past in self.manifest.cache_aliases.items():
-                self.buffers[present], self.buffers[past] = self.buffers[past], self.buffers[present]
+            self._carry_present(first_row, batch)
         return logits
 
-    def _bind(self, profile: int, inputs: dict) -> None:
+    def _carry_present(self, first_row: int, rows: int) -> None:
+        """Make what the step wrote (its rows of each present cache) the past of the next step."""
+        aliases = self.manifest.cache_aliases.items()
+        if rows == self.batch:  # every row was written: swapping the buffers is free
+            for present, past in aliases:
+                self.buffers[present], self.buffers[past] = self.buffers[past], self.buffers[present]
+            return
+        offset, size = first_row * self.row_bytes, rows * self.row_bytes
+        for present, past in aliases:  # the other rows' past must survive: copy this block alone
+            check(self.rt.cudaMemcpyAsync(self.buffers[past].ptr + offset, self.buffers[present].ptr + offset, size,
+                                          self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream), "copy cache")
+        check(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+    def _bind(self, profile: int, inputs: dict, first_row: int) -> None:
         context, m = self.context, self.manifest
         if profile != self.profile:
             context.set_optimization_profile_async(profile, int(self.stream))
@@ -230,12 +251,13 @@ class TensorRTBackend:
         for name, array in inputs.items():
             context.set_input_shape(name, array.shape)
             context.set_tensor_address(name, self.buffers[name].ptr)
-        cache_shape = (self.batch, *m.cache_shape)
+        rows = inputs["input_ids"].shape[0]
+        cache_shape, offset = (rows, *m.cache_shape), first_row * self.row_bytes
         for present, past in m.cache_aliases.items():
             context.set_input_shape(past, cache_shape)
-            context.set_tensor_address(past, self.buffers[past].ptr)
+            context.set_tensor_address(past, self.buffers[past].ptr + offset)
             target = past if self.in_place else present  # an aliased output must share its input's memory
-            context.set_tensor_address(present, self.buffers[target].ptr)
+            context.set_tensor_address(present, self.buffers[target].ptr + offset)
         context.set_tensor_address("logits", self.buffers["logits"].ptr)
 
     def _capture(self, key: tuple) -> None:
