@@ -77,7 +77,9 @@ class OnnxRuntimeBackend:
         heads, capacity, head_dim = self.manifest.cache_shape
         slots = min(slots, capacity)
         dtype = NUMPY_DTYPES[self.manifest.dtype]
-        old = [value.numpy() for value in self.caches]
+        # copies, taken while the old caches live: on CPU numpy() is a view of a host array that
+        # the reassignment below frees (reading it afterwards read freed memory, or crashed)
+        old = [np.array(value.numpy()) for value in self.caches]
         self.caches, self._host_caches = [], []
         for index in range(len(self.manifest.cache_aliases)):
             host = np.zeros((self.batch, heads, slots, head_dim), dtype)
