@@ -209,3 +209,17 @@ def test_a_failing_step_fails_its_requests_and_the_next_ones_run(build_dir, solo
         generator.generate(PROMPTS[:2], ignore_eos=True, **SETTINGS[0])
     # the backend restarted with zeroed caches: later requests are exact
     assert generator.generate(PROMPTS[2], ignore_eos=True, **SETTINGS[3]).token_ids == solo[PROMPTS[2], 3].token_ids
+
+
+def test_close_cancels_everything_and_waits_for_the_worker(build_dir, solo):
+    generator = Generator.load(build_dir)
+    streams = [generator.stream(PROMPTS[i % 4], max_new_tokens=120, ignore_eos=True) for i in range(MAX_BATCH)]
+    for stream in streams[:MAX_BATCH]:
+        next(stream)
+    waiting = generator.scheduler.submit(generator._prepare([PROMPTS[0]], _params(max_new_tokens=5)))
+    generator.close(timeout=60)
+    assert generator.scheduler._worker is None and not any(generator.scheduler.rows)
+    assert list(waiting.events()) == [] and waiting.sequences[0].finish_reason == "cancelled"
+    assert sum(len(list(stream)) for stream in streams[:MAX_BATCH]) < MAX_BATCH * 120  # none ran to its end
+    # usable again afterwards
+    assert generator.generate(PROMPTS[2], ignore_eos=True, **SETTINGS[3]).token_ids == solo[PROMPTS[2], 3].token_ids

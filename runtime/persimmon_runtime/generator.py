@@ -90,6 +90,10 @@ class Generator:
         prompt = format_chat(messages)
         return self.stream(prompt, **sampling) if stream else self.generate(prompt, **sampling)
 
+    def close(self, timeout: float | None = None) -> None:
+        """Cancel whatever is generating or waiting and wait for the model to be idle."""
+        self.scheduler.close(timeout)
+
     # ---- requests ----
 
     def _prepare(self, prompts, params: SamplingParams) -> list[Sequence]:

@@ -15,7 +15,7 @@ Each round of the loop runs at most one prefill step and one decode step:
   the row overwrites before reading it).
 A sequence's tokens depend only on its own prompt, settings and seed, never on its neighbours.
 
-The loop runs on a worker thread that exists while there is work. Callers never touch the
+The loop runs on a worker thread that exists while there is work (`close()` cancels it all). Callers never touch the
 backend: they read their request's events (text pieces, the end, or an error).
 """
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import PersimmonError
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, sample
 from .tokenizer import IncrementalDetokenizer
 
 # Measured (docs/benchmarks.md, "Prefill chunk"): prefill tokens/s of a 1024-token prompt is
@@ -182,9 +182,21 @@ class Scheduler:
         with self._lock:
             self._waiting.extend(sequences)
             if self._worker is None:
-                self._worker = threading.Thread(target=self._run, name="persimmon-scheduler", daemon=True)
+                # not a daemon: at exit Python waits for the step in flight (a native library
+                # killed mid-step aborts the process); cancelled requests then leave and it ends
+                self._worker = threading.Thread(target=self._run, name="persimmon-scheduler")
                 self._worker.start()
         return request
+
+    def close(self, timeout: float | None = None) -> None:
+        """Cancel every request in flight or waiting and wait (up to `timeout` s) for the worker to end."""
+        with self._lock:
+            requests = {id(s.request): s.request for s in [*self._waiting, *self.rows] if s is not None}
+            worker = self._worker
+        for request in requests.values():
+            request.cancel()
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout)
 
     # ---- the worker ----
 
@@ -292,7 +304,7 @@ class Scheduler:
         sequences = [sequences[i] for i in keep]
         histories = [np.asarray(s.prompt_ids + s.token_ids) if s.sampler.reads_history else _NO_HISTORY
                      for s in sequences]
-        tokens = [s.sampler(row, h) for s, row, h in zip(sequences, logits[keep], histories)]  # TODO sample()
+        tokens = sample(logits[keep], [s.sampler for s in sequences], histories) if sequences else []
         for s, token in zip(sequences, tokens):
             piece = s.accept(int(token))
             if piece:

@@ -245,6 +245,7 @@ class TritonPythonModel:
         return self.pb.InferenceResponse([self.pb.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object))])
 
     def finalize(self):
+        self.generator.close(timeout=30)  # in-flight requests end as cancelled; the step running finishes
         self.generator = None
         if self.counters is not None:
             self.counters.close()
