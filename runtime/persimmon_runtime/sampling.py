@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numbers
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -176,11 +178,34 @@ def sample(logits: np.ndarray, samplers: list[Sampler], histories: list[np.ndarr
     # The other rows go one by one: their work is full-row passes whose cost per element is the
     # same stacked or not (measured at 8 rows: one argpartition over the stacked rows 4.8 ms, 8
     # separate ones 3.7 ms; the copy-scale-exp passes no faster stacked), and each row needs its
-    # own rng anyway.
-    for row, sampler in enumerate(samplers):
-        if not sampler.is_plain_greedy:
-            tokens[row] = sampler._next_token(logits[row], histories[row])
+    # own rng anyway. Several such rows run on a thread pool: numpy releases the GIL in those
+    # passes, and at 8 rows they cost more than a GPU decode step when run in turn
+    # (benchmarks/results/gpu_decode_step.json).
+    rows = [row for row, sampler in enumerate(samplers) if not sampler.is_plain_greedy]
+
+    def next_token(row: int) -> int:
+        return samplers[row]._next_token(logits[row], histories[row])
+
+    pool = _row_pool() if len(rows) > 1 else None
+    for row, token in zip(rows, pool.map(next_token, rows) if pool else map(next_token, rows)):
+        tokens[row] = token
     return tokens
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _row_pool() -> ThreadPoolExecutor | None:
+    """The threads that sample rows side by side (None on one core)."""
+    global _pool
+    workers = min(8, os.cpu_count() or 1)
+    if workers < 2:
+        return None
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="persimmon-sampling")
+        return _pool
 
 
 _work = threading.local()
