@@ -1,0 +1,511 @@
+"""Serving benchmarks for issue 12: the Generator at the real vocabulary, and a real tritonserver
+under concurrent streaming clients. Results go to benchmarks/results/serving_<label>.json.
+
+    .venv/bin/python benchmarks/serving.py --label after --wait-idle 300   # both parts (~6 min idle)
+    .venv/bin/python benchmarks/serving.py --label after --part triton --quick   # a smoke run
+    # another commit's runtime (here the one before the change), from a git worktree:
+    git worktree add /tmp/before 44ba788
+    PYTHONPATH=/tmp/before/runtime:/tmp/before/exporter .venv/bin/python benchmarks/serving.py --label before
+
+The runtime measured is whichever `persimmon_runtime` this process imports (PYTHONPATH first);
+the Triton model is pointed at the same directory, and a probe model in the same server reports
+which one its stub imported (the run stops if it differs). `--part` selects what to rerun; a
+rerun of one part keeps the other part's results in the JSON. On a shared machine,
+`--wait-idle SECONDS` waits before each measurement for other work to stop; every measurement
+records the cores this benchmark and other work used while it ran.
+
+generator: 100M config of benchmarks/run.py (random weights, fp32, onnxruntime CPU, max_batch 8)
+  at vocabulary 262,144 (`--generator-vocab`), with a sentencepiece tokenizer of exactly that
+  many pieces; generated tokens/s of `Generator.generate` (prefill included), greedy and top-p
+  (temperature 0.8, top_p 0.9, seed 1), batch 1 and 8 (8 prompts in one call), 128-token prompts,
+  64 new tokens, ignore_eos; the median of `--repeats` runs.
+triton: the same config at vocabulary 32,000 (`--vocab`), `max_batch` 8, served by the
+  tritonserver in .cache (examples/setup.sh) on 127.0.0.1 from a repository written by
+  `persimmon_export.triton.write_repository`; 1, 4, 16 and 32 concurrent clients, each sending
+  ceil(`--min-requests` / clients) streaming HTTP `generate_stream` requests one after another
+  (by default 4 at 1 client, 1 from 4 clients up: one request of about a second is too short to
+  time alone); 128-token prompts, 64 new tokens, greedy, ignore_eos. Aggregate tokens/s =
+  requests x 64 / the round's wall time; p50/p95 of request latency and of time to first token
+  (the first streamed piece). Targets (PASS/FAIL): 16-client tokens/s >= 3x the 1-client
+  figure; p50 TTFT at 16 clients < 1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import http.client
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import onnxruntime
+
+import persimmon_runtime
+from persimmon_export import PersimmonConfig
+from persimmon_export.build import build
+from persimmon_export.checkpoint import save_model, tokenizer_files
+from persimmon_export.demo import random_model, train_tokenizer
+from persimmon_export.triton import MODEL_PY, write_repository
+from persimmon_runtime import Tokenizer
+from persimmon_runtime.generator import Generator
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# CONFIGS["100M"] of benchmarks/run.py, written out: run.py and decode_capacity.py import runtime
+# internals of their own commit, which another commit's runtime (the "before" worktree) lacks.
+CONFIG_100M = dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=12, intermediate_size=3072)
+RUNTIME_DIR = os.path.dirname(os.path.dirname(os.path.abspath(persimmon_runtime.__file__)))
+SERVER = os.path.join(ROOT, ".cache", "tritonserver", "pytriton", "tritonserver")
+SERVER_LIBS = os.path.join(ROOT, ".cache", "tritonserver", "nvidia_pytriton.libs")
+STUB_PACKAGES = os.path.join(ROOT, ".cache", "triton-python")  # numpy, onnxruntime, sentencepiece for the stub
+SHM_REGIONS = "/dev/shm/triton_python_backend_shm_region_*"
+MAX_BATCH = 8
+TOP_P = {"temperature": 0.8, "top_p": 0.9, "seed": 1}
+
+
+# ---- the build: a 100M model and a tokenizer as large as its vocabulary ----
+
+def padded_tokenizer(out_file: str, vocab: int) -> int:
+    """A sentencepiece model of exactly `vocab` pieces; returns the id of the first added piece.
+
+    sentencepiece cannot train 262,144 pieces from a small corpus, so a small trained model gets
+    normal pieces `▁v000000`, `▁v000001`, ... appended. Their scores are below every trained
+    piece, so ordinary text tokenizes as before, while a run of them (" v000007 v000042") is one
+    token each: that is how the prompts hit an exact length and decoding meets real pieces.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+
+    trained = train_tokenizer(out_file)
+    model = sentencepiece_model_pb2.ModelProto()
+    with open(trained, "rb") as f:
+        model.ParseFromString(f.read())
+    first_added = len(model.pieces)
+    if first_added >= vocab:
+        raise SystemExit(f"vocabulary {vocab} is smaller than the trained tokenizer's {first_added} pieces")
+    lowest = min(p.score for p in model.pieces)
+    for i in range(vocab - first_added):
+        piece = model.pieces.add()
+        piece.piece, piece.score = f"\u2581v{i:06d}", lowest - 1.0 - i * 1e-6
+        piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+    with open(out_file, "wb") as f:
+        f.write(model.SerializeToString())
+    return first_added
+
+
+def make_build(work: str, vocab: int, kv_capacity: int) -> tuple[str, int]:
+    """The 100M config of benchmarks/run.py at `vocab`, built for onnxruntime (fp32, max_batch 8);
+    returns (build directory, first added tokenizer piece)."""
+    tokenizer_file = os.path.join(work, f"tokenizer-{vocab}.model")
+    first_added = padded_tokenizer(tokenizer_file, vocab)
+    tokenizer = Tokenizer(tokenizer_file)
+    config = PersimmonConfig(vocab_size=vocab, max_position_embeddings=4096, bos_token_id=tokenizer.bos_id,
+                             eos_token_id=tokenizer.bos_id, **CONFIG_100M)
+    checkpoint = save_model(random_model(config, seed=0), os.path.join(work, f"checkpoint-{vocab}"),
+                            extra_files=tokenizer_files(tokenizer))
+    out = os.path.join(work, f"build-{vocab}")
+    build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=MAX_BATCH, kv_capacity=kv_capacity)
+    shutil.rmtree(checkpoint)  # up to 2 GB at the real vocabulary; only the build is needed now
+    return out, first_added
+
+
+def prompt_texts(build_dir: str, first_added: int, count: int, tokens: int, seed: int) -> list[str]:
+    """`count` prompts of exactly `tokens` token ids each (BOS included), random added pieces."""
+    tokenizer = Tokenizer(os.path.join(build_dir, "tokenizer.model"))
+    rng = np.random.default_rng(seed)
+    texts = []
+    for _ in range(count):
+        ids = rng.integers(first_added, tokenizer.vocab_size, tokens - 1)
+        # without its first space: sentencepiece adds one (the dummy prefix)
+        text = "".join(tokenizer.sp.id_to_piece(int(i)).replace("\u2581", " ") for i in ids)[1:]
+        if len(tokenizer.encode(text)) != tokens:
+            raise SystemExit(f"a prompt meant to be {tokens} tokens encodes to {len(tokenizer.encode(text))}")
+        texts.append(text)
+    return texts
+
+
+# ---- how much of the machine was ours ----
+
+def _machine_busy_s() -> float:
+    """CPU seconds all cores have spent working since boot (/proc/stat: user, nice, system, irq, softirq)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds used so far by the live processes of process group `pgid` (the server and its stubs)."""
+    ticks = 0
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:  # exited while we looked
+            continue
+        if int(fields[2]) == pgid:
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class CpuShare:
+    """Cores in use while a measurement runs: the benchmark's own (this process, plus what
+    `own_extra` counts, e.g. the server) and the rest, other work on a shared machine. Starts
+    after waiting up to `wait_idle_s` for the machine to be idle."""
+
+    def __init__(self, own_extra=lambda: 0.0, wait_idle_s: float = 0.0):
+        self.waited_s = wait_until_idle(wait_idle_s) if wait_idle_s > 0 else 0.0
+        self.own_extra = own_extra
+        self.start = self._now()
+
+    def _now(self) -> tuple:
+        return time.perf_counter(), _machine_busy_s(), time.process_time() + self.own_extra()
+
+    def result(self) -> dict:
+        wall, machine, own = (end - start for end, start in zip(self._now(), self.start))
+        return {"waited_for_idle_s": self.waited_s, "wall_s": wall, "machine_busy_cores": machine / wall,
+                "benchmark_cores": own / wall, "other_work_cores": max(0.0, machine - own) / wall}
+
+
+def wait_until_idle(limit_s: float, busy_cores: float = 0.25) -> float:
+    """Wait (up to limit_s) until the machine, with this benchmark idle between measurements, has
+    stayed under `busy_cores` of other work for 2 s; return the seconds waited."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit_s:
+        busy = _machine_busy_s()
+        time.sleep(2)
+        if (_machine_busy_s() - busy) / 2 < busy_cores:
+            break
+    return time.perf_counter() - started
+
+
+def cpu_note(cpu: dict) -> str:
+    waited = f", waited {cpu['waited_for_idle_s']:.0f} s for an idle machine" if cpu["waited_for_idle_s"] >= 3 else ""
+    return f"[cores: this benchmark {cpu['benchmark_cores']:.2f}, other work {cpu['other_work_cores']:.2f}{waited}]"
+
+
+def cpu_name() -> str:
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown"
+
+
+# ---- part 1: the Generator in process ----
+
+def time_generate(generator: Generator, prompts: list[str], settings: dict, new_tokens: int, repeats: int) -> dict:
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        completions = generator.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True, **settings)
+        seconds.append(time.perf_counter() - started)
+        if any(len(c.token_ids) != new_tokens for c in completions):
+            raise SystemExit(f"a completion did not have {new_tokens} tokens despite ignore_eos")
+    median = float(np.median(seconds))
+    return {"batch": len(prompts), "seconds": seconds, "tokens_s": len(prompts) * new_tokens / median}
+
+
+def bench_generator(work: str, vocab: int, prompt_tokens: int, new_tokens: int, repeats: int,
+                    wait_idle_s: float) -> dict:
+    started = time.perf_counter()
+    build_dir, first_added = make_build(work, vocab, kv_capacity=prompt_tokens + new_tokens)
+    print(f"generator: built vocab {vocab} in {time.perf_counter() - started:.0f} s", flush=True)
+    generator = Generator.load(build_dir)
+    prompts = prompt_texts(build_dir, first_added, MAX_BATCH, prompt_tokens, seed=1)
+    generator.generate(prompts, max_new_tokens=2)  # warm-up: onnxruntime's first runs allocate
+    rows = []
+    for name, settings in (("greedy", {}), ("top_p", TOP_P)):
+        for batch in (1, MAX_BATCH):
+            cpu = CpuShare(wait_idle_s=wait_idle_s)
+            row = {"sampling": name, **time_generate(generator, prompts[:batch], settings, new_tokens, repeats),
+                   "cpu": cpu.result()}
+            rows.append(row)
+            print(f"generator {name:6s} batch {batch}: {row['tokens_s']:7.1f} tok/s "
+                  f"(runs {', '.join(f'{s:.2f}' for s in row['seconds'])} s) {cpu_note(row['cpu'])}", flush=True)
+    shutil.rmtree(build_dir)
+    return {"vocab": vocab, "config": "100M", "backend": generator.backend.name, "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens, "repeats": repeats, "top_p_settings": TOP_P, "rows": rows}
+
+
+# ---- part 2: tritonserver ----
+
+PROBE_MODEL = '''
+import persimmon_runtime
+
+
+class TritonPythonModel:  # replaces the generation model: this one only says what it imported
+    def initialize(self, args):
+        import triton_python_backend_utils as pb_utils
+        pb_utils.Logger.log_info("runtime_probe: " + persimmon_runtime.__file__)
+
+    def execute(self, requests):
+        return []
+'''
+PROBE_CONFIG = '''name: "runtime_probe"
+backend: "python"
+max_batch_size: 0
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+'''
+
+
+def add_runtime_probe(repository: str) -> None:
+    """A model whose model.py sets up sys.path exactly as the generation model's does (the same
+    MODEL_PY text), then logs the persimmon_runtime it imported."""
+    version_dir = os.path.join(repository, "runtime_probe", "1")
+    os.makedirs(version_dir)
+    with open(os.path.join(version_dir, "model.py"), "w") as f:
+        f.write(MODEL_PY.format(paths=[RUNTIME_DIR]) + PROBE_MODEL)
+    with open(os.path.join(repository, "runtime_probe", "config.pbtxt"), "w") as f:
+        f.write(PROBE_CONFIG)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(repository: str, workdir: str) -> dict:
+    """tritonserver on free 127.0.0.1 ports in its own session (process group), as tests/test_triton.py
+    starts it, with the stub's imports pointed at RUNTIME_DIR; waits until ready."""
+    binary = os.path.join(SERVER, "bin", "tritonserver")
+    stub = os.path.join(SERVER, "python_backend_stubs", f"{sys.version_info.major}.{sys.version_info.minor}",
+                        "triton_python_backend_stub")
+    if not (os.path.isfile(binary) and os.path.isfile(stub) and os.path.isdir(STUB_PACKAGES)):
+        raise SystemExit("no tritonserver in .cache: run examples/setup.sh (Linux x86_64)")
+    backends = os.path.join(workdir, "backends")
+    shutil.copytree(os.path.join(SERVER, "backends", "python"), os.path.join(backends, "python"))
+    shutil.copy2(stub, os.path.join(backends, "python"))
+    http_port = free_port()
+    log = open(os.path.join(workdir, "tritonserver.log"), "w+")
+    env = {**os.environ, "LD_LIBRARY_PATH": SERVER_LIBS, "PYTHONPATH": os.pathsep.join([STUB_PACKAGES, RUNTIME_DIR])}
+    server = {"url": f"127.0.0.1:{http_port}", "log": log, "regions_before": set(glob.glob(SHM_REGIONS))}
+    server["process"] = subprocess.Popen(
+        [binary, "--model-repository", repository, "--backend-directory", backends, "--http-address", "127.0.0.1",
+         "--http-port", str(http_port), "--grpc-address", "127.0.0.1", "--grpc-port", str(free_port()),
+         "--allow-metrics", "false"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while server["process"].poll() is None and time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://{server['url']}/v2/health/ready", timeout=2).status == 200:
+                return server
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.5)
+    stop_server(server)
+    log.seek(0)
+    raise SystemExit(f"tritonserver did not become ready:\n{log.read()[-3000:]}")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def stop_server(server: dict) -> None:
+    """SIGTERM to the server's whole process group (its stubs included), SIGKILL after 30 s, then
+    remove the shared-memory regions it created that no live process maps any more."""
+    process = server["process"]
+    if _group_alive(process.pid):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    if _group_alive(process.pid):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+    for _ in range(100):  # killed stubs vanish asynchronously
+        if not _group_alive(process.pid):
+            break
+        time.sleep(0.05)
+    in_use = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            in_use.update(line.split()[-1] for line in open(maps) if "triton_python_backend_shm_region_" in line)
+        except (OSError, IndexError):
+            continue
+    for region in set(glob.glob(SHM_REGIONS)) - server["regions_before"] - in_use:
+        os.unlink(region)
+    server["log"].close()
+
+
+def server_runtime(server: dict) -> str:
+    """The persimmon_runtime file the probe model's stub imported (from the server log)."""
+    server["log"].flush()
+    with open(server["log"].name) as f:
+        lines = [line for line in f if "runtime_probe: " in line]
+    if not lines:
+        raise SystemExit(f"the runtime probe logged nothing; see {server['log'].name}")
+    return lines[-1].split("runtime_probe: ", 1)[1].strip().rstrip('"')
+
+
+def stream_request(url: str, prompt: str, new_tokens: int) -> dict:
+    """One streaming generate_stream request; times of its start, first piece and end."""
+    body = json.dumps({"text_input": prompt, "max_new_tokens": new_tokens, "ignore_eos": True, "stream": True})
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection(url, timeout=900)
+    try:
+        connection.request("POST", "/v2/models/persimmon/generate_stream", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        first, pieces = None, 0
+        for line in response:  # server-sent events: "data: {...}"
+            if not line.startswith(b"data: "):
+                continue
+            event = json.loads(line[len(b"data: "):])
+            if "error" in event:
+                raise RuntimeError(f"request failed: {event['error']}")
+            first = first or time.perf_counter()
+            pieces += 1
+        if response.status != 200 or not pieces:
+            raise RuntimeError(f"HTTP {response.status} with {pieces} pieces")
+    finally:
+        connection.close()
+    return {"start": started, "first": first, "end": time.perf_counter(), "pieces": pieces}
+
+
+def client_round(url: str, prompts: list[str], clients: int, per_client: int, new_tokens: int) -> dict:
+    """`clients` threads start together; each sends `per_client` requests one after another."""
+    results, errors = [], []
+    barrier = threading.Barrier(clients)
+
+    def client(index: int) -> None:
+        barrier.wait()
+        for k in range(per_client):
+            try:
+                results.append(stream_request(url, prompts[(index * per_client + k) % len(prompts)], new_tokens))
+            except Exception as e:  # reported below, with the round's numbers
+                errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise SystemExit(f"{len(errors)} of {clients * per_client} requests failed, e.g. {errors[0]}")
+    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    latency = [r["end"] - r["start"] for r in results]
+    ttft = [r["first"] - r["start"] for r in results]
+    return {"clients": clients, "requests_per_client": per_client, "requests": len(results), "wall_s": wall,
+            "tokens_s": len(results) * new_tokens / wall,
+            "latency_p50_s": float(np.percentile(latency, 50)), "latency_p95_s": float(np.percentile(latency, 95)),
+            "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p95_s": float(np.percentile(ttft, 95)),
+            "pieces_per_request": float(np.mean([r["pieces"] for r in results]))}
+
+
+def bench_triton(work: str, vocab: int, prompt_tokens: int, new_tokens: int, clients: list[int],
+                 min_requests: int, wait_idle_s: float) -> dict:
+    started = time.perf_counter()
+    build_dir, first_added = make_build(work, vocab, kv_capacity=prompt_tokens + new_tokens)
+    repository = os.path.join(work, "repository")
+    write_repository(build_dir, repository, instances=1)
+    add_runtime_probe(repository)
+    print(f"triton: built vocab {vocab} in {time.perf_counter() - started:.0f} s", flush=True)
+    per_client = {count: -(-min_requests // count) for count in clients}
+    prompts = prompt_texts(build_dir, first_added, max(c * n for c, n in per_client.items()), prompt_tokens, seed=2)
+    server = start_server(repository, work)
+    try:
+        imported = server_runtime(server)
+        if not imported.startswith(RUNTIME_DIR + os.sep):
+            raise SystemExit(f"the server imported {imported}, not the runtime under {RUNTIME_DIR}")
+        version = json.load(urllib.request.urlopen(f"http://{server['url']}/v2", timeout=10))["version"]
+        stream_request(server["url"], prompts[0], 4)  # warm-up, not counted
+        rounds = []
+        for count in clients:
+            cpu = CpuShare(own_extra=lambda: group_cpu_s(server["process"].pid), wait_idle_s=wait_idle_s)
+            r = {**client_round(server["url"], prompts, count, per_client[count], new_tokens), "cpu": cpu.result()}
+            rounds.append(r)
+            print(f"triton {count:2d} clients, {r['requests']:2d} requests: {r['tokens_s']:6.1f} tok/s, "
+                  f"latency p50 {r['latency_p50_s']:.2f} s p95 {r['latency_p95_s']:.2f} s, "
+                  f"TTFT p50 {r['ttft_p50_s']:.2f} s p95 {r['ttft_p95_s']:.2f} s {cpu_note(r['cpu'])}", flush=True)
+    finally:
+        stop_server(server)
+    return {"vocab": vocab, "config": "100M", "max_batch": MAX_BATCH, "instances": 1, "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens, "min_requests": min_requests, "sampling": "greedy, ignore_eos",
+            "endpoint": "HTTP generate_stream", "tritonserver": version, "server_imported": imported,
+            "rounds": rounds}
+
+
+def targets(triton: dict) -> list[dict]:
+    by_clients = {r["clients"]: r for r in triton["rounds"]}
+    if 1 not in by_clients or 16 not in by_clients:
+        return []
+    ratio = by_clients[16]["tokens_s"] / by_clients[1]["tokens_s"]
+    ttft = by_clients[16]["ttft_p50_s"]
+    return [{"target": "aggregate tokens/s at 16 clients >= 3x 1 client", "pass": ratio >= 3,
+             "measured": f"{ratio:.2f}x"},
+            {"target": "p50 time to first token at 16 clients < 1 s", "pass": ttft < 1, "measured": f"{ttft:.2f} s"}]
+
+
+# ---- the record ----
+
+def runtime_commit() -> str:
+    """The git commit of the measured runtime's checkout, marked when its runtime/ has local changes."""
+    def git(*args):
+        return subprocess.run(["git", "-C", RUNTIME_DIR, *args], capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
+    return commit + (" + uncommitted changes in runtime/" if git("status", "--porcelain", "--", ".") else "")
+
+
+def context() -> dict:
+    return {"measured_at": datetime.datetime.now().isoformat(timespec="seconds"), "runtime_dir": RUNTIME_DIR,
+            "runtime_commit": runtime_commit(), "load_average_1_5_15_at_start": os.getloadavg()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--label", required=True, choices=["before", "after"])
+    parser.add_argument("--part", default="all", choices=["generator", "triton", "all"])
+    parser.add_argument("--quick", action="store_true", help="16 new tokens, 1 repeat, 1 and 4 clients")
+    parser.add_argument("--vocab", type=int, default=32000, help="the Triton build's vocabulary (default 32000)")
+    parser.add_argument("--generator-vocab", type=int, default=262144, help="the Generator build's vocabulary")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--min-requests", type=int, default=4, help="requests per round at least (default 4)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per Generator setting (median)")
+    parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                        help="before each measurement, wait up to this long for other work to stop (shared machines)")
+    parser.add_argument("--note", default="", help="recorded with the results, e.g. what else ran on the machine")
+    args = parser.parse_args()
+    new_tokens, repeats, clients = (16, 1, [1, 4]) if args.quick else (64, args.repeats, args.clients)
+    path = os.path.join(HERE, "results", f"serving_{args.label}.json")
+    report = json.load(open(path)) if os.path.isfile(path) else {}  # a rerun of one part keeps the other
+    report.update({"label": args.label, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_name()}",
+                   "python": platform.python_version(), "onnxruntime": onnxruntime.__version__})
+    print(f"measuring the runtime in {RUNTIME_DIR} ({runtime_commit()})", flush=True)
+    with tempfile.TemporaryDirectory(prefix="serving-bench-") as work:
+        if args.part in ("generator", "all"):
+            report["generator"] = {**context(), "quick": args.quick, "note": args.note,
+                                   **bench_generator(work, args.generator_vocab, 128, new_tokens, repeats,
+                                                     args.wait_idle)}
+        if args.part in ("triton", "all"):
+            report["triton"] = {**context(), "quick": args.quick, "note": args.note,
+                                **bench_triton(work, args.vocab, 128, new_tokens, clients, args.min_requests,
+                                               args.wait_idle)}
+    if "triton" in report:
+        report["targets"] = targets(report["triton"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nwrote {path}")
+    for item in report.get("targets", []):
+        print(f"{'PASS' if item['pass'] else 'FAIL'}  {item['target']}: {item['measured']}")
+
+
+if __name__ == "__main__":
+    main()
