@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -109,16 +108,22 @@ def _seconds(run) -> float:
 
 
 def peak_rss_child(build_dir: str, chunk: int) -> None:
-    """Runs in a fresh process: prints {"tokens", "rss_loaded_mib", "peak_rss_mib"} as JSON."""
+    """Runs in a fresh process: prints {"tokens", "rss_before_mib", "peak_rss_mib"} as JSON (Linux)."""
     generator = Generator.load(build_dir, prefill_chunk=chunk)
     tokenizer = generator.tokenizer
     words = np.random.default_rng(1).choice(["alpha", "beta", "gamma", "delta", "fox", "dog", "東京", "7"], 20000)
     ids = tokenizer.encode(" ".join(words))[:LONG_CAPACITY - 400]
     prompt = tokenizer.decode(ids)
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak (VmHWM) to the current RSS: the peak below is the prefill's
+    loaded = _status_mib("VmRSS")
     completion = generator.generate(prompt, max_new_tokens=1, ignore_eos=True)
-    print(json.dumps({"tokens": completion.prompt_tokens, "rss_loaded_mib": loaded,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"tokens": completion.prompt_tokens, "rss_before_mib": loaded, "peak_rss_mib": _status_mib("VmHWM")}))
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def peak_memory(root: str) -> dict:

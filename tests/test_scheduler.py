@@ -4,6 +4,7 @@ chunked without changing the logits, and failures stay with the request that cau
 
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -83,16 +84,26 @@ def test_a_batch_bigger_than_the_build_queues_and_reuses_rows(build_dir, solo):
 
 
 def test_prefill_runs_on_the_newcomers_rows_alone(build_dir, solo):
-    """A request arriving while another decodes is prefilled in a step over its own row: the
-    decoding row does not compute the prompt's padding."""
+    """A request arriving while another decodes (submitted from inside the first one's third step,
+    so deterministically) is prefilled in a step over its own row: the decoding row does not
+    compute the prompt's padding."""
     generator = Generator.load(build_dir)
     steps = _recording(generator)
-    first = generator.stream(PROMPTS[0], ignore_eos=True, **SETTINGS[0])
-    pieces = [next(first)]
-    assert generator.generate(PROMPTS[4], ignore_eos=True, **SETTINGS[2]).token_ids == solo[PROMPTS[4], 2].token_ids
-    pieces += list(first)
-    prompt_tokens = len(generator.tokenizer.encode(PROMPTS[4]))
-    assert (1, 1, prompt_tokens) in steps  # row 1, alone, the whole prompt (shorter than a chunk)
+    newcomer = []
+
+    def on_step(requests):
+        if len(steps) == 3:
+            newcomer.append(generator.scheduler.submit(generator._prepare([PROMPTS[4]], _params(**SETTINGS[2]))))
+
+    generator.scheduler.on_step = on_step
+    first = generator.scheduler.submit(generator._prepare([PROMPTS[0]], _params(**SETTINGS[0])))
+    list(first.events())
+    list(newcomer[0].events())
+    assert first.sequences[0].token_ids == solo[PROMPTS[0], 0].token_ids
+    assert newcomer[0].sequences[0].token_ids == solo[PROMPTS[4], 2].token_ids
+    prompt_tokens = len(newcomer[0].sequences[0].prompt_ids)
+    assert steps[3] == (1, 1, prompt_tokens)  # row 1, alone, the whole prompt (shorter than a chunk)
+    assert steps[4] == (0, 2, 1)  # then both rows decode together
     assert all(rows <= 2 and (seq == 1 or rows == 1) for _, rows, seq in steps)
 
 
@@ -213,13 +224,19 @@ def test_a_failing_step_fails_its_requests_and_the_next_ones_run(build_dir, solo
 
 def test_close_cancels_everything_and_waits_for_the_worker(build_dir, solo):
     generator = Generator.load(build_dir)
-    streams = [generator.stream(PROMPTS[i % 4], max_new_tokens=120, ignore_eos=True) for i in range(MAX_BATCH)]
-    for stream in streams[:MAX_BATCH]:
-        next(stream)
-    waiting = generator.scheduler.submit(generator._prepare([PROMPTS[0]], _params(max_new_tokens=5)))
+    steps = _recording(generator)
+    scheduler = generator.scheduler
+    running = [scheduler.submit(generator._prepare([PROMPTS[i % 4]], _params(max_new_tokens=130)))
+               for i in range(MAX_BATCH)]
+    waiting = scheduler.submit(generator._prepare([PROMPTS[0]], _params(max_new_tokens=5)))  # no row is free
+    deadline = time.monotonic() + 60
+    while len(steps) < 3 and time.monotonic() < deadline:  # the rows are decoding
+        time.sleep(0.001)
     generator.close(timeout=60)
-    assert generator.scheduler._worker is None and not any(generator.scheduler.rows)
-    assert list(waiting.events()) == [] and waiting.sequences[0].finish_reason == "cancelled"
-    assert sum(len(list(stream)) for stream in streams[:MAX_BATCH]) < MAX_BATCH * 120  # none ran to its end
+    assert scheduler._worker is None and not any(scheduler.rows)
+    for request in [*running, waiting]:
+        list(request.events())  # what it produced, then the end
+        assert request.sequences[0].finish_reason == "cancelled"
+    assert waiting.sequences[0].token_ids == []
     # usable again afterwards
     assert generator.generate(PROMPTS[2], ignore_eos=True, **SETTINGS[3]).token_ids == solo[PROMPTS[2], 3].token_ids
