@@ -52,9 +52,11 @@ def test_completions_do_not_depend_on_what_shares_the_batch(build_dir, solo):
     generator.scheduler.on_step = requests_per_step.append
     pairs = [(p, i) for p in PROMPTS for i in range(len(SETTINGS))]
     results, errors = {}, []
+    together = threading.Barrier(3)
 
     def worker(seed):
         try:
+            together.wait(timeout=60)
             for pair in random.Random(seed).sample(pairs, len(pairs)):
                 prompt, index = pair
                 if seed % 2:

@@ -422,12 +422,18 @@ def _step_counters(server) -> tuple[float, float]:
 def test_concurrent_streams_share_model_steps(server, local):
     """Continuous batching through the server: concurrent requests advance in the same steps (the
     model's step counters say so), and each still gets exactly its solo completion."""
-    bodies = [{"text_input": PROMPTS[i % len(PROMPTS)], "max_new_tokens": 40, "ignore_eos": True, "stream": True,
+    # long enough (about a second each) that requests sent together overlap on a loaded machine
+    bodies = [{"text_input": PROMPTS[i % len(PROMPTS)], "max_new_tokens": 300, "ignore_eos": True, "stream": True,
                "temperature": 0.8, "seed": i} for i in range(4)]
     steps_before, requests_before = _step_counters(server)
     results = [None] * len(bodies)
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, post(server, "generate_stream", bodies[i])))
-               for i in range(len(bodies))]
+    together = threading.Barrier(len(bodies))
+
+    def send(i):
+        together.wait(timeout=60)
+        results[i] = post(server, "generate_stream", bodies[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
     for t in threads:
         t.start()
     for t in threads:
