@@ -17,7 +17,8 @@ from persimmon_export.build import build
 from persimmon_export.checkpoint import CheckpointError, load_model
 from persimmon_export.demo import make_demo_checkpoint
 from persimmon_export.engine import TENSORRT_RTX
-from persimmon_export.export import ExportError
+from persimmon_export.config import PersimmonConfig
+from persimmon_export.export import ExportError, export_onnx
 from persimmon_export.parity import check_parity
 from persimmon_runtime import PersimmonError
 from persimmon_runtime.custom_ops import QK_LAYERNORM_OP, ROTARY_OP
@@ -203,11 +204,44 @@ def test_cache_is_updated_in_place_through_io_binding(builds):
     assert len(outputs) == len(before) + 1 and set(before) <= set(outputs)  # present_* are the very past_* buffers
 
 
-def test_dynamic_rope_scaling_is_refused_clearly(tmp_path):
-    checkpoint = make_demo_checkpoint(str(tmp_path / "dyn"), rope_scaling={"type": "dynamic", "factor": 2.0})
-    with pytest.raises(ExportError, match="rope_scaling 'dynamic' cannot be exported"):
+DYNAMIC = dict(max_position_embeddings=64, rope_scaling={"type": "dynamic", "factor": 2.0})
+
+
+def test_dynamic_rope_scaling_up_to_max_position_embeddings_matches_transformers(tmp_path):
+    """Dynamic NTK changes the frequencies only past max_position_embeddings: a build whose cache
+    ends there (kv_capacity 64 = max_position_embeddings) must equal transformers at every position."""
+    checkpoint = make_demo_checkpoint(str(tmp_path / "dyn"), seed=5, **DYNAMIC)
+    out = str(tmp_path / "build")
+    build(checkpoint, out, dtype="float32", max_batch=1, kv_capacity=64, backend="onnxruntime")
+    manifest = Manifest.load(out)
+    session = ort.InferenceSession(os.path.join(out, "model.onnx"), providers=["CPUExecutionProvider"])
+    hf = transformers.PersimmonForCausalLM.from_pretrained(checkpoint).eval()
+    ids = torch.randint(3, manifest.model.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    for length in (5, 64):  # 64: the last position, 63, is the last one before scaling would start
+        [logits] = session.run(["logits"], step_feeds(manifest, ids[:, :length].numpy(), slots=length))
+        with torch.no_grad():
+            expected = hf(ids[:, :length]).logits[:, -1].numpy()
+        assert np.abs(logits - expected).max() <= 1e-4, length
+    generator = Generator.load(out)  # and decode steps up to the full cache
+    prompt = generator.tokenizer.encode(PROMPTS[1])
+    completion = generator.generate(PROMPTS[1], max_new_tokens=64 - len(prompt), ignore_eos=True)
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=64 - len(prompt), do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert completion.token_ids == expected
+
+
+def test_dynamic_rope_scaling_past_max_position_embeddings_is_refused_in_one_line(tmp_path):
+    checkpoint = make_demo_checkpoint(str(tmp_path / "dyn"), **DYNAMIC)
+    with pytest.raises(ExportError, match=r"--kv-capacity must be in \[2, max_position_embeddings=64\], got 128"):
         build(checkpoint, str(tmp_path / "out"), kv_capacity=128, backend="onnxruntime")
     assert not os.path.exists(tmp_path / "out")
+    config = PersimmonConfig.from_file(checkpoint)  # export's own check, for callers of export_onnx
+    with pytest.raises(ExportError) as error:
+        export_onnx(config, [], str(tmp_path), dtype="float32", kv_capacity=128)
+    assert str(error.value) == ("rope_scaling 'dynamic' is exported only with --kv-capacity <= max_position_embeddings "
+                                "(64), got --kv-capacity 128: past it the frequencies change with the sequence length")
+    assert sorted(os.listdir(tmp_path)) == ["dyn"]
 
 
 def test_failed_build_leaves_the_old_directory_and_no_temp(checkpoints, builds, tmp_path):

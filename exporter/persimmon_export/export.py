@@ -20,8 +20,9 @@ One graph serves prefill and decode. Per row b of the batch:
 
 fp16 graphs keep LayerNorm statistics, rotary tables, softmax and logits in fp32 with explicit
 casts (TensorRT builds strongly typed networks from exactly these types). relu(x)^2 overflows
-fp16 once x > 256; the exporter folds a power-of-two scale s into the MLP weights
-(W1/s, b1/s, W2*s^2), which is exact and moves the overflow point to x > 256*s.
+fp16 once x > 256; the exporter folds a power-of-two scale s into each layer's MLP weights
+(W1/s, b1/s, W2*s^2), which is exact and moves the overflow point to x > 256*s. s is chosen per
+layer from its W2 (`relu2_scale`): at most 16, and small enough that W2*s^2 stays finite.
 """
 
 from __future__ import annotations
@@ -50,7 +51,11 @@ OPSET = 24
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-RELU2_SCALE = {"float32": 1.0, "float16": 16.0}
+RELU2_SCALE = {"float32": 1.0, "float16": 16.0}  # the largest relu^2 scale; each layer's may be lower
+# W2*s^2 must stay below half of fp16's largest finite value: a weight one rounding away from inf
+# leaves no room for a kernel that adds to it, and halving s is cheap (it lowers that layer's
+# relu^2 limit from 256*s to 128*s, still far above the unscaled 256).
+RELU2_WEIGHT_LIMIT = float(np.finfo(np.float16).max) / 2
 _LINEAR = ("query_key_value.weight", "dense.weight", "dense_h_to_4h.weight", "dense_4h_to_h.weight",
            "lm_head.weight")
 _ALIGN = 64
@@ -160,9 +165,12 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_lay
     """The step graph, with initializers left out (the caller adds them as external data)."""
     if cache_layout not in CACHE_LAYOUTS:
         raise ExportError(f"cache layout {cache_layout!r} is not one of {tuple(CACHE_LAYOUTS)}")
-    if config.rope_scaling_type == "dynamic":
-        raise ExportError("rope_scaling 'dynamic' cannot be exported yet: its frequencies change with the "
-                          "sequence length; use a config without dynamic scaling")
+    if config.rope_scaling_type == "dynamic" and kv_capacity > config.max_position_embeddings:
+        # dynamic NTK raises the rope base once a position reaches max_position_embeddings; below
+        # that its frequencies are the unscaled ones, so a build that cannot get there is exact
+        raise ExportError(f"rope_scaling 'dynamic' is exported only with --kv-capacity <= max_position_embeddings "
+                          f"({config.max_position_embeddings}), got --kv-capacity {kv_capacity}: past it the "
+                          f"frequencies change with the sequence length")
     g = _GraphBuilder()
     f32, act = TensorProto.FLOAT, ONNX_DTYPES[dtype]
     half = dtype != "float32"
@@ -182,7 +190,8 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_lay
     filled = g.op("Cast", g.op("Unsqueeze", "attention_mask", axes["1"]), to=TensorProto.BOOL)
     allowed = g.op("Unsqueeze", g.op("And", causal, filled), axes["1"], name="allowed")  # [B, 1, T, kv]
     masked_score = g.const("masked_score", np.array(np.finfo(np.float32).min, np.float32))
-    inv_freq = g.const("inv_freq", rope_inv_freq(config, config.max_position_embeddings).numpy().astype(np.float32))
+    # the longest sequence this build holds is kv_capacity: for dynamic scaling, the unscaled frequencies
+    inv_freq = g.const("inv_freq", rope_inv_freq(config, kv_capacity).numpy().astype(np.float32))
     freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", positions, to=f32), axes["2"]), inv_freq)
     angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), axes["2"], name="angles")  # [B, T, 1, rot]
     cos, sin = g.op("Cos", angles, name="cos"), g.op("Sin", angles, name="sin")
@@ -252,18 +261,74 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_lay
                              [_value_info(s) for s in section.outputs])
 
 
-def onnx_layout(name: str, tensor: torch.Tensor, config: PersimmonConfig, dtype: str):
-    """How a checkpoint tensor is stored in the graph: (target dtype, transpose?, scale).
+def onnx_layout(name: str, dtype: str) -> tuple[torch.dtype, bool]:
+    """How a checkpoint tensor is stored in the graph: (target dtype, transpose?).
 
     Linear weights are stored [in, out] so MatMul takes them as they are; LayerNorm parameters
-    stay fp32; the MLP carries the relu^2 scale.
+    stay fp32. The MLP's relu^2 scale comes from `Relu2Scales`.
     """
     target = torch.float32 if "layernorm" in name else TORCH_DTYPES[dtype]
-    scale = 1.0
-    if config.hidden_act == "relu2":
-        s = RELU2_SCALE[dtype]
-        scale = 1.0 / s if "dense_h_to_4h" in name else (s * s if name.endswith("dense_4h_to_h.weight") else 1.0)
-    return target, name.endswith(_LINEAR), scale
+    return target, name.endswith(_LINEAR)
+
+
+def relu2_scale(w2_largest: float, dtype: str) -> float:
+    """The largest power of two s <= RELU2_SCALE[dtype] with w2_largest * s^2 <= RELU2_WEIGHT_LIMIT,
+    or 1. Powers of two keep W1/s and W2*s^2 exact; a W2 that fp16 cannot hold even at s = 1 is
+    refused by the writer, which checks every tensor it stores."""
+    s = RELU2_SCALE[dtype]
+    while s > 1 and not w2_largest * s * s <= RELU2_WEIGHT_LIMIT:  # `not <=`: a NaN maximum ends at 1
+        s /= 2
+    return s
+
+
+class Relu2Scales:
+    """Chooses each layer's relu^2 scale from its dense_4h_to_h.weight and applies it to the stream.
+
+    Per layer rather than one for the model: the scale lives in the weights only (the graph is the
+    same for any s), so each layer keeps the largest s its own W2 allows and one large weight lowers
+    the relu^2 range of its layer alone. A layer's W1 and b1 need its s, so they wait until its W2
+    has passed: a safetensors file lists names sorted, W2 (dense_4h_to_h) before W1 (dense_h_to_4h),
+    so at most a layer split across two shards waits; a pytorch_model.bin (module order, W1 first)
+    keeps one layer's W1 and b1 waiting, tensors its loader already holds.
+    """
+
+    def __init__(self, config: PersimmonConfig, dtype: str):
+        self.active = config.hidden_act == "relu2" and RELU2_SCALE[dtype] != 1.0
+        self.dtype = dtype
+        self.scales: dict[str, float] = {}  # "model.layers.{i}" -> s
+        self.waiting: dict[str, list[tuple[str, torch.Tensor]]] = {}
+
+    def ready(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor, float]]:
+        """The (name, tensor, factor) to write now that `name` has arrived (none while it waits)."""
+        layer, _, part = name.partition(".mlp.")
+        if not self.active or not part.startswith(("dense_4h_to_h.weight", "dense_h_to_4h.")):
+            return [(name, tensor, 1.0)]
+        if part == "dense_4h_to_h.weight":
+            s = self.scales[layer] = self._choose(name, tensor)
+            return [(name, tensor, s * s)] + [(n, t, 1.0 / s) for n, t in self.waiting.pop(layer, [])]
+        if layer not in self.scales:
+            self.waiting.setdefault(layer, []).append((name, tensor))
+            return []
+        return [(name, tensor, 1.0 / self.scales[layer])]
+
+    def _choose(self, name: str, w2: torch.Tensor) -> float:
+        low, high = torch.aminmax(w2)  # one pass, no |w2| copy (a layer's W2 is 128 MiB at 8B)
+        largest = max(-float(low), float(high))
+        s = relu2_scale(largest, self.dtype)
+        if s < RELU2_SCALE[self.dtype]:
+            log.warning(f"{name}: values up to {largest:.4g}, so this layer's relu^2 scale is {s:g}, not "
+                        f"{RELU2_SCALE[self.dtype]:g}: its MLP pre-activations overflow {self.dtype} past {256 * s:g}")
+        return s
+
+    def close(self) -> None:
+        """Say which scales were chosen; refuse if a W1 never met its W2."""
+        if self.waiting:
+            layer = next(iter(self.waiting))
+            raise ExportError(f"{layer}.mlp.dense_4h_to_h.weight is missing from the weights: no relu^2 scale "
+                              f"for {layer}.mlp.dense_h_to_4h")
+        if self.scales:
+            counts = {s: sum(v == s for v in self.scales.values()) for s in sorted(set(self.scales.values()))}
+            log.info("relu^2 scale per layer: " + ", ".join(f"{s:g} in {n} layer(s)" for s, n in counts.items()))
 
 
 class _DataWriter:
@@ -293,7 +358,7 @@ class _DataWriter:
                 chunk = chunk * scale
             stored = chunk.to(target).contiguous()
             if not _finite_when_stored(chunk, stored):  # the served model would compute NaN/inf from here on
-                _refuse_non_finite(name, source[i:i + rows], target)
+                _refuse_non_finite(name, source[i:i + rows], target, scale)
             self._write(memoryview(stored.numpy()).cast("B"))
         proto = TensorProto(name=name, dims=list(source.shape), data_location=TensorProto.EXTERNAL,
                             data_type=TensorProto.FLOAT if target == torch.float32 else TensorProto.FLOAT16)
@@ -317,15 +382,16 @@ def _finite_when_stored(chunk: torch.Tensor, stored: torch.Tensor) -> bool:
     return bool(limits.min <= low and high <= limits.max) or bool(torch.isfinite(stored).all())
 
 
-def _refuse_non_finite(name: str, original: torch.Tensor, target: torch.dtype) -> None:
+def _refuse_non_finite(name: str, original: torch.Tensor, target: torch.dtype, scale: float) -> None:
     """Say whether the checkpoint holds NaN/inf or its values overflow the build's dtype."""
     bad = int((~torch.isfinite(original)).sum())
     if bad:
         raise ExportError(f"checkpoint tensor {name!r} holds at least {bad} NaN/inf value(s); the checkpoint is "
                           f"corrupt (or training diverged): refusing to build a model that computes garbage")
     largest = float(original.float().abs().max())
-    raise ExportError(f"checkpoint tensor {name!r} has values up to {largest:.4g}, beyond {target} once stored "
-                      f"(with the build's scaling); build with --dtype float32")
+    scaled = f" (x{scale:g}, the relu^2 scaling)" if scale != 1.0 else ""
+    raise ExportError(f"checkpoint tensor {name!r} has values up to {largest:.4g}, beyond {target} once "
+                      f"stored{scaled}; build with --dtype float32")
 
 
 def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str,
@@ -342,15 +408,17 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
     writer = _DataWriter(os.path.join(out_dir, DATA_FILE))
     expected = 4 + 12 * config.num_hidden_layers + (4 if config.qk_layernorm else 0) * config.num_hidden_layers
     step = Steps(log, "weights", expected, "tensors", every=25)
+    relu2 = Relu2Scales(config, dtype)
     try:
         for name, tensor in tensors:
-            target, transpose, scale = onnx_layout(name, tensor, config, dtype)
-            graph.initializer.append(writer.add(name, tensor, target, transpose, scale))
+            for ready, ready_tensor, factor in relu2.ready(name, tensor):
+                graph.initializer.append(writer.add(ready, ready_tensor, *onnx_layout(ready, dtype), factor))
             if config.tie_word_embeddings and name == "model.embed_tokens.weight":
-                lm_target, _, _ = onnx_layout("lm_head.weight", tensor, config, dtype)
-                graph.initializer.append(writer.add("lm_head.weight", tensor, lm_target, True, 1.0))
+                graph.initializer.append(writer.add("lm_head.weight", tensor, onnx_layout("lm_head.weight", dtype)[0],
+                                                    True, 1.0))
             log.debug(f"{name}: {tuple(tensor.shape)} {tensor.dtype}")
             step(f"{writer.offset / 2**30:.2f} GiB written")
+        relu2.close()
     finally:
         step.close()
         writer.close()
