@@ -557,9 +557,9 @@ def test_build_refuses_non_finite_weights(checkpoint, tmp_path, value, dtype):
 
 
 def test_build_refuses_weights_that_overflow_float16(checkpoint, tmp_path):
-    # relu^2 scaling multiplies dense_4h_to_h by 256: 300 becomes 76800 > 65504
-    poisoned = _poison(checkpoint, tmp_path, 300.0)
-    with pytest.raises(ExportError, match=rf"'{TENSOR}' has values up to 300, beyond torch.float16.*--dtype float32"):
+    # 1e5 > 65504 even unscaled (a W2 of 300 lowers its layer's relu^2 scale instead: test_fp16_range.py)
+    poisoned = _poison(checkpoint, tmp_path, 1e5)
+    with pytest.raises(ExportError, match=rf"'{TENSOR}' has values up to 1e\+05, beyond torch.float16.*--dtype float32"):
         build(poisoned, str(tmp_path / "out"), dtype="float16", kv_capacity=CAPACITY, backend="onnxruntime")
 
 
