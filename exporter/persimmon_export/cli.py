@@ -35,9 +35,11 @@ def _parity(args) -> int:
 
     results = check_parity(args.checkpoint, args.build, prompts=args.prompt or DEFAULT_PROMPTS,
                            decode_steps=args.steps, backends=args.backend, device=args.device,
-                           max_abs=args.max_abs_diff, min_top1=args.min_top1)
+                           max_abs=args.max_abs_diff, min_top1=args.min_top1, emulate=args.emulate)
     for result in results:
         print(result.line())
+        if result.note:
+            print(result.note)
     failed = [r for r in results if not r.passed]
     print("parity: " + ("FAILED for " + ", ".join(r.backend for r in failed) if failed else "all bounds hold"))
     return 1 if failed else 0
@@ -146,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--prompt", action="append", help="a prompt (repeatable; default: three built-in ones)")
     parity.add_argument("--max-abs-diff", type=float, help="override the logits bound")
     parity.add_argument("--min-top1", type=float, help="override the top-1 agreement bound (0..1)")
+    parity.add_argument("--emulate", action="store_true",
+                        help="also evaluate the build's ONNX graph on CPU in true precision (fp16 stored and computed "
+                             "in fp16, as a TensorRT engine does; onnxruntime's CPU provider computes fp16 graphs in "
+                             "fp32 and hides fp16 overflow), same prompts and steps, same bounds; slow: small models")
     parity.set_defaults(run=_parity)
 
     triton = commands.add_parser(

@@ -4,7 +4,9 @@ The backend runs greedy prefill + N decode steps on a batch of prompts; the fp32
 recomputes the same positions from the same tokens (teacher forcing, so one near-tie cannot
 derail the comparison). Reported per backend: max abs logits difference (prefill and all
 steps), top-1 agreement, and whether the backend's greedy tokens equal the reference's own
-greedy generation.
+greedy generation. With `emulate`, the build's ONNX graph is also evaluated in true precision
+on CPU (`emulate`: fp16 stored and computed in fp16, as a TensorRT engine does), which shows the
+fp16 overflow that onnxruntime's CPU provider hides by computing in fp32.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from persimmon_runtime.backends import decode, prefill
 from persimmon_runtime.generator import Generator
 
 from .checkpoint import load_model
+from .emulate import DESCRIPTION, EmulatedBackend
 from .generate import greedy_generate
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ class ParityResult:
     greedy_rows_identical: int
     rows: int
     greedy_must_match: bool
+    note: str = ""  # one more line for the report, e.g. what was emulated
 
     @property
     def passed(self) -> bool:
@@ -86,38 +90,59 @@ def _check_fits(manifest, prompt_ids: list[list[int]], decode_steps: int) -> Non
 @torch.no_grad()
 def check_parity(checkpoint: str, build_dir: str, prompts=DEFAULT_PROMPTS, decode_steps: int = 16,
                  backends=("onnxruntime",), device: str | None = None, max_abs: float | None = None,
-                 min_top1: float | None = None) -> list[ParityResult]:
+                 min_top1: float | None = None, emulate: bool = False) -> list[ParityResult]:
+    """One result per backend; with `emulate`, one more for the true-precision evaluation of the
+    build's graph (see `emulate`), run on the prompts and steps of the backends."""
     if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 0:
         raise PersimmonError(f"--steps must be a whole number >= 0, got {decode_steps!r}")
+    if emulate and not backends:
+        raise PersimmonError("emulation runs beside a backend (it reuses its prompts): name one in --backend")
     reference = None  # loaded once the first build has accepted the request: it is the slow part
     results = []
     for name in backends:
         generator = Generator.load(build_dir, backend=name, device=device)
-        dtype = generator.manifest.dtype
         prompt_ids = [generator.tokenizer.encode(p) for p in prompts]
         _check_fits(generator.manifest, prompt_ids, decode_steps)
         if reference is None:
             reference = load_model(checkpoint, dtype="float32")
         log.info(f"{name}: {len(prompt_ids)} prompts, prefill + {decode_steps} decode steps")
         logits, tokens = backend_greedy(generator.backend, prompt_ids, decode_steps)
-        diffs, prefill_diffs, agree, total, scale = [], [], 0, 0, 0.0
-        greedy_identical = 0
-        for row, ids in enumerate(prompt_ids):
-            fed = torch.tensor([ids + tokens[row, :-1].tolist()])  # the backend's own tokens, teacher-forced
-            expected = reference(fed)[0, len(ids) - 1:].numpy()  # [steps+1, vocab]
-            got = logits[:, row]
-            diff = np.abs(got - expected).max(-1)
-            prefill_diffs.append(diff[0])
-            diffs.append(diff.max())
-            agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
-            total += len(diff)
-            scale = max(scale, float(np.abs(expected).max()))
-            own = greedy_generate(reference, torch.tensor([ids]), max_new_tokens=decode_steps + 1)[0, len(ids):]
-            greedy_identical += int(own.tolist() == tokens[row].tolist())
-        bound_spec = BOUNDS[dtype]
-        bound = max_abs if max_abs is not None else \
-            bound_spec["max_abs"] * (scale if bound_spec["relative"] else 1.0)
-        results.append(ParityResult(name, dtype, decode_steps, float(max(prefill_diffs)), float(max(diffs)), bound,
-                                    agree / total, min_top1 if min_top1 is not None else bound_spec["top1"],
-                                    greedy_identical, len(prompt_ids), bound_spec["greedy_must_match"]))
+        results.append(_compare(name, generator.manifest.dtype, reference, prompt_ids, logits, tokens, max_abs,
+                                min_top1))
+    if emulate:
+        backend = EmulatedBackend(build_dir)
+        log.info(f"emulated: {len(prompt_ids)} prompts, prefill + {decode_steps} decode steps")
+        logits, tokens = backend_greedy(backend, prompt_ids, decode_steps)
+        result = _compare(backend.name, backend.manifest.dtype, reference, prompt_ids, logits, tokens, max_abs,
+                          min_top1)
+        finite = int(np.isfinite(logits).sum())
+        result.note = (f"  emulated: the {backend.manifest.dtype} graph on CPU, {DESCRIPTION}; non-finite "
+                       f"logits {logits.size - finite}/{logits.size}")
+        results.append(result)
     return results
+
+
+def _compare(name: str, dtype: str, reference, prompt_ids: list[list[int]], logits: np.ndarray, tokens: np.ndarray,
+             max_abs: float | None, min_top1: float | None) -> ParityResult:
+    """A backend's greedy logits [steps+1, batch, vocab] and tokens against the fp32 reference."""
+    decode_steps = len(logits) - 1
+    diffs, prefill_diffs, agree, total, scale = [], [], 0, 0, 0.0
+    greedy_identical = 0
+    for row, ids in enumerate(prompt_ids):
+        fed = torch.tensor([ids + tokens[row, :-1].tolist()])  # the backend's own tokens, teacher-forced
+        expected = reference(fed)[0, len(ids) - 1:].numpy()  # [steps+1, vocab]
+        got = logits[:, row]
+        diff = np.abs(got - expected).max(-1)
+        prefill_diffs.append(diff[0])
+        diffs.append(diff.max())
+        agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
+        total += len(diff)
+        scale = max(scale, float(np.abs(expected).max()))
+        own = greedy_generate(reference, torch.tensor([ids]), max_new_tokens=decode_steps + 1)[0, len(ids):]
+        greedy_identical += int(own.tolist() == tokens[row].tolist())
+    bound_spec = BOUNDS[dtype]
+    bound = max_abs if max_abs is not None else bound_spec["max_abs"] * (scale if bound_spec["relative"] else 1.0)
+    # np.max, not max(): a NaN difference (overflow) must not lose to a later finite one
+    return ParityResult(name, dtype, decode_steps, float(np.max(prefill_diffs)), float(np.max(diffs)), bound,
+                        agree / total, min_top1 if min_top1 is not None else bound_spec["top1"],
+                        greedy_identical, len(prompt_ids), bound_spec["greedy_must_match"])
