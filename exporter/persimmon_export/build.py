@@ -21,6 +21,7 @@ from .config import PersimmonConfig
 from .engine import FLAVORS, TENSORRT, TENSORRT_RTX, build_engine, check_engine_options
 from .export import ExportError, export_onnx
 from .files import atomic_directory
+from .ranges import calibrate, log_summary, report
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt-rtx")
@@ -31,7 +32,7 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
           kv_capacity: int | None = None, backend: str = "auto", max_prefill: int | None = None, plugins: str = "auto",
           version_compatible: bool = False, timing_cache: str | None = None, opt_level: int = 3,
           workspace_mib: int | None = None, cache_layout: str | None = None, overwrite: bool = False,
-          compute_capabilities: list[str] | None = None) -> Manifest:
+          compute_capabilities: list[str] | None = None, calibration_file: str | None = None) -> Manifest:
     """Export `checkpoint` (an HF directory with tokenizer files) into `out_dir`; return its manifest.
 
     kv_capacity (cache slots per sequence: prompt + generated tokens; the CLI's --kv-capacity)
@@ -39,7 +40,9 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
     "tensorrt" (NVIDIA TensorRT) or "tensorrt-rtx" (TensorRT-RTX) also builds an engine; "auto"
     builds a TensorRT engine when NVIDIA TensorRT's builder imports, and never picks TensorRT-RTX
     (its engines run only on the GPUs it targets: that is a choice to make, not a default). The
-    other arguments configure the engine (see `engine.build_engine`). cache_layout (see
+    other arguments configure the engine (see `engine.build_engine`). float16 builds first run the
+    fp32 reference on calibration prompts (built-in, or calibration_file's lines): the relu^2 scales
+    must hold what it measures and the manifest's `ranges` records it (see `ranges`). cache_layout (see
     `export`) defaults to "window" for engine builds and "whole" for onnxruntime builds. An existing `out_dir` is
     replaced only if it is a build we wrote and `overwrite` is set (see `files.check_output`).
     """
@@ -75,14 +78,18 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
         raise ExportError("--compute-capabilities is for --backend tensorrt-rtx")
     if not 1 <= max_prefill <= kv_capacity:
         raise ExportError(f"--max-prefill must be in [1, kv_capacity={kv_capacity}], got {max_prefill}")
+    if calibration_file and dtype != "float16":
+        raise ExportError(f"--calibration-file is for --dtype float16 builds (the range report); this build is {dtype}")
     tokenizer = Tokenizer.from_dir(checkpoint)
+    # before the output directory exists: a bad calibration file or an overflow is refused first
+    measured = calibrate(checkpoint, tokenizer, calibration_file, kv_capacity) if dtype == "float16" else None
     started = time.perf_counter()
     inputs = (checkpoint, tokenizer.model_file, timing_cache)
     with atomic_directory(out_dir, "build", overwrite=overwrite, inputs=inputs) as tmp:
         log.info(f"exporting {checkpoint} -> {out_dir} ({config.num_hidden_layers} layers, {dtype}, "
                  f"kv_capacity {kv_capacity}, max_batch {max_batch})")
         graph, files = export_onnx(config, checked_tensors(checkpoint, config), tmp, dtype=dtype,
-                                   kv_capacity=kv_capacity, cache_layout=cache_layout)
+                                   kv_capacity=kv_capacity, cache_layout=cache_layout, measured=measured)
         shutil.copyfile(tokenizer.model_file, os.path.join(tmp, TOKENIZER_FILE))
         eos = config.eos_token_id
         manifest = Manifest(
@@ -92,7 +99,7 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
             tokenizer=TokenizerSection(TOKENIZER_FILE, tokenizer.add_bos, tokenizer.bos_token, tokenizer.eos_token),
             eos_token_ids=[] if eos is None else list(eos) if isinstance(eos, list) else [eos],
             onnx=graph, files={**files, TOKENIZER_FILE: _file_entry(os.path.join(tmp, TOKENIZER_FILE))},
-            exporter_version=__version__)
+            exporter_version=__version__, ranges=None if measured is None else report(measured))
         if flavor is not None:
             manifest.tensorrt = build_engine(tmp, manifest, max_prefill=max_prefill,
                                              plugins=plugins, version_compatible=version_compatible,
@@ -103,6 +110,8 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
                 manifest.files[name] = _file_entry(os.path.join(tmp, name))
         manifest.save(tmp)
     log.info(f"built {out_dir} in {time.perf_counter() - started:.1f}s")
+    if manifest.ranges is not None:
+        log_summary(manifest.ranges)
     return manifest
 
 

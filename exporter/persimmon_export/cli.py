@@ -27,7 +27,7 @@ def _build(args) -> None:
           backend=args.backend, max_prefill=args.max_prefill, plugins=args.plugins,
           version_compatible=args.version_compatible, timing_cache=args.timing_cache, opt_level=args.opt_level,
           workspace_mib=int(args.workspace_gb * 1024) if args.workspace_gb else None, overwrite=args.overwrite,
-          compute_capabilities=args.compute_capabilities)
+          compute_capabilities=args.compute_capabilities, calibration_file=args.calibration_file)
 
 
 def _parity(args) -> int:
@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "tensorrt-rtx: a TensorRT-RTX engine (1.7 - 1.x; builds without a GPU, runs on the RTX "
                             "GPUs of --compute-capabilities); auto (default): tensorrt when NVIDIA TensorRT is "
                             "importable, else onnxruntime (never tensorrt-rtx)")
+    build.add_argument("--calibration-file", metavar="FILE",
+                       help="float16 builds: prompts, one per line (at most 64, 4000 characters each), for the range "
+                            "report that chooses the relu^2 scales and goes into the manifest (default: a built-in "
+                            "set of varied texts)")
     trt = build.add_argument_group("TensorRT engine (--backend tensorrt or tensorrt-rtx)")
     trt.add_argument("--max-prefill", type=int,
                      help="most new tokens in one prefill step (profile 0; default min(kv-capacity, 2048))")

@@ -22,7 +22,8 @@ fp16 graphs keep LayerNorm statistics, rotary tables, softmax and logits in fp32
 casts (TensorRT builds strongly typed networks from exactly these types). relu(x)^2 overflows
 fp16 once x > 256; the exporter folds a power-of-two scale s into each layer's MLP weights
 (W1/s, b1/s, W2*s^2), which is exact and moves the overflow point to x > 256*s. s is chosen per
-layer from its W2 (`relu2_scale`): at most 16, and small enough that W2*s^2 stays finite.
+layer from its W2 (`relu2_scale`): at most 16, and small enough that W2*s^2 stays finite; in
+float16 builds the pre-activations the range report measured (`ranges`) must fit at that s too.
 """
 
 from __future__ import annotations
@@ -292,9 +293,10 @@ class Relu2Scales:
     keeps one layer's W1 and b1 waiting, tensors its loader already holds.
     """
 
-    def __init__(self, config: PersimmonConfig, dtype: str):
+    def __init__(self, config: PersimmonConfig, dtype: str, measured=None):
         self.active = config.hidden_act == "relu2" and RELU2_SCALE[dtype] != 1.0
         self.dtype = dtype
+        self.measured = measured  # ranges.Measured: the fp32 reference's maxima, or None
         self.scales: dict[str, float] = {}  # "model.layers.{i}" -> s
         self.waiting: dict[str, list[tuple[str, torch.Tensor]]] = {}
 
@@ -315,6 +317,12 @@ class Relu2Scales:
         low, high = torch.aminmax(w2)  # one pass, no |w2| copy (a layer's W2 is 128 MiB at 8B)
         largest = max(-float(low), float(high))
         s = relu2_scale(largest, self.dtype)
+        if self.measured is not None:  # the measured activations must fit at this s too
+            from .ranges import relu2_scale_fits
+
+            layer = int(name.split(".")[2])
+            relu2_scale_fits(layer, self.measured.relu2_input[layer],
+                             self.measured.per_layer["mlp_pre_activation"][layer], s)
         if s < RELU2_SCALE[self.dtype]:
             log.warning(f"{name}: values up to {largest:.4g}, so this layer's relu^2 scale is {s:g}, not "
                         f"{RELU2_SCALE[self.dtype]:g}: its MLP pre-activations overflow {self.dtype} past {256 * s:g}")
@@ -338,6 +346,7 @@ class _DataWriter:
         self.file = open(path, "wb")
         self.offset = 0
         self.sha256 = hashlib.sha256()
+        self.largest: dict[str, float] = {}  # name -> max |x| as stored, for tensors stored in fp16
 
     def _write(self, data) -> None:
         self.file.write(data)
@@ -357,8 +366,11 @@ class _DataWriter:
             if scale != 1.0:
                 chunk = chunk * scale
             stored = chunk.to(target).contiguous()
-            if not _finite_when_stored(chunk, stored):  # the served model would compute NaN/inf from here on
+            low, high = torch.aminmax(chunk) if chunk.numel() else (torch.tensor(0.0), torch.tensor(0.0))
+            if not _finite_when_stored(low, high, stored):  # the served model would compute NaN/inf from here on
                 _refuse_non_finite(name, source[i:i + rows], target, scale)
+            if target == torch.float16:
+                self.largest[name] = max(self.largest.get(name, 0.0), -float(low), float(high))
             self._write(memoryview(stored.numpy()).cast("B"))
         proto = TensorProto(name=name, dims=list(source.shape), data_location=TensorProto.EXTERNAL,
                             data_type=TensorProto.FLOAT if target == torch.float32 else TensorProto.FLOAT16)
@@ -371,13 +383,10 @@ class _DataWriter:
         self.file.close()
 
 
-def _finite_when_stored(chunk: torch.Tensor, stored: torch.Tensor) -> bool:
-    """Whether no NaN/inf was read or made by the cast. One aminmax pass over the fp32 chunk
-    (NaN propagates, inf and overflow show as extremes) is ~10x cheaper than isfinite on
+def _finite_when_stored(low: torch.Tensor, high: torch.Tensor, stored: torch.Tensor) -> bool:
+    """Whether no NaN/inf was read or made by the cast, given the fp32 chunk's aminmax. One aminmax
+    pass (NaN propagates, inf and overflow show as extremes) is ~10x cheaper than isfinite on
     fp16 on CPU; only a range past the target's finite limits is checked element-wise."""
-    if not chunk.numel():
-        return True
-    low, high = torch.aminmax(chunk)
     limits = torch.finfo(stored.dtype)
     return bool(limits.min <= low and high <= limits.max) or bool(torch.isfinite(stored).all())
 
@@ -395,12 +404,14 @@ def _refuse_non_finite(name: str, original: torch.Tensor, target: torch.dtype, s
 
 
 def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str,
-                dtype: str = "float16", kv_capacity: int = 4096,
-                cache_layout: str = "window") -> tuple[GraphSection, dict]:
+                dtype: str = "float16", kv_capacity: int = 4096, cache_layout: str = "window",
+                measured=None) -> tuple[GraphSection, dict]:
     """Write out_dir/model.onnx + model.onnx.data; return the manifest's `onnx` section and the
     files written ({name: {"bytes", "sha256"}}).
 
-    `tensors` streams (name, tensor) in checkpoint names, e.g. `checked_tensors(...)`.
+    `tensors` streams (name, tensor) in checkpoint names, e.g. `checked_tensors(...)`. `measured`
+    (a `ranges.Measured`, float16 only) also bounds each layer's relu^2 scale and receives what was
+    stored: `measured.scales` (per layer) and `measured.weights` (max |W| per fp16 tensor).
     """
     if dtype not in ONNX_DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of {sorted(ONNX_DTYPES)}")
@@ -408,7 +419,7 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
     writer = _DataWriter(os.path.join(out_dir, DATA_FILE))
     expected = 4 + 12 * config.num_hidden_layers + (4 if config.qk_layernorm else 0) * config.num_hidden_layers
     step = Steps(log, "weights", expected, "tensors", every=25)
-    relu2 = Relu2Scales(config, dtype)
+    relu2 = Relu2Scales(config, dtype, measured)
     try:
         for name, tensor in tensors:
             for ready, ready_tensor, factor in relu2.ready(name, tensor):
@@ -419,6 +430,9 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
             log.debug(f"{name}: {tuple(tensor.shape)} {tensor.dtype}")
             step(f"{writer.offset / 2**30:.2f} GiB written")
         relu2.close()
+        if measured is not None:
+            measured.weights = writer.largest
+            measured.scales = [relu2.scales.get(f"model.layers.{i}", 1.0) for i in range(config.num_hidden_layers)]
     finally:
         step.close()
         writer.close()

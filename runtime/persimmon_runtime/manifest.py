@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -148,6 +149,34 @@ class EngineSection:
         return next(index for index, profile in enumerate(self.profiles) if profile.role == role)
 
 
+@dataclass(frozen=True)
+class WeightRange:
+    """max |W| of one tensor as the build stores it (after the relu^2 folding)."""
+    tensor: str
+    max_abs: float
+
+
+@dataclass(frozen=True)
+class RangeSection:
+    """Section `ranges`, written by build for float16 builds (`persimmon_export.ranges`; absent or
+    null: float32 builds and builds from before the report). Maxima of |x| on the calibration
+    prompts in the fp32 reference, scaled as the fp16 graph stores them; read by people only."""
+    calibration: str         # "built-in" or the --calibration-file's name
+    prompts: int
+    tokens: int
+    limit: float             # 65504, float16's largest finite value
+    relu2_scales: list       # per layer: s in W1/s, b1/s, W2*s^2
+    activations: dict        # RANGE_KINDS entry -> [max |x| per layer]
+    logits: float
+    weights: list            # [WeightRange] of every tensor stored in fp16
+    lowest_headroom: float   # limit / the largest of all the above (at least 1 below; >= 1 is what holds)
+    lowest_at: str           # where that largest value is
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "RangeSection":
+        return cls(**{**raw, "weights": [WeightRange(**w) for w in raw["weights"]]})
+
+
 @dataclass
 class Manifest:
     dtype: str                     # "float16" | "float32": weights, activations and the cache
@@ -160,6 +189,7 @@ class Manifest:
     files: dict = field(default_factory=dict)  # name -> {"bytes", "sha256"}: every file the runtime opens
     tensorrt: EngineSection | None = None
     exporter_version: str = ""
+    ranges: RangeSection | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -188,10 +218,11 @@ class Manifest:
     @classmethod
     def from_dict(cls, raw: dict) -> "Manifest":
         """A Manifest from a dict that `validate` accepted."""
-        engine = raw["tensorrt"]
+        engine, ranges = raw["tensorrt"], raw.get("ranges")
         return cls(**{**raw, "model": ModelShape(**raw["model"]), "tokenizer": TokenizerSection(**raw["tokenizer"]),
                       "onnx": GraphSection.from_dict(raw["onnx"]),
-                      "tensorrt": None if engine is None else EngineSection.from_dict(engine)})
+                      "tensorrt": None if engine is None else EngineSection.from_dict(engine),
+                      "ranges": None if ranges is None else RangeSection.from_dict(ranges)})
 
     @classmethod
     def load(cls, directory: str, verify_checksums: bool = True) -> "Manifest":
@@ -252,7 +283,8 @@ def _parse(path: str, data: bytes, directory: str) -> dict:
 
 def validate(path: str, raw: dict) -> None:
     """Check each field the runtime and exporter read: its presence, type and range."""
-    _check(path, "", raw, _fields(_TOP_LEVEL))  # raw is a dict: only its fields can fail
+    # `ranges` came after format version 2 without changing what the runtime runs: older builds lack it
+    _check(path, "", raw, _fields(_TOP_LEVEL, may_be_absent=("ranges",)))  # raw is a dict: only its fields can fail
     _check_references(path, raw)
 
 
@@ -315,13 +347,16 @@ def _object_of(value_check):
     return check
 
 
-def _fields(spec: dict):
-    """A JSON object with exactly the keys of `spec` ({key: check}): a missing one or an unknown one is refused."""
+def _fields(spec: dict, may_be_absent: tuple = ()):
+    """A JSON object with exactly the keys of `spec` ({key: check}): a missing one (unless in
+    may_be_absent: optional sections added since the format version) or an unknown one is refused."""
     def check(path, name, value):
         if not isinstance(value, dict):
             raise _Invalid("an object")
         for key, check_value in spec.items():
             where = f"{name}.{key}" if name else key
+            if key not in value and key in may_be_absent:
+                continue
             if key not in value:
                 raise ManifestError(f"{path}: field {where} is missing; {_REBUILD}")
             _check(path, where, value[key], check_value)
@@ -378,6 +413,17 @@ _ENGINE = _fields({
     "cache_update": _one_of(*CACHE_UPDATES),
     "plugin_ptx": _optional(_fields({"isa": _MAJOR_MINOR, "min_driver_cuda": _MAJOR_MINOR})),
     "max_prefill": _count(1), "profiles": _list_of(_PROFILE), "polygraphy": _STR, "trtexec": _optional(_STR)})
+# a maximum |x|: finite (JSON has no inf) and >= 0
+_MAX_ABS = _kind("a finite number >= 0", lambda v: type(v) in (int, float) and math.isfinite(v) and v >= 0)
+# the tensor kinds a range report measures per layer (persimmon_export.ranges.KINDS)
+RANGE_KINDS = ("qkv", "query", "key", "attention_scores", "attention_output", "residual", "mlp_pre_activation",
+               "mlp_activation", "mlp_output")
+_RANGES = _fields({
+    "calibration": _STR, "prompts": _count(1), "tokens": _count(1), "limit": _MAX_ABS,
+    "relu2_scales": _list_of(_kind("a power of two in 1..16", lambda v: v in (1, 2, 4, 8, 16) and type(v) is not bool)),
+    "activations": _fields({kind: _list_of(_MAX_ABS) for kind in RANGE_KINDS}), "logits": _MAX_ABS,
+    "weights": _list_of(_fields({"tensor": _STR, "max_abs": _MAX_ABS})), "lowest_headroom": _MAX_ABS,
+    "lowest_at": _STR})
 _TOP_LEVEL = {
     "format": _STR,
     "format_version": _count(1),
@@ -391,6 +437,7 @@ _TOP_LEVEL = {
     "files": _object_of(_fields({"bytes": _count(0, 2**63 - 1), "sha256": _SHA256})),
     "tensorrt": _optional(_ENGINE),
     "exporter_version": _STR,
+    "ranges": _optional(_RANGES),
 }
 
 
@@ -427,6 +474,12 @@ def _check_references(path: str, raw: dict) -> None:
         if sorted(roles) != sorted(PROFILE_ROLES):
             raise ManifestError(f"{path}: tensorrt.profiles has roles {roles}, expected one each of "
                                 f"{list(PROFILE_ROLES)}; {_REBUILD}")
+    ranges = raw.get("ranges")
+    if ranges is not None:
+        lengths = {len(ranges["relu2_scales"])} | {len(values) for values in ranges["activations"].values()}
+        if lengths != {layers}:
+            raise ManifestError(f"{path}: ranges has per-layer lists of {sorted(lengths)} values, but "
+                                f"model.num_hidden_layers is {layers}; {_REBUILD}")
     vocab = raw["model"]["vocab_size"]
     if any(token >= vocab for token in raw["eos_token_ids"]):
         raise ManifestError(f"{path}: eos_token_ids has an id >= vocab_size {vocab}; {_REBUILD}")
