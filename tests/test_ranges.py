@@ -193,6 +193,19 @@ def test_float32_builds_have_no_report(tiny_build):
     assert Manifest.load(tiny_build).ranges is None
 
 
+def test_the_report_is_skipped_with_a_warning_when_the_fp32_model_would_not_fit(tiny_checkpoint, tmp_path, caplog,
+                                                                               monkeypatch):
+    """An 8B float16 build must still run where its fp32 reference (about 35 GiB) does not fit."""
+    from persimmon_export import ranges
+
+    monkeypatch.setattr(ranges, "available_memory_bytes", lambda: 2**10)  # what /proc/meminfo would say
+    with caplog.at_level("WARNING"):
+        build(tiny_checkpoint, str(tmp_path / "b"), dtype="float16", max_batch=1, kv_capacity=96,
+              backend="onnxruntime")
+    assert Manifest.load(str(tmp_path / "b")).ranges is None
+    assert "range report skipped: the fp32 reference needs about" in caplog.text
+
+
 def run_build(capsys, checkpoint, out, *flags):
     code = export_cli.main(["build", "--checkpoint", checkpoint, "--out", str(out), "--backend", "onnxruntime",
                             "--kv-capacity", "96", *flags])

@@ -82,7 +82,7 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
         raise ExportError(f"--calibration-file is for --dtype float16 builds (the range report); this build is {dtype}")
     tokenizer = Tokenizer.from_dir(checkpoint)
     # before the output directory exists: a bad calibration file or an overflow is refused first
-    measured = calibrate(checkpoint, tokenizer, calibration_file, kv_capacity) if dtype == "float16" else None
+    measured = calibrate(checkpoint, config, tokenizer, calibration_file, kv_capacity) if dtype == "float16" else None
     started = time.perf_counter()
     inputs = (checkpoint, tokenizer.model_file, timing_cache)
     with atomic_directory(out_dir, "build", overwrite=overwrite, inputs=inputs) as tmp:

@@ -209,10 +209,35 @@ def log_summary(section: RangeSection) -> None:
             "relu^2 scales " + ", ".join(f"{s:g}" for s in section.relu2_scales))
 
 
-def calibrate(checkpoint: str, tokenizer, calibration_file: str | None, kv_capacity: int) -> Measured:
+def fp32_model_bytes(config: PersimmonConfig) -> int:
+    """What the fp32 reference holds: 4 bytes a parameter (biases and norms ignored)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    return 4 * (2 * config.vocab_size * h + layers * (4 * h * h + 2 * h * config.intermediate_size))
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none: not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def calibrate(checkpoint: str, config: PersimmonConfig, tokenizer, calibration_file: str | None,
+              kv_capacity: int) -> Measured | None:
     """Load the checkpoint in fp32 (4 bytes a parameter: the build's largest memory use), run the
-    calibration prompts, return the maxima (checked finite)."""
+    calibration prompts, return the maxima (checked finite). None, with a warning, when the fp32
+    model would not fit in the memory available: an 8B build needs about 35 GiB for it, and the
+    streamed export itself needs far less; the relu^2 scales then come from the weights alone."""
+    # read (and checked) even when the report is skipped below
     prompts = read_calibration_file(calibration_file) if calibration_file else list(BUILTIN_PROMPTS)
+    needed, available = fp32_model_bytes(config), available_memory_bytes()
+    if available is not None and needed * 1.25 > available:  # activations and the loader's copies on top
+        log.warning(f"range report skipped: the fp32 reference needs about {needed / 2**30:.1f} GiB and "
+                    f"{available / 2**30:.1f} GiB is available; the relu^2 scales are chosen from the weights alone "
+                    f"(build on a machine with more memory to measure activations)")
+        return None
     log.info(f"range report: running the fp32 reference on {len(prompts)} calibration prompts ...")
     ids = calibration_ids(tokenizer, prompts, min(MAX_PROMPT_TOKENS, kv_capacity))  # no longer than a build's row
     measured = measure(load_model(checkpoint, dtype="float32"), ids)
