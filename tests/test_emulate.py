@@ -216,3 +216,35 @@ def test_parity_emulate_passes_a_build_that_holds(tiny_checkpoint, fp16_build):
     assert [(r.backend, r.passed) for r in results] == [("onnxruntime", True), ("emulated", True)]
     logits = 3 * len(PROMPTS) * Manifest.load(fp16_build).model.vocab_size
     assert results[1].note.endswith(f"non-finite logits 0/{logits}") and results[0].note == ""
+
+
+def _gpu_fp16_logits(checkpoint, prompts):
+    """transformers in fp16 on a CUDA GPU (cuBLAS fp16 arithmetic, as users run it there): each
+    prompt's last-token logits, or a skip where there is no GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch: this test compares the emulation with real GPU fp16")
+    model = transformers.PersimmonForCausalLM.from_pretrained(checkpoint, dtype=torch.float16).cuda().eval()
+    with torch.no_grad():
+        return np.stack([model(torch.tensor([ids]).cuda()).logits[0, -1].float().cpu().numpy() for ids in prompts])
+
+
+@pytest.mark.gpu
+def test_the_emulation_predicts_real_gpu_fp16_arithmetic(tiny_checkpoint, fp16_build, large_unit):
+    """On a GPU: where fp16 holds, the emulated graph agrees with transformers' fp16 on the GPU
+    within the fp16 bound; where an unscaled relu^2 overflows, both are non-finite - so the CPU
+    emulation tells what a GPU's fp16 arithmetic will do."""
+    prompts = prompt_ids(tiny_checkpoint)
+    gpu = _gpu_fp16_logits(tiny_checkpoint, prompts)
+    emulated = np.stack([emulated_step(fp16_build, np.array([ids]), np.zeros(1, np.int64), np.array([len(ids)]),
+                                       np.ones((1, len(ids)), np.int64))[0] for ids in prompts])
+    assert np.isfinite(gpu).all() and np.isfinite(emulated).all()
+    difference = np.abs(emulated - gpu).max()
+    print(f"emulated vs GPU fp16: max |dlogit| {difference:.2e}, largest |logit| {np.abs(gpu).max():.2f}")
+    assert difference <= FP16_BOUND * np.abs(gpu).max()
+    assert (emulated.argmax(-1) == gpu.argmax(-1)).all()
+
+    checkpoint, scaled, unscaled, _ = large_unit(1000.0)  # relu(1000)^2 = 1e6 > 65504 unless scaled
+    gpu = _gpu_fp16_logits(checkpoint, prompts)  # transformers has no relu^2 scale
+    unscaled_emulated, _ = prefill(EmulatedBackend(unscaled), prompts)
+    assert not np.isfinite(gpu).all() and not np.isfinite(unscaled_emulated).all()
+    assert np.isfinite(prefill(EmulatedBackend(scaled), prompts)[0]).all()  # the exporter's scale holds
