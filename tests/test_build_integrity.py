@@ -324,7 +324,7 @@ HOSTILE = [
     ("kv_capacity huge", _set(["kv_capacity"], 10**30), "field kv_capacity must be an integer in 1.."),
     ("kv_capacity a list", _set(["kv_capacity"], [128]), r"field kv_capacity must be an integer in 1\.\.\d+, got list"),
     ("max_batch negative", _set(["max_batch"], -4), "field max_batch must be an integer"),
-    ("dtype unknown", _set(["dtype"], "bfloat16"), "field dtype must be 'float16' or 'float32'"),
+    ("dtype unknown", _set(["dtype"], "float8"), "field dtype must be 'float16' or 'bfloat16' or 'float32'"),
     ("dtype a number", _set(["dtype"], 16), "field dtype must be"),
     ("model a list", _set(["model"], [1, 2]), "field model must be an object, got list"),
     ("model a string", _set(["model"], "persimmon"), "field model must be an object, got str"),
@@ -411,7 +411,8 @@ HOSTILE = [
      f"format_version int {FORMAT_VERSION + 1}, this runtime reads {FORMAT_VERSION}; upgrade persimmon_runtime"),
     ("format_version 1", _set(["format_version"], 1), "format_version 1 is from an older persimmon-export"),
     ("format missing", _delete(["format"]), "not a persimmon-build manifest"),
-    ("long garbage value", _set(["dtype"], "x" * 10000), r"field dtype must be 'float16' or 'float32', got str 'xxx"),
+    ("long garbage value", _set(["dtype"], "x" * 10000),
+     r"field dtype must be 'float16' or 'bfloat16' or 'float32', got str 'xxx"),
 ]
 
 

@@ -40,7 +40,8 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
     "tensorrt" (NVIDIA TensorRT) or "tensorrt-rtx" (TensorRT-RTX) also builds an engine; "auto"
     builds a TensorRT engine when NVIDIA TensorRT's builder imports, and never picks TensorRT-RTX
     (its engines run only on the GPUs it targets: that is a choice to make, not a default). The
-    other arguments configure the engine (see `engine.build_engine`). float16 builds first run the
+    other arguments configure the engine (see `engine.build_engine`). bfloat16 builds need an engine
+    backend (onnxruntime cannot run them) and have no relu^2 scale. float16 builds first run the
     fp32 reference on calibration prompts (built-in, or calibration_file's lines): the relu^2 scales
     must hold what it measures and the manifest's `ranges` records it (see `ranges`). cache_layout (see
     `export`) defaults to "window" for engine builds and "whole" for onnxruntime builds. An existing `out_dir` is
@@ -58,6 +59,10 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
             log.info("auto: building for onnxruntime; TensorRT-RTX is installed: --backend tensorrt-rtx builds an "
                      "engine for RTX GPUs too")
     flavor = FLAVORS.get(backend)  # None: no engine
+    if flavor is None and dtype == "bfloat16":  # onnxruntime 1.32's CPU provider has no bf16 MatMul
+        raise ExportError("--dtype bfloat16 builds run only as TensorRT engines (onnxruntime's CPU provider has no "
+                          "bfloat16 MatMul): add --backend tensorrt or --backend tensorrt-rtx, or build --dtype "
+                          "float16 for onnxruntime")
     if flavor is not None:
         installed, missing = flavor.installed()
         if installed is None:

@@ -104,9 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "and manifest.json. Weights are streamed, so the 8B model exports in a few GiB of RAM.")
     build.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint directory")
     _add_out(build, "build directory", "a build")
-    build.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+    build.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                        help="weights, activations and KV cache (default float16; LayerNorm, softmax and logits "
-                            "stay fp32)")
+                            "stay fp32). bfloat16 (fp32's range, no relu^2 scale, 8-bit mantissa) is for TensorRT "
+                            "engines only (--backend tensorrt or tensorrt-rtx): onnxruntime's CPU provider cannot "
+                            "run it")
     build.add_argument("--max-batch", type=int, default=8, help="largest batch the runtime will run (default 8)")
     # --max-seq: the flag's first name, kept so that existing scripts still build
     build.add_argument("--kv-capacity", "--max-seq", dest="kv_capacity", type=int, metavar="SLOTS",

@@ -1,4 +1,4 @@
-"""True-fp16 evaluation of a build's step graph on CPU: what a TensorRT engine computes.
+"""True-fp16 (and bf16) evaluation of a build's step graph on CPU: what a TensorRT engine computes.
 
 onnxruntime's CPU provider does not run an fp16 graph in fp16: it inserts casts so MatMul, Add,
 Relu, Mul and the residual stream compute in fp32 (only weights and caches stay fp16), so an
@@ -20,6 +20,11 @@ the fp32 sum lies near a rounding boundary; a fused bias add (GEMM epilogue, one
 roundings here; a TensorRT plugin that replaces a custom op, or a fused attention kernel, may
 keep intermediates the graph stores in fp16 in fp32. None of these moves the point where a tensor
 the graph stores in fp16 overflows 65504, which is what this evaluation is for.
+
+bfloat16 graphs are evaluated the same way: onnx represents numpy bf16 with `ml_dtypes.bfloat16`,
+whose ufuncs compute in fp32 and round each result to bf16 (round to nearest even), as numpy's
+fp16 ones do; the reference Cast rounds the same way. onnxruntime's CPU provider has no bf16
+MatMul at all (1.32: NOT_IMPLEMENTED), so for bf16 this is the only CPU evaluation there is.
 """
 
 from __future__ import annotations
@@ -35,28 +40,30 @@ from persimmon_runtime.backends import check_step
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import Manifest
 
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
-DESCRIPTION = ("storage and arithmetic in the graph's own types (fp16 tensors rounded after every op; "
+from .export import NUMPY_DTYPES
+
+DESCRIPTION = ("storage and arithmetic in the graph's own types (fp16/bf16 tensors rounded after every op; "
                "fp32 only where the graph casts to it), onnx reference evaluator, matmuls accumulated in fp32")
 
 
 class MatMul(OpRun):
-    """fp16 MatMul with exact products, fp32 accumulation and one rounding of each output: what
-    fp16 tensor-core GEMMs with an fp32 accumulator compute (which accumulator a TensorRT kernel
-    uses is its choice; fp32 is assumed here, not observed: no engine has run on a GPU).
+    """fp16 (bf16) MatMul with exact products, fp32 accumulation and one rounding of each output:
+    what fp16 (bf16) tensor-core GEMMs with an fp32 accumulator compute (which accumulator a
+    TensorRT kernel uses is its choice; fp32 is assumed here, not observed: no engine has run on a GPU).
 
     numpy's own fp16 matmul has the same semantics (it converts each element to fp32 and
     accumulates in fp32: partial sums past 65504 do not overflow) but runs a scalar loop at
     ~0.24 GFLOP/s here; converting the operands to fp32 (exact) and calling BLAS gives the same
-    result up to the fp32 summation order, ~37x faster on a 64x1024 @ 1024x4096 product.
+    result up to the fp32 summation order, ~37x faster on a 64x1024 @ 1024x4096 product. The
+    products of two bf16 (8-bit significands) are exact in fp32 too, so bf16 is done the same way.
     The class name is the op type the evaluator replaces.
     """
 
     op_domain = ""
 
     def _run(self, a, b):
-        if a.dtype == np.float16:
-            return ((a.astype(np.float32) @ b.astype(np.float32)).astype(np.float16),)
+        if a.dtype in (np.float16, NUMPY_DTYPES["bfloat16"]):
+            return ((a.astype(np.float32) @ b.astype(np.float32)).astype(a.dtype),)
         return (np.matmul(a, b),)
 
 

@@ -24,6 +24,8 @@ fp16 once x > 256; the exporter folds a power-of-two scale s into each layer's M
 (W1/s, b1/s, W2*s^2), which is exact and moves the overflow point to x > 256*s. s is chosen per
 layer from its W2 (`relu2_scale`): at most 16, and small enough that W2*s^2 stays finite; in
 float16 builds the pre-activations the range report measured (`ranges`) must fit at that s too.
+bfloat16 graphs are the same graph in bf16 with the same fp32 islands and no relu^2 scale (bf16
+has fp32's exponent range); onnxruntime's CPU provider cannot run them (no bf16 MatMul).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import logging
 import os
 from collections.abc import Iterable
 
+import ml_dtypes
 import numpy as np
 import onnx
 import torch
@@ -50,9 +53,13 @@ from .progress import Steps
 log = logging.getLogger(__name__)
 OPSET = 24
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
-ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-RELU2_SCALE = {"float32": 1.0, "float16": 16.0}  # the largest relu^2 scale; each layer's may be lower
+ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# numpy has no bfloat16 of its own: ml_dtypes' is the one onnx reads and writes
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+# the largest relu^2 scale; each layer's may be lower. bfloat16 has fp32's exponent range, so
+# relu(x)^2 overflows only past x ~ 1.8e19: no scale, the weights stored as the checkpoint has them
+RELU2_SCALE = {"float32": 1.0, "float16": 16.0, "bfloat16": 1.0}
 # W2*s^2 must stay below half of fp16's largest finite value: a weight one rounding away from inf
 # leaves no room for a kernel that adds to it, and halving s is cheap (it lowers that layer's
 # relu^2 limit from 256*s to 128*s, still far above the unscaled 256).
@@ -196,7 +203,7 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_lay
     freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", positions, to=f32), axes["2"]), inv_freq)
     angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), axes["2"], name="angles")  # [B, T, 1, rot]
     cos, sin = g.op("Cos", angles, name="cos"), g.op("Sin", angles, name="sin")
-    q_scale = g.const("q_scale", np.array(head_dim ** -0.5, dtype=np.float16 if half else np.float32))
+    q_scale = g.const("q_scale", np.array(head_dim ** -0.5, dtype=NUMPY_DTYPES[dtype]))
     head_shape = g.const("head_shape", np.array([0, 0, heads, 3, head_dim], np.int64))
     hidden_shape = g.const("hidden_shape", np.array([0, 0, hidden], np.int64))
     qkv_index = [g.const(f"qkv_{i}", np.array(i, np.int64)) for i in range(3)]
@@ -371,9 +378,13 @@ class _DataWriter:
                 _refuse_non_finite(name, source[i:i + rows], target, scale)
             if target == torch.float16:
                 self.largest[name] = max(self.largest.get(name, 0.0), -float(low), float(high))
-            self._write(memoryview(stored.numpy()).cast("B"))
+            # numpy has no bfloat16: its bytes are written through a 16-bit integer view
+            raw = stored.view(torch.int16) if target == torch.bfloat16 else stored
+            self._write(memoryview(raw.numpy()).cast("B"))
+        onnx_type = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
+                     torch.bfloat16: TensorProto.BFLOAT16}[target]
         proto = TensorProto(name=name, dims=list(source.shape), data_location=TensorProto.EXTERNAL,
-                            data_type=TensorProto.FLOAT if target == torch.float32 else TensorProto.FLOAT16)
+                            data_type=onnx_type)
         for key, value in (("location", DATA_FILE), ("offset", str(start)), ("length", str(self.offset - start))):
             entry = proto.external_data.add()
             entry.key, entry.value = key, value

@@ -28,6 +28,9 @@ FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20  # real ones are a few KB; bounds what a hostile file makes us parse
 ENGINE_FLAVORS = ("tensorrt", "tensorrt-rtx")  # NVIDIA TensorRT, TensorRT-RTX
+# a build's dtype: weights, activations and caches (bfloat16: TensorRT engines only, see
+# backends/onnxruntime.py); a new value needs no new format version, older readers refuse it
+DTYPES = ("float16", "bfloat16", "float32")
 # The step inputs every graph has, besides its caches: a row's new tokens (right-padded to seq),
 # the cache slot its first new token is written to (= tokens already cached), how many of the
 # seq tokens are real, and which of the first kv_length slots attention may read.
@@ -60,7 +63,7 @@ class OutdatedBuildError(ManifestError):
 class TensorSpec:
     """One graph input or output."""
     name: str
-    dtype: str         # "int64", "float16" or "float32"
+    dtype: str         # "int64", "float16", "bfloat16" or "float32"
     shape: list        # integers, or names of dimensions that vary ("batch", "seq", "kv_length")
 
 
@@ -179,7 +182,7 @@ class RangeSection:
 
 @dataclass
 class Manifest:
-    dtype: str                     # "float16" | "float32": weights, activations and the cache
+    dtype: str                     # "float16" | "bfloat16" | "float32": weights, activations and the cache
     max_batch: int
     kv_capacity: int               # cache slots per sequence (prompt + generated tokens)
     model: ModelShape
@@ -387,7 +390,7 @@ _COMPUTE_CAPABILITY = _kind("a compute capability such as '8.6'",
 _MAJOR_MINOR = _kind("a version such as '9.0'",
                      lambda v: isinstance(v, str) and re.fullmatch(r"[0-9]{1,2}\.[0-9]{1,2}", v))
 _SHAPE = _list_of(_count(0))  # a concrete tensor shape
-_TENSOR_SPEC = _fields({"name": _STR, "dtype": _one_of("int64", "float16", "float32"), "shape": _list_of(_DIM)})
+_TENSOR_SPEC = _fields({"name": _STR, "dtype": _one_of("int64", *DTYPES), "shape": _list_of(_DIM)})
 _MODEL = _fields({key: _count(1) for key in ("vocab_size", "num_hidden_layers", "num_attention_heads", "head_dim")})
 _TOKENIZER = _fields({"file": _FILE_NAME, "add_bos": _BOOL, "bos_token": _optional(_STR), "eos_token": _optional(_STR)})
 _CUSTOM_OPS = _fields({"domain": _one_of(CUSTOM_OP_DOMAIN), "version": _count(CUSTOM_OP_VERSION, CUSTOM_OP_VERSION),
@@ -427,7 +430,7 @@ _RANGES = _fields({
 _TOP_LEVEL = {
     "format": _STR,
     "format_version": _count(1),
-    "dtype": _one_of("float16", "float32"),
+    "dtype": _one_of(*DTYPES),
     "max_batch": _count(1),
     "kv_capacity": _count(1),
     "model": _MODEL,

@@ -26,6 +26,10 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, build_dir: str, manifest: Manifest, device: str = "cpu"):
+        if manifest.dtype not in NUMPY_DTYPES:  # bfloat16: onnxruntime 1.32's CPU provider has no bf16 MatMul
+            raise PersimmonError(f"{build_dir}: a {manifest.dtype} build does not run on onnxruntime (no bfloat16 "
+                                 f"MatMul on its CPU provider); run its TensorRT engine on a GPU (--backend "
+                                 f"tensorrt), or rebuild with --dtype float16 or float32 for onnxruntime")
         try:
             import onnxruntime as ort
         except ImportError:
