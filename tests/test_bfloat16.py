@@ -14,9 +14,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import load_file
 
+from persimmon_export import cli as export_cli
 from persimmon_export.build import build
 from persimmon_export.emulate import EmulatedBackend, true_precision_evaluator
 from persimmon_export.engine import TENSORRT_RTX, parse_onnx
+from persimmon_export.parity import check_parity
 from persimmon_runtime import PersimmonError, Tokenizer
 from persimmon_runtime.backends import decode, prefill
 from persimmon_runtime.generator import Generator
@@ -161,3 +163,17 @@ def test_bf16_needs_no_relu2_scale_where_fp16_overflows(tiny_checkpoint, tiny_bu
     expected, _ = prefill(Generator.load(tiny_build, backend="onnxruntime").backend, prompts)
     assert np.isfinite(got).all()
     assert np.abs(got - expected).max() <= BF16_BOUND * np.abs(expected).max()
+
+
+def test_parity_checks_a_bf16_build_by_emulation_alone(tiny_checkpoint, bf16_build, capsys):
+    """No backend runs a bfloat16 build on a CPU machine: `parity --emulate --backend` (none) checks
+    the true-bf16 evaluation against the fp32 reference with the bfloat16 bounds."""
+    two = ["human: hi\n\nadept:", "The quick brown"]  # the build's max_batch
+    [result] = check_parity(tiny_checkpoint, bf16_build, prompts=two, decode_steps=4, backends=(), emulate=True)
+    assert result.backend == "emulated" and result.dtype == "bfloat16" and result.passed
+    assert 0 < result.max_abs_diff <= result.bound
+    code = export_cli.main(["parity", "--checkpoint", tiny_checkpoint, "--build", bf16_build, "--steps", "2",
+                            "--prompt", two[0], "--prompt", two[1], "--emulate", "--backend"])
+    assert code == 0 and "emulated     bfloat16" in capsys.readouterr().out
+    with pytest.raises(PersimmonError, match="nothing to check: name a backend in --backend, or pass --emulate"):
+        check_parity(tiny_checkpoint, bf16_build, prompts=two, backends=())

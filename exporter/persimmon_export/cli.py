@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "2%% of the largest |logit| and top-1 >= 95%%). Exits 1 when a bound is broken.")
     parity.add_argument("--checkpoint", required=True, help="the Hugging Face checkpoint the build came from")
     parity.add_argument("--build", required=True, help="build directory")
-    parity.add_argument("--backend", nargs="+", default=["onnxruntime"], help="backends to check")
+    parity.add_argument("--backend", nargs="*", default=["onnxruntime"],
+                        help="backends to check (default onnxruntime); none, with --emulate, checks only the "
+                             "true-precision evaluation (a bfloat16 build on a machine without a GPU)")
     parity.add_argument("--device", help="cpu, cuda or cuda:N (default: each backend's own)")
     parity.add_argument("--steps", type=int, default=16, help="greedy decode steps after prefill (default 16)")
     parity.add_argument("--prompt", action="append", help="a prompt (repeatable; default: three built-in ones)")

@@ -29,6 +29,13 @@ class Completion:
     prompt_tokens: int
 
 
+def build_tokenizer(build_dir: str, manifest: Manifest) -> Tokenizer:
+    """The tokenizer of a build directory, as its manifest describes it."""
+    spec = manifest.tokenizer
+    return Tokenizer(os.path.join(build_dir, spec.file), add_bos=spec.add_bos, bos_token=spec.bos_token,
+                     eos_token=spec.eos_token)
+
+
 class Generator:
     def __init__(self, backend, tokenizer: Tokenizer, prefill_chunk: int = PREFILL_CHUNK):
         self.backend = backend
@@ -46,11 +53,8 @@ class Generator:
         the backend's default. prefill_chunk: the most prompt tokens per row in one model step.
         """
         manifest = Manifest.load(build_dir, verify_checksums=verify_checksums)
-        spec = manifest.tokenizer
-        tokenizer = Tokenizer(os.path.join(build_dir, spec.file), add_bos=spec.add_bos, bos_token=spec.bos_token,
-                              eos_token=spec.eos_token)
-        return cls(load_backend(build_dir, manifest, backend=backend, device=device), tokenizer,
-                   prefill_chunk=prefill_chunk)
+        return cls(load_backend(build_dir, manifest, backend=backend, device=device),
+                   build_tokenizer(build_dir, manifest), prefill_chunk=prefill_chunk)
 
     # ---- public API ----
 

@@ -25,7 +25,9 @@ from . import check_step, parse_device
 from .cuda import check, compute_capability, cudart
 
 KV_BUCKET = 64
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+# bytes per cache element of each build dtype (the caches never leave the GPU, so bfloat16 needs no
+# numpy type here)
+CACHE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -177,7 +179,7 @@ class TensorRTBackend:
         self.close()
         rt, stream = self.rt, self.stream
         check(rt.cudaSetDevice(self.device_index), "cudaSetDevice")  # the current device is per thread
-        self.row_bytes = int(np.prod(m.cache_shape)) * np.dtype(NUMPY_DTYPES[m.dtype]).itemsize
+        self.row_bytes = int(np.prod(m.cache_shape)) * CACHE_ITEMSIZE[m.dtype]
         cache_bytes = batch * self.row_bytes
         names = list(m.cache_inputs) + ([] if self.in_place else list(m.cache_aliases))
         for name in names:
