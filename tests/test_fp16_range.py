@@ -111,5 +111,5 @@ def test_a_w2_entry_float16_cannot_hold_is_refused_in_one_line_naming_it(tiny_ch
     with pytest.raises(ExportError) as error:
         build(checkpoint, str(tmp_path / "out"), dtype="float16", kv_capacity=96, backend="onnxruntime")
     assert str(error.value) == (f"checkpoint tensor '{W2}' has values up to 1e+05, beyond torch.float16 once stored; "
-                                f"build with --dtype float32")
+                                f"build with --dtype bfloat16 (for TensorRT) or --dtype float32")
     assert sorted(os.listdir(tmp_path)) == ["checkpoint"]  # no build, no temporary directory

@@ -184,7 +184,7 @@ def test_no_scale_that_holds_the_measured_relu2_output_is_refused_in_one_line(ti
     assert "\n" not in message
     assert message.startswith(f"model.layers.{LAYER} mlp_activation reaches 6.25e+04 in float16 at relu^2 scale "
                               f"{scale} ")
-    assert message.endswith("build with --dtype float32")
+    assert message.endswith("build with --dtype bfloat16 (for TensorRT) or --dtype float32")
     assert not os.path.exists(tmp_path / "b")
     build(checkpoint, str(tmp_path / "b32"), dtype="float32", max_batch=2, kv_capacity=96, backend="onnxruntime")
 

@@ -411,7 +411,7 @@ def _refuse_non_finite(name: str, original: torch.Tensor, target: torch.dtype, s
     largest = float(original.float().abs().max())
     scaled = f" (x{scale:g}, the relu^2 scaling)" if scale != 1.0 else ""
     raise ExportError(f"checkpoint tensor {name!r} has values up to {largest:.4g}, beyond {target} once "
-                      f"stored{scaled}; build with --dtype float32")
+                      f"stored{scaled}; build with --dtype bfloat16 (for TensorRT) or --dtype float32")
 
 
 def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str,

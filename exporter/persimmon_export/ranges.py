@@ -182,7 +182,8 @@ def relu2_scale_fits(layer: int, relu2_input: float, pre_activation: float, s: f
         raise CalibrationError(
             f"model.layers.{layer} {tensor} reaches {worst:.4g} in float16 at relu^2 scale {s:g} (measured on the "
             f"calibration prompts: pre-activation up to {max(relu2_input, pre_activation):.4g}), past "
-            f"{FP16_MARGIN_LIMIT:g}, half of float16's 65504; build with --dtype float32")
+            f"{FP16_MARGIN_LIMIT:g}, half of float16's 65504; "
+            f"build with --dtype bfloat16 (for TensorRT) or --dtype float32")
 
 
 def report(measured: Measured) -> RangeSection:
