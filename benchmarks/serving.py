@@ -40,14 +40,11 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 
 import numpy as np
@@ -62,16 +59,15 @@ from persimmon_export.triton import MODEL_PY, write_repository
 from persimmon_runtime import Tokenizer
 from persimmon_runtime.generator import Generator
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import tritonserver  # noqa: E402 (tests/tritonserver.py: the bundled server, started as the tests start it)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # CONFIGS["100M"] of benchmarks/run.py, written out: run.py and decode_capacity.py import runtime
 # internals of their own commit, which another commit's runtime (the "before" worktree) lacks.
 CONFIG_100M = dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=12, intermediate_size=3072)
 RUNTIME_DIR = os.path.dirname(os.path.dirname(os.path.abspath(persimmon_runtime.__file__)))
-SERVER = os.path.join(ROOT, ".cache", "tritonserver", "pytriton", "tritonserver")
-SERVER_LIBS = os.path.join(ROOT, ".cache", "tritonserver", "nvidia_pytriton.libs")
-STUB_PACKAGES = os.path.join(ROOT, ".cache", "triton-python")  # numpy, onnxruntime, sentencepiece for the stub
-SHM_REGIONS = "/dev/shm/triton_python_backend_shm_region_*"
 MAX_BATCH = 8
 TOP_P = {"temperature": 0.8, "top_p": 0.9, "seed": 1}
 
@@ -270,78 +266,20 @@ def add_runtime_probe(repository: str) -> None:
         f.write(PROBE_CONFIG)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(repository: str, workdir: str) -> dict:
-    """tritonserver on free 127.0.0.1 ports in its own session (process group), as tests/test_triton.py
-    starts it, with the stub's imports pointed at RUNTIME_DIR; waits until ready."""
-    binary = os.path.join(SERVER, "bin", "tritonserver")
-    stub = os.path.join(SERVER, "python_backend_stubs", f"{sys.version_info.major}.{sys.version_info.minor}",
-                        "triton_python_backend_stub")
-    if not (os.path.isfile(binary) and os.path.isfile(stub) and os.path.isdir(STUB_PACKAGES)):
-        raise SystemExit("no tritonserver in .cache: run examples/setup.sh (Linux x86_64)")
-    backends = os.path.join(workdir, "backends")
-    shutil.copytree(os.path.join(SERVER, "backends", "python"), os.path.join(backends, "python"))
-    shutil.copy2(stub, os.path.join(backends, "python"))
-    http_port = free_port()
-    log = open(os.path.join(workdir, "tritonserver.log"), "w+")
-    env = {**os.environ, "LD_LIBRARY_PATH": SERVER_LIBS, "PYTHONPATH": os.pathsep.join([STUB_PACKAGES, RUNTIME_DIR])}
-    server = {"url": f"127.0.0.1:{http_port}", "log": log, "regions_before": set(glob.glob(SHM_REGIONS))}
-    server["process"] = subprocess.Popen(
-        [binary, "--model-repository", repository, "--backend-directory", backends, "--http-address", "127.0.0.1",
-         "--http-port", str(http_port), "--grpc-address", "127.0.0.1", "--grpc-port", str(free_port()),
-         "--allow-metrics", "false"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while server["process"].poll() is None and time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(f"http://{server['url']}/v2/health/ready", timeout=2).status == 200:
-                return server
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        time.sleep(0.5)
-    stop_server(server)
-    log.seek(0)
-    raise SystemExit(f"tritonserver did not become ready:\n{log.read()[-3000:]}")
-
-
-def _group_alive(pgid: int) -> bool:
+    """tritonserver as tests/test_triton.py starts it (tests/tritonserver.py), metrics off, the stub's
+    imports pointed at RUNTIME_DIR; `url` is its HTTP host:port."""
     try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+        server = tritonserver.start(repository, workdir, RUNTIME_DIR, metrics=False, ready_timeout_s=180)
+    except tritonserver.Unavailable:
+        raise SystemExit("no tritonserver in .cache: run examples/setup.sh (Linux x86_64)") from None
+    except RuntimeError as e:
+        raise SystemExit(f"tritonserver did not become ready: {e}") from None
+    server["url"] = server["http"].removeprefix("http://")
+    return server
 
 
-def stop_server(server: dict) -> None:
-    """SIGTERM to the server's whole process group (its stubs included), SIGKILL after 30 s, then
-    remove the shared-memory regions it created that no live process maps any more."""
-    process = server["process"]
-    if _group_alive(process.pid):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
-    if _group_alive(process.pid):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=10)
-    for _ in range(100):  # killed stubs vanish asynchronously
-        if not _group_alive(process.pid):
-            break
-        time.sleep(0.05)
-    in_use = set()
-    for maps in glob.glob("/proc/[0-9]*/maps"):
-        try:
-            in_use.update(line.split()[-1] for line in open(maps) if "triton_python_backend_shm_region_" in line)
-        except (OSError, IndexError):
-            continue
-    for region in set(glob.glob(SHM_REGIONS)) - server["regions_before"] - in_use:
-        os.unlink(region)
-    server["log"].close()
+stop_server = tritonserver.stop
 
 
 def server_runtime(server: dict) -> str:

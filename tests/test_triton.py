@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,14 +29,12 @@ from persimmon_runtime import PersimmonError
 from persimmon_runtime.generator import Generator
 from persimmon_runtime.triton_model import RequestSettings, parse_parameters
 
+import tritonserver
 from manifest_parts import engine_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SERVER = os.path.join(ROOT, ".cache", "tritonserver", "pytriton", "tritonserver")
-LIBS = os.path.join(ROOT, ".cache", "tritonserver", "nvidia_pytriton.libs")
-MODEL_PYTHON = os.path.join(ROOT, ".cache", "triton-python")
 PROMPTS = ["human: What is the capital of France?\n\nadept:", "The quick brown fox", "東京", "1 2 3"]
-SHM_REGIONS = "/dev/shm/triton_python_backend_shm_region_*"
+SHM_REGIONS = tritonserver.SHM_REGIONS
 # The test build's KV capacity and size: a completion filling it takes long enough (~20 s) that an
 # abandoned request which ran to its end would visibly stall the next one.
 CAPACITY = 4096
@@ -239,111 +236,17 @@ def test_triton_cli_refuses_bad_values_in_one_line(build_dir, tmp_path, capsys, 
     assert sorted(p.name for p in tmp_path.rglob("*")) == []  # nothing written anywhere under tmp_path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _group_members(pgid: int) -> list[int]:
-    """PIDs of the live processes in process group pgid (the server and its backend stubs)."""
-    members = []
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            fields = open(stat).read().rsplit(")", 1)[1].split()
-        except OSError:  # exited while we looked
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.split("/")[2]))
-    return members
-
-
-def _regions_in_use() -> set[str]:
-    """Shared-memory regions some live process maps: another server's, never to be removed."""
-    used = set()
-    for maps in glob.glob("/proc/[0-9]*/maps"):
-        try:
-            used.update(line.split()[-1] for line in open(maps) if "triton_python_backend_shm_region_" in line)
-        except (OSError, IndexError):
-            continue
-    return used
-
-
 def start_server(repository: str, workdir, *options: str) -> dict:
-    """Start tritonserver on free ports in a new session (its own process group); wait until ready."""
-    binary = os.path.join(SERVER, "bin", "tritonserver")
-    stub = os.path.join(SERVER, "python_backend_stubs", f"{sys.version_info.major}.{sys.version_info.minor}",
-                        "triton_python_backend_stub")
-    if not (os.path.isfile(binary) and os.path.isfile(stub) and os.path.isdir(MODEL_PYTHON)):
-        pytest.skip("no tritonserver in .cache (examples/setup.sh fetches it on Linux x86_64)")
-    backends = workdir / "backends"
-    shutil.copytree(os.path.join(SERVER, "backends", "python"), backends / "python")
-    shutil.copy2(stub, backends / "python")
-    http, grpc, metrics = _free_port(), _free_port(), _free_port()
-    log = open(workdir / "tritonserver.log", "w+")
-    env = {**os.environ, "LD_LIBRARY_PATH": LIBS,
-           "PYTHONPATH": os.pathsep.join([MODEL_PYTHON, os.path.join(ROOT, "runtime")])}
-    regions_before = set(glob.glob(SHM_REGIONS))
-    process = subprocess.Popen([binary, "--model-repository", repository, "--backend-directory", str(backends),
-                                "--http-address", "127.0.0.1", "--http-port", str(http), "--grpc-address",
-                                "127.0.0.1", "--grpc-port", str(grpc), "--allow-gpu-metrics", "false",
-                                "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics), *options],
-                               stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = {"http": f"http://127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}", "process": process, "log": log,
-              "metrics": f"http://127.0.0.1:{metrics}/metrics",
-              "regions_before": regions_before}
-    deadline = time.monotonic() + 90
-    while True:
-        failure = None
-        if process.poll() is not None:
-            failure = f"tritonserver exited with {process.returncode}"
-        elif time.monotonic() > deadline:
-            failure = "tritonserver not ready after 90 s"
-        if failure:
-            stop_server(server)
-            log.seek(0)
-            pytest.fail(f"{failure}:\n{log.read()[-3000:]}")
-        try:
-            if urllib.request.urlopen(f"{server['http']}/v2/health/ready", timeout=2).status == 200:
-                return server
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        time.sleep(0.5)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
+    """tritonserver (see tests/tritonserver.py) serving this checkout's runtime; skipped where there is none."""
     try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:  # every member has exited already
-        pass
+        return tritonserver.start(repository, workdir, os.path.join(ROOT, "runtime"), *options)
+    except tritonserver.Unavailable as e:
+        pytest.skip(str(e))
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
-def stop_server(server: dict, sig: int = signal.SIGTERM) -> list[str]:
-    """Stop the server and everything it started; return the shared-memory regions removed.
-
-    `sig` goes to the whole process group, so the Python-backend stubs get it too (a server
-    killed alone leaves them orphaned). SIGTERM lets Triton unload its models and remove its
-    shared memory; whatever is left after 30 s, or after SIGKILL, is killed, and the regions
-    this server created that no live process maps any more are removed.
-    """
-    process = server["process"]
-    _signal_group(process.pid, sig)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
-    if _group_members(process.pid):
-        _signal_group(process.pid, signal.SIGKILL)
-    process.wait(timeout=10)
-    for _ in range(100):  # stubs killed by SIGKILL vanish asynchronously
-        if not _group_members(process.pid):
-            break
-        time.sleep(0.05)
-    leaked = set(glob.glob(SHM_REGIONS)) - server["regions_before"] - _regions_in_use()
-    for region in leaked:
-        os.unlink(region)
-    server["log"].close()
-    return sorted(leaked)
+stop_server = tritonserver.stop
 
 
 @pytest.fixture(scope="module")
@@ -661,5 +564,5 @@ def test_a_killed_server_leaves_no_stub_process_or_shared_memory(repository, tmp
     # What the server's death leaves varies: usually the stub and its region, but a stub that notices
     # in time removes some of it itself. Whatever is left, stop_server must clear it.
     stop_server(running)
-    assert _group_members(pgid) == []
+    assert tritonserver.group_members(pgid) == []
     assert not [r for r in regions if os.path.exists(r)]
