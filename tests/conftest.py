@@ -90,6 +90,26 @@ sys.meta_path.insert(0, NoTorch())
 """
 
 
+def run_together(work, threads: int, timeout_s: float = 300) -> list[Exception]:
+    """Run work(i) for i in range(threads) on threads released at the same moment; return the
+    exceptions they raised (a thread's exception would otherwise vanish)."""
+    start, errors = threading.Barrier(threads), []
+
+    def run(i):
+        try:
+            start.wait(timeout=60)
+            work(i)
+        except Exception as e:
+            errors.append(e)
+
+    running = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join(timeout=timeout_s)
+    return errors
+
+
 def run_without_torch(code: str) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter where importing torch fails; it must not import torch."""
     code = _BLOCK_TORCH + textwrap.dedent(code) + '\nassert "torch" not in sys.modules\n'

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import onnx
 import pytest
-from conftest import TRICKY_TEXTS
+from conftest import TRICKY_TEXTS, run_together
 from test_generator import generator  # noqa: F401 (a fixture: the Generator of conftest's tiny_build)
 
 from persimmon_export.build import build
@@ -315,22 +315,15 @@ def _answer(generator, prompts, settings, streamed):
 
 def test_threads_sharing_a_generator_get_the_single_threaded_answers(generator):
     expected = [_answer(generator, p, s, False) for p, s in REQUESTS]
-    results, errors = {}, []
+    results = {}
 
     def worker(thread):
-        try:
-            for turn in range(3):
-                for index in random.Random(thread * 10 + turn).sample(range(len(REQUESTS)), len(REQUESTS)):
-                    prompts, settings = REQUESTS[index]
-                    results[thread, turn, index] = _answer(generator, prompts, settings, streamed=(thread + turn) % 2)
-        except Exception as e:  # reported below: a thread's exception would otherwise vanish
-            errors.append(e)
+        for turn in range(3):
+            for index in random.Random(thread * 10 + turn).sample(range(len(REQUESTS)), len(REQUESTS)):
+                prompts, settings = REQUESTS[index]
+                results[thread, turn, index] = _answer(generator, prompts, settings, streamed=(thread + turn) % 2)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    errors = run_together(worker, 4, timeout_s=120)
     assert not errors and len(results) == 4 * 3 * len(REQUESTS)
     assert all(text == expected[index] for (_, _, index), text in results.items())
 

@@ -3,11 +3,11 @@ a request's completion does not depend on what shares its steps, rows are reused
 chunked without changing the logits, and failures stay with the request that caused them."""
 
 import random
-import threading
 import time
 
 import numpy as np
 import pytest
+from conftest import run_together
 
 from persimmon_export.build import build
 from persimmon_runtime import PersimmonError
@@ -51,26 +51,17 @@ def test_completions_do_not_depend_on_what_shares_the_batch(build_dir, solo):
     requests_per_step = []
     generator.scheduler.on_step = requests_per_step.append
     pairs = [(p, i) for p in PROMPTS for i in range(len(SETTINGS))]
-    results, errors = {}, []
-    together = threading.Barrier(3)
+    results = {}
 
     def worker(seed):
-        try:
-            together.wait(timeout=60)
-            for pair in random.Random(seed).sample(pairs, len(pairs)):
-                prompt, index = pair
-                if seed % 2:
-                    results[seed, pair] = generator.generate(prompt, ignore_eos=True, **SETTINGS[index]).token_ids
-                else:
-                    results[seed, pair] = "".join(generator.stream(prompt, ignore_eos=True, **SETTINGS[index]))
-        except Exception as e:  # reported below
-            errors.append(e)
+        for pair in random.Random(seed).sample(pairs, len(pairs)):
+            prompt, index = pair
+            if seed % 2:
+                results[seed, pair] = generator.generate(prompt, ignore_eos=True, **SETTINGS[index]).token_ids
+            else:
+                results[seed, pair] = "".join(generator.stream(prompt, ignore_eos=True, **SETTINGS[index]))
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
+    errors = run_together(worker, 3)
     assert not errors and len(results) == 3 * len(pairs)
     assert all(got in (solo[pair].token_ids, solo[pair].text) for (_, pair), got in results.items())
     assert max(requests_per_step) > 1  # requests did share steps
