@@ -1,0 +1,158 @@
+"""Which attention onnxruntime's CPU provider runs best over our KV cache: one layer's attention, alone.
+
+    .venv/bin/python benchmarks/attention.py                 # 100M shapes: 12 heads x 64
+    .venv/bin/python benchmarks/attention.py --heads 16      # 300M shapes
+
+Each candidate writes the step's new keys/values into the cache (in place: the cache OrtValue is
+bound as both input and output) and attends, for a prefill of `--prompt` tokens from slot 0 and
+for one decode step at `--prompt` tokens of context, with caches of two capacities, to see whether
+the cost follows the context or the capacity:
+  - matmul:    TensorScatter + MatMul / Where / Softmax / MatMul over a cache as long as the context
+               rounded up to 256 slots (the `whole` layout; its growth copies are not timed here);
+  - attention: TensorScatter + ONNX Attention (opset 24) with a boolean mask, over the whole capacity;
+  - gqa:       com.microsoft.GroupQueryAttention over the capacity buffer, per-row `seqlens_k`.
+Each is first checked against numpy. Prints median and p90 ms of `--repeats` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+F32 = TensorProto.FLOAT
+
+
+def _session(nodes, inputs, outputs, initializers=()):
+    graph = helper.make_graph(nodes, "attention", inputs, outputs, initializer=list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _info(name, elem, shape):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def _cache_io(heads, head_dim):
+    cache = ["B", heads, "S", head_dim]
+    return ([_info("past_key", F32, cache), _info("past_value", F32, cache)],
+            [_info("present_key", F32, cache), _info("present_value", F32, cache)])
+
+
+def scatter_then(attend, heads, head_dim):
+    """q/k/v [B, heads, T, head_dim]; TensorScatter at first_slot, then `attend` (matmul or attention)."""
+    past, present = _cache_io(heads, head_dim)
+    nodes = [helper.make_node("TensorScatter", [f"past_{n}", f"new_{n}", "first_slot"], [f"present_{n}"], axis=-2)
+             for n in ("key", "value")]
+    inputs = [_info("q", F32, ["B", heads, "T", head_dim]), _info("new_key", F32, ["B", heads, "T", head_dim]),
+              _info("new_value", F32, ["B", heads, "T", head_dim]), _info("first_slot", TensorProto.INT64, ["B"]),
+              _info("allowed", TensorProto.BOOL, ["B", 1, "T", "S"]), *past]
+    scale = helper.make_tensor("scale", F32, [], [head_dim ** -0.5])
+    masked = helper.make_tensor("masked", F32, [], [float(np.finfo(np.float32).min)])
+    if attend == "matmul":
+        nodes += [helper.make_node("Mul", ["q", "scale"], ["q_scaled"]),
+                  helper.make_node("Transpose", ["present_key"], ["key_t"], perm=[0, 1, 3, 2]),
+                  helper.make_node("MatMul", ["q_scaled", "key_t"], ["scores"]),
+                  helper.make_node("Where", ["allowed", "scores", "masked"], ["masked_scores"]),
+                  helper.make_node("Softmax", ["masked_scores"], ["probs"], axis=-1),
+                  helper.make_node("MatMul", ["probs", "present_value"], ["out"])]
+    else:
+        nodes.append(helper.make_node("Attention", ["q", "present_key", "present_value", "allowed"], ["out"],
+                                      scale=head_dim ** -0.5))
+    return _session(nodes, inputs, [_info("out", F32, ["B", heads, "T", head_dim]), *present], [scale, masked])
+
+
+def gqa(heads, head_dim):
+    """q/k/v [B, T, heads * head_dim]; the op writes k/v at seqlens_k + 1 - T and attends to 0..seqlens_k."""
+    past, present = _cache_io(heads, head_dim)
+    hidden = heads * head_dim
+    node = helper.make_node("GroupQueryAttention", ["q", "new_key", "new_value", "past_key", "past_value",
+                                                    "seqlens_k", "total"], ["out", "present_key", "present_value"],
+                            domain="com.microsoft", num_heads=heads, kv_num_heads=heads, scale=head_dim ** -0.5)
+    inputs = [_info(n, F32, ["B", "T", hidden]) for n in ("q", "new_key", "new_value")] + past + [
+        _info("seqlens_k", TensorProto.INT32, ["B"]), _info("total", TensorProto.INT32, [])]
+    return _session([node], inputs, [_info("out", F32, ["B", "T", hidden]), *present])
+
+
+def reference(q, keys, values, first, scale):
+    """numpy attention of q [B, H, T, D] over caches holding the new keys, causal from slot `first`."""
+    tokens = q.shape[2]
+    context = first + tokens
+    scores = np.einsum("bhtd,bhsd->bhts", q, keys[:, :, :context]) * scale
+    allowed = np.arange(context)[None, :] <= first + np.arange(tokens)[:, None]
+    scores = np.where(allowed, scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("bhts,bhsd->bhtd", probs / probs.sum(-1, keepdims=True), values[:, :, :context])
+
+
+def run_case(kind, session, heads, head_dim, first, tokens, slots, repeats):
+    """(median ms, p90 ms, max |diff| against numpy) of one candidate at one shape, batch 1."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, heads, tokens, head_dim), np.float32) for _ in range(3))
+    caches = [np.zeros((1, heads, slots, head_dim), np.float32) for _ in range(2)]
+    values = [ort.OrtValue.ortvalue_from_numpy(c) for c in caches]
+    bind = session.io_binding()
+    for name, value in zip(("key", "value"), values):
+        bind.bind_ortvalue_input(f"past_{name}", value)
+        bind.bind_ortvalue_output(f"present_{name}", value)
+    if kind == "gqa":
+        feeds = {"q": q, "new_key": k, "new_value": v}
+        feeds = {n: np.ascontiguousarray(a.transpose(0, 2, 1, 3).reshape(1, tokens, -1)) for n, a in feeds.items()}
+        feeds.update(seqlens_k=np.array([first + tokens - 1], np.int32), total=np.array(first + tokens, np.int32))
+    else:
+        allowed = np.arange(slots)[None, :] <= first + np.arange(tokens)[:, None]
+        feeds = {"q": q, "new_key": k, "new_value": v, "first_slot": np.array([first], np.int64),
+                 "allowed": np.ascontiguousarray(allowed[None, None])}
+    for name, array in feeds.items():
+        bind.bind_cpu_input(name, array)
+    bind.bind_output("out")
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up
+        start = time.perf_counter()
+        session.run_with_iobinding(bind)
+        times.append(time.perf_counter() - start)
+    out = bind.get_outputs()[-1].numpy()
+    if kind == "gqa":
+        out = out.reshape(1, tokens, heads, head_dim).transpose(0, 2, 1, 3)
+    expected_keys = caches[0].copy()
+    expected_keys[:, :, first:first + tokens] = k
+    expected_values = caches[1].copy()
+    expected_values[:, :, first:first + tokens] = v
+    expected = reference(q, expected_keys, expected_values, first, head_dim ** -0.5)
+    times_ms = np.array(times[1:]) * 1e3
+    return float(np.median(times_ms)), float(np.percentile(times_ms, 90)), float(np.abs(out - expected).max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=1024)
+    parser.add_argument("--capacities", type=int, nargs="+", default=[1280, 4096])
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    heads, head_dim, prompt = args.heads, args.head_dim, args.prompt
+    print(f"onnxruntime {ort.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.2f}; {heads} heads x {head_dim}, batch 1, fp32")
+    sessions = {"matmul": scatter_then("matmul", heads, head_dim), "attention": scatter_then("attention", heads, head_dim),
+                "gqa": gqa(heads, head_dim)}
+    whole = -(-(prompt + 1) // 256) * 256  # the whole layout's cache length after the first decode step
+    for role, first, tokens in (("prefill", 0, prompt), ("decode", prompt, 1)):
+        for kind, session in sessions.items():
+            capacities = [-(-(first + tokens) // 256) * 256 if role == "prefill" else whole] if kind == "matmul" \
+                else args.capacities
+            for slots in capacities:
+                median, p90, diff = run_case(kind, session, heads, head_dim, first, tokens, slots, args.repeats)
+                print(f"{role:8s} {kind:10s} cache {slots:5d} slots: median {median:8.3f} ms  p90 {p90:8.3f} ms  "
+                      f"max|diff| {diff:.1e}")
+
+
+if __name__ == "__main__":
+    main()
