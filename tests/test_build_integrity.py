@@ -461,7 +461,7 @@ def test_an_older_build_is_refused_with_the_rebuild_command(good_manifest, tmp_p
 
 def test_a_loaded_manifest_is_typed_and_saves_back_unchanged(build_dir, good_manifest, tmp_path):
     manifest = Manifest.load(build_dir)
-    assert manifest.onnx.inputs[1].name == "first_slot" and manifest.onnx.cache_layout == "whole"
+    assert manifest.onnx.inputs[1].name == "first_slot" and manifest.onnx.cache_layout == "capacity"
     assert manifest.model.vocab_size == good_manifest["model"]["vocab_size"] and manifest.tensorrt is None
     manifest.save(str(tmp_path))
     assert json.loads((tmp_path / "manifest.json").read_text()) == good_manifest

@@ -235,7 +235,7 @@ def test_build_for_tensorrt_without_it_is_one_clear_error(built, tmp_path):
 def test_auto_never_picks_tensorrt_rtx(built, tmp_path, caplog):
     caplog.set_level(logging.INFO, "persimmon_export")
     manifest = build(built[0], str(tmp_path / "auto"), max_batch=2, kv_capacity=64)
-    assert manifest.tensorrt is None and manifest.onnx.cache_layout == "whole"
+    assert manifest.tensorrt is None and manifest.onnx.cache_layout == "capacity"
     assert not (tmp_path / "auto" / "engine.plan").exists()
     if RTX_VERSION is not None:  # it is only pointed out
         assert "--backend tensorrt-rtx builds an engine" in caplog.text

@@ -37,12 +37,14 @@ PROMPTS = ["human: What is the capital of France?\n\nadept:", "The quick brown",
 
 
 def step_feeds(manifest, ids, slots):
-    """Prefill feeds for a direct session run: empty caches of `slots` slots, mask as wide."""
-    heads, _, head_dim = manifest.cache_shape
+    """Prefill feeds for a direct session run: empty caches (of `slots` slots where their length is a
+    graph dimension, the `whole` layout; else of kv_capacity slots), a mask `slots` wide."""
+    heads, capacity, head_dim = manifest.cache_shape
+    cache_slots = slots if manifest.onnx.cache_layout == "whole" else capacity
     dtype = np.float16 if manifest.dtype == "float16" else np.float32
     feeds = {"input_ids": ids, "first_slot": np.zeros(1, np.int64),
              "token_count": np.array([ids.shape[1]], np.int64), "attention_mask": np.ones((1, slots), np.int64)}
-    feeds.update({name: np.zeros((1, heads, slots, head_dim), dtype) for name in manifest.cache_inputs})
+    feeds.update({name: np.zeros((1, heads, cache_slots, head_dim), dtype) for name in manifest.cache_inputs})
     return feeds
 
 
@@ -184,7 +186,7 @@ def test_model_runs_in_a_fresh_onnxruntime_session_without_custom_op_library(bui
     directory = builds["base", "float16"]
     session = ort.InferenceSession(os.path.join(directory, "model.onnx"), providers=["CPUExecutionProvider"])
     manifest = Manifest.load(directory)
-    assert manifest.onnx.cache_layout == "whole"  # onnxruntime builds: cache length is a graph dimension
+    assert manifest.onnx.cache_layout == "capacity"  # onnxruntime builds: GroupQueryAttention over kv_capacity slots
     feeds = step_feeds(manifest, np.array([[1, 2, 3]], np.int64), slots=8)
     logits, present_key_0 = session.run(["logits", "present_key_0"], feeds)
     assert logits.shape == (1, manifest.model.vocab_size) and logits.dtype == np.float32

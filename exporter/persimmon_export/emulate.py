@@ -12,7 +12,8 @@ The evaluator is onnx's reference evaluator (`onnx.reference`): its kernels are 
 numpy keeps fp16 dtypes: an fp16 ufunc (add, mul, maximum, ...) computes each element in fp32 and
 rounds it to fp16, which is the correctly rounded fp16 result. The custom `persimmon` ops run
 their ONNX function bodies (the graph carries them), and opset-24 `TensorScatter` (the in-place
-cache update) has a reference kernel. One kernel is replaced, MatMul (see `MatMul`).
+cache update) has a reference kernel. One kernel is replaced, MatMul (see `MatMul`), and one is
+added: onnxruntime's GroupQueryAttention, which `capacity`-layout builds use (see `attention`).
 
 What differs from a GPU, knowingly: the order of the fp32 accumulation inside a matmul (BLAS
 blocks here; tensor-core tiles and split-K there), so an output can differ by one fp16 ulp where
@@ -40,6 +41,7 @@ from persimmon_runtime.backends import check_step
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import Manifest
 
+from .attention import GroupQueryAttention
 from .export import NUMPY_DTYPES
 
 DESCRIPTION = ("storage and arithmetic in the graph's own types (fp16/bf16 tensors rounded after every op; "
@@ -70,7 +72,7 @@ class MatMul(OpRun):
 def true_precision_evaluator(model: str | onnx.ModelProto) -> ReferenceEvaluator:
     """A reference evaluator over `model` (a path, whose external data is read from beside it,
     or a ModelProto with its weights inside) that computes in the graph's own types."""
-    return ReferenceEvaluator(model, new_ops=[MatMul])
+    return ReferenceEvaluator(model, new_ops=[MatMul, GroupQueryAttention])
 
 
 class EmulatedBackend:

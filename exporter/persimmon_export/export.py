@@ -11,11 +11,13 @@ One graph serves prefill and decode. Per row b of the batch:
   which onnxruntime does in place when the cache output is bound to the input's buffer and
   which TensorRT maps to its KV-cache-update layer); position = slot;
 - attention reads the first `kv_length` slots (the width of `attention_mask`), causally, skipping
-  slots whose mask is 0. Two cache layouts (`manifest.CACHE_LAYOUTS`) keep the decode cost
+  slots whose mask is 0. The cache layouts (`manifest.CACHE_LAYOUTS`) keep the decode cost
   following the context, not the capacity: `window` (for TensorRT) has caches of static length
-  kv_capacity and slices the first kv_length slots; `whole` (for onnxruntime, whose Slice
-  copies) has caches whose length is a graph dimension, `kv_length`, which the runtime grows in
-  steps, and reads them whole;
+  kv_capacity and slices the first kv_length slots; `capacity` (for onnxruntime) has caches of
+  kv_capacity slots that GroupQueryAttention writes and reads up to each row's last new token
+  (see `attention`: it ignores the mask's values, the backend refuses zeros); `whole` (older
+  onnxruntime builds) has caches whose length is a graph dimension, `kv_length`, which the
+  runtime grows in steps by copying, and reads them whole;
 - `logits[b]` (fp32) are those of the row's last new token.
 
 fp16 graphs keep LayerNorm statistics, rotary tables, softmax and logits in fp32 with explicit
@@ -46,6 +48,7 @@ from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import CACHE_LAYOUTS, CustomOps, GraphSection, TensorSpec
 from persimmon_runtime.verify import sha256_file
 
+from .attention import add_contrib_opset, gqa_lengths, grouped_query_attention
 from .config import PersimmonConfig
 from .model import rope_inv_freq
 from .progress import Steps
@@ -145,7 +148,7 @@ class _GraphBuilder:
 
 def graph_section(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_layout: str) -> GraphSection:
     """The manifest's `onnx` section for this graph: files, I/O, cache aliases, layout, custom ops."""
-    length = kv_capacity if cache_layout == "window" else "kv_length"
+    length = "kv_length" if cache_layout == "whole" else kv_capacity
     cache_shape = ["batch", config.num_attention_heads, length, config.head_dim]
     inputs = [TensorSpec("input_ids", "int64", ["batch", "seq"]),
               TensorSpec("first_slot", "int64", ["batch"]),
@@ -207,6 +210,7 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_lay
     head_shape = g.const("head_shape", np.array([0, 0, heads, 3, head_dim], np.int64))
     hidden_shape = g.const("hidden_shape", np.array([0, 0, hidden], np.int64))
     qkv_index = [g.const(f"qkv_{i}", np.array(i, np.int64)) for i in range(3)]
+    lengths = gqa_lengths(g, seq, one) if cache_layout == "capacity" else None
 
     def layer_norm(x, prefix):
         x32 = g.op("Cast", x, to=f32) if half else x
@@ -242,18 +246,22 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_lay
                         plugin_version=PLUGIN_VERSION, plugin_namespace=CUSTOM_OP_DOMAIN)
         q, k = (g.op(ROTARY_OP, t, cos, sin, domain=CUSTOM_OP_DOMAIN, name=f"{p}.rotary_{n}",
                      plugin_version=PLUGIN_VERSION, plugin_namespace=CUSTOM_OP_DOMAIN) for t, n in ((q, "q"), (k, "k")))
-        q, k, v = (g.op("Transpose", t, perm=[0, 2, 1, 3]) for t in (q, k, v))  # [B, heads, T, head_dim]
-        caches = []
-        for kind, new in (("key", k), ("value", v)):
-            present = g.op("TensorScatter", f"past_{kind}_{i}", new, "first_slot", axis=-2,
-                           outputs=[f"present_{kind}_{i}"], name=f"{p}.cache_update_{kind}")
-            caches.append(g.op("Slice", present, axes["0"], kv_length, axes["2"])
-                          if cache_layout == "window" else present)
-        scores = g.op("MatMul", g.op("Mul", q, q_scale), g.op("Transpose", caches[0], perm=[0, 1, 3, 2]))
-        scores = g.op("Where", allowed, g.op("Cast", scores, to=f32) if half else scores, masked_score)
-        probs = g.op("Softmax", scores, axis=-1)
-        probs = g.op("Cast", probs, to=act) if half else probs
-        attn = g.op("Reshape", g.op("Transpose", g.op("MatMul", probs, caches[1]), perm=[0, 2, 1, 3]), hidden_shape)
+        if cache_layout == "capacity":  # onnxruntime: one fused op writes the caches and attends
+            attn = grouped_query_attention(g, q, k, v, i, lengths, hidden_shape, heads, head_dim)
+        else:
+            q, k, v = (g.op("Transpose", t, perm=[0, 2, 1, 3]) for t in (q, k, v))  # [B, heads, T, head_dim]
+            caches = []
+            for kind, new in (("key", k), ("value", v)):
+                present = g.op("TensorScatter", f"past_{kind}_{i}", new, "first_slot", axis=-2,
+                               outputs=[f"present_{kind}_{i}"], name=f"{p}.cache_update_{kind}")
+                caches.append(g.op("Slice", present, axes["0"], kv_length, axes["2"])
+                              if cache_layout == "window" else present)
+            scores = g.op("MatMul", g.op("Mul", q, q_scale), g.op("Transpose", caches[0], perm=[0, 1, 3, 2]))
+            scores = g.op("Where", allowed, g.op("Cast", scores, to=f32) if half else scores, masked_score)
+            probs = g.op("Softmax", scores, axis=-1)
+            probs = g.op("Cast", probs, to=act) if half else probs
+            attn = g.op("Reshape", g.op("Transpose", g.op("MatMul", probs, caches[1]), perm=[0, 2, 1, 3]),
+                        hidden_shape)
         h = g.op("Add", x, linear(attn, f"{p}.self_attn.dense"))
         mlp = linear(activation(linear(layer_norm(h, f"{p}.post_attention_layernorm"), f"{p}.mlp.dense_h_to_4h")),
                      f"{p}.mlp.dense_4h_to_h")
@@ -450,6 +458,7 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                     helper.make_opsetid(CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION)],
                               functions=custom_op_functions(), producer_name="persimmon-export")
+    add_contrib_opset(model)  # the `capacity` layout's GroupQueryAttention
     model_path = os.path.join(out_dir, MODEL_FILE)
     onnx.save(model, model_path)
     log.info("checking the graph (onnx.checker full check, shape inference) ...")

@@ -39,8 +39,10 @@ STEP_INPUTS = ("input_ids", "first_slot", "token_count", "attention_mask")
 CACHE_LAYOUTS = {
     "window": "caches always hold all kv_capacity slots (the static shape TensorRT's KV-cache update needs); "
               "attention reads a window of them: the first kv_length slots",
-    "whole": "caches are kv_length slots long (a graph dimension the runtime grows in steps) and attention "
-             "reads them whole, so onnxruntime copies no slice",
+    "whole": "caches are kv_length slots long (a graph dimension the runtime grows in steps, by copying) and "
+             "attention reads them whole, so onnxruntime copies no slice (onnxruntime builds before `capacity`)",
+    "capacity": "caches hold all kv_capacity slots, allocated once; GroupQueryAttention writes and reads each row's "
+                "slots up to its last new token, so the cost follows the context (onnxruntime builds)",
 }
 # TensorRT optimization profiles, by the steps they serve: prefill (many new tokens per row)
 # and decode (one new token per row). The engine's profile index is the position in the list.

@@ -2,10 +2,13 @@
 
 Each cache tensor is one OrtValue bound both as `past_*` input and as the matching `present_*`
 output. TensorScatter sees the same buffer on both sides and skips its copy. A step over some of
-the rows binds that block of rows by address (see `backends`). With the `whole`
-cache layout (onnxruntime builds) the caches are only as long as the context needs, in steps of
-CACHE_STEP slots (grown by copying, rarely), and attention reads them whole: a decode step costs
-what its context needs, not what the capacity is, and no cache slice is copied.
+the rows binds that block of rows by address (see `backends`). With the `capacity` cache layout
+(onnxruntime builds) the caches hold all kv_capacity slots from `start` on and are never grown or
+copied: GroupQueryAttention reads each row's slots up to its last new token, so a step costs what
+its context needs, not what the capacity is (`persimmon_export.attention`). np.zeros takes its
+pages from the OS lazily, so slots no row has reached cost no memory. Builds with the older
+`whole` layout get caches only as long as the context needs, grown in steps of CACHE_STEP slots
+by copying every row, which stalls the step that crosses a step boundary: rebuild them.
 """
 
 from __future__ import annotations
@@ -72,8 +75,8 @@ class OnnxRuntimeBackend:
         self.caches = []
         self._host_caches = []  # on CPU the OrtValues borrow these arrays: keep them alive
         self._bound = None      # (first_row, rows, slots) of the cache blocks bound now
-        self.whole = self.manifest.onnx.cache_layout == "whole"
-        self._allocate(CACHE_STEP if self.whole else self.manifest.kv_capacity)
+        self.layout = self.manifest.onnx.cache_layout
+        self._allocate(CACHE_STEP if self.layout == "whole" else self.manifest.kv_capacity)
 
     def _allocate(self, slots: int) -> None:
         """(Re)allocate caches of `slots` slots, keeping what the current ones hold."""
@@ -108,14 +111,26 @@ class OnnxRuntimeBackend:
 
     def step(self, input_ids, first_slot, token_count, attention_mask, first_row: int = 0) -> np.ndarray:
         check_step(self.manifest, self.batch, input_ids, first_slot, token_count, attention_mask, first_row)
-        binding = self.binding
-        if self.whole:  # the graph reads whole caches (mask width = cache length) and writes seq slots per row
+        first_slot = np.asarray(first_slot)
+        if self.layout == "capacity":
+            _refuse_padding(attention_mask)
+            if input_ids.shape[1] > 1 and len(input_ids) > 1 and first_slot.any():
+                # GroupQueryAttention runs new tokens over cached ones for one row at a time
+                return np.concatenate([self._run(input_ids[r:r + 1], first_slot[r:r + 1], token_count[r:r + 1],
+                                                 attention_mask[r:r + 1], first_row + r)
+                                       for r in range(len(input_ids))])
+        if self.layout == "whole":  # reads whole caches (mask width = cache length), writes seq slots per row
             needed = max(attention_mask.shape[1], int(first_slot.max()) + input_ids.shape[1])
             if needed > self.slots:
                 self._allocate(-(-needed // CACHE_STEP) * CACHE_STEP)
             padded = np.ones((attention_mask.shape[0], self.slots), np.int64)  # later slots: causally masked
             padded[:, :attention_mask.shape[1]] = attention_mask
             attention_mask = padded
+        return self._run(input_ids, first_slot, token_count, attention_mask, first_row)
+
+    def _run(self, input_ids, first_slot, token_count, attention_mask, first_row: int) -> np.ndarray:
+        """One session run over cache rows first_row .. first_row + len(input_ids) - 1."""
+        binding = self.binding
         self._bind_rows(int(first_row), input_ids.shape[0])
         # held in a local until the run ends: the binding borrows their memory
         arrays = {"input_ids": input_ids, "first_slot": first_slot, "token_count": token_count,
@@ -135,3 +150,13 @@ class OnnxRuntimeBackend:
             buffer = self._logits[rows] = np.empty((rows, self.manifest.model.vocab_size), np.float32)
         self.binding.bind_output("logits", "cpu", 0, np.float32, buffer.shape, buffer.ctypes.data)
         return buffer
+
+
+def _refuse_padding(attention_mask) -> None:
+    """The `capacity` layout attends to every slot a row holds (GroupQueryAttention has no mask), so a
+    0 in the mask would be ignored: refuse it rather than attend to what the caller masked."""
+    zeros = np.argwhere(np.asarray(attention_mask) == 0)
+    if len(zeros):
+        row, slot = zeros[0]
+        raise PersimmonError(f"attention_mask is 0 at row {row}, slot {slot}: this build (cache layout 'capacity') "
+                             f"attends to every slot a row holds; send each prompt unpadded in its own row")

@@ -1,0 +1,87 @@
+"""Attention for onnxruntime builds: com.microsoft.GroupQueryAttention over caches allocated once.
+
+The `capacity` cache layout (`manifest.CACHE_LAYOUTS`): every cache holds all kv_capacity slots,
+from the backend's start to its end, and onnxruntime's GroupQueryAttention (GQA) both writes the
+step's new keys/values into it and attends, per row, to the first `first_slot + seq` slots only.
+So the cache is never grown or copied, and a step's cost follows each row's context, not the
+capacity. Chosen by measurement (benchmarks/attention.py, docs/benchmarks.md): on onnxruntime
+1.32's CPU provider, at 12 heads x 64, GQA prefills 1024 tokens ~2.4x faster than MatMul/Softmax
+(it never materialises the scores above the causal diagonal) and a decode step costs the same at
+capacity 1280 and 4096; ONNX `Attention` (opset 24) with a mask costs what the capacity costs.
+
+How the graph drives GQA (its CPU kernel, onnxruntime 1.32):
+- the cache tensor is bound as both `past_*` and `present_*` (one buffer: GQA writes in place);
+- `seqlens_k[b] = first_slot[b] + seq - 1`: every one of the `seq` new tokens counts, right
+  padding included, so GQA writes them at first_slot[b] ... as TensorScatter does; padding lies
+  causally after the row's real tokens, which never see it, and the row overwrites it later;
+- `total_sequence_length = max(first_slot) + seq`;
+- a step of several new tokens on rows that already hold some (a chunked prefill) must be one
+  row at a time: the kernel refuses batch > 1 there; the onnxruntime backend splits such steps.
+The scores are fp32 (GQA converts fp16 q/k to fp32 before its GEMM and softmax); the
+attention_mask's values are not read (each row attends to all its slots so far, causally): the
+backend refuses a mask with zeros for this layout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from onnx.reference.op_run import OpRun
+
+CONTRIB_DOMAIN = "com.microsoft"
+CONTRIB_OPSET = 1
+
+
+def gqa_lengths(g, seq: str, one: str) -> tuple[str, str]:
+    """(seqlens_k [batch] int32, total_sequence_length scalar int32), shared by every layer."""
+    reach = g.op("Add", "first_slot", seq, name="row_reach")  # [B]: slots each row holds after the step
+    seqlens = g.op("Cast", g.op("Sub", reach, one), to=TensorProto.INT32, name="seqlens_k")
+    total = g.op("Cast", g.op("ReduceMax", reach, keepdims=0), to=TensorProto.INT32, name="total_sequence_length")
+    return seqlens, total
+
+
+def grouped_query_attention(g, q: str, k: str, v: str, layer: int, lengths: tuple[str, str], hidden_shape: str,
+                            heads: int, head_dim: int) -> str:
+    """One layer's attention: q/k/v [B, T, heads, head_dim] -> [B, T, hidden]; writes the layer's caches."""
+    query, key, value = (g.op("Reshape", t, hidden_shape) for t in (q, k, v))  # GQA takes [B, T, heads*head_dim]
+    outputs = [f"model.layers.{layer}.attention_out", f"present_key_{layer}", f"present_value_{layer}"]
+    return g.op("GroupQueryAttention", query, key, value, f"past_key_{layer}", f"past_value_{layer}", *lengths,
+                outputs=outputs, domain=CONTRIB_DOMAIN, name=f"model.layers.{layer}.attention",
+                num_heads=heads, kv_num_heads=heads, scale=head_dim ** -0.5)[0]
+
+
+def add_contrib_opset(model: onnx.ModelProto) -> None:
+    """Import the com.microsoft opset if a node uses it and the model does not import it yet."""
+    used = any(node.domain == CONTRIB_DOMAIN for node in model.graph.node)
+    if used and all(o.domain != CONTRIB_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, CONTRIB_OPSET))
+
+
+class GroupQueryAttention(OpRun):
+    """The GQA kernel for onnx's reference evaluator (`emulate`), for the inputs our graph gives it
+    (no rotary, no local window, kv_num_heads = num_heads): new keys/values written at
+    seqlens_k + 1 - seq, scores and softmax in fp32, the output rounded once to the input's type
+    (as onnxruntime's kernel, and fused GPU kernels, compute it)."""
+
+    op_domain = CONTRIB_DOMAIN
+
+    def _run(self, query, key, value, past_key, past_value, seqlens_k, total_sequence_length, num_heads=None,
+             kv_num_heads=None, scale=None, **_):
+        batch, seq, hidden = query.shape
+        head_dim = hidden // num_heads
+        present_key, present_value = past_key.copy(), past_value.copy()
+        output = np.zeros((batch, seq, num_heads, head_dim), np.float32)
+        for b in range(batch):
+            reach = int(seqlens_k[b]) + 1
+            first = reach - seq
+            present_key[b, :, first:reach] = key[b].reshape(seq, num_heads, head_dim).transpose(1, 0, 2)
+            present_value[b, :, first:reach] = value[b].reshape(seq, num_heads, head_dim).transpose(1, 0, 2)
+            q = query[b].reshape(seq, num_heads, head_dim).transpose(1, 0, 2).astype(np.float32)
+            scores = q @ present_key[b, :, :reach].astype(np.float32).transpose(0, 2, 1) * np.float32(scale)
+            allowed = np.arange(reach)[None, :] <= first + np.arange(seq)[:, None]
+            scores = np.where(allowed, scores, -np.inf)
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            output[b] = (probs @ present_value[b, :, :reach].astype(np.float32)).transpose(1, 0, 2)
+        return output.reshape(batch, seq, hidden).astype(query.dtype), present_key, present_value
