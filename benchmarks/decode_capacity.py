@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import tempfile
-import time
 
 import numpy as np
 
+from machine import machine, timed
 from persimmon_export import PersimmonConfig
 from persimmon_export.build import build
 from persimmon_export.checkpoint import save_model, tokenizer_files
@@ -32,25 +30,6 @@ from persimmon_runtime.generator import Generator
 
 CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
               num_attention_heads=12, max_position_embeddings=8192)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of `repeats` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure_capacity(context: int, steps: int, capacities) -> dict:
@@ -101,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     report = measure_capacity(args.context, args.steps, args.capacities)
     report["params"] = sum(p.numel() for p in random_model(PersimmonConfig(**CONFIG)).parameters())
-    report["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}"
+    report["machine"] = machine()
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     with open(os.path.join(os.path.dirname(__file__), "results", "decode_capacity.json"), "w") as f:
         json.dump(report, f, indent=2)

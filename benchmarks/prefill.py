@@ -30,8 +30,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from decode_capacity import cpu_model  # noqa: E402
-from run import CONFIGS, VOCAB  # noqa: E402
+from machine import cpu_model  # noqa: E402
+from workload import CONFIGS, VOCAB  # noqa: E402
 
 from persimmon_export import PersimmonConfig  # noqa: E402
 from persimmon_export.build import build  # noqa: E402

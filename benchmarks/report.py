@@ -1,48 +1,36 @@
-"""Render benchmarks/results/latest.json as the Markdown table the README shows.
+"""Render benchmarks/results/latest.json (from benchmarks/run.py) as the Markdown tables docs show.
 
-    .venv/bin/python benchmarks/report.py
+    .venv/bin/python benchmarks/report.py [results.json]
 """
 
 import json
 import os
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def main() -> None:
-    with open(os.path.join(HERE, "results", "latest.json")) as f:
+    path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "results", "latest.json")
+    with open(path) as f:
         report = json.load(f)
-    print(f"Machine: {report['machine']}; memory read bandwidth {report['bandwidth_bytes_s'] / 1e9:.1f} GB/s.\n")
-    print("| config | batch | prompt | prefill tok/s: onnxruntime / torch ref / transformers "
-          "| decode tok/s: onnxruntime / torch ref / transformers | onnxruntime decode vs transformers |")
-    print("|---|---|---|---|---|---|")
+    bandwidth = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in report["bandwidth_bytes_s"].items())
+    print(f"Machine: {report['machine']}. Read bandwidth (GB/s): {bandwidth}. Each run generates "
+          f"{report['new_tokens']} greedy tokens; prefill = time to the first token, decode = the steps after it.\n")
+    print("| config | runtime | batch | prompt | prefill tok/s | decode tok/s | step p50 / p99 ms | p99/p50 "
+          "| greedy = transformers | roofline |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, result in report["configs"].items():
-        rows = result["rows"]
-        for batch in sorted({r["batch"] for r in rows}):
-            for prompt in sorted({r["prompt"] for r in rows}):
-                cell = {r["runtime"]: r for r in rows if r["batch"] == batch and r["prompt"] == prompt}
-                prefill = " / ".join(f"{cell[k]['prefill_tok_s']:.0f}" for k in ("onnxruntime", "torch-reference",
-                                                                                  "transformers"))
-                decode = " / ".join(f"{cell[k]['decode_tok_s']:.1f}" for k in ("onnxruntime", "torch-reference",
-                                                                                "transformers"))
-                ratio = cell["onnxruntime"]["decode_tok_s"] / cell["transformers"]["decode_tok_s"]
-                print(f"| {name} ({result['params'] / 1e6:.0f}M) | {batch} | {prompt} | {prefill} | {decode} "
-                      f"| {ratio:.2f}x |")
-    print("\nDecode roofline (batch 1, longest prompt): weights + KV cache bytes per token / read bandwidth.\n")
-    print("| config | roofline tok/s | onnxruntime | torch ref | transformers |")
-    print("|---|---|---|---|---|")
-    for name, result in report["configs"].items():
-        fractions = {r["runtime"]: r["roofline_fraction"] for r in result["rows"] if "roofline_fraction" in r}
-        print(f"| {name} | {result['roofline_decode_tok_s']:.1f} | {fractions['onnxruntime']:.0%} "
-              f"| {fractions['torch-reference']:.0%} | {fractions['transformers']:.0%} |")
-    capacity = report["decode_vs_capacity"]
-    steps = ", ".join(f"{k.replace('_capacity_', ' @ ')}: {v * 1e3:.1f} ms" for k, v in
-                      capacity["median_step_seconds"].items())
-    print(f"\nDecode step vs capacity (134M model, {capacity['context']} tokens of context): {steps}; "
-          f"ratio {capacity['ratio']:.2f} (target <= {capacity['target']}).\n")
-    print("Targets:")
+        for row in sorted(result["rows"], key=lambda r: (r["batch"], r["prompt"], r["runtime"])):
+            agree = f"{row['greedy_agreement']:.0%}" if "greedy_agreement" in row else ""
+            roof = f"{row['roofline_fraction']:.0%}" if "roofline_fraction" in row else ""
+            print(f"| {name} | {row['runtime']} | {row['batch']} | {row['prompt']} | {row['prefill_tok_s']:.0f} "
+                  f"| {row['decode_tok_s']:.1f} | {row['step_p50_ms']:.1f} / {row['step_p99_ms']:.1f} "
+                  f"| {row['p99_over_p50']:.2f} | {agree} | {roof} |")
+    print("\nTargets:")
     for target in report["targets"]:
-        print(f"- {'PASS' if target['pass'] else 'FAIL'}: {target['target']} ({target['measured']})")
+        verdict = {True: "PASS", False: "FAIL", None: "not measured"}[target["pass"]]
+        print(f"- {verdict}: {target['target']} ({target['measured']})")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,23 @@
-"""Speed and memory against the tools users would pick instead, measured in one run on this machine.
+"""Speed against the tools users would pick instead, measured in one run on this machine.
 
-    bash benchmarks/run.sh             # = .venv/bin/python benchmarks/run.py (installs matplotlib first)
-    .venv/bin/python benchmarks/run.py --configs 30M --quick         # a smoke run
-    .venv/bin/python benchmarks/run.py --export-8b                    # also the 8B-shaped export (long)
+    bash benchmarks/run.sh                  # = .venv/bin/python benchmarks/run.py (installs matplotlib first)
+    bash benchmarks/setup_openvino.sh       # once: the OpenVINO peer's own venv (.venv-openvino)
+    .venv/bin/python benchmarks/run.py --configs 100M --quick        # batch 1 only, 64 new tokens
 
-For Persimmon configs of about 30M, 100M and 300M parameters (random weights, fp32, CPU):
-prefill and decode tokens/s at batch 1 and 8 with prompts of 128 and 1024 tokens, for
-  - this project's onnxruntime runtime (the backend step the Generator runs),
-  - the project's torch reference with its static cache,
-  - transformers `generate` with its default cache (prefill = generate 1 token; decode = the
-    extra time per token of generate N+1 tokens);
-decode step time vs cache capacity; the CPU memory-bandwidth roofline for decode (weights + KV
-cache bytes read per token / bandwidth measured here) and each runtime's fraction of it.
-Targets (printed PASS/FAIL): at batch 1 with 1024 tokens of context, onnxruntime decodes >= 1.5x
-faster than transformers on the 100M config and is never slower on any config; on the 300M
-config it reaches >= 60% of the roofline. Writes benchmarks/results/latest.json and latest.png.
+For Persimmon configs of about 100M and 300M parameters (random weights, CPU), batch 1 and 8,
+prompts of 128 and 1024 tokens, every runtime generates --new-tokens greedy tokens and is timed
+per token (benchmarks/step_timing.py): prefill = time to the first token, decode = the steps after
+it (tokens/s, p50 and p99 step time). The runtimes:
+  - this project through its Generator (scheduler, cache allocation, sampling included): fp32, and
+    the weight-only int8 / int4 builds (`build --weights`);
+  - transformers `generate` (fp32, SDPA attention; it computes logits for the last position only);
+  - OpenVINO through optimum-intel (benchmarks/openvino_peer.py, its own venv): fp32 exact, its
+    defaults, int8 and int4 weights; its lm_head is sliced to the last position so prefill compares
+    the same work. Skipped, with a note, when .venv-openvino is missing.
+Greedy tokens of every batch-1 run are compared with transformers fp32 (agreement = the share of
+tokens before the first difference). The roofline: read bandwidth measured several ways
+(machine.measure_bandwidth, the best of them) over the bytes a decode step must read.
+Writes benchmarks/results/latest.json and latest.png; prints PASS/FAIL per target.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,198 +35,250 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from decode_capacity import cpu_model, measure_capacity, timed  # noqa: E402
+from machine import CpuShare, cpu_note, machine, measure_bandwidth  # noqa: E402
+from step_timing import StampStreamer, summarize  # noqa: E402
+from workload import CONFIGS, prompt_texts, random_checkpoint  # noqa: E402
 
-from persimmon_export import PersimmonConfig  # noqa: E402
 from persimmon_export.build import build  # noqa: E402
-from persimmon_export.checkpoint import save_model, tokenizer_files  # noqa: E402
-from persimmon_export.demo import random_model, train_tokenizer  # noqa: E402
 from persimmon_runtime import Tokenizer  # noqa: E402
-from persimmon_runtime.backends import decode, prefill  # noqa: E402
 from persimmon_runtime.generator import Generator  # noqa: E402
 
-CONFIGS = {
-    "30M": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536),
-    "100M": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=12, intermediate_size=3072),
-    "300M": dict(hidden_size=1024, num_hidden_layers=20, num_attention_heads=16, intermediate_size=4096),
-}
-VOCAB = 32000
+OPENVINO_PYTHON = os.path.join(os.path.dirname(HERE), ".venv-openvino", "bin", "python")
+OURS = {"float32": None, "int8": "int8", "int4": "int4"}  # runtime label -> build --weights
+MAX_BATCH = 8
 
 
-def measure_bandwidth(gib: float = 2.0, repeats: int = 5) -> float:
-    """Bytes/s of reading a large array with every core (a multi-threaded sum), the best of a few.
-
-    Decode reads weights and cache once per token, so read bandwidth is its roofline.
-    """
-    data = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return data.numel() * 4 / best
-
-
-def prompts(batch: int, length: int) -> list[list[int]]:
-    rng = np.random.default_rng(length * 10 + batch)
-    return rng.integers(100, VOCAB, (batch, length)).tolist()
-
-
-def bench_onnxruntime(generator: Generator, batch: int, length: int, steps: int, repeats: int) -> dict:
-    ids = prompts(batch, length)
-    backend = generator.backend
-    prefill_time = timed(lambda: prefill(backend, ids), repeats)
-    logits, positions = prefill(backend, ids)
-    tokens, start = logits.argmax(-1), positions.copy()
-
-    def one_step():
-        positions[:] = start  # same context every step
-        decode(backend, tokens, positions)
-
-    step_time = timed(one_step, steps)
-    return {"prefill_tok_s": batch * length / prefill_time, "decode_tok_s": batch / step_time}
+def time_ours(generator: Generator, texts: list[str], new_tokens: int) -> tuple[dict, list[int]]:
+    """Per-token figures of one Generator request, from the scheduler's step times."""
+    stamps: list[float] = []
+    generator.scheduler.on_step = lambda _requests: stamps.append(time.perf_counter())
+    started = time.perf_counter()
+    completions = generator.generate(texts, max_new_tokens=new_tokens, ignore_eos=True)
+    generator.scheduler.on_step = None
+    if any(len(c.token_ids) != new_tokens for c in completions):
+        raise SystemExit(f"a completion did not have {new_tokens} tokens despite ignore_eos")
+    # the last new_tokens steps each gave every row a token; the steps before them were prefill
+    figures = summarize(started, stamps[-new_tokens:], len(texts), completions[0].prompt_tokens)
+    return figures, completions[0].token_ids
 
 
 @torch.no_grad()
-def bench_torch(model, batch: int, length: int, steps: int, repeats: int) -> dict:
-    ids = torch.tensor(prompts(batch, length))
-    model.setup_cache(batch, length + 1)
-    slots = torch.arange(length)
-    prefill_time = timed(lambda: model(ids, cache_position=slots), repeats)
-    token = model(ids, cache_position=slots)[:, -1].argmax(-1)[:, None]
-    step = torch.tensor([length])
-    step_time = timed(lambda: model(token, cache_position=step), steps)
-    model.drop_cache()
-    return {"prefill_tok_s": batch * length / prefill_time, "decode_tok_s": batch / step_time}
+def time_transformers(model, ids: list[list[int]], new_tokens: int) -> tuple[dict, list[int]]:
+    input_ids = torch.tensor(ids)
+    streamer = StampStreamer()
+    started = time.perf_counter()
+    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=streamer)
+    return summarize(started, streamer.token_stamps(), len(ids), len(ids[0])), out[0, len(ids[0]):].tolist()
 
 
-@torch.no_grad()
-def bench_transformers(model, batch: int, length: int, steps: int, repeats: int) -> dict:
-    ids = torch.tensor(prompts(batch, length))
-    mask = torch.ones_like(ids)
-
-    def generate(new):
-        return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                              pad_token_id=0)
-
-    first = timed(lambda: generate(1), repeats)
-    more = timed(lambda: generate(steps + 1), 1)
-    return {"prefill_tok_s": batch * length / first, "decode_tok_s": batch * steps / max(more - first, 1e-9)}
+def agreement(tokens: list[int], reference: list[int]) -> float:
+    """The share of tokens generated before the first one that differs from the reference's."""
+    same = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+    return same / len(reference)
 
 
-def run_config(name: str, work: str, batches, lengths, steps: int, repeats: int, bandwidth: float) -> dict:
+def run_openvino(checkpoint: str, cases: list[dict], new_tokens: int, work: str, int4_group_size: int,
+                 variants: list[str], wait_idle_s: float) -> dict:
+    if not variants:
+        return {}
+    if not os.path.exists(OPENVINO_PYTHON):
+        print("OpenVINO: .venv-openvino missing (bash benchmarks/setup_openvino.sh): not measured", flush=True)
+        return {}
+    cases_file = os.path.join(work, "cases.json")
+    with open(cases_file, "w") as f:
+        json.dump([{"batch": c["batch"], "prompt_tokens": c["prompt"], "ids": c["ids"]} for c in cases], f)
+    process = subprocess.run([OPENVINO_PYTHON, os.path.join(HERE, "openvino_peer.py"), "--checkpoint", checkpoint,
+                              "--cases", cases_file, "--new-tokens", str(new_tokens),
+                              "--int4-group-size", str(int4_group_size), "--wait-idle", str(wait_idle_s),
+                              "--variants", *variants],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr.splitlines():
+        if line.startswith("openvino "):
+            print(line, flush=True)
+    if process.returncode != 0:
+        raise SystemExit(f"openvino_peer.py failed:\n{process.stderr[-3000:]}")
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def run_config(name: str, work: str, batches, lengths, new_tokens: int, wait_idle_s: float, block_size: int,
+               precisions: list[str], openvino_variants: list[str]) -> dict:
     import transformers
 
-    config = PersimmonConfig(vocab_size=VOCAB, max_position_embeddings=4096, **CONFIGS[name])
-    model = random_model(config, seed=0)
-    params = sum(p.numel() for p in model.parameters())
-    tokenizer = Tokenizer(train_tokenizer(os.path.join(work, "sp.model")))
-    checkpoint = save_model(model, os.path.join(work, name), extra_files=tokenizer_files(tokenizer))
-    out = os.path.join(work, f"{name}-build")
-    build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=max(batches),
-          kv_capacity=max(lengths) + steps + 2)
-    generator = Generator.load(out)
-    hf = transformers.PersimmonForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    rows = []
+    checkpoint, first_added = random_checkpoint(work, name)
+    tokenizer_file = os.path.join(work, "tokenizer-32000.model")
+    tokenizer = Tokenizer(tokenizer_file)
+    cases = []
     for batch in batches:
         for length in lengths:
-            for runtime, bench in (("onnxruntime", lambda: bench_onnxruntime(generator, batch, length, steps, repeats)),
-                                   ("torch-reference", lambda: bench_torch(model, batch, length, steps, repeats)),
-                                   ("transformers", lambda: bench_transformers(hf, batch, length, steps, repeats))):
-                result = bench()
-                rows.append({"config": name, "runtime": runtime, "batch": batch, "prompt": length, **result})
-                print(f"{name:5s} {runtime:16s} batch {batch} prompt {length:5d}: prefill "
-                      f"{result['prefill_tok_s']:9.1f} tok/s, decode {result['decode_tok_s']:7.2f} tok/s", flush=True)
-    # decode roofline at batch 1: every weight (but the embedding table, of which one row is
-    # gathered) and the context's keys/values read once per token
-    cache_bytes = 2 * config.num_hidden_layers * config.hidden_size * 4 * max(lengths)
-    weight_bytes = (params - model.model.embed_tokens.weight.numel()) * 4
-    roofline = bandwidth / (weight_bytes + cache_bytes)
-    for row in rows:
-        if row["batch"] == 1 and row["prompt"] == max(lengths):
-            row["roofline_tok_s"] = roofline
-            row["roofline_fraction"] = row["decode_tok_s"] / roofline
-    return {"params": params, "rows": rows, "roofline_decode_tok_s": roofline}
+            texts = prompt_texts(tokenizer_file, first_added, batch, length, seed=length + batch)
+            cases.append({"batch": batch, "prompt": length, "texts": texts,
+                          "ids": [tokenizer.encode(t) for t in texts]})
+    rows = []
+
+    def record(runtime: str, case: dict, figures: dict, cpu: dict, greedy: list[int]) -> None:
+        row = {"config": name, "runtime": runtime, "batch": case["batch"], "prompt": case["prompt"], **figures,
+               "cpu": cpu}
+        if case["batch"] == 1:
+            row["greedy_ids"] = greedy
+        rows.append(row)
+        print(f"{name:5s} {runtime:22s} batch {case['batch']} prompt {case['prompt']:5d}: prefill "
+              f"{figures['prefill_tok_s']:8.1f} tok/s, decode {figures['decode_tok_s']:7.2f} tok/s, step p50 "
+              f"{figures['step_p50_ms']:.1f} ms p99 {figures['step_p99_ms']:.1f} ms {cpu_note(cpu)}", flush=True)
+
+    hf = transformers.PersimmonForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    # fp32 bytes a decode step reads at batch 1: every weight but the embedding table (one row of
+    # it is gathered), and per token of context its keys and values
+    params = sum(p.numel() for p in hf.parameters())
+    sizes = {"params": params, "weight_bytes_fp32": 4 * (params - hf.model.embed_tokens.weight.numel()),
+             "cache_bytes_fp32_per_token": 2 * hf.config.num_hidden_layers * hf.config.hidden_size * 4}
+    time_transformers(hf, cases[0]["ids"][:1], 4)  # warm-up
+    for case in cases:
+        cpu = CpuShare(wait_idle_s=wait_idle_s)
+        figures, greedy = time_transformers(hf, case["ids"], new_tokens)
+        record("transformers", case, figures, cpu.result(), greedy)
+    del hf
+    for label in precisions:
+        weights = OURS[label]
+        out = os.path.join(work, f"{name}-{label}")
+        options = {} if weights is None else {"weights": weights, "block_size": block_size}
+        build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=MAX_BATCH,
+              kv_capacity=max(lengths) + new_tokens, **options)
+        generator = Generator.load(out)
+        time_ours(generator, cases[0]["texts"][:1], 4)  # warm-up: onnxruntime's first runs allocate
+        for case in cases:
+            cpu = CpuShare(wait_idle_s=wait_idle_s)
+            figures, greedy = time_ours(generator, case["texts"], new_tokens)
+            record(f"persimmon {label}", case, figures, cpu.result(), greedy)
+        generator.close()
+        del generator
+    peer = run_openvino(checkpoint, cases, new_tokens, work, block_size, openvino_variants, wait_idle_s)
+    for variant, result in peer.get("variants", {}).items():
+        for row in result["rows"]:
+            case = next(c for c in cases if c["batch"] == row["batch"] and c["prompt"] == row["prompt"])
+            figures = {k: v for k, v in row.items() if k not in ("batch", "prompt", "greedy_ids")}
+            rows.append({"config": name, "runtime": f"openvino {variant}", "batch": case["batch"],
+                         "prompt": case["prompt"], **figures, **({"greedy_ids": row["greedy_ids"]}
+                                                                if "greedy_ids" in row else {})})
+    references = {r["prompt"]: r["greedy_ids"] for r in rows if r["runtime"] == "transformers" and "greedy_ids" in r}
+    for row in rows:  # greedy agreement with transformers fp32, batch-1 runs
+        if "greedy_ids" in row:
+            row["greedy_agreement"] = agreement(row.pop("greedy_ids"), references[row["prompt"]])
+    return {"rows": rows, "openvino": peer.get("openvino"), **sizes}
 
 
-def targets(results: dict, context: int) -> list[tuple[str, bool, str]]:
-    def decode(config, runtime):
-        return next(r["decode_tok_s"] for r in results[config]["rows"]
-                    if r["runtime"] == runtime and r["batch"] == 1 and r["prompt"] == context)
+def find(rows, runtime, batch, prompt):
+    return next((r for r in rows if r["runtime"] == runtime and r["batch"] == batch and r["prompt"] == prompt), None)
 
+
+def targets(results: dict, context: int) -> list[tuple[str, bool | None, str]]:
+    """(target, passed or None when a runtime was not measured, measured) for every target."""
     checks = []
-    if "100M" in results:
-        ratio = decode("100M", "onnxruntime") / decode("100M", "transformers")
-        checks.append(("100M: onnxruntime decode >= 1.5x transformers (batch 1, 1024 context)", ratio >= 1.5,
-                       f"{ratio:.2f}x"))
+
+    def ratio(label, config, metric, runtime, peer, batch=1, at_least=1.0):
+        mine, theirs = (find(results[config]["rows"], r, batch, context) for r in (runtime, peer))
+        if mine is None or theirs is None:
+            checks.append((f"{config}: {label}", None, f"not measured ({runtime if mine is None else peer})"))
+            return
+        value = mine[metric] / theirs[metric]
+        checks.append((f"{config}: {label}", value >= at_least, f"{value:.2f}x"))
+
     for config in results:
-        ratio = decode(config, "onnxruntime") / decode(config, "transformers")
-        checks.append((f"{config}: onnxruntime decode not slower than transformers", ratio >= 1.0, f"{ratio:.2f}x"))
-    if "300M" in results:
-        fraction = decode("300M", "onnxruntime") / results["300M"]["roofline_decode_tok_s"]
-        checks.append(("300M: onnxruntime decode >= 60% of the bandwidth roofline", fraction >= 0.6,
-                       f"{fraction:.0%}"))
+        ratio("fp32 decode >= 1.1x OpenVINO exact fp32", config, "decode_tok_s", "persimmon float32",
+              "openvino fp32-exact", at_least=1.1)
+        ratio("int8 decode >= 1.0x OpenVINO int8", config, "decode_tok_s", "persimmon int8", "openvino int8")
+        ratio("int4 decode faster than int8", config, "decode_tok_s", "persimmon int4", "persimmon int8",
+              at_least=1.0 + 1e-9)
+        ratio("fp32 prefill >= 1.0x transformers", config, "prefill_tok_s", "persimmon float32", "transformers")
+        ratio("fp32 prefill >= 1.0x OpenVINO exact fp32", config, "prefill_tok_s", "persimmon float32",
+              "openvino fp32-exact")
+        ratio("int8 prefill >= 1.0x OpenVINO int8", config, "prefill_tok_s", "persimmon int8", "openvino int8")
+        ratio("fp32 decode not slower than transformers", config, "decode_tok_s", "persimmon float32", "transformers")
+        if config == "100M":
+            ratio("fp32 decode >= 1.5x transformers", config, "decode_tok_s", "persimmon float32", "transformers",
+                  at_least=1.5)
+        if config == "300M" and find(results[config]["rows"], "persimmon float32", 1, context):
+            fraction = find(results[config]["rows"], "persimmon float32", 1, context)["roofline_fraction"]
+            checks.append(("300M: fp32 decode >= 60% of the bandwidth roofline", fraction >= 0.6, f"{fraction:.0%}"))
+        for row in results[config]["rows"]:
+            if row["runtime"].startswith("persimmon"):
+                checks.append((f"{config}: {row['runtime']} batch {row['batch']} prompt {row['prompt']}: decode step "
+                               f"p99/p50 <= 1.5", row["p99_over_p50"] <= 1.5, f"{row['p99_over_p50']:.2f}"))
     return checks
 
 
-def chart(results: dict, path: str) -> None:
+def add_roofline(result: dict, bandwidth: float, context: int, new_tokens: int) -> None:
+    """Roofline tok/s of fp32 decode at batch 1 and the fraction fp32 runtimes reached."""
+    mean_context = context + new_tokens / 2  # the cache grows by one token per step
+    bytes_per_token = result["weight_bytes_fp32"] + result["cache_bytes_fp32_per_token"] * mean_context
+    result["roofline_decode_tok_s"] = bandwidth / bytes_per_token
+    for row in result["rows"]:
+        if row["batch"] == 1 and row["prompt"] == context and row["runtime"] in (
+                "persimmon float32", "transformers", "openvino fp32-exact"):
+            row["roofline_fraction"] = row["decode_tok_s"] / result["roofline_decode_tok_s"]
+
+
+def chart(results: dict, context: int, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    runtimes = ["onnxruntime", "torch-reference", "transformers"]
-    labels = [(c, b, p) for c in results for b in sorted({r["batch"] for r in results[c]["rows"]})
-              for p in sorted({r["prompt"] for r in results[c]["rows"]})]
-    x = np.arange(len(labels))
+    configs = list(results)
+    runtimes = sorted({r["runtime"] for c in configs for r in results[c]["rows"]})
+    width = 0.8 / len(runtimes)
     for ax, metric in zip(axes, ("prefill_tok_s", "decode_tok_s")):
         for i, runtime in enumerate(runtimes):
-            values = [next(r[metric] for r in results[c]["rows"] if r["runtime"] == runtime and r["batch"] == b
-                           and r["prompt"] == p) for c, b, p in labels]
-            ax.bar(x + (i - 1) * 0.27, values, 0.27, label=runtime)
-        ax.set_xticks(x, [f"{c} b{b} p{p}" for c, b, p in labels], fontsize=7, rotation=45, ha="right")
-        ax.set_yscale("log")
-        ax.set_title(metric.replace("_tok_s", " tokens/s (log)"))
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Persimmon on CPU ({platform.machine()}, {os.cpu_count()} cores), fp32, random weights")
+            values = [(find(results[c]["rows"], runtime, 1, context) or {}).get(metric, 0) for c in configs]
+            ax.bar(np.arange(len(configs)) + (i - len(runtimes) / 2) * width, values, width, label=runtime)
+        ax.set_xticks(np.arange(len(configs)), configs)
+        ax.set_title(f"{metric.replace('_tok_s', '')} tokens/s, batch 1, {context}-token prompt")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Persimmon on CPU ({machine()}), random weights")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--quick", action="store_true", help="batch 1 only, prompt 128 and 1024, fewer steps")
-    parser.add_argument("--export-8b", action="store_true", help="also measure the 8B-shaped export (minutes)")
+    parser.add_argument("--configs", nargs="+", default=["100M", "300M"], choices=list(CONFIGS))
+    parser.add_argument("--quick", action="store_true", help="batch 1 only and --new-tokens 64")
+    parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per run (default 128)")
+    parser.add_argument("--block-size", type=int, default=32, help="int8/int4 block size, ours and OpenVINO's int4")
+    parser.add_argument("--precisions", nargs="*", default=list(OURS), choices=list(OURS),
+                        help="this project's builds to measure (default: all)")
+    parser.add_argument("--openvino", nargs="*", default=["fp32-exact", "default", "int8", "int4"],
+                        choices=["fp32-exact", "default", "int8", "int4"],
+                        help="OpenVINO variants to measure (default: all; none: skip OpenVINO)")
+    parser.add_argument("--wait-idle", type=float, default=60.0,
+                        help="seconds to wait before each measurement for other work on the machine to stop")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    batches, lengths = ([1], [128, 1024]) if args.quick else ([1, 8], [128, 1024])
-    steps, repeats = (4, 1) if args.quick else (8, 2)
+    batches, lengths = ([1], [128, 1024]) if args.quick else ([1, MAX_BATCH], [128, 1024])
+    new_tokens = 64 if args.quick else args.new_tokens
     bandwidth = measure_bandwidth()
-    print(f"memory read bandwidth ({os.cpu_count()} threads): {bandwidth / 1e9:.1f} GB/s", flush=True)
+    print("memory read bandwidth: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bandwidth.items()), flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as work:
         for name in args.configs:
-            results[name] = run_config(name, work, batches, lengths, steps, repeats, bandwidth)
-    capacity = measure_capacity(context=200, steps=32, capacities=[256, 1024, 4096])
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}",
-              "bandwidth_bytes_s": bandwidth, "configs": results, "decode_vs_capacity": capacity,
-              "gpu": "not measured: no GPU on this machine" if not torch.cuda.is_available() else "see plugins"}
-    if args.export_8b:
-        out = subprocess.run([sys.executable, os.path.join(HERE, "export_memory.py")], capture_output=True, text=True)
-        report["export_8b"] = json.loads(out.stdout[out.stdout.index("{"):out.stdout.rindex("}") + 1])
+            results[name] = run_config(name, work, batches, lengths, new_tokens, args.wait_idle, args.block_size,
+                                       args.precisions, args.openvino)
+            add_roofline(results[name], bandwidth["best"], max(lengths), new_tokens)
+    report = {"machine": machine(), "bandwidth_bytes_s": bandwidth, "new_tokens": new_tokens,
+              "block_size": args.block_size, "configs": results}
     report["targets"] = [{"target": t, "pass": ok, "measured": m} for t, ok, m in targets(results, max(lengths))]
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "latest.json"), "w") as f:
         json.dump(report, f, indent=2)
     try:
-        chart(results, os.path.join(HERE, "results", "latest.png"))
+        chart(results, max(lengths), os.path.join(HERE, "results", "latest.png"))
     except ImportError:
         print("matplotlib not installed: no chart (bash benchmarks/run.sh installs it)")
     print()
     for item in report["targets"]:
-        print(f"{'PASS' if item['pass'] else 'FAIL'}  {item['target']}: {item['measured']}")
+        verdict = {True: "PASS", False: "FAIL", None: "----"}[item["pass"]]
+        print(f"{verdict}  {item['target']}: {item['measured']}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import types
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from decode_capacity import cpu_model  # noqa: E402
+from machine import machine  # noqa: E402
 
 from persimmon_runtime.sampling import Sampler, SamplingParams, sample  # noqa: E402
 
@@ -118,7 +117,7 @@ def main() -> None:
         print(f"commit {OLD_COMMIT} not readable with git: the old implementation is not timed")
     results = [r for profile in ("normal*3", "zipf") for rows in (1, 8)
                for r in measure(profile, rows, args.repeats, args.old_repeats, old)]
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}",
+    report = {"machine": machine(),
               "date": datetime.date.today().isoformat(), "vocab": VOCAB, "target_ratio": TARGET,
               "timing": "fastest of the repeats (median alongside); ratio = ms_per_call / rows / argsort_ms",
               "results": results}

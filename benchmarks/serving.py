@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
 import http.client
 import json
 import os
@@ -51,22 +50,17 @@ import numpy as np
 import onnxruntime
 
 import persimmon_runtime
-from persimmon_export import PersimmonConfig
 from persimmon_export.build import build
-from persimmon_export.checkpoint import save_model, tokenizer_files
-from persimmon_export.demo import random_model, train_tokenizer
 from persimmon_export.triton import MODEL_PY, write_repository
-from persimmon_runtime import Tokenizer
 from persimmon_runtime.generator import Generator
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from machine import CpuShare, cpu_model, cpu_note, group_cpu_s  # noqa: E402
+from workload import prompt_texts, random_checkpoint  # noqa: E402
 import tritonserver  # noqa: E402 (tests/tritonserver.py: the bundled server, started as the tests start it)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-# CONFIGS["100M"] of benchmarks/run.py, written out: run.py and decode_capacity.py import runtime
-# internals of their own commit, which another commit's runtime (the "before" worktree) lacks.
-CONFIG_100M = dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=12, intermediate_size=3072)
 RUNTIME_DIR = os.path.dirname(os.path.dirname(os.path.abspath(persimmon_runtime.__file__)))
 MAX_BATCH = 8
 TOP_P = {"temperature": 0.8, "top_p": 0.9, "seed": 1}
@@ -74,126 +68,14 @@ TOP_P = {"temperature": 0.8, "top_p": 0.9, "seed": 1}
 
 # ---- the build: a 100M model and a tokenizer as large as its vocabulary ----
 
-def padded_tokenizer(out_file: str, vocab: int) -> int:
-    """A sentencepiece model of exactly `vocab` pieces; returns the id of the first added piece.
-
-    sentencepiece cannot train 262,144 pieces from a small corpus, so a small trained model gets
-    normal pieces `▁v000000`, `▁v000001`, ... appended. Their scores are below every trained
-    piece, so ordinary text tokenizes as before, while a run of them (" v000007 v000042") is one
-    token each: that is how the prompts hit an exact length and decoding meets real pieces.
-    """
-    from sentencepiece import sentencepiece_model_pb2
-
-    trained = train_tokenizer(out_file)
-    model = sentencepiece_model_pb2.ModelProto()
-    with open(trained, "rb") as f:
-        model.ParseFromString(f.read())
-    first_added = len(model.pieces)
-    if first_added >= vocab:
-        raise SystemExit(f"vocabulary {vocab} is smaller than the trained tokenizer's {first_added} pieces")
-    lowest = min(p.score for p in model.pieces)
-    for i in range(vocab - first_added):
-        piece = model.pieces.add()
-        piece.piece, piece.score = f"\u2581v{i:06d}", lowest - 1.0 - i * 1e-6
-        piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
-    with open(out_file, "wb") as f:
-        f.write(model.SerializeToString())
-    return first_added
-
-
 def make_build(work: str, vocab: int, kv_capacity: int) -> tuple[str, int]:
     """The 100M config of benchmarks/run.py at `vocab`, built for onnxruntime (fp32, max_batch 8);
     returns (build directory, first added tokenizer piece)."""
-    tokenizer_file = os.path.join(work, f"tokenizer-{vocab}.model")
-    first_added = padded_tokenizer(tokenizer_file, vocab)
-    tokenizer = Tokenizer(tokenizer_file)
-    config = PersimmonConfig(vocab_size=vocab, max_position_embeddings=4096, bos_token_id=tokenizer.bos_id,
-                             eos_token_id=tokenizer.bos_id, **CONFIG_100M)
-    checkpoint = save_model(random_model(config, seed=0), os.path.join(work, f"checkpoint-{vocab}"),
-                            extra_files=tokenizer_files(tokenizer))
+    checkpoint, first_added = random_checkpoint(work, "100M", vocab)
     out = os.path.join(work, f"build-{vocab}")
     build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=MAX_BATCH, kv_capacity=kv_capacity)
     shutil.rmtree(checkpoint)  # up to 2 GB at the real vocabulary; only the build is needed now
     return out, first_added
-
-
-def prompt_texts(build_dir: str, first_added: int, count: int, tokens: int, seed: int) -> list[str]:
-    """`count` prompts of exactly `tokens` token ids each (BOS included), random added pieces."""
-    tokenizer = Tokenizer(os.path.join(build_dir, "tokenizer.model"))
-    rng = np.random.default_rng(seed)
-    texts = []
-    for _ in range(count):
-        ids = rng.integers(first_added, tokenizer.vocab_size, tokens - 1)
-        # without its first space: sentencepiece adds one (the dummy prefix)
-        text = "".join(tokenizer.sp.id_to_piece(int(i)).replace("\u2581", " ") for i in ids)[1:]
-        if len(tokenizer.encode(text)) != tokens:
-            raise SystemExit(f"a prompt meant to be {tokens} tokens encodes to {len(tokenizer.encode(text))}")
-        texts.append(text)
-    return texts
-
-
-# ---- how much of the machine was ours ----
-
-def _machine_busy_s() -> float:
-    """CPU seconds all cores have spent working since boot (/proc/stat: user, nice, system, irq, softirq)."""
-    with open("/proc/stat") as f:
-        ticks = [int(v) for v in f.readline().split()[1:]]
-    return (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / os.sysconf("SC_CLK_TCK")
-
-
-def group_cpu_s(pgid: int) -> float:
-    """CPU seconds used so far by the live processes of process group `pgid` (the server and its stubs)."""
-    ticks = 0
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            fields = open(stat).read().rsplit(")", 1)[1].split()
-        except OSError:  # exited while we looked
-            continue
-        if int(fields[2]) == pgid:
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-class CpuShare:
-    """Cores in use while a measurement runs: the benchmark's own (this process, plus what
-    `own_extra` counts, e.g. the server) and the rest, other work on a shared machine. Starts
-    after waiting up to `wait_idle_s` for the machine to be idle."""
-
-    def __init__(self, own_extra=lambda: 0.0, wait_idle_s: float = 0.0):
-        self.waited_s = wait_until_idle(wait_idle_s) if wait_idle_s > 0 else 0.0
-        self.own_extra = own_extra
-        self.start = self._now()
-
-    def _now(self) -> tuple:
-        return time.perf_counter(), _machine_busy_s(), time.process_time() + self.own_extra()
-
-    def result(self) -> dict:
-        wall, machine, own = (end - start for end, start in zip(self._now(), self.start))
-        return {"waited_for_idle_s": self.waited_s, "wall_s": wall, "machine_busy_cores": machine / wall,
-                "benchmark_cores": own / wall, "other_work_cores": max(0.0, machine - own) / wall}
-
-
-def wait_until_idle(limit_s: float, busy_cores: float = 0.25) -> float:
-    """Wait (up to limit_s) until the machine, with this benchmark idle between measurements, has
-    stayed under `busy_cores` of other work for 2 s; return the seconds waited."""
-    started = time.perf_counter()
-    while time.perf_counter() - started < limit_s:
-        busy = _machine_busy_s()
-        time.sleep(2)
-        if (_machine_busy_s() - busy) / 2 < busy_cores:
-            break
-    return time.perf_counter() - started
-
-
-def cpu_note(cpu: dict) -> str:
-    waited = f", waited {cpu['waited_for_idle_s']:.0f} s for an idle machine" if cpu["waited_for_idle_s"] >= 3 else ""
-    return f"[cores: this benchmark {cpu['benchmark_cores']:.2f}, other work {cpu['other_work_cores']:.2f}{waited}]"
-
-
-def cpu_name() -> str:
-    with open("/proc/cpuinfo") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    return names[0] if names else platform.processor() or "unknown"
 
 
 # ---- part 1: the Generator in process ----
@@ -216,7 +98,8 @@ def bench_generator(work: str, vocab: int, prompt_tokens: int, new_tokens: int, 
     build_dir, first_added = make_build(work, vocab, kv_capacity=prompt_tokens + new_tokens)
     print(f"generator: built vocab {vocab} in {time.perf_counter() - started:.0f} s", flush=True)
     generator = Generator.load(build_dir)
-    prompts = prompt_texts(build_dir, first_added, MAX_BATCH, prompt_tokens, seed=1)
+    prompts = prompt_texts(os.path.join(build_dir, "tokenizer.model"), first_added, MAX_BATCH, prompt_tokens,
+                           seed=1)
     generator.generate(prompts, max_new_tokens=2)  # warm-up: onnxruntime's first runs allocate
     rows = []
     for name, settings in (("greedy", {}), ("top_p", TOP_P)):
@@ -355,7 +238,8 @@ def bench_triton(work: str, vocab: int, prompt_tokens: int, new_tokens: int, cli
     add_runtime_probe(repository)
     print(f"triton: built vocab {vocab} in {time.perf_counter() - started:.0f} s", flush=True)
     per_client = {count: -(-min_requests // count) for count in clients}
-    prompts = prompt_texts(build_dir, first_added, max(c * n for c, n in per_client.items()), prompt_tokens, seed=2)
+    prompts = prompt_texts(os.path.join(build_dir, "tokenizer.model"), first_added,
+                           max(c * n for c, n in per_client.items()), prompt_tokens, seed=2)
     server = start_server(repository, work)
     try:
         imported = server_runtime(server)
@@ -423,7 +307,7 @@ def main() -> None:
     new_tokens, repeats, clients = (16, 1, [1, 4]) if args.quick else (64, args.repeats, args.clients)
     path = os.path.join(HERE, "results", f"serving_{args.label}.json")
     report = json.load(open(path)) if os.path.isfile(path) else {}  # a rerun of one part keeps the other
-    report.update({"label": args.label, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_name()}",
+    report.update({"label": args.label, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}",
                    "python": platform.python_version(), "onnxruntime": onnxruntime.__version__})
     print(f"measuring the runtime in {RUNTIME_DIR} ({runtime_commit()})", flush=True)
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as work:

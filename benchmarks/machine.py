@@ -1,0 +1,139 @@
+"""The machine a benchmark runs on: its CPU, how much of it was ours, its memory bandwidth.
+
+Shared by the scripts in benchmarks/ (each runs with benchmarks/ on sys.path). No torch here:
+benchmarks/openvino_peer.py imports it from the OpenVINO venv too.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}"
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of `repeats` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds all cores have spent working since boot (/proc/stat: user, nice, system, irq, softirq)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds used so far by the live processes of process group `pgid` (the server and its stubs)."""
+    ticks = 0
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:  # exited while we looked
+            continue
+        if int(fields[2]) == pgid:
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class CpuShare:
+    """Cores in use while a measurement runs: the benchmark's own (this process, plus what
+    `own_extra` counts, e.g. the server) and the rest, other work on a shared machine. Starts
+    after waiting up to `wait_idle_s` for the machine to be idle."""
+
+    def __init__(self, own_extra=lambda: 0.0, wait_idle_s: float = 0.0):
+        self.waited_s = wait_until_idle(wait_idle_s) if wait_idle_s > 0 else 0.0
+        self.own_extra = own_extra
+        self.start = self._now()
+
+    def _now(self) -> tuple:
+        return time.perf_counter(), _machine_busy_s(), time.process_time() + self.own_extra()
+
+    def result(self) -> dict:
+        wall, machine, own = (end - start for end, start in zip(self._now(), self.start))
+        return {"waited_for_idle_s": self.waited_s, "wall_s": wall, "machine_busy_cores": machine / wall,
+                "benchmark_cores": own / wall, "other_work_cores": max(0.0, machine - own) / wall}
+
+
+def wait_until_idle(limit_s: float, busy_cores: float = 0.25) -> float:
+    """Wait (up to limit_s) until the machine, with this benchmark idle between measurements, has
+    stayed under `busy_cores` of other work for 2 s; return the seconds waited."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit_s:
+        busy = _machine_busy_s()
+        time.sleep(2)
+        if (_machine_busy_s() - busy) / 2 < busy_cores:
+            break
+    return time.perf_counter() - started
+
+
+def cpu_note(cpu: dict) -> str:
+    waited = f", waited {cpu['waited_for_idle_s']:.0f} s for an idle machine" if cpu["waited_for_idle_s"] >= 3 else ""
+    return f"[cores: this benchmark {cpu['benchmark_cores']:.2f}, other work {cpu['other_work_cores']:.2f}{waited}]"
+
+
+def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
+    """Read bandwidth (bytes/s) by several methods, each the best of `repeats`; "best" is the largest.
+
+    Decode reads every weight once per token, so read bandwidth bounds it. No single method is a
+    true upper bound on its own (a 2-thread sum reached only ~96% of what our decode achieved once):
+    the methods include the decode's own access pattern, a float32 matrix-vector product, in torch
+    and in onnxruntime (the kernel our runtime runs), over a matrix far larger than the caches.
+    """
+    import onnxruntime
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    rows, cols = int(gib * 2**30) // (4 * 4096), 4096
+    matrix = torch.rand(rows, cols)
+    vector = torch.rand(cols)
+    flat = matrix.view(-1)
+    weights = matrix.numpy().T  # [cols, rows]: x[1, cols] @ W, as our graphs store linear weights
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cols])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows])],
+                              [numpy_helper.from_array(np.ascontiguousarray(weights), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((1, cols), dtype=np.float32)
+    methods = {"torch_sum": lambda: flat.sum(), "torch_matvec": lambda: torch.mv(matrix, vector),
+               "onnxruntime_matvec": lambda: session.run(None, {"x": x})}
+    result = {}
+    for name, fn in methods.items():
+        fn()
+        best = min(_seconds(fn) for _ in range(repeats))
+        result[name] = matrix.numel() * 4 / best
+    result["best"] = max(result.values())
+    return result
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start

@@ -1,0 +1,46 @@
+"""Per-token timing of real generation, taken the same way for every runtime.
+
+A run records one timestamp when the request starts and one as each generated token becomes
+available: our Scheduler's `on_step` (after every model step), or a `generate()` streamer for
+transformers and optimum-intel (`put` is called with the prompt before prefill, then with each
+new token). From those: time to first token (the prefill, as the user waits for it) and the
+decode step times, of which p50, p99 and tokens/s are reported. No torch or runtime imports here:
+benchmarks/openvino_peer.py uses it from the OpenVINO venv.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+class StampStreamer:
+    """A `generate(streamer=...)` streamer that keeps a timestamp per call of `put` (any batch)."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def token_stamps(self) -> list[float]:
+        """The times each new token (each batch of tokens) arrived: every put after the prompt's."""
+        return self.stamps[1:]
+
+
+def summarize(started: float, token_stamps: list[float], batch: int, prompt_tokens: int) -> dict:
+    """Prefill and decode figures from the request's start and the arrival time of each new token."""
+    if len(token_stamps) < 2:
+        raise ValueError("need at least two generated tokens to time a decode step")
+    ttft = token_stamps[0] - started
+    steps = np.diff(np.array(token_stamps))
+    p50, p99 = (float(np.percentile(steps, q)) for q in (50, 99))
+    return {"ttft_s": ttft, "prefill_tok_s": batch * prompt_tokens / ttft,
+            "decode_tok_s": batch * len(steps) / float(steps.sum()),
+            "step_p50_ms": p50 * 1e3, "step_p99_ms": p99 * 1e3, "step_max_ms": float(steps.max()) * 1e3,
+            "p99_over_p50": p99 / p50, "new_tokens": len(token_stamps),
+            "slowest_steps": [int(i) + 1 for i in np.argsort(steps)[::-1][:3]]}  # decode step numbers, 1-based
