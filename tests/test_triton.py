@@ -545,6 +545,52 @@ def test_a_cancelled_grpc_stream_stops_generating(server, local):
     assert server["process"].poll() is None
 
 
+def _flip_bytes(path: str, count: int = 64) -> None:
+    """Corrupt a file in place, same size: invert `count` bytes in its middle."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        chunk = f.read(count)
+        f.seek(-len(chunk), os.SEEK_CUR)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+
+
+def test_a_corrupt_build_is_not_loaded_and_other_models_keep_serving(build_dir, overflow_build, local, tmp_path):
+    """The repository's copy of a build with flipped bytes in model.onnx.data (same size, so only
+    the checksum can tell): Triton must not serve it, the load error must name the file, and the
+    healthy model beside it must serve as usual."""
+    repo = tmp_path / "repo"
+    write_repository(build_dir, str(repo))
+    other = tmp_path / "other"
+    write_repository(overflow_build, str(other), name="corrupt")
+    shutil.move(str(other / "corrupt"), str(repo / "corrupt"))
+    data = repo / "corrupt" / "1" / "build" / "model.onnx.data"
+    size = data.stat().st_size
+    _flip_bytes(str(data))
+    assert data.stat().st_size == size
+    # By default a model that fails to load stops tritonserver; a shared server keeps its other models.
+    running = start_server(str(repo), tmp_path, "--exit-on-error", "false", "--strict-readiness", "false")
+    try:
+        index = {m["name"]: m for m in _repository_index(running)}
+        assert index["persimmon"]["state"] == "READY", index
+        assert index["corrupt"]["state"] == "UNAVAILABLE", index
+        assert "model.onnx.data: sha256" in index["corrupt"]["reason"], index
+        assert "differs from the manifest" in index["corrupt"]["reason"], index
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{running['http']}/v2/models/corrupt/ready", timeout=10)
+        status, [reply] = post(running, "generate", {"text_input": "hi", "max_new_tokens": 3}, model="corrupt")
+        assert status >= 400 and "corrupt" in reply["error"], reply
+        assert_still_serving(running, local)
+    finally:
+        stop_server(running)
+
+
+def _repository_index(server) -> list[dict]:
+    request = urllib.request.Request(f"{server['http']}/v2/repository/index", data=b"{}",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_killed_server_leaves_no_stub_process_or_shared_memory(repository, tmp_path, sig):
     """The server alone gets the signal (a user's `kill`, the OOM killer) while it streams: it exits
