@@ -526,8 +526,10 @@ def test_stop_strings_through_the_server(server, local):
 
 
 def test_a_cancelled_grpc_stream_stops_generating(server, local):
-    """Left running, this stream would hold the model for its 4000 tokens (about 20 s) and stall
-    the next request as long: after the cancel, the next request must be served at once."""
+    """Left running, this stream would generate its 4000 tokens (about 20 s). With continuous
+    batching a next request would share its steps and be served at once anyway, so the proof is
+    the model's step counter: once the cancelled request's row is freed, with nothing else in
+    flight, no more steps run."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(server["grpc"])
@@ -539,6 +541,10 @@ def test_a_cancelled_grpc_stream_stops_generating(server, local):
                                                                "ignore_eos": True})
     assert first_piece.wait(timeout=60)  # generation is under way
     client.stop_stream(cancel_requests=True)
+    time.sleep(1.0)  # the row is freed at the next piece or within 50 ms (should_stop's poll)
+    steps_after_cancel, _ = _step_counters(server)
+    time.sleep(1.0)  # a running decode of this model makes hundreds of steps a second
+    assert _step_counters(server)[0] == steps_after_cancel, "steps still run after the only request was cancelled"
     started = time.monotonic()
     assert_still_serving(server, local)
     assert time.monotonic() - started < 4.0
