@@ -53,8 +53,9 @@ def prefill_logits(directory: str, ids: list[int]) -> np.ndarray:
     """The last token's logits of one prefill step, run by a plain onnxruntime session."""
     manifest = Manifest.load(directory)
     session = ort.InferenceSession(os.path.join(directory, "model.onnx"), providers=["CPUExecutionProvider"])
-    heads, _, head_dim = manifest.cache_shape
-    cache = np.zeros((1, heads, len(ids), head_dim), np.float16 if manifest.dtype == "float16" else np.float32)
+    heads, capacity, head_dim = manifest.cache_shape
+    slots = len(ids) if manifest.onnx.cache_layout == "whole" else capacity  # `whole`: cache length = mask width
+    cache = np.zeros((1, heads, slots, head_dim), np.float16 if manifest.dtype == "float16" else np.float32)
     feeds = {"input_ids": np.array([ids], np.int64), "first_slot": np.zeros(1, np.int64),
              "token_count": np.array([len(ids)], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64),
              **{name: cache for name in manifest.cache_inputs}}

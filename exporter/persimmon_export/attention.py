@@ -31,6 +31,14 @@ from onnx.reference.op_run import OpRun
 
 CONTRIB_DOMAIN = "com.microsoft"
 CONTRIB_OPSET = 1
+# onnxruntime's GroupQueryAttention refuses other head sizes ("head_size must be a multiple of 8")
+HEAD_DIM_MULTIPLE = 8
+
+
+def onnxruntime_cache_layout(head_dim: int) -> str:
+    """The cache layout of an onnxruntime build: `capacity` where GroupQueryAttention takes the head
+    size (Persimmon-8B's 64 does), else the older `whole` (MatMul/Softmax, caches grown by copying)."""
+    return "capacity" if head_dim % HEAD_DIM_MULTIPLE == 0 else "whole"
 
 
 def gqa_lengths(g, seq: str, one: str) -> tuple[str, str]:

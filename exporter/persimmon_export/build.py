@@ -16,6 +16,7 @@ from persimmon_runtime.tokenizer import Tokenizer
 from persimmon_runtime.verify import sha256_file
 
 from . import __version__
+from .attention import onnxruntime_cache_layout
 from .checkpoint import check_directory, checked_tensors
 from .config import PersimmonConfig
 from .engine import FLAVORS, TENSORRT, TENSORRT_RTX, build_engine, check_engine_options
@@ -44,7 +45,8 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
     backend (onnxruntime cannot run them) and have no relu^2 scale. float16 builds first run the
     fp32 reference on calibration prompts (built-in, or calibration_file's lines): the relu^2 scales
     must hold what it measures and the manifest's `ranges` records it (see `ranges`). cache_layout (see
-    `export`) defaults to "window" for engine builds and "capacity" for onnxruntime builds. An existing `out_dir` is
+    `export`) defaults to "window" for engine builds, for onnxruntime builds to "capacity" (or "whole"
+    where the head size is not a multiple of 8, see `attention`). An existing `out_dir` is
     replaced only if it is a build we wrote and `overwrite` is set (see `files.check_output`).
     """
     checkpoint = check_directory(checkpoint)
@@ -73,7 +75,7 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
         raise ExportError(f"--kv-capacity must be in [2, max_position_embeddings={config.max_position_embeddings}], "
                           f"got {kv_capacity}")
     max_prefill = max_prefill or min(kv_capacity, 2048)
-    cache_layout = cache_layout or ("capacity" if flavor is None else "window")
+    cache_layout = cache_layout or (onnxruntime_cache_layout(config.head_dim) if flavor is None else "window")
     if flavor is not None and cache_layout != "window":
         raise ExportError(f"{flavor.product} builds need cache_layout 'window' (a static cache length for its "
                           f"KV-cache update)")

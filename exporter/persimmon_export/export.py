@@ -48,7 +48,7 @@ from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import CACHE_LAYOUTS, CustomOps, GraphSection, TensorSpec
 from persimmon_runtime.verify import sha256_file
 
-from .attention import add_contrib_opset, gqa_lengths, grouped_query_attention
+from .attention import HEAD_DIM_MULTIPLE, add_contrib_opset, gqa_lengths, grouped_query_attention
 from .config import PersimmonConfig
 from .model import rope_inv_freq
 from .progress import Steps
@@ -176,6 +176,9 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_lay
     """The step graph, with initializers left out (the caller adds them as external data)."""
     if cache_layout not in CACHE_LAYOUTS:
         raise ExportError(f"cache layout {cache_layout!r} is not one of {tuple(CACHE_LAYOUTS)}")
+    if cache_layout == "capacity" and config.head_dim % HEAD_DIM_MULTIPLE:
+        raise ExportError(f"cache layout 'capacity' needs a head_dim that is a multiple of {HEAD_DIM_MULTIPLE} "
+                          f"(onnxruntime's GroupQueryAttention), got {config.head_dim}: use cache layout 'whole'")
     if config.rope_scaling_type == "dynamic" and kv_capacity > config.max_position_embeddings:
         # dynamic NTK raises the rope base once a position reaches max_position_embeddings; below
         # that its frequencies are the unscaled ones, so a build that cannot get there is exact

@@ -1,0 +1,116 @@
+"""The onnxruntime cache layouts end to end: prefill at 1024 tokens and decode step times around
+the slots where `whole`-layout caches grow (1024 -> 1280 on the first step after a 1024-token
+prompt, then every 256 slots), `whole` (MatMul/Softmax, grown by copying) against `capacity`
+(GroupQueryAttention, allocated once), with transformers (SDPA) prefill beside them.
+
+    .venv/bin/python benchmarks/cache_layouts.py --configs 100M 300M --steps 300
+
+Random weights, fp32, batch 1, CPU; builds go to a temporary directory. Prints prefill tok/s
+(best of --repeats) and, per layout, the first decode step's time and p50/p99 of the steps
+after it, and of the 8 steps at each former growth point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from run import CONFIGS, VOCAB, prompts  # noqa: E402
+
+from persimmon_export import PersimmonConfig  # noqa: E402
+from persimmon_export.build import build  # noqa: E402
+from persimmon_export.checkpoint import save_model, tokenizer_files  # noqa: E402
+from persimmon_export.demo import random_model, train_tokenizer  # noqa: E402
+from persimmon_runtime import Tokenizer  # noqa: E402
+from persimmon_runtime.backends import decode, prefill  # noqa: E402
+from persimmon_runtime.generator import Generator  # noqa: E402
+
+
+def best_of(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def decode_times(backend, ids: list[list[int]], steps: int) -> np.ndarray:
+    """Seconds of each of `steps` decode steps after prefilling `ids` (fresh caches)."""
+    logits, positions = prefill(backend, ids)
+    tokens = logits.argmax(-1)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        tokens = decode(backend, tokens, positions).argmax(-1)
+        times.append(time.perf_counter() - start)
+    return np.array(times)
+
+
+def growth_points(prompt: int, steps: int) -> list[int]:
+    """Indices of the decode steps that cross a 256-slot boundary (where `whole` caches grow)."""
+    return [i for i in range(steps) if (prompt + i) % 256 == 0]
+
+
+def summarize(times: np.ndarray, prompt: int) -> str:
+    ms = times * 1e3
+    points = growth_points(prompt, len(times))
+    near = np.concatenate([ms[p:p + 8] for p in points])
+    rest = np.delete(ms, [i for p in points for i in range(p, min(p + 8, len(ms)))])
+    return (f"first step {ms[0]:7.1f} ms | steps at growth points {[round(float(ms[p]), 1) for p in points]} | "
+            f"p50/p99 at growth points (8 steps each) {np.percentile(near, 50):.1f}/{np.percentile(near, 99):.1f} ms"
+            f" | p50/p99 elsewhere {np.percentile(rest, 50):.1f}/{np.percentile(rest, 99):.1f} ms")
+
+
+def run_config(name: str, work: str, prompt: int, steps: int, repeats: int) -> None:
+    import transformers
+
+    config = PersimmonConfig(vocab_size=VOCAB, max_position_embeddings=4096, **CONFIGS[name])
+    model = random_model(config, seed=0)
+    tokenizer = Tokenizer(train_tokenizer(os.path.join(work, "sp.model")))
+    checkpoint = save_model(model, os.path.join(work, name), extra_files=tokenizer_files(tokenizer))
+    del model
+    ids = prompts(1, prompt)
+    hf = transformers.PersimmonForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
+                                                           attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        seconds = best_of(lambda: hf(torch.tensor(ids), use_cache=True), repeats)
+    print(f"{name} transformers (sdpa) prefill {prompt}: {prompt / seconds:8.1f} tok/s  load {os.getloadavg()[0]:.2f}",
+          flush=True)
+    del hf
+    for layout in ("whole", "capacity"):
+        out = os.path.join(work, f"{name}-{layout}")
+        build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=1,
+              kv_capacity=prompt + steps + 8, cache_layout=layout)
+        backend = Generator.load(out).backend
+        seconds = best_of(lambda: prefill(backend, ids), repeats)
+        print(f"{name} {layout:8s} prefill {prompt}: {prompt / seconds:8.1f} tok/s  load {os.getloadavg()[0]:.2f}",
+              flush=True)
+        times = decode_times(backend, ids, steps)
+        print(f"{name} {layout:8s} decode after {prompt}: {summarize(times, prompt)}  load {os.getloadavg()[0]:.2f}",
+              flush=True)
+        del backend
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["100M", "300M"], choices=sorted(CONFIGS))
+    parser.add_argument("--prompt", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        for name in args.configs:
+            run_config(name, work, args.prompt, args.steps, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
