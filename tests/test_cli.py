@@ -16,7 +16,6 @@ import torch
 
 from conftest import read_terminal
 from persimmon_export.checkpoint import load_model
-from persimmon_export.generate import greedy_generate
 from persimmon_runtime import IncrementalDetokenizer, Tokenizer, format_chat
 
 EXE = shutil.which("persimmon-export") or os.path.join(os.path.dirname(sys.executable), "persimmon-export")
@@ -49,6 +48,23 @@ def test_help_lists_the_subcommands():
     assert "adept_vocab.model" in run("convert", "--help").stdout
 
 
+def transformers_greedy_answer(checkpoint: str, prompt: str, max_new_tokens: int) -> tuple[str, list[int]]:
+    """The reference: transformers' greedy chat answer from the checkpoint, stopping at its config's
+    EOS, as (the answer's text, the ids generated, EOS included)."""
+    import transformers
+
+    model = transformers.PersimmonForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    prompt_ids = tokenizer.encode(format_chat(prompt))
+    eos = model.config.eos_token_id
+    output = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                            eos_token_id=eos, pad_token_id=eos)
+    new_ids = output[0, len(prompt_ids):].tolist()
+    stream = IncrementalDetokenizer(tokenizer, prompt_ids)
+    answer = "".join(stream.push(i) for i in new_ids if i != eos) + stream.finish()
+    return answer, new_ids
+
+
 def test_demo_makes_a_checkpoint_and_streams_generation(tmp_path):
     result = run("demo", "--out", "ckpt", "--max-new-tokens", "12", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -57,13 +73,26 @@ def test_demo_makes_a_checkpoint_and_streams_generation(tmp_path):
     tokenizer = Tokenizer.from_dir(str(tmp_path / "ckpt"))
     assert model.config.vocab_size >= tokenizer.vocab_size
     assert model.config.bos_token_id == tokenizer.bos_id
-    # what it streamed is the written checkpoint's greedy answer, and it counts the tokens it made
-    prompt_ids = tokenizer.encode(format_chat("What is the capital of France?"))
-    new_ids = greedy_generate(model, torch.tensor([prompt_ids]), max_new_tokens=12)[0, len(prompt_ids):].tolist()
-    stream = IncrementalDetokenizer(tokenizer, prompt_ids)
-    answer = "".join(stream.push(i) for i in new_ids) + stream.finish()
+    # what it streamed is the written checkpoint's greedy answer, and the count is what transformers generates
+    answer, new_ids = transformers_greedy_answer(str(tmp_path / "ckpt"), "What is the capital of France?", 12)
     expected = f"greedy:\n{answer}\n{len(new_ids)} tokens in ".replace("\r\n", "\n").replace("\r", "\n")
     assert answer.strip() and expected in result.stdout  # (newlines as text mode reads them)
+
+
+def test_the_demo_stops_at_eos_and_counts_what_it_generated(tmp_path, capsys):
+    """The demo's count is the model's, not the argument's: with the checkpoint's EOS set to the
+    first token its greedy answer makes from the fifth on, it stops there, as transformers does."""
+    from persimmon_export.demo import make_demo_checkpoint, stream_greedy_answer
+
+    prompt = "What is the capital of France?"
+    free_run, ids = transformers_greedy_answer(make_demo_checkpoint(str(tmp_path / "a")), prompt, 12)
+    assert len(ids) == 12  # this checkpoint's EOS does not come
+    fifth = next(i for k, i in enumerate(ids) if k >= 4 and i not in ids[:k])  # the first new token from step 5 on
+    checkpoint = make_demo_checkpoint(str(tmp_path / "b"), eos_token_id=fifth)  # same seed: the same weights
+    answer, new_ids = transformers_greedy_answer(checkpoint, prompt, 12)
+    assert new_ids[-1] == fifth and len(new_ids) == ids.index(fifth) + 1 < 12
+    assert stream_greedy_answer(checkpoint, prompt, 12) == (answer, len(new_ids))
+    assert capsys.readouterr().out == answer + "\n" and answer != free_run
 
 
 def test_quiet_prints_only_the_result(tmp_path):

@@ -94,8 +94,16 @@ def run_demo(out_dir: str, prompt: str = "What is the capital of France?", max_n
     t0 = time.perf_counter()
     make_demo_checkpoint(out_dir, overwrite=overwrite)
     log.info(f"wrote tiny checkpoint + tokenizer to {out_dir} ({time.perf_counter() - t0:.2f}s)")
-    model = load_model(out_dir)
-    tokenizer = Tokenizer.from_dir(out_dir)
+    return stream_greedy_answer(out_dir, prompt, max_new_tokens)[0]
+
+
+def stream_greedy_answer(checkpoint: str, prompt: str, max_new_tokens: int) -> tuple[str, int]:
+    """Print the reference model's greedy chat answer as it is made, stopping at the checkpoint's
+    EOS or after max_new_tokens; return (the answer, tokens generated, EOS included as
+    transformers counts it) and log that count, so what the demo reports is what the model did."""
+    model = load_model(checkpoint)
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    eos = model.config.eos_token_id
     text = format_chat(prompt)
     prompt_ids = tokenizer.encode(text)
     log.info(f"prompt ({len(prompt_ids)} tokens): {text!r}")
@@ -104,14 +112,17 @@ def run_demo(out_dir: str, prompt: str = "What is the capital of France?", max_n
     pieces = []
 
     def emit(step, token):
-        pieces.append(stream.push(int(token[0])))
-        print(pieces[-1], end="", flush=True)
+        if int(token[0]) != eos:  # EOS ends the answer; it is not text
+            pieces.append(stream.push(int(token[0])))
+            print(pieces[-1], end="", flush=True)
 
     t0 = time.perf_counter()
-    output = greedy_generate(model, torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, on_token=emit)
+    output = greedy_generate(model, torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, eos_token_id=eos,
+                             on_token=emit)
     pieces.append(stream.finish())
     elapsed = time.perf_counter() - t0
     print(pieces[-1])
-    generated = output.shape[1] - len(prompt_ids)  # what the model produced, not what was asked for
-    log.info(f"{generated} tokens in {elapsed:.2f}s ({generated / elapsed:.0f} tokens/s)")
-    return "".join(pieces)
+    generated = output.shape[1] - len(prompt_ids)
+    ending = "stopped at EOS" if int(output[0, -1]) == eos else "max_new_tokens reached"
+    log.info(f"{generated} tokens in {elapsed:.2f}s ({generated / elapsed:.0f} tokens/s; {ending})")
+    return "".join(pieces), generated
