@@ -43,7 +43,8 @@ from onnx import TensorProto, helper
 from persimmon_runtime.backends.cuda import compute_capability
 from persimmon_runtime.backends.tensorrt import parse_version
 from persimmon_runtime.errors import PersimmonError
-from persimmon_runtime.manifest import PROFILE_ROLES, EngineSection, Manifest, PluginPtx, Profile
+from persimmon_runtime.manifest import (CAUSAL_LM, CLASSIFIER_INPUTS, CLASSIFY_ROLE, NO_CACHE, PROFILE_ROLES,
+                                        EngineSection, Manifest, PluginPtx, Profile)
 
 from .progress import build_monitor
 
@@ -157,10 +158,13 @@ def optimization_profiles(manifest: Manifest, max_prefill: int) -> list[dict[str
     per row), then decode (one new token per row).
 
     Each maps every input to (min, opt, max) shapes; batch spans 1..max_batch in both.
+    A classifier has one profile (CLASSIFY_ROLE): texts of 1..kv_capacity tokens, opt max_prefill.
     """
     batch, capacity = manifest.max_batch, manifest.kv_capacity
     if not 1 <= max_prefill <= capacity:
         raise EngineError(f"--max-prefill must be in [1, kv_capacity={capacity}], got {max_prefill}")
+    if manifest.task != CAUSAL_LM:
+        return [{name: ((1, 1), (batch, max_prefill), (batch, capacity)) for name in CLASSIFIER_INPUTS}]
     cache = manifest.cache_shape
     new_tokens = {"prefill": (max_prefill, max_prefill), "decode": (1, max(1, capacity // 2))}  # (seq, kv opt)
     profiles = []
@@ -363,7 +367,7 @@ def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: 
     trt = importlib.import_module(flavor.module)
     use_plugins = _use_plugins(flavor, plugins)
     onnx_path = os.path.join(directory, manifest.onnx.file)
-    path = flavor.cache_update_path(version)
+    path = flavor.cache_update_path(version) if manifest.task == CAUSAL_LM else NO_CACHE
     if path == "scatter_elements":
         model = scatter_elements_fallback(onnx.load(onnx_path, load_external_data=False))
         onnx_path = os.path.join(directory, FALLBACK_ONNX)
@@ -399,7 +403,8 @@ def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: 
         flavor=flavor.backend, version=dotted_version(version), engine_file=ENGINE_FILE, onnx_file=onnx_file,
         compute_capabilities=[t for t in targets if t != "unknown"], version_compatible=version_compatible,
         cache_update=path, plugin_ptx=_plugin_ptx(use_plugins), max_prefill=max_prefill,
-        profiles=[Profile(role, shapes) for role, shapes in zip(PROFILE_ROLES, built_profiles)],
+        profiles=[Profile(role, shapes) for role, shapes in
+                  zip(PROFILE_ROLES if manifest.task == CAUSAL_LM else (CLASSIFY_ROLE,), built_profiles)],
         polygraphy=polygraphy_command(onnx_file, ENGINE_FILE, profiles, version_compatible, timing_cache,
                                       opt_level, workspace_mib, flavor, targets),
         trtexec=trtexec)

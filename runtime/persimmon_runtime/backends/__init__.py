@@ -21,7 +21,7 @@ import re
 import numpy as np
 
 from ..errors import PersimmonError
-from ..manifest import EngineSection, Manifest
+from ..manifest import CAUSAL_LM, EngineSection, Manifest
 
 BACKENDS = ("onnxruntime", "tensorrt")
 
@@ -34,6 +34,9 @@ def load_backend(build_dir: str, manifest: Manifest, backend: str = "auto", devi
     """
     if device is not None:
         parse_device(device)  # refused here, before any backend is chosen or imported
+    if manifest.task != CAUSAL_LM:  # no step graph, no cache: nothing here can run it
+        raise PersimmonError(f"{build_dir} is a {manifest.task} build, not a causal LM: open it with "
+                             f"persimmon_runtime.Classifier.load")
     if backend == "auto":
         backend = "tensorrt" if manifest.tensorrt and device != "cpu" and _engine_usable(manifest.tensorrt) \
             else "onnxruntime"

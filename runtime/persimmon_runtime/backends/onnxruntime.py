@@ -29,34 +29,13 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, build_dir: str, manifest: Manifest, device: str = "cpu"):
-        if manifest.dtype not in NUMPY_DTYPES:  # bfloat16: onnxruntime 1.32's CPU provider has no bf16 MatMul
-            raise PersimmonError(f"{build_dir}: a {manifest.dtype} build does not run on onnxruntime (no bfloat16 "
-                                 f"MatMul on its CPU provider); run its TensorRT engine on a GPU (--backend "
-                                 f"tensorrt), or rebuild with --dtype float16 or float32 for onnxruntime")
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise PersimmonError("onnxruntime is not installed: pip install onnxruntime "
-                                 "(or onnxruntime-gpu for CUDA)") from None
         self.manifest = manifest
-        self.device_type, self.device_id = parse_device(device)
-        if self.device_type == "cpu":
-            providers = ["CPUExecutionProvider"]
-        else:
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise PersimmonError(f"device {device!r}: this onnxruntime has no CUDA execution provider "
-                                     f"(has {ort.get_available_providers()}); install onnxruntime-gpu or use 'cpu'")
-            providers = [("CUDAExecutionProvider", {"device_id": self.device_id}), "CPUExecutionProvider"]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(os.path.join(build_dir, manifest.onnx.file), options,
-                                            providers=providers)
+        self._ort, self.session, (self.device_type, self.device_id) = open_session(build_dir, manifest, device)
         graph_inputs = {i.name for i in self.session.get_inputs()}
         missing = [spec.name for spec in manifest.onnx.inputs if spec.name not in graph_inputs]
         if missing:
             raise PersimmonError(f"{build_dir}: the ONNX model lacks inputs {missing[:3]} named in the manifest; "
                                  f"the build is inconsistent, rebuild it")
-        self._ort = ort
         self.binding = None
         self.caches = []
         self.batch = 0
@@ -160,3 +139,29 @@ def _refuse_padding(attention_mask) -> None:
         row, slot = zeros[0]
         raise PersimmonError(f"attention_mask is 0 at row {row}, slot {slot}: this build (cache layout 'capacity') "
                              f"attends to every slot a row holds; send each prompt unpadded in its own row")
+
+
+def open_session(build_dir: str, manifest: Manifest, device: str = "cpu"):
+    """(the onnxruntime module, an InferenceSession of the build's graph, (device type, id)) on
+    `device`; one-line errors for a dtype onnxruntime cannot run, no onnxruntime, no CUDA provider."""
+    if manifest.dtype not in NUMPY_DTYPES:  # bfloat16: onnxruntime 1.32's CPU provider has no bf16 MatMul
+        raise PersimmonError(f"{build_dir}: a {manifest.dtype} build does not run on onnxruntime (no bfloat16 "
+                             f"MatMul on its CPU provider); run its TensorRT engine on a GPU (--backend "
+                             f"tensorrt), or rebuild with --dtype float16 or float32 for onnxruntime")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise PersimmonError("onnxruntime is not installed: pip install onnxruntime "
+                             "(or onnxruntime-gpu for CUDA)") from None
+    device_type, device_id = parse_device(device)
+    if device_type == "cpu":
+        providers = ["CPUExecutionProvider"]
+    else:
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise PersimmonError(f"device {device!r}: this onnxruntime has no CUDA execution provider "
+                                 f"(has {ort.get_available_providers()}); install onnxruntime-gpu or use 'cpu'")
+        providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(os.path.join(build_dir, manifest.onnx.file), options, providers=providers)
+    return ort, session, (device_type, device_id)
