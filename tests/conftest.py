@@ -110,6 +110,19 @@ def run_together(work, threads: int, timeout_s: float = 300) -> list[Exception]:
     return errors
 
 
+def add_tokenizer_files(directory: str, tokenizer) -> None:
+    """Write `tokenizer`'s files (persimmon_export.checkpoint.tokenizer_files) into a checkpoint
+    directory that transformers' save_pretrained wrote."""
+    from persimmon_export.checkpoint import tokenizer_files
+
+    for name, content in tokenizer_files(tokenizer).items():
+        if isinstance(content, str):
+            with open(content, "rb") as f:
+                content = f.read()
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(content)
+
+
 def run_without_torch(code: str) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter where importing torch fails; it must not import torch."""
     code = _BLOCK_TORCH + textwrap.dedent(code) + '\nassert "torch" not in sys.modules\n'

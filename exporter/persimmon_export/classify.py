@@ -161,12 +161,13 @@ def _last_token(pad_token_id: int | None) -> list:
     nodes = [const("cls_zero", 0), const("cls_one", 1), const("cls_axis1", [1]),
              helper.make_node("Shape", ["input_ids"], ["cls_shape"]),
              helper.make_node("Gather", ["cls_shape", "cls_one"], ["cls_seq"], axis=0)]
-    if pad_token_id is None:
-        return nodes + [helper.make_node("Sub", ["cls_seq", "cls_one"], ["cls_last"]),
-                        helper.make_node("Gather", ["cls_shape", "cls_zero"], ["cls_batch"], axis=0),
-                        helper.make_node("Unsqueeze", ["cls_batch", "cls_axis1"], ["cls_batch1"]),
-                        helper.make_node("Expand", ["cls_last", "cls_batch1"], ["cls_last_b"]),
-                        helper.make_node("Unsqueeze", ["cls_last_b", "cls_axis1"], ["last_token"])]
+    if pad_token_id is None:  # [B, 1] of seq - 1
+        return nodes + [const("cls_axes01", [0, 1]), const("cls_axis0", [0]),
+                        helper.make_node("Sub", ["cls_seq", "cls_one"], ["cls_last"]),
+                        helper.make_node("Unsqueeze", ["cls_last", "cls_axes01"], ["cls_last11"]),
+                        helper.make_node("Gather", ["cls_shape", "cls_axis0"], ["cls_batch"], axis=0),
+                        helper.make_node("Concat", ["cls_batch", "cls_axis1"], ["cls_b1"], axis=0),
+                        helper.make_node("Expand", ["cls_last11", "cls_b1"], ["last_token"])]
     return nodes + [
         const("cls_pad", pad_token_id),
         helper.make_node("Equal", ["input_ids", "cls_pad"], ["cls_is_pad"]),

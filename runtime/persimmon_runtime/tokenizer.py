@@ -104,6 +104,30 @@ class Tokenizer:
         add_bos = self.add_bos if add_bos is None else add_bos
         return [self.bos_id] + ids if add_bos else ids
 
+    def encode_with_offsets(self, text: str, add_bos: bool | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text)` and, per id, the characters of `text` it stands for, text[start:end].
+
+        From sentencepiece's piece spans (UTF-8 byte offsets into `text`, turned into character
+        offsets): BOS stands for (0, 0); of a character spelled in byte pieces, the last one spans
+        it and the others are empty at its start; a respelled special token's byte pieces each
+        span the whole token.
+        """
+        ids = self.encode(text, add_bos=False)  # checks the text
+        pieces = self.sp.encode_as_proto(text).pieces
+        char_at = [0] * (len(text.encode("utf-8")) + 1)  # byte offset -> character offset
+        offset = 0
+        for index, char in enumerate(text):
+            offset += len(char.encode("utf-8"))
+            char_at[offset] = index + 1
+        spans = []
+        for piece in pieces:
+            span = (char_at[piece.begin], char_at[piece.end]) if piece.begin < piece.end else (char_at[piece.begin],) * 2
+            spans += [span] * len(self._respell.get(piece.id, (piece.id,)))
+        if len(spans) != len(ids):  # sentencepiece's proto and its ids always agree; never return misaligned spans
+            raise TokenizerError(f"{self.model_file}: piece spans ({len(spans)}) do not match the ids ({len(ids)})")
+        add_bos = self.add_bos if add_bos is None else add_bos
+        return ([self.bos_id] + ids, [(0, 0)] + spans) if add_bos else (ids, spans)
+
     def decode(self, ids) -> str:
         """Text of `ids`; special tokens and ids past the vocabulary (the model's unused embedding
         rows) are skipped; byte pieces become bytes again."""
