@@ -81,11 +81,16 @@ class Classifier:
         """One text -> its result; a list -> a list, same order. A result is a Classification
         (sequence classification) or a list of TokenLabel (token classification)."""
         single = isinstance(texts, str)
-        encoded = self.encode([texts] if single else texts)
-        logits = self.logits([ids for ids, _ in encoded])
-        results = [self._tokens(text, ids, spans, row) if self.per_token else self._sequence(row)
-                   for text, (ids, spans), row in zip([texts] if single else texts, encoded, logits)]
+        texts = [texts] if single else texts
+        encoded = self.encode(texts)
+        results = self.interpret(texts, encoded, self.logits([ids for ids, _ in encoded]))
         return results[0] if single else results
+
+    def interpret(self, texts: list[str], encoded: list, logits: list[np.ndarray]) -> list:
+        """Results from `encode`'s output and `logits` (the steps of `classify`, for callers that
+        check requests one by one and run them together, as the Triton model does)."""
+        return [self._tokens(text, ids, spans, row) if self.per_token else self._sequence(row)
+                for text, (ids, spans), row in zip(texts, encoded, logits)]
 
     def logits(self, token_ids: list[list[int]]) -> list[np.ndarray]:
         """fp32 logits per text: [num_labels], or [tokens, num_labels] for token classification.
@@ -100,7 +105,7 @@ class Classifier:
         return out
 
     def encode(self, texts) -> list[tuple[list[int], list]]:
-        """Tokenize and check every text before any compute."""
+        """(ids, character spans) per text; every text is checked before any compute."""
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not texts:
             raise PersimmonError("texts must be a str or a non-empty list of str")
         capacity, encoded = self.manifest.kv_capacity, []

@@ -1,0 +1,117 @@
+"""A classifier build served by a real tritonserver (tests/tritonserver.py): a non-decoupled model
+whose concurrent requests Triton's dynamic batcher runs together; answers equal the in-process
+Classifier's."""
+
+import json
+import os
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import transformers
+from google.protobuf import text_format
+
+from persimmon_export.build import build
+from persimmon_export.triton import write_repository
+from persimmon_runtime import Classifier, Tokenizer
+
+import tritonserver
+from conftest import run_together
+from test_classify import LABELS, TEXTS, write_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUESTS = 12
+MAX_BATCH = 4
+# long enough that requests started together on a loaded 2-core machine still meet in the queue
+QUEUE_DELAY_MS = 500
+
+
+@pytest.fixture(scope="module")
+def classifier_build(tmp_path_factory, tiny_checkpoint):
+    root = tmp_path_factory.mktemp("triton-classify")
+    checkpoint, _ = write_checkpoint(root, Tokenizer.from_dir(tiny_checkpoint),
+                                     transformers.PersimmonForSequenceClassification, pad_token_id=0, id2label=LABELS)
+    out = str(root / "build")
+    build(checkpoint, out, dtype="float32", max_batch=MAX_BATCH, kv_capacity=64, backend="onnxruntime")
+    return out
+
+
+@pytest.fixture(scope="module")
+def repository(classifier_build, tmp_path_factory):
+    repo = str(tmp_path_factory.mktemp("repo") / "models")
+    assert write_repository(classifier_build, repo, name="sentiment", queue_delay_ms=QUEUE_DELAY_MS) == ["sentiment"]
+    return repo
+
+
+def test_config_is_batched_by_triton_and_not_decoupled(repository):
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(open(os.path.join(repository, "sentiment", "config.pbtxt")).read(),
+                               model_config_pb2.ModelConfig())
+    assert config.backend == "python" and not config.model_transaction_policy.decoupled
+    assert config.max_batch_size == MAX_BATCH
+    assert config.dynamic_batching.max_queue_delay_microseconds == QUEUE_DELAY_MS * 1000
+    assert [o.name for o in config.output] == ["classification", "batch_size"]
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert "triton_classifier" in open(os.path.join(repository, "sentiment", "1", "model.py")).read()
+
+
+@pytest.fixture(scope="module")
+def server(repository, tmp_path_factory):
+    try:
+        running = tritonserver.start(repository, tmp_path_factory.mktemp("server"), os.path.join(ROOT, "runtime"))
+    except tritonserver.Unavailable as e:
+        pytest.skip(str(e))
+    try:
+        yield running
+    finally:
+        tritonserver.stop(running)
+
+
+def infer(server, text: str) -> tuple[dict, int]:
+    body = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1, 1], "data": [text]}]}
+    request = urllib.request.Request(f"{server['http']}/v2/models/sentiment/infer", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        outputs = {o["name"]: o["data"] for o in json.loads(response.read())["outputs"]}
+    return json.loads(outputs["classification"][0]), outputs["batch_size"][0]
+
+
+def statistics(server) -> dict:
+    with urllib.request.urlopen(f"{server['http']}/v2/models/sentiment/stats", timeout=30) as response:
+        return json.loads(response.read())["model_stats"][0]
+
+
+def test_concurrent_requests_are_batched_by_the_server(server, classifier_build):
+    local = Classifier.load(classifier_build)
+    texts = [TEXTS[i % len(TEXTS)] + f" #{i}" for i in range(REQUESTS)]
+    before = statistics(server)
+    answers = [None] * REQUESTS
+    errors = run_together(lambda i: answers.__setitem__(i, infer(server, texts[i])), REQUESTS)
+    assert not errors, errors
+    after = statistics(server)
+    requests = after["inference_count"] - before["inference_count"]
+    executions = after["execution_count"] - before["execution_count"]
+    assert requests == REQUESTS
+    assert executions < REQUESTS  # Triton ran several requests in one execution
+    assert max(batch for _, batch in answers) > 1  # and the model saw them together
+    assert all(batch <= MAX_BATCH for _, batch in answers)
+    for text, (reply, _) in zip(texts, answers):
+        expected = local.classify(text)
+        assert reply["label"] == expected.label
+        assert np.allclose([reply["scores"][label] for label in LABELS.values()],
+                           [expected.scores[label] for label in LABELS.values()], atol=1e-5)
+
+
+def test_a_bad_request_gets_its_own_error(server):
+    status, reply = None, None
+    body = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1, 1], "data": ["word " * 80]}]}
+    request = urllib.request.Request(f"{server['http']}/v2/models/sentiment/infer", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        status, reply = e.code, json.loads(e.read())
+    assert status == 400 and "tokens; this build classifies texts of 1 to 64 tokens" in reply["error"]
+    assert infer(server, "still serving")[0]["label"] in LABELS.values()
