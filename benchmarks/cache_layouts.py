@@ -23,13 +23,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from run import CONFIGS, VOCAB, prompts  # noqa: E402
+from workload import CONFIGS, VOCAB, random_checkpoint  # noqa: E402
 
-from persimmon_export import PersimmonConfig  # noqa: E402
 from persimmon_export.build import build  # noqa: E402
-from persimmon_export.checkpoint import save_model, tokenizer_files  # noqa: E402
-from persimmon_export.demo import random_model, train_tokenizer  # noqa: E402
-from persimmon_runtime import Tokenizer  # noqa: E402
 from persimmon_runtime.backends import decode, prefill  # noqa: E402
 from persimmon_runtime.generator import Generator  # noqa: E402
 
@@ -73,12 +69,8 @@ def summarize(times: np.ndarray, prompt: int) -> str:
 def run_config(name: str, work: str, prompt: int, steps: int, repeats: int) -> None:
     import transformers
 
-    config = PersimmonConfig(vocab_size=VOCAB, max_position_embeddings=4096, **CONFIGS[name])
-    model = random_model(config, seed=0)
-    tokenizer = Tokenizer(train_tokenizer(os.path.join(work, "sp.model")))
-    checkpoint = save_model(model, os.path.join(work, name), extra_files=tokenizer_files(tokenizer))
-    del model
-    ids = prompts(1, prompt)
+    checkpoint, _ = random_checkpoint(work, name)
+    ids = np.random.default_rng(prompt).integers(100, VOCAB, (1, prompt)).tolist()
     hf = transformers.PersimmonForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
                                                            attn_implementation="sdpa").eval()
     with torch.no_grad():
