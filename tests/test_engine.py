@@ -33,6 +33,7 @@ from persimmon_runtime.backends.cuda import compute_capability
 from persimmon_runtime.manifest import Manifest, ManifestError
 from persimmon_runtime.verify import IntegrityError
 
+from conftest import add_tokenizer_files
 from manifest_parts import engine_section
 
 TRT_VERSION, TRT_MISSING = TENSORRT.installed()
@@ -269,7 +270,9 @@ def test_doctor_reports_every_item_with_reasons():
 # ---- TensorRT-RTX: real engines, built without a GPU ----
 
 # Tiny models in the shapes that matter: QK-LayerNorm on and off, head_dim 24 (not a power of
-# two), partial and full rotary, fp16 and fp32.
+# two), partial and full rotary, fp16 and fp32. The head_dim-24 checkpoint is written by
+# transformers' save_pretrained (its own initialisation and layout), the others by our save_model.
+SAVED_BY_TRANSFORMERS = {"head24-no-qkln-fp16"}
 RTX_CONFIGS = {
     "qkln-fp16": ({}, "float16"),
     "head24-no-qkln-fp16": (dict(hidden_size=72, num_attention_heads=3, intermediate_size=160, qk_layernorm=False),
@@ -280,6 +283,29 @@ RTX_CONFIGS = {
 RTX_BUILD = dict(max_batch=2, kv_capacity=64, max_prefill=16)
 
 
+def save_pretrained_checkpoint(out_dir: str, seed: int, **config_fields) -> str:
+    """The demo checkpoint's config and tokenizer, but the model is transformers' own
+    PersimmonForCausalLM (its initialisation under `seed`) written by its save_pretrained."""
+    import tempfile
+
+    import torch
+    import transformers
+
+    from persimmon_export.demo import train_tokenizer
+    from persimmon_runtime import Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = Tokenizer(train_tokenizer(os.path.join(tmp, "tokenizer.model")))
+        fields = dict(vocab_size=-(-tokenizer.vocab_size // 64) * 64, hidden_size=64, intermediate_size=256,
+                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                      bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.bos_id)
+        fields.update(config_fields)
+        torch.manual_seed(seed)
+        transformers.PersimmonForCausalLM(transformers.PersimmonConfig(**fields)).save_pretrained(out_dir)
+        add_tokenizer_files(out_dir, tokenizer)
+    return out_dir
+
+
 @pytest.fixture(scope="module")
 def rtx_builds(tmp_path_factory):
     if RTX_VERSION is None:
@@ -287,10 +313,23 @@ def rtx_builds(tmp_path_factory):
     root = tmp_path_factory.mktemp("rtx")
     out = {}
     for seed, (name, (fields, dtype)) in enumerate(RTX_CONFIGS.items()):
-        checkpoint = make_demo_checkpoint(str(root / f"{name}-ckpt"), seed=seed, **fields)
+        write = save_pretrained_checkpoint if name in SAVED_BY_TRANSFORMERS else make_demo_checkpoint
+        checkpoint = write(str(root / f"{name}-ckpt"), seed=seed, **fields)
         out[name] = (checkpoint, str(root / name))
         build(checkpoint, out[name][1], dtype=dtype, backend="tensorrt-rtx", **RTX_BUILD)
     return out
+
+
+@needs_rtx
+def test_a_checkpoint_transformers_wrote_builds_an_engine(rtx_builds):
+    """The network tests below run on it too: a layout only our own writer produces would not pass here."""
+    import transformers
+
+    [name] = SAVED_BY_TRANSFORMERS
+    checkpoint, directory = rtx_builds[name]
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        assert json.load(f)["transformers_version"] == transformers.__version__
+    assert Manifest.load(directory).tensorrt.engine_file in os.listdir(directory)
 
 
 def _layers(network):
