@@ -2,7 +2,8 @@
 # Every GPU test, on a machine with an NVIDIA GPU: the tests marked `gpu` (CUDA kernels against
 # numpy through CuPy, the plugins registering in NVIDIA TensorRT, CUDA graphs through cuda-python,
 # onnxruntime's CUDA provider against its CPU provider, TensorRT engine parity with torch and
-# onnxruntime). PERSIMMON_REQUIRE_GPU=1 makes a skipped GPU test a failure: a missing driver,
+# onnxruntime, the true-fp16 emulation against transformers' fp16 on the GPU in
+# tests/test_emulate.py). PERSIMMON_REQUIRE_GPU=1 makes a skipped GPU test a failure: a missing driver,
 # package or toolkit fails the run instead of passing it silently.
 #
 #   bash examples/gpu_tests.sh            # after examples/setup.sh and --install (again after each
