@@ -145,6 +145,13 @@ def _generate_timeout(text: str) -> float:
     return seconds
 
 
+def model_parameters(args: dict) -> tuple[dict, str]:
+    """(config.pbtxt's parameters, the build directory they name) from Triton's initialize args."""
+    config = json.loads(args["model_config"])
+    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    return params, os.path.join(args["model_repository"], args["model_version"], params.get("build_dir", "build"))
+
+
 class _StepCounters:
     """The scheduler's on_step: two Prometheus counters through Triton's custom-metrics API."""
 
@@ -170,9 +177,7 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         self.pb = pb_utils
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        build_dir = os.path.join(args["model_repository"], args["model_version"], params.get("build_dir", "build"))
+        params, build_dir = model_parameters(args)
         gpu = args.get("model_instance_kind") == "GPU"
         device = f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu"
         backend = params.get("backend", "auto")
