@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import traceback
 
 import numpy as np
 
 from .classifier import Classifier
 from .errors import PersimmonError
-from .triton_model import _text_input
+from .triton_model import _text_input, model_parameters
 
 
 class TritonPythonModel:
@@ -29,9 +28,7 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         self.pb = pb_utils
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        build_dir = os.path.join(args["model_repository"], args["model_version"], params.get("build_dir", "build"))
+        _, build_dir = model_parameters(args)
         self.classifier = Classifier.load(build_dir)
         pb_utils.Logger.log_info(f"persimmon classifier: {build_dir} ({self.classifier.manifest.task})")
 
