@@ -247,7 +247,7 @@ def test_doctor_reports_every_item_with_reasons():
 
     findings = dict(report())
     assert list(findings) == ["persimmon-deploy", "python", "torch", "onnx", "onnxruntime", "polygraphy",
-                              "tensorrt", "tensorrt-rtx", "cuda-python", "gpu", "plugins"]
+                              "tensorrt", "tensorrt-rtx", "cuda-python", "gpu", "plugins", "plugin registry"]
     assert "CPUExecutionProvider" in findings["onnxruntime"]
     if TRT_VERSION is None:
         assert findings["tensorrt"].startswith("unavailable: ")
@@ -265,6 +265,8 @@ def test_doctor_reports_every_item_with_reasons():
         assert {"8.6", "8.9", "12.0"} <= set(targets) and "7.5" not in targets  # Turing only when asked for
         assert ("no GPU here" in finding) == (GPU == "unknown")
     assert findings["plugins"].startswith("kernels compile with") or findings["plugins"].startswith("nvcc not found")
+    if TRT_VERSION is not None:  # the real registry: what broke every plugin build once
+        assert findings["plugin registry"].startswith("registered in TensorRT "), findings["plugin registry"]
 
 
 # ---- TensorRT-RTX: real engines, built without a GPU ----

@@ -1,7 +1,9 @@
 """CUDA kernels of the custom ops: they compile for sm_80/sm_90 here; on a GPU they match numpy.
 The plugin definitions have the signatures tensorrt.plugin accepts, checked here without TensorRT."""
 
+import contextlib
 import importlib
+import importlib.util
 import inspect
 import os
 import re
@@ -139,18 +141,26 @@ def _tensorrt_stand_in():
     return trt, trtp
 
 
-@pytest.fixture
-def plugin_definitions():
-    """Import tensorrt_plugins against the stand-in; leave sys.modules and the package as they were."""
+@contextlib.contextmanager
+def _importing_against(trt, trtp):
+    """tensorrt_plugins imports against these modules inside the block; sys.modules and the
+    package are as they were after it."""
     name = "persimmon_plugins.tensorrt_plugins"
-    trt, trtp = _tensorrt_stand_in()
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "tensorrt", trt)
         patch.setitem(sys.modules, "tensorrt.plugin", trtp)
         patch.setitem(sys.modules, name, None)  # undone: the real module, or none, comes back
         del sys.modules[name]
         patch.setattr(persimmon_plugins, "tensorrt_plugins", None, raising=False)
-        importlib.import_module(name)
+        yield
+
+
+@pytest.fixture
+def plugin_definitions():
+    """Import tensorrt_plugins against the stand-in."""
+    trt, trtp = _tensorrt_stand_in()
+    with _importing_against(trt, trtp):
+        importlib.import_module("persimmon_plugins.tensorrt_plugins")
         yield trtp
 
 
@@ -224,6 +234,45 @@ def test_postponed_annotations_are_caught(plugin_definitions):
     plugin_definitions.registered["persimmon::Postponed"] = namespace["desc"]
     with pytest.raises(AssertionError, match="first parameter must be a TensorDesc"):
         _registered_schema(plugin_definitions, "persimmon::Postponed")
+
+
+def _stand_in_with_a_registry(register_fails: bool):
+    """The stand-in as an installed NVIDIA TensorRT 10.15 whose registry holds what its plugin
+    layer registered; with register_fails, the layer rejects every definition the way the real one
+    rejected string annotations."""
+    trt, trtp = _tensorrt_stand_in()
+    trt.__version__, trt.Builder = "10.15.1.29", type("Builder", (), {})
+    trt.get_plugin_registry = lambda: types.SimpleNamespace(
+        get_creator=lambda name, version, namespace: trtp.registered.get(f"{namespace}::{name}") if version == "1"
+        else None)
+    if register_fails:
+        def register(plugin_id):
+            raise TypeError("issubclass() arg 1 must be a class")
+        trtp.register = register
+    return trt, trtp
+
+
+def test_doctor_says_why_it_could_not_try_registering_without_tensorrt():
+    from persimmon_export.doctor import report
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("a tensorrt module is installed here")
+    finding = dict(report())["plugin registry"]
+    assert finding.startswith("not tried: tensorrt is not importable (No module named 'tensorrt'); install TensorRT")
+
+
+@pytest.mark.parametrize("register_fails", [False, True])
+def test_doctor_registers_the_plugins_and_reports_a_failure_in_one_line(register_fails):
+    from persimmon_export.doctor import report
+
+    with _importing_against(*_stand_in_with_a_registry(register_fails)):
+        finding = dict(report())["plugin registry"]
+    if register_fails:
+        assert finding == ("FAILED in TensorRT 10.15.1.29: TypeError: issubclass() arg 1 must be a class; builds fall "
+                           "back to the custom ops' function bodies; --plugins on refuses")
+    else:
+        assert finding == (f"registered in TensorRT 10.15.1.29: {NAMESPACE}::{QK_LAYERNORM_OP} v1, "
+                           f"{NAMESPACE}::{ROTARY_OP} v1")
 
 
 @pytest.mark.gpu

@@ -102,6 +102,33 @@ def _plugins() -> str:
             f"ISA {needs['isa']}; {runs}; NVIDIA TensorRT only, not TensorRT-RTX)")
 
 
+def _plugin_registration() -> str:
+    """Register the plugins as `build --plugins on` does (importing their definitions) and look them
+    up in NVIDIA TensorRT's registry: the failure that once broke every plugin build was here, while
+    the kernels compiled fine. TensorRT-RTX has no Python plugins, so only NVIDIA TensorRT is tried."""
+    from persimmon_plugins import KERNELS
+    from persimmon_runtime.custom_ops import CUSTOM_OP_DOMAIN, PLUGIN_VERSION
+
+    from .engine import TENSORRT, dotted_version
+
+    version, why = TENSORRT.installed()
+    if version is None:
+        return f"not tried: {why}"
+    fallback = "builds fall back to the custom ops' function bodies; --plugins on refuses"
+    try:
+        trt = importlib.import_module(TENSORRT.module)
+        importlib.import_module("persimmon_plugins.tensorrt_plugins")  # registers them on import
+        registry = trt.get_plugin_registry()
+        missing = [op for op in KERNELS if registry.get_creator(op, PLUGIN_VERSION, CUSTOM_OP_DOMAIN) is None]
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        return f"FAILED in TensorRT {dotted_version(version)}: {e.__class__.__name__}: {reason}; {fallback}"
+    if missing:
+        return f"FAILED: TensorRT {dotted_version(version)}'s registry lacks {', '.join(missing)}; {fallback}"
+    return f"registered in TensorRT {dotted_version(version)}: " + \
+        ", ".join(f"{CUSTOM_OP_DOMAIN}::{op} v{PLUGIN_VERSION}" for op in KERNELS)
+
+
 def _onnxruntime() -> str:
     try:
         import onnxruntime as ort
@@ -127,4 +154,5 @@ def report() -> list[tuple[str, str]]:
          "not installed (the TensorRT runtime backend needs it: pip install cuda-python)"),
         ("gpu", _gpu()),
         ("plugins", _plugins()),
+        ("plugin registry", _plugin_registration()),
     ]
