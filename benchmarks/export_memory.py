@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/export_memory.py [--work /tmp/persimmon-export-bench] [--layers 36]
     nice -n 10 .venv/bin/python benchmarks/export_memory.py --backend tensorrt-rtx [--layers 36] \
         [--json benchmarks/results/engine_8b.json]
+    nice -n 10 .venv/bin/python benchmarks/export_memory.py --weights int4   # a weight-only int4 export
 
 Writes an 8B-shaped bf16 checkpoint with random weights (about 18.8 GB; --layers scales it
 down) plus a tiny tokenizer, runs `persimmon-export build --dtype float16` on it in a child
@@ -153,6 +154,8 @@ def main() -> None:
                         help="tensorrt-rtx also builds an engine (default: the ONNX export only)")
     parser.add_argument("--build-arg", action="append", default=[],
                         help="extra `persimmon-export build` argument, repeatable (e.g. --build-arg=--opt-level=0)")
+    parser.add_argument("--weights", choices=["int8", "int4"],
+                        help="build --weights: linear weights stored as int8/int4 codes (default: fp16)")
     parser.add_argument("--json", help="also write the result to this file")
     parser.add_argument("--memory-floor-gib", type=float, default=1.0,
                         help="stop the build when the machine has less available memory than this (default 1)")
@@ -172,13 +175,16 @@ def main() -> None:
         exe = os.path.join(os.path.dirname(sys.executable), "persimmon-export")
         command = [exe, "build", "--checkpoint", checkpoint, "--out", out, "--dtype", "float16",
                    "--max-seq", "4096", "--max-batch", "8", "--backend", args.backend, *args.build_arg]
+        if args.weights:
+            command += ["--weights", args.weights]
         print("running:", " ".join(command), flush=True)
         measured = run_build(command, int(args.memory_floor_gib * GIB))
         sizes = output_sizes(out)
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
     info = machine()
-    result = {"layers": args.layers, "backend": args.backend, "build_args": args.build_arg, **measured, **sizes,
+    result = {"layers": args.layers, "backend": args.backend, "weights": args.weights or "float16",
+              "build_args": args.build_arg, **measured, **sizes,
               "machine": info["description"], "machine_details": info}
     print(json.dumps(result, indent=2))
     if args.json:
@@ -187,7 +193,7 @@ def main() -> None:
             f.write("\n")
     export_peak = result.get("export_peak_rss_bytes", result["peak_rss_bytes"])  # the target is the export's
     verdict = "PASS" if export_peak < 8 * GIB else "FAIL"
-    print(f"build of {sizes['onnx_data_bytes'] / GIB:.2f} GiB fp16 weights: {measured['build_seconds']:.0f}s, "
+    print(f"build of {sizes['onnx_data_bytes'] / GIB:.2f} GiB {args.weights or 'fp16'} weights: {measured['build_seconds']:.0f}s, "
           f"peak RSS {result['peak_rss_bytes'] / GIB:.2f} GiB, peak anonymous {result['peak_anon_bytes'] / GIB:.2f} "
           f"GiB (export: peak RSS {export_peak / GIB:.2f} GiB, target < 8 GiB: {verdict})")
     if "engine_bytes" in sizes:

@@ -22,6 +22,7 @@ from .config import PersimmonConfig
 from .engine import FLAVORS, TENSORRT, TENSORRT_RTX, build_engine, check_engine_options
 from .export import ExportError, export_onnx
 from .files import atomic_directory
+from .quantize import weight_format
 from .ranges import calibrate, log_summary, report
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
           kv_capacity: int | None = None, backend: str = "auto", max_prefill: int | None = None, plugins: str = "auto",
           version_compatible: bool = False, timing_cache: str | None = None, opt_level: int = 3,
           workspace_mib: int | None = None, cache_layout: str | None = None, overwrite: bool = False,
-          compute_capabilities: list[str] | None = None, calibration_file: str | None = None) -> Manifest:
+          compute_capabilities: list[str] | None = None, calibration_file: str | None = None,
+          weights: str | None = None, block_size: int | None = None, quantize_lm_head: bool | None = None) -> Manifest:
     """Export `checkpoint` (an HF directory with tokenizer files) into `out_dir`; return its manifest.
 
     kv_capacity (cache slots per sequence: prompt + generated tokens; the CLI's --kv-capacity)
@@ -48,6 +50,8 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
     `export`) defaults to "window" for engine builds, for onnxruntime builds to "capacity" (or "whole"
     where the head size is not a multiple of 8, see `attention`). An existing `out_dir` is
     replaced only if it is a build we wrote and `overwrite` is set (see `files.check_output`).
+    weights "int8" / "int4" stores the linear weights as block-wise symmetric integers (block_size
+    inputs per scale; quantize_lm_head None: the measured default), see `quantize`.
     """
     checkpoint = check_directory(checkpoint)
     config = PersimmonConfig.from_file(checkpoint)
@@ -85,6 +89,7 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
         raise ExportError("--compute-capabilities is for --backend tensorrt-rtx")
     if not 1 <= max_prefill <= kv_capacity:
         raise ExportError(f"--max-prefill must be in [1, kv_capacity={kv_capacity}], got {max_prefill}")
+    quantized = weight_format(weights, block_size, config, engine=flavor is not None, lm_head=quantize_lm_head)
     if calibration_file and dtype != "float16":
         raise ExportError(f"--calibration-file is for --dtype float16 builds (the range report); this build is {dtype}")
     tokenizer = Tokenizer.from_dir(checkpoint)
@@ -96,7 +101,8 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
         log.info(f"exporting {checkpoint} -> {out_dir} ({config.num_hidden_layers} layers, {dtype}, "
                  f"kv_capacity {kv_capacity}, max_batch {max_batch})")
         graph, files = export_onnx(config, checked_tensors(checkpoint, config), tmp, dtype=dtype,
-                                   kv_capacity=kv_capacity, cache_layout=cache_layout, measured=measured)
+                                   kv_capacity=kv_capacity, cache_layout=cache_layout, measured=measured,
+                                   weights=quantized)
         shutil.copyfile(tokenizer.model_file, os.path.join(tmp, TOKENIZER_FILE))
         eos = config.eos_token_id
         manifest = Manifest(
@@ -106,7 +112,8 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
             tokenizer=TokenizerSection(TOKENIZER_FILE, tokenizer.add_bos, tokenizer.bos_token, tokenizer.eos_token),
             eos_token_ids=[] if eos is None else list(eos) if isinstance(eos, list) else [eos],
             onnx=graph, files={**files, TOKENIZER_FILE: _file_entry(os.path.join(tmp, TOKENIZER_FILE))},
-            exporter_version=__version__, ranges=None if measured is None else report(measured))
+            exporter_version=__version__, ranges=None if measured is None else report(measured),
+            weights=None if quantized is None else quantized.section())
         if flavor is not None:
             manifest.tensorrt = build_engine(tmp, manifest, max_prefill=max_prefill,
                                              plugins=plugins, version_compatible=version_compatible,

@@ -27,7 +27,8 @@ def _build(args) -> None:
           backend=args.backend, max_prefill=args.max_prefill, plugins=args.plugins,
           version_compatible=args.version_compatible, timing_cache=args.timing_cache, opt_level=args.opt_level,
           workspace_mib=int(args.workspace_gb * 1024) if args.workspace_gb else None, overwrite=args.overwrite,
-          compute_capabilities=args.compute_capabilities, calibration_file=args.calibration_file)
+          compute_capabilities=args.compute_capabilities, calibration_file=args.calibration_file,
+          weights=args.weights, block_size=args.block_size)
 
 
 def _parity(args) -> int:
@@ -124,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="float16 builds: prompts, one per line (at most 64, 4000 characters each), for the range "
                             "report that chooses the relu^2 scales and goes into the manifest (default: a built-in "
                             "set of varied texts)")
+    build.add_argument("--weights", metavar="{int8,int4}",
+                       help="weight-only quantization: the linear weights as block-wise symmetric int8 or int4 "
+                            "(onnxruntime: MatMulNBits; TensorRT: DequantizeLinear into the MatMul; activations and "
+                            "cache stay --dtype; docs/quantization.md). Default: weights in --dtype")
+    build.add_argument("--block-size", type=int, metavar="N",
+                       help="with --weights: inputs per scale, a power of two >= 16 dividing every linear's inputs "
+                            "(default 32; TensorRT int8 uses one scale per output channel instead)")
     trt = build.add_argument_group("TensorRT engine (--backend tensorrt or tensorrt-rtx)")
     trt.add_argument("--max-prefill", type=int,
                      help="most new tokens in one prefill step (profile 0; default min(kv-capacity, 2048))")
@@ -145,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the fp32 torch reference and the built artifact on sample prompts; print, per backend, "
                     "the max abs logits difference through prefill and N greedy decode steps, top-1 agreement "
                     "and greedy token agreement against bounds (fp32: 1e-3 and identical greedy tokens; fp16: "
-                    "2%% of the largest |logit| and top-1 >= 95%%). Exits 1 when a bound is broken.")
+                    "2%% of the largest |logit| and top-1 >= 95%%; --weights int8 / int4 builds: 5%% / 60%% and "
+                    "top-1 >= 80%% / 25%%, docs/quantization.md). Exits 1 when a bound is broken.")
     parity.add_argument("--checkpoint", required=True, help="the Hugging Face checkpoint the build came from")
     parity.add_argument("--build", required=True, help="build directory")
     parity.add_argument("--backend", nargs="*", default=["onnxruntime"],

@@ -52,6 +52,7 @@ from .attention import HEAD_DIM_MULTIPLE, add_contrib_opset, gqa_lengths, groupe
 from .config import PersimmonConfig
 from .model import rope_inv_freq
 from .progress import Steps
+from .quantize import MATMUL_NBITS, ORT_DOMAIN, WeightFormat, emit_matmul, linear_shapes, write_quantized
 
 log = logging.getLogger(__name__)
 OPSET = 24
@@ -172,8 +173,10 @@ def _value_info(spec: TensorSpec):
     return helper.make_tensor_value_info(spec.name, elem, spec.shape)
 
 
-def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_layout: str = "window") -> onnx.GraphProto:
-    """The step graph, with initializers left out (the caller adds them as external data)."""
+def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_layout: str = "window",
+                weights: WeightFormat | None = None) -> onnx.GraphProto:
+    """The step graph, with initializers left out (the caller adds them as external data).
+    `weights`: the int8/int4 format of the linear weights it names (None: stored in dtype)."""
     if cache_layout not in CACHE_LAYOUTS:
         raise ExportError(f"cache layout {cache_layout!r} is not one of {tuple(CACHE_LAYOUTS)}")
     if cache_layout == "capacity" and config.head_dim % HEAD_DIM_MULTIPLE:
@@ -221,8 +224,16 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_lay
                  epsilon=config.layer_norm_eps)
         return g.op("Cast", y, to=act) if half else y
 
+    quantized_shapes = linear_shapes(config)
+
+    def matmul(x, weight):
+        if weights is not None and weights.quantizes(weight):
+            suffix = next(s for s in quantized_shapes if weight.endswith(s))
+            return emit_matmul(g, x, weight, weights, *quantized_shapes[suffix])
+        return g.op("MatMul", x, weight)
+
     def linear(x, prefix, bias=True):
-        y = g.op("MatMul", x, f"{prefix}.weight")
+        y = matmul(x, f"{prefix}.weight")
         return g.op("Add", y, f"{prefix}.bias") if bias else y
 
     def activation(x):
@@ -272,7 +283,7 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_lay
 
     last = g.op("Unsqueeze", g.op("Sub", "token_count", one), axes["1"])  # [B, 1]: the last new token
     final = g.op("GatherND", layer_norm(x, "model.final_layernorm"), last, batch_dims=1)  # [B, hidden]
-    logits = g.op("MatMul", final, "lm_head.weight")
+    logits = matmul(final, "lm_head.weight")
     g.op("Cast", logits, to=f32, outputs=["logits"]) if half else g.op("Identity", logits, outputs=["logits"])
 
     section = graph_section(config, dtype, kv_capacity, cache_layout)
@@ -366,17 +377,29 @@ class _DataWriter:
         self.sha256 = hashlib.sha256()
         self.largest: dict[str, float] = {}  # name -> max |x| as stored, for tensors stored in fp16
 
-    def _write(self, data) -> None:
+    def write(self, data) -> None:
         self.file.write(data)
         self.sha256.update(data)
         self.offset += len(data)
 
-    def add(self, name: str, tensor: torch.Tensor, target: torch.dtype, transpose: bool, scale: float,
-            chunk_elements: int = 1 << 26) -> TensorProto:
+    def begin(self) -> int:
+        """Pad to the alignment; the offset where the next tensor starts."""
         pad = -self.offset % _ALIGN
         if pad:
-            self._write(bytes(pad))
-        start = self.offset
+            self.write(bytes(pad))
+        return self.offset
+
+    def external(self, name: str, dims: list, data_type: int, start: int) -> TensorProto:
+        """The initializer for what was written since `start`."""
+        proto = TensorProto(name=name, dims=dims, data_location=TensorProto.EXTERNAL, data_type=data_type)
+        for key, value in (("location", DATA_FILE), ("offset", str(start)), ("length", str(self.offset - start))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, value
+        return proto
+
+    def add(self, name: str, tensor: torch.Tensor, target: torch.dtype, transpose: bool, scale: float,
+            chunk_elements: int = 1 << 26) -> TensorProto:
+        start = self.begin()
         source = tensor.T if transpose else tensor
         rows = max(1, chunk_elements // max(1, source[0].numel())) if source.dim() > 1 else source.shape[0]
         for i in range(0, source.shape[0], rows):  # chunks bound the memory of cast + transpose
@@ -391,18 +414,23 @@ class _DataWriter:
                 self.largest[name] = max(self.largest.get(name, 0.0), -float(low), float(high))
             # numpy has no bfloat16: its bytes are written through a 16-bit integer view
             raw = stored.view(torch.int16) if target == torch.bfloat16 else stored
-            self._write(memoryview(raw.numpy()).cast("B"))
+            self.write(memoryview(raw.numpy()).cast("B"))
         onnx_type = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
                      torch.bfloat16: TensorProto.BFLOAT16}[target]
-        proto = TensorProto(name=name, dims=list(source.shape), data_location=TensorProto.EXTERNAL,
-                            data_type=onnx_type)
-        for key, value in (("location", DATA_FILE), ("offset", str(start)), ("length", str(self.offset - start))):
-            entry = proto.external_data.add()
-            entry.key, entry.value = key, value
-        return proto
+        return self.external(name, list(source.shape), onnx_type, start)
 
     def close(self) -> None:
         self.file.close()
+
+
+def _write_weight(writer: _DataWriter, name: str, tensor: torch.Tensor, dtype: str, factor: float,
+                  weights: WeightFormat | None) -> list[TensorProto]:
+    """Write one checkpoint tensor as the build stores it: int8/int4 codes and scales for the
+    linear weights `weights` quantizes, else `onnx_layout`'s dtype and layout."""
+    if weights is not None and weights.quantizes(name):
+        return write_quantized(writer, name, tensor, weights, TORCH_DTYPES[dtype], factor)
+    target, transpose = onnx_layout(name, dtype)
+    return [writer.add(name, tensor, target, transpose, factor)]
 
 
 def _finite_when_stored(low: torch.Tensor, high: torch.Tensor, stored: torch.Tensor) -> bool:
@@ -427,17 +455,18 @@ def _refuse_non_finite(name: str, original: torch.Tensor, target: torch.dtype, s
 
 def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str,
                 dtype: str = "float16", kv_capacity: int = 4096, cache_layout: str = "window",
-                measured=None) -> tuple[GraphSection, dict]:
+                measured=None, weights: WeightFormat | None = None) -> tuple[GraphSection, dict]:
     """Write out_dir/model.onnx + model.onnx.data; return the manifest's `onnx` section and the
     files written ({name: {"bytes", "sha256"}}).
 
     `tensors` streams (name, tensor) in checkpoint names, e.g. `checked_tensors(...)`. `measured`
     (a `ranges.Measured`, float16 only) also bounds each layer's relu^2 scale and receives what was
     stored: `measured.scales` (per layer) and `measured.weights` (max |W| per fp16 tensor).
+    `weights` (`quantize.weight_format`): store the linear weights it names as int8/int4.
     """
     if dtype not in ONNX_DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of {sorted(ONNX_DTYPES)}")
-    graph = build_graph(config, dtype, kv_capacity, cache_layout)
+    graph = build_graph(config, dtype, kv_capacity, cache_layout, weights)
     writer = _DataWriter(os.path.join(out_dir, DATA_FILE))
     expected = 4 + 12 * config.num_hidden_layers + (4 if config.qk_layernorm else 0) * config.num_hidden_layers
     step = Steps(log, "weights", expected, "tensors", every=25)
@@ -445,10 +474,9 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
     try:
         for name, tensor in tensors:
             for ready, ready_tensor, factor in relu2.ready(name, tensor):
-                graph.initializer.append(writer.add(ready, ready_tensor, *onnx_layout(ready, dtype), factor))
+                graph.initializer.extend(_write_weight(writer, ready, ready_tensor, dtype, factor, weights))
             if config.tie_word_embeddings and name == "model.embed_tokens.weight":
-                graph.initializer.append(writer.add("lm_head.weight", tensor, onnx_layout("lm_head.weight", dtype)[0],
-                                                    True, 1.0))
+                graph.initializer.extend(_write_weight(writer, "lm_head.weight", tensor, dtype, 1.0, weights))
             log.debug(f"{name}: {tuple(tensor.shape)} {tensor.dtype}")
             step(f"{writer.offset / 2**30:.2f} GiB written")
         relu2.close()
@@ -458,8 +486,10 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
     finally:
         step.close()
         writer.close()
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                    helper.make_opsetid(CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION)],
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION)]
+    if weights is not None and weights.op == MATMUL_NBITS:
+        opsets.append(helper.make_opsetid(ORT_DOMAIN, 1))
+    model = helper.make_model(graph, opset_imports=opsets,
                               functions=custom_op_functions(), producer_name="persimmon-export")
     add_contrib_opset(model)  # the `capacity` layout's GroupQueryAttention
     model_path = os.path.join(out_dir, MODEL_FILE)

@@ -48,6 +48,10 @@ CACHE_LAYOUTS = {
 # and decode (one new token per row). The engine's profile index is the position in the list.
 PROFILE_ROLES = ("prefill", "decode")
 CACHE_UPDATES = ("tensor_scatter", "scatter_elements")  # in place (KV-cache-update layer) or two buffers
+# weight-only quantized builds: the op that multiplies by the int8/int4 weights (weights.op):
+# onnxruntime's fused com.microsoft op, or TensorRT's DequantizeLinear-into-MatMul pattern
+WEIGHT_OPS = ("MatMulNBits", "DequantizeLinear")
+WEIGHT_TYPES = ("int8", "int4")
 
 
 class ManifestError(PersimmonError):
@@ -182,6 +186,16 @@ class RangeSection:
         return cls(**{**raw, "weights": [WeightRange(**w) for w in raw["weights"]]})
 
 
+@dataclass(frozen=True)
+class WeightsSection:
+    """Section `weights`, written by build (`persimmon_export.quantize`) for weight-only quantized
+    builds (absent or null: every weight is stored in `dtype`)."""
+    type: str                # a WEIGHT_TYPES entry: the linear weights' integer codes
+    block_size: int | None   # inputs (K) per scale; None: one scale per output channel
+    op: str                  # a WEIGHT_OPS entry
+    tensors: list            # name suffixes of the quantized weights ('dense.weight', 'lm_head.weight')
+
+
 @dataclass
 class Manifest:
     dtype: str                     # "float16" | "bfloat16" | "float32": weights, activations and the cache
@@ -195,6 +209,7 @@ class Manifest:
     tensorrt: EngineSection | None = None
     exporter_version: str = ""
     ranges: RangeSection | None = None
+    weights: WeightsSection | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -223,11 +238,12 @@ class Manifest:
     @classmethod
     def from_dict(cls, raw: dict) -> "Manifest":
         """A Manifest from a dict that `validate` accepted."""
-        engine, ranges = raw["tensorrt"], raw.get("ranges")
+        engine, ranges, weights = raw["tensorrt"], raw.get("ranges"), raw.get("weights")
         return cls(**{**raw, "model": ModelShape(**raw["model"]), "tokenizer": TokenizerSection(**raw["tokenizer"]),
                       "onnx": GraphSection.from_dict(raw["onnx"]),
                       "tensorrt": None if engine is None else EngineSection.from_dict(engine),
-                      "ranges": None if ranges is None else RangeSection.from_dict(ranges)})
+                      "ranges": None if ranges is None else RangeSection.from_dict(ranges),
+                      "weights": None if weights is None else WeightsSection(**weights)})
 
     @classmethod
     def load(cls, directory: str, verify_checksums: bool = True) -> "Manifest":
@@ -288,8 +304,9 @@ def _parse(path: str, data: bytes, directory: str) -> dict:
 
 def validate(path: str, raw: dict) -> None:
     """Check each field the runtime and exporter read: its presence, type and range."""
-    # `ranges` came after format version 2 without changing what the runtime runs: older builds lack it
-    _check(path, "", raw, _fields(_TOP_LEVEL, may_be_absent=("ranges",)))  # raw is a dict: only its fields can fail
+    # `ranges` and `weights` came after format version 2 (neither changes how the runtime runs a
+    # step: the graph carries the quantized ops): older builds lack them
+    _check(path, "", raw, _fields(_TOP_LEVEL, may_be_absent=("ranges", "weights")))  # raw is a dict: only its fields can fail
     _check_references(path, raw)
 
 
@@ -429,6 +446,10 @@ _RANGES = _fields({
     "activations": _fields({kind: _list_of(_MAX_ABS) for kind in RANGE_KINDS}), "logits": _MAX_ABS,
     "weights": _list_of(_fields({"tensor": _STR, "max_abs": _MAX_ABS})), "lowest_headroom": _MAX_ABS,
     "lowest_at": _STR})
+_WEIGHTS = _fields({
+    "type": _one_of(*WEIGHT_TYPES),
+    "block_size": _optional(_kind("a power of two >= 16", lambda v: type(v) is int and v >= 16 and not v & (v - 1))),
+    "op": _one_of(*WEIGHT_OPS), "tensors": _list_of(_STR)})
 _TOP_LEVEL = {
     "format": _STR,
     "format_version": _count(1),
@@ -443,6 +464,7 @@ _TOP_LEVEL = {
     "tensorrt": _optional(_ENGINE),
     "exporter_version": _STR,
     "ranges": _optional(_RANGES),
+    "weights": _optional(_WEIGHTS),
 }
 
 
