@@ -27,6 +27,7 @@ from persimmon_export.demo import make_demo_checkpoint
 from persimmon_export.triton import MAX_INSTANCES, generation_config, write_repository
 from persimmon_runtime import PersimmonError
 from persimmon_runtime.generator import Generator
+from persimmon_runtime.manifest import Manifest
 from persimmon_runtime.triton_model import RequestSettings, parse_parameters
 
 import tritonserver
@@ -96,8 +97,6 @@ def test_a_tensorrt_build_is_served_by_the_python_model_alone(build_dir, tmp_pat
     import hashlib
 
     from tritonclient.grpc import model_config_pb2
-
-    from persimmon_runtime.manifest import Manifest
 
     trt_build = tmp_path / "trt-build"
     shutil.copytree(build_dir, trt_build)
@@ -551,13 +550,15 @@ def test_a_cancelled_grpc_stream_stops_generating(server, local):
     assert server["process"].poll() is None
 
 
-def _flip_bytes(path: str, count: int = 64) -> None:
-    """Corrupt a file in place, same size: invert `count` bytes in its middle."""
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
-        chunk = f.read(count)
-        f.seek(-len(chunk), os.SEEK_CUR)
-        f.write(bytes(b ^ 0xFF for b in chunk))
+def _replace_with_flipped_bytes(path: str, count: int = 64) -> None:
+    """Replace the file with a same-size copy whose `count` middle bytes are inverted. A new file,
+    not a write in place: the repository hard-links the build's files, which must stay intact."""
+    data = bytearray(open(path, "rb").read())
+    middle = len(data) // 2
+    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
 
 
 def test_a_corrupt_build_is_not_loaded_and_other_models_keep_serving(build_dir, overflow_build, local, tmp_path):
@@ -570,9 +571,9 @@ def test_a_corrupt_build_is_not_loaded_and_other_models_keep_serving(build_dir, 
     write_repository(overflow_build, str(other), name="corrupt")
     shutil.move(str(other / "corrupt"), str(repo / "corrupt"))
     data = repo / "corrupt" / "1" / "build" / "model.onnx.data"
-    size = data.stat().st_size
-    _flip_bytes(str(data))
-    assert data.stat().st_size == size
+    original = os.path.join(overflow_build, "model.onnx.data")
+    _replace_with_flipped_bytes(str(data))
+    assert data.stat().st_size == os.path.getsize(original) and not os.path.samefile(data, original)
     # By default a model that fails to load stops tritonserver; a shared server keeps its other models.
     running = start_server(str(repo), tmp_path, "--exit-on-error", "false", "--strict-readiness", "false")
     try:
@@ -588,6 +589,7 @@ def test_a_corrupt_build_is_not_loaded_and_other_models_keep_serving(build_dir, 
         assert_still_serving(running, local)
     finally:
         stop_server(running)
+    Manifest.load(overflow_build)  # the build the repository linked to is intact: other tests serve it
 
 
 def _repository_index(server) -> list[dict]:
