@@ -5,11 +5,18 @@
     .venv/bin/python benchmarks/quantized.py --configs 100M --variants fp32 int8 int4
 
 Per config (benchmarks/workload.py, random weights, vocabulary 32000) and variant: decode
-tokens/s at batch 1 after a 1024-token prompt (the onnxruntime backend's step, median of
---steps steps), the build's weight bytes, and accuracy against the fp32 torch reference
+tokens/s at batch 1 after a 1024-token prompt (the onnxruntime backend's step: the median over
+--rounds rounds of --steps steps, the variants timed in turn each round), the build's weight bytes, and accuracy against the fp32 torch reference
 (`persimmon-export parity`: max |dlogit| / max |logit|, top-1 agreement, greedy rows identical
 over its three prompts and 8 decode steps). Prints one line per variant with the cores other work
 used meanwhile, and writes benchmarks/results/quantized.json.
+
+    .venv/bin/python benchmarks/quantized.py --against-openvino --configs 100M 300M
+
+runs instead benchmarks/run.py's measurement (greedy generation timed per token through the
+Generator, and OpenVINO through optimum-intel in .venv-openvino) at batch 1 after a 1024-token
+prompt for our int8 / int4 builds and OpenVINO's int8 / int4, and prints the issue's targets
+(int8 decode >= 1.0x OpenVINO int8, int4 faster than int8); it writes nothing.
 """
 
 from __future__ import annotations
@@ -51,31 +58,41 @@ PROMPT_TOKENS = 1024
 INT8_COMPUTE = quantize.INT8_COMPUTE
 
 
-def decode_rate(build_dir: str, prompt: list[int], steps: int) -> float:
-    """Tokens/s of single-row decode steps after `prompt`: the median step."""
-    return 1.0 / float(np.median(decode_times(Generator.load(build_dir).backend, [prompt], steps)))
-
-
 def weight_bytes(build_dir: str) -> int:
     return os.path.getsize(os.path.join(build_dir, "model.onnx.data"))
 
 
-def run_variant(checkpoint: str, prompt: list[int], work: str, label: str, steps: int) -> dict:
+def build_variant(checkpoint: str, work: str, label: str, steps: int) -> str:
     out = os.path.join(work, label)
     options = dict(VARIANTS[label])
     quantize.INT8_COMPUTE = options.pop("accuracy_level", INT8_COMPUTE)
-    build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=4,
-          kv_capacity=PROMPT_TOKENS + steps + 8, overwrite=True, **options)
-    quantize.INT8_COMPUTE = INT8_COMPUTE
+    try:
+        build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=4,
+              kv_capacity=PROMPT_TOKENS + steps + 8, overwrite=True, **options)
+    finally:
+        quantize.INT8_COMPUTE = INT8_COMPUTE
+    return out
+
+
+def time_round_robin(builds: dict, prompt: list[int], steps: int, rounds: int) -> dict:
+    """{label: (tokens/s of the median decode step, cpu share)}: every variant timed once per round,
+    in turn, so that other work on a shared machine falls on all of them alike."""
+    times = {label: [] for label in builds}
     share = CpuShare()
-    rate = decode_rate(out, prompt, steps)
+    for _ in range(rounds):
+        for label, out in builds.items():
+            backend = Generator.load(out).backend
+            times[label].extend(decode_times(backend, [prompt], steps))
+            del backend  # one session in memory at a time
     cpu = share.result()
+    return {label: (1.0 / float(np.median(values)), cpu) for label, values in times.items()}
+
+
+def accuracy(checkpoint: str, out: str) -> dict:
     [parity] = check_parity(checkpoint, out, decode_steps=8)
-    row = {"decode_tok_s": rate, "weight_bytes": weight_bytes(out), "max_abs_diff": parity.max_abs_diff,
-           "top1": parity.top1_agreement, "greedy_rows_identical": parity.greedy_rows_identical,
-           "rows": parity.rows, "cpu": cpu}
-    row["relative_diff"] = parity.max_abs_diff / _largest_logit(parity)
-    return row
+    return {"max_abs_diff": parity.max_abs_diff, "relative_diff": parity.max_abs_diff / _largest_logit(parity),
+            "top1": parity.top1_agreement, "greedy_rows_identical": parity.greedy_rows_identical,
+            "rows": parity.rows}
 
 
 def _largest_logit(parity) -> float:
@@ -85,13 +102,32 @@ def _largest_logit(parity) -> float:
     return parity.bound / spec["max_abs"] if spec["relative"] else float("nan")
 
 
+def against_openvino(configs: list[str], new_tokens: int, wait_idle_s: float) -> None:
+    import run
+
+    with tempfile.TemporaryDirectory() as work:
+        results = {name: run.run_config(name, work, [1], [PROMPT_TOKENS], new_tokens, wait_idle_s, 32,
+                                        ["int8", "int4"], ["int8", "int4"]) for name in configs}
+    for target, passed, measured in run.targets(results, PROMPT_TOKENS):
+        if "decode" in target and ("int8" in target or "int4" in target):
+            print(f"{target}: {measured} {'PASS' if passed else 'FAIL' if passed is False else ''}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["100M", "300M"], choices=list(CONFIGS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=24, help="decode steps timed (default 24)")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed per round (default 16)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over the variants, in turn (default 3)")
+    parser.add_argument("--speed-only", action="store_true", help="skip the accuracy (parity) runs")
+    parser.add_argument("--against-openvino", action="store_true",
+                        help="time int8/int4 against OpenVINO's int8/int4 with benchmarks/run.py's method instead")
+    parser.add_argument("--wait-idle", type=float, default=60.0,
+                        help="--against-openvino: seconds to wait before each measurement for other work to stop")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.against_openvino:
+        return against_openvino(args.configs, 64, args.wait_idle)
     print(f"machine: {machine()}", flush=True)
     results = {"machine": machine(), "prompt_tokens": PROMPT_TOKENS, "configs": {}}
     with tempfile.TemporaryDirectory() as work:
@@ -100,14 +136,21 @@ def main() -> None:
             tokenizer_file = os.path.join(work, "tokenizer-32000.model")
             [text] = prompt_texts(tokenizer_file, first_added, 1, PROMPT_TOKENS, seed=PROMPT_TOKENS)
             prompt = Tokenizer(tokenizer_file).encode(text)
+            builds = {label: build_variant(checkpoint, os.path.join(work, name), label, args.steps)
+                      for label in args.variants}
+            rates = time_round_robin(builds, prompt, args.steps, args.rounds)
             rows = results["configs"][name] = {}
-            for label in args.variants:
-                row = rows[label] = run_variant(checkpoint, prompt, os.path.join(work, name), label, args.steps)
-                speedup = row["decode_tok_s"] / rows["fp32"]["decode_tok_s"] if "fp32" in rows else float("nan")
-                print(f"{name} {label:18s} decode {row['decode_tok_s']:7.2f} tok/s ({speedup:.2f}x fp32)  weights "
-                      f"{row['weight_bytes'] / 2**20:7.1f} MiB  max|dlogit| {row['max_abs_diff']:.3g} "
-                      f"({row['relative_diff']:.2%} of max|logit|)  top-1 {row['top1']:.1%}  greedy rows "
-                      f"{row['greedy_rows_identical']}/{row['rows']}  {cpu_note(row['cpu'])}", flush=True)
+            for label, out in builds.items():
+                rate, cpu = rates[label]
+                row = rows[label] = {"decode_tok_s": rate, "weight_bytes": weight_bytes(out), "cpu": cpu}
+                if not args.speed_only:
+                    row.update(accuracy(checkpoint, out))
+                speedup = rate / rates["fp32"][0] if "fp32" in rates else float("nan")
+                figures = "" if args.speed_only else (
+                    f"  max|dlogit| {row['max_abs_diff']:.3g} ({row['relative_diff']:.2%} of max|logit|)  top-1 "
+                    f"{row['top1']:.1%}  greedy rows {row['greedy_rows_identical']}/{row['rows']}")
+                print(f"{name} {label:18s} decode {rate:7.2f} tok/s ({speedup:.2f}x fp32)  weights "
+                      f"{row['weight_bytes'] / 2**20:7.1f} MiB{figures}  {cpu_note(cpu)}", flush=True)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "quantized.json"), "w") as f:
         json.dump(results, f, indent=2, default=float)

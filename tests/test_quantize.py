@@ -50,10 +50,9 @@ def hf_checkpoint(tmp_path_factory, tiny_checkpoint):
     return out
 
 
-def quantized_build(checkpoint, tmp_path_factory, weights, **options):
+def quantized_build(checkpoint, tmp_path_factory, weights, dtype="float32"):
     out = str(tmp_path_factory.mktemp(weights) / "build")
-    build(checkpoint, out, dtype="float32", weights=weights, backend="onnxruntime", max_batch=4, kv_capacity=96,
-          **options)
+    build(checkpoint, out, dtype=dtype, weights=weights, backend="onnxruntime", max_batch=4, kv_capacity=96)
     return out
 
 
@@ -153,14 +152,15 @@ def _logits(hf, ids):
     return np.stack([hf(torch.tensor([row])).logits[0, -1].numpy() for row in ids])
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
-def test_parity_bounds_hold_on_random_and_transformers_checkpoints(weights, tiny_checkpoint, hf_checkpoint,
+@pytest.mark.parametrize("weights, dtype", [("int8", "float32"), ("int4", "float32"), ("int4", "float16")])
+def test_parity_bounds_hold_on_random_and_transformers_checkpoints(weights, dtype, tiny_checkpoint, hf_checkpoint,
                                                                    tmp_path_factory):
+    """float16: MatMulNBits with fp16 activations and scales (onnxruntime's CPU kernel takes them)."""
     for checkpoint in (tiny_checkpoint, hf_checkpoint):
-        out = quantized_build(checkpoint, tmp_path_factory, weights)
+        out = quantized_build(checkpoint, tmp_path_factory, weights, dtype)
         [result] = check_parity(checkpoint, out, prompts=PROMPTS, decode_steps=8)
         print(os.path.basename(os.path.dirname(checkpoint)), result.line())
-        assert result.dtype == f"float32/{weights}" and result.passed, result.line()
+        assert result.dtype == f"{dtype}/{weights}" and result.passed, result.line()
         assert result.min_top1 == BOUNDS[weights]["top1"]
 
 
