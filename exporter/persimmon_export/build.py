@@ -11,13 +11,14 @@ import os
 import shutil
 import time
 
-from persimmon_runtime.manifest import Manifest, ModelShape, TokenizerSection
+from persimmon_runtime.manifest import CAUSAL_LM, NO_CACHE, Manifest, ModelShape, TokenizerSection
 from persimmon_runtime.tokenizer import Tokenizer
 from persimmon_runtime.verify import sha256_file
 
 from . import __version__
 from .attention import onnxruntime_cache_layout
 from .checkpoint import check_directory, checked_tensors
+from .classify import MODEL_CLASSES, check_task, classifier_section, export_classifier, read_task
 from .config import PersimmonConfig
 from .engine import FLAVORS, TENSORRT, TENSORRT_RTX, build_engine, check_engine_options
 from .export import ExportError, export_onnx
@@ -35,7 +36,8 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
           version_compatible: bool = False, timing_cache: str | None = None, opt_level: int = 3,
           workspace_mib: int | None = None, cache_layout: str | None = None, overwrite: bool = False,
           compute_capabilities: list[str] | None = None, calibration_file: str | None = None,
-          weights: str | None = None, block_size: int | None = None, quantize_lm_head: bool | None = None) -> Manifest:
+          weights: str | None = None, block_size: int | None = None, quantize_lm_head: bool | None = None,
+          task: str | None = None) -> Manifest:
     """Export `checkpoint` (an HF directory with tokenizer files) into `out_dir`; return its manifest.
 
     kv_capacity (cache slots per sequence: prompt + generated tokens; the CLI's --kv-capacity)
@@ -52,9 +54,14 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
     replaced only if it is a build we wrote and `overwrite` is set (see `files.check_output`).
     weights "int8" / "int4" stores the linear weights as block-wise symmetric integers (block_size
     inputs per scale; quantize_lm_head None: the measured default), see `quantize`.
+    task (default: from config.json's `architectures`) "sequence-classification" or
+    "token-classification" builds a classifier graph instead (no cache; kv_capacity is then the
+    most tokens per text), see `classify`.
     """
     checkpoint = check_directory(checkpoint)
     config = PersimmonConfig.from_file(checkpoint)
+    task = read_task(checkpoint) if task is None else check_task(task)
+    classifier = None if task == CAUSAL_LM else classifier_section(checkpoint, config)
     if kv_capacity is None:
         kv_capacity = min(4096, config.max_position_embeddings)
     if backend not in BACKENDS:
@@ -80,7 +87,11 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
                           f"got {kv_capacity}")
     max_prefill = max_prefill or min(kv_capacity, 2048)
     cache_layout = cache_layout or (onnxruntime_cache_layout(config.head_dim) if flavor is None else "window")
-    if flavor is not None and cache_layout != "window":
+    if classifier is not None:  # a classifier reads whole texts: no cache, no quantized weights, no range report
+        cache_layout = NO_CACHE
+        if weights or calibration_file:
+            raise ExportError(f"--weights and --calibration-file are for causal-lm builds, not {task}")
+    if flavor is not None and cache_layout not in ("window", NO_CACHE):
         raise ExportError(f"{flavor.product} builds need cache_layout 'window' (a static cache length for its "
                           f"KV-cache update)")
     if flavor is not None:  # before the export: what this TensorRT cannot do is refused first
@@ -94,15 +105,20 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
         raise ExportError(f"--calibration-file is for --dtype float16 builds (the range report); this build is {dtype}")
     tokenizer = Tokenizer.from_dir(checkpoint)
     # before the output directory exists: a bad calibration file or an overflow is refused first
-    measured = calibrate(checkpoint, config, tokenizer, calibration_file, kv_capacity) if dtype == "float16" else None
+    calibrated = dtype == "float16" and classifier is None
+    measured = calibrate(checkpoint, config, tokenizer, calibration_file, kv_capacity) if calibrated else None
     started = time.perf_counter()
     inputs = (checkpoint, tokenizer.model_file, timing_cache)
     with atomic_directory(out_dir, "build", overwrite=overwrite, inputs=inputs) as tmp:
         log.info(f"exporting {checkpoint} -> {out_dir} ({config.num_hidden_layers} layers, {dtype}, "
                  f"kv_capacity {kv_capacity}, max_batch {max_batch})")
-        graph, files = export_onnx(config, checked_tensors(checkpoint, config), tmp, dtype=dtype,
-                                   kv_capacity=kv_capacity, cache_layout=cache_layout, measured=measured,
-                                   weights=quantized)
+        if classifier is None:
+            graph, files = export_onnx(config, checked_tensors(checkpoint, config), tmp, dtype=dtype,
+                                       kv_capacity=kv_capacity, cache_layout=cache_layout, measured=measured,
+                                       weights=quantized)
+        else:
+            graph, files = export_classifier(config, checked_tensors(checkpoint, config, MODEL_CLASSES[task]), tmp,
+                                             task, dtype, kv_capacity, classifier.pad_token_id)
         shutil.copyfile(tokenizer.model_file, os.path.join(tmp, TOKENIZER_FILE))
         eos = config.eos_token_id
         manifest = Manifest(
@@ -113,7 +129,7 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
             eos_token_ids=[] if eos is None else list(eos) if isinstance(eos, list) else [eos],
             onnx=graph, files={**files, TOKENIZER_FILE: _file_entry(os.path.join(tmp, TOKENIZER_FILE))},
             exporter_version=__version__, ranges=None if measured is None else report(measured),
-            weights=None if quantized is None else quantized.section())
+            weights=None if quantized is None else quantized.section(), task=task, classifier=classifier)
         if flavor is not None:
             manifest.tensorrt = build_engine(tmp, manifest, max_prefill=max_prefill,
                                              plugins=plugins, version_compatible=version_compatible,

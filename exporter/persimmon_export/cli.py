@@ -28,7 +28,7 @@ def _build(args) -> None:
           version_compatible=args.version_compatible, timing_cache=args.timing_cache, opt_level=args.opt_level,
           workspace_mib=int(args.workspace_gb * 1024) if args.workspace_gb else None, overwrite=args.overwrite,
           compute_capabilities=args.compute_capabilities, calibration_file=args.calibration_file,
-          weights=args.weights, block_size=args.block_size)
+          weights=args.weights, block_size=args.block_size, task=args.task)
 
 
 def _parity(args) -> int:
@@ -51,7 +51,7 @@ def _triton(args) -> None:
 
     write_repository(args.build, args.out, name=args.name, kind=args.kind, instances=args.instances,
                      backend=args.backend, python_paths=args.python_path, overwrite=args.overwrite,
-                     generate_timeout_s=args.generate_timeout)
+                     generate_timeout_s=args.generate_timeout, queue_delay_ms=args.max_queue_delay_ms)
 
 
 def _doctor(args) -> None:
@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "stay fp32). bfloat16 (fp32's range, no relu^2 scale, 8-bit mantissa) is for TensorRT "
                             "engines only (--backend tensorrt or tensorrt-rtx): onnxruntime's CPU provider cannot "
                             "run it")
+    build.add_argument("--task", choices=["causal-lm", "sequence-classification", "token-classification"],
+                       help="what the build computes (default: from config.json's architectures, else causal-lm): a "
+                            "classifier build has no KV cache and gives logits per text or per token; "
+                            "--kv-capacity is then the most tokens per text (docs/classification.md)")
     build.add_argument("--max-batch", type=int, default=8, help="largest batch the runtime will run (default 8)")
     # --max-seq: the flag's first name, kept so that existing scripts still build
     build.add_argument("--kv-capacity", "--max-seq", dest="kv_capacity", type=int, metavar="SLOTS",
@@ -187,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     triton.add_argument("--generate-timeout", type=float, default=300.0,
                         help="seconds after which a non-streaming generate request is stopped (its client cannot "
                              "be seen leaving); 0: no limit (default 300)")
+    triton.add_argument("--max-queue-delay-ms", type=float, default=5.0,
+                        help="classifier builds: how long Triton's dynamic batcher waits for requests to fill a "
+                             "batch (default 5)")
     triton.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
                         help="runtime backend inside the model (default auto)")
     triton.add_argument("--python-path", action="append", default=[],

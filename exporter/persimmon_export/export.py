@@ -489,6 +489,13 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION)]
     if weights is not None and weights.op == MATMUL_NBITS:
         opsets.append(helper.make_opsetid(ORT_DOMAIN, 1))
+    files = save_model(graph, out_dir, writer, opsets)
+    return graph_section(config, dtype, kv_capacity, cache_layout), files
+
+
+def save_model(graph: onnx.GraphProto, out_dir: str, writer: "_DataWriter", opsets: list) -> dict:
+    """Save out_dir/model.onnx (with the custom ops' functions), check it with onnx.checker and
+    return the files written with `writer`'s data ({name: {"bytes", "sha256"}})."""
     model = helper.make_model(graph, opset_imports=opsets,
                               functions=custom_op_functions(), producer_name="persimmon-export")
     add_contrib_opset(model)  # the `capacity` layout's GroupQueryAttention
@@ -500,6 +507,5 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"{model_path}: the exported graph fails onnx.checker: {e}") from None
     data_path = os.path.join(out_dir, DATA_FILE)
-    files = {MODEL_FILE: {"bytes": os.path.getsize(model_path), "sha256": sha256_file(model_path)},
-             DATA_FILE: {"bytes": os.path.getsize(data_path), "sha256": writer.sha256.hexdigest()}}
-    return graph_section(config, dtype, kv_capacity, cache_layout), files
+    return {MODEL_FILE: {"bytes": os.path.getsize(model_path), "sha256": sha256_file(model_path)},
+            DATA_FILE: {"bytes": os.path.getsize(data_path), "sha256": writer.sha256.hexdigest()}}

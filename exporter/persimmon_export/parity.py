@@ -21,7 +21,7 @@ from persimmon_runtime.chat import format_chat
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.backends import decode, parse_device, prefill
 from persimmon_runtime.generator import Generator, build_tokenizer
-from persimmon_runtime.manifest import Manifest
+from persimmon_runtime.manifest import CAUSAL_LM, Manifest
 
 from .checkpoint import load_model
 from .emulate import DESCRIPTION, EmulatedBackend
@@ -114,6 +114,10 @@ def check_parity(checkpoint: str, build_dir: str, prompts=DEFAULT_PROMPTS, decod
     if device is not None:
         parse_device(device)  # a bad device is refused before anything else
     manifest = Manifest.load(build_dir)
+    if manifest.task != CAUSAL_LM:  # no decode steps: the classifier's logits per text
+        from .classify_parity import check_classifier_parity
+
+        return check_classifier_parity(checkpoint, build_dir, manifest, prompts, backends, max_abs, min_top1, emulate)
     if emulate and manifest.weights is not None:  # onnx's reference evaluator has no MatMulNBits
         raise PersimmonError(f"--emulate evaluates float graphs; {build_dir} has {manifest.weights.type} weights: "
                              f"check it without --emulate")

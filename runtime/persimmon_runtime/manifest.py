@@ -52,6 +52,21 @@ CACHE_UPDATES = ("tensor_scatter", "scatter_elements")  # in place (KV-cache-upd
 # onnxruntime's fused com.microsoft op, or TensorRT's DequantizeLinear-into-MatMul pattern
 WEIGHT_OPS = ("MatMulNBits", "DequantizeLinear")
 WEIGHT_TYPES = ("int8", "int4")
+# What a build computes (top-level `task`; builds from before classifiers lack it: causal-lm).
+# Classifier builds have no cache: their graph reads whole texts (input_ids and attention_mask)
+# and returns `logits` per text or per token.
+CAUSAL_LM = "causal-lm"
+TASKS = {
+    CAUSAL_LM: "next-token logits over a KV cache (the step graph); served by Generator",
+    "sequence-classification": "logits [batch, num_labels] at each text's last non-padding token; served by Classifier",
+    "token-classification": "logits [batch, seq, num_labels] for every token; served by Classifier",
+}
+CLASSIFIER_INPUTS = ("input_ids", "attention_mask")
+# how a classifier's scores come from its logits (classifier.problem_type, transformers' names):
+# softmax over the labels, a sigmoid per label, or the logits as they are
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+NO_CACHE = "none"  # onnx.cache_layout and tensorrt.cache_update of classifier builds
+CLASSIFY_ROLE = "classify"  # the one TensorRT profile of a classifier engine
 
 
 class ManifestError(PersimmonError):
@@ -196,6 +211,16 @@ class WeightsSection:
     tensors: list            # name suffixes of the quantized weights ('dense.weight', 'lm_head.weight')
 
 
+@dataclass(frozen=True)
+class ClassifierSection:
+    """Section `classifier`, written by build for classifier tasks (`persimmon_export.classify`;
+    absent or null: causal-lm builds), from the checkpoint's config.json."""
+    labels: list               # label names by index: config.json's id2label
+    problem_type: str          # a PROBLEM_TYPES entry: softmax, sigmoid or raw scores
+    pad_token_id: int | None   # what the runtime pads with; sequence classification pools at the
+                               # rightmost token that is not this (None: one text per batch)
+
+
 @dataclass
 class Manifest:
     dtype: str                     # "float16" | "bfloat16" | "float32": weights, activations and the cache
@@ -210,6 +235,8 @@ class Manifest:
     exporter_version: str = ""
     ranges: RangeSection | None = None
     weights: WeightsSection | None = None
+    task: str = CAUSAL_LM                        # a TASKS entry
+    classifier: ClassifierSection | None = None  # classifier tasks only
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -239,11 +266,13 @@ class Manifest:
     def from_dict(cls, raw: dict) -> "Manifest":
         """A Manifest from a dict that `validate` accepted."""
         engine, ranges, weights = raw["tensorrt"], raw.get("ranges"), raw.get("weights")
+        classifier = raw.get("classifier")
         return cls(**{**raw, "model": ModelShape(**raw["model"]), "tokenizer": TokenizerSection(**raw["tokenizer"]),
                       "onnx": GraphSection.from_dict(raw["onnx"]),
                       "tensorrt": None if engine is None else EngineSection.from_dict(engine),
                       "ranges": None if ranges is None else RangeSection.from_dict(ranges),
-                      "weights": None if weights is None else WeightsSection(**weights)})
+                      "weights": None if weights is None else WeightsSection(**weights),
+                      "classifier": None if classifier is None else ClassifierSection(**classifier)})
 
     @classmethod
     def load(cls, directory: str, verify_checksums: bool = True) -> "Manifest":
@@ -306,7 +335,8 @@ def validate(path: str, raw: dict) -> None:
     """Check each field the runtime and exporter read: its presence, type and range."""
     # `ranges` and `weights` came after format version 2 (neither changes how the runtime runs a
     # step: the graph carries the quantized ops): older builds lack them
-    _check(path, "", raw, _fields(_TOP_LEVEL, may_be_absent=("ranges", "weights")))  # raw is a dict: only its fields can fail
+    # `task` and `classifier` likewise: a build without them is a causal LM, read as before
+    _check(path, "", raw, _fields(_TOP_LEVEL, may_be_absent=("ranges", "weights", "task", "classifier")))  # raw is a dict: only its fields can fail
     _check_references(path, raw)
 
 
@@ -415,7 +445,7 @@ _TOKENIZER = _fields({"file": _FILE_NAME, "add_bos": _BOOL, "bos_token": _option
 _CUSTOM_OPS = _fields({"domain": _one_of(CUSTOM_OP_DOMAIN), "version": _count(CUSTOM_OP_VERSION, CUSTOM_OP_VERSION),
                        "ops": _list_of(_one_of(*CUSTOM_OPS))})
 _GRAPH = _fields({
-    "file": _FILE_NAME, "data_file": _FILE_NAME, "cache_layout": _one_of(*CACHE_LAYOUTS),
+    "file": _FILE_NAME, "data_file": _FILE_NAME, "cache_layout": _one_of(*CACHE_LAYOUTS, NO_CACHE),
     "custom_ops": _CUSTOM_OPS, "inputs": _list_of(_TENSOR_SPEC), "outputs": _list_of(_TENSOR_SPEC),
     "cache_aliases": _object_of(_STR)})
 
@@ -428,11 +458,11 @@ def _min_opt_max(path, name, value):
         _check(path, f"{name}[{index}]", shape, _SHAPE)
 
 
-_PROFILE = _fields({"role": _one_of(*PROFILE_ROLES), "shapes": _object_of(_min_opt_max)})
+_PROFILE = _fields({"role": _one_of(*PROFILE_ROLES, CLASSIFY_ROLE), "shapes": _object_of(_min_opt_max)})
 _ENGINE = _fields({
     "flavor": _one_of(*ENGINE_FLAVORS), "version": _STR, "engine_file": _FILE_NAME, "onnx_file": _FILE_NAME,
     "compute_capabilities": _list_of(_COMPUTE_CAPABILITY), "version_compatible": _BOOL,
-    "cache_update": _one_of(*CACHE_UPDATES),
+    "cache_update": _one_of(*CACHE_UPDATES, NO_CACHE),
     "plugin_ptx": _optional(_fields({"isa": _MAJOR_MINOR, "min_driver_cuda": _MAJOR_MINOR})),
     "max_prefill": _count(1), "profiles": _list_of(_PROFILE), "polygraphy": _STR, "trtexec": _optional(_STR)})
 # a maximum |x|: finite (JSON has no inf) and >= 0
@@ -465,6 +495,9 @@ _TOP_LEVEL = {
     "exporter_version": _STR,
     "ranges": _optional(_RANGES),
     "weights": _optional(_WEIGHTS),
+    "task": _one_of(*TASKS),
+    "classifier": _optional(_fields({
+        "labels": _list_of(_STR), "problem_type": _one_of(*PROBLEM_TYPES), "pad_token_id": _optional(_count(0))})),
 }
 
 
@@ -483,24 +516,11 @@ def _check_references(path: str, raw: dict) -> None:
     for where, name in opened.items():
         if name not in raw["files"]:
             raise ManifestError(f"{path}: {where} is {name!r}, which `files` does not list; {_REBUILD}")
-    input_names = {spec["name"] for spec in graph["inputs"]}
-    output_names = {spec["name"] for spec in graph["outputs"]}
-    missing = [name for name in STEP_INPUTS if name not in input_names]
-    if missing:
-        raise ManifestError(f"{path}: onnx.inputs lacks {missing[0]!r}; {_REBUILD}")
-    for present, past in graph["cache_aliases"].items():
-        if present not in output_names or past not in input_names:
-            raise ManifestError(f"{path}: onnx.cache_aliases maps {present!r} -> {past!r}, which are not an output "
-                                f"and an input of the graph; {_REBUILD}")
+    if raw.get("task", CAUSAL_LM) == CAUSAL_LM:
+        _check_step_graph(path, raw)
+    else:
+        _check_classifier_graph(path, raw)
     layers = raw["model"]["num_hidden_layers"]
-    if len(graph["cache_aliases"]) != 2 * layers:  # a key and a value cache per layer
-        raise ManifestError(f"{path}: onnx.cache_aliases pairs {len(graph['cache_aliases'])} caches, but "
-                            f"model.num_hidden_layers {layers} needs {2 * layers}; {_REBUILD}")
-    if engine is not None:
-        roles = [profile["role"] for profile in engine["profiles"]]
-        if sorted(roles) != sorted(PROFILE_ROLES):
-            raise ManifestError(f"{path}: tensorrt.profiles has roles {roles}, expected one each of "
-                                f"{list(PROFILE_ROLES)}; {_REBUILD}")
     ranges = raw.get("ranges")
     if ranges is not None:
         lengths = {len(ranges["relu2_scales"])} | {len(values) for values in ranges["activations"].values()}
@@ -510,3 +530,57 @@ def _check_references(path: str, raw: dict) -> None:
     vocab = raw["model"]["vocab_size"]
     if any(token >= vocab for token in raw["eos_token_ids"]):
         raise ManifestError(f"{path}: eos_token_ids has an id >= vocab_size {vocab}; {_REBUILD}")
+
+
+def _check_step_graph(path: str, raw: dict) -> None:
+    """A causal LM's step graph: the step inputs, a key and a value cache per layer, both engine profiles."""
+    graph, engine = raw["onnx"], raw["tensorrt"]
+    layers = raw["model"]["num_hidden_layers"]
+    if raw.get("classifier") is not None or graph["cache_layout"] == NO_CACHE:
+        raise ManifestError(f"{path}: a {CAUSAL_LM} build has a classifier section or cache layout "
+                            f"{NO_CACHE!r}; {_REBUILD}")
+    input_names = {spec["name"] for spec in graph["inputs"]}
+    output_names = {spec["name"] for spec in graph["outputs"]}
+    missing = [name for name in STEP_INPUTS if name not in input_names]
+    if missing:
+        raise ManifestError(f"{path}: onnx.inputs lacks {missing[0]!r}; {_REBUILD}")
+    for present, past in graph["cache_aliases"].items():
+        if present not in output_names or past not in input_names:
+            raise ManifestError(f"{path}: onnx.cache_aliases maps {present!r} -> {past!r}, which are not an output "
+                                f"and an input of the graph; {_REBUILD}")
+    if len(graph["cache_aliases"]) != 2 * layers:  # a key and a value cache per layer
+        raise ManifestError(f"{path}: onnx.cache_aliases pairs {len(graph['cache_aliases'])} caches, but "
+                            f"model.num_hidden_layers {layers} needs {2 * layers}; {_REBUILD}")
+    if engine is not None:
+        roles = [profile["role"] for profile in engine["profiles"]]
+        if sorted(roles) != sorted(PROFILE_ROLES):
+            raise ManifestError(f"{path}: tensorrt.profiles has roles {roles}, expected one each of "
+                                f"{list(PROFILE_ROLES)}; {_REBUILD}")
+
+
+def _check_classifier_graph(path: str, raw: dict) -> None:
+    """A classifier graph: input_ids and attention_mask in, logits with one value per label out, no cache."""
+    graph, engine, classifier = raw["onnx"], raw["tensorrt"], raw.get("classifier")
+    task = raw["task"]
+    if classifier is None:
+        raise ManifestError(f"{path}: a {task} build needs the classifier section; {_REBUILD}")
+    inputs = [spec["name"] for spec in graph["inputs"]]
+    outputs = graph["outputs"]
+    if inputs != list(CLASSIFIER_INPUTS) or [spec["name"] for spec in outputs] != ["logits"]:
+        raise ManifestError(f"{path}: a {task} graph takes {list(CLASSIFIER_INPUTS)} and gives ['logits'], this one "
+                            f"{inputs} -> {[spec['name'] for spec in outputs]}; {_REBUILD}")
+    if graph["cache_aliases"] or graph["cache_layout"] != NO_CACHE:
+        raise ManifestError(f"{path}: a {task} graph has no cache (cache_layout {NO_CACHE!r}, no cache_aliases); "
+                            f"{_REBUILD}")
+    labels = len(classifier["labels"])
+    rank = 2 if task == "sequence-classification" else 3
+    shape = outputs[0]["shape"]
+    if len(shape) != rank or shape[-1] != labels or labels < 1:
+        raise ManifestError(f"{path}: onnx logits shape {shape} does not fit a {task} with {labels} labels "
+                            f"(classifier.labels); {_REBUILD}")
+    pad = classifier["pad_token_id"]
+    if pad is not None and pad >= raw["model"]["vocab_size"]:
+        raise ManifestError(f"{path}: classifier.pad_token_id {pad} is >= vocab_size; {_REBUILD}")
+    if engine is not None and [profile["role"] for profile in engine["profiles"]] != [CLASSIFY_ROLE]:
+        raise ManifestError(f"{path}: tensorrt.profiles of a {task} engine must be one {CLASSIFY_ROLE!r} profile; "
+                            f"{_REBUILD}")
