@@ -6,7 +6,8 @@
 
 Per config (benchmarks/workload.py, random weights, vocabulary 32000) and variant: decode
 tokens/s at batch 1 after a 1024-token prompt (the onnxruntime backend's step: the median over
---rounds rounds of --steps steps, the variants timed in turn each round), the build's weight bytes, and accuracy against the fp32 torch reference
+--rounds rounds of --steps steps, the variants timed in turn each round), the build's weight
+bytes, and accuracy against the fp32 torch reference
 (`persimmon-export parity`: max |dlogit| / max |logit|, top-1 agreement, greedy rows identical
 over its three prompts and 8 decode steps). Prints one line per variant with the cores other work
 used meanwhile, and writes benchmarks/results/quantized.json.

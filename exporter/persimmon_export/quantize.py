@@ -104,12 +104,14 @@ def weight_format(weights: str | None, block_size: int | None, config, engine: b
     tensors = (ENGINE_LINEARS if engine else LINEARS) + ((LM_HEAD,) if lm_head else ())
     if engine and weights == "int8":
         if block_size is not None:
-            raise QuantizeError(f"--block-size {block_size}: TensorRT int8 weights have one scale per output channel "
-                                f"(its INT8 weight-only GEMM takes no blocks); leave --block-size out or build --weights int4")
+            raise QuantizeError(f"--block-size {block_size}: TensorRT int8 weights have one scale per output "
+                                f"channel (its INT8 weight-only GEMM takes no blocks); leave --block-size out or "
+                                f"build --weights int4")
         return WeightFormat(weights, None, op, tensors)
     block = DEFAULT_BLOCK_SIZE if block_size is None else block_size
     if type(block) is not int or block < MIN_BLOCK_SIZE or block & (block - 1):
-        raise QuantizeError(f"--block-size must be a power of two >= {MIN_BLOCK_SIZE} (e.g. 32, 64, 128), got {block!r}")
+        raise QuantizeError(f"--block-size must be a power of two >= {MIN_BLOCK_SIZE} (e.g. 32, 64, 128), "
+                            f"got {block!r}")
     for name, (inputs, _) in linear_shapes(config).items():
         if name in tensors and inputs % block:
             fits = max((b for b in (16, 32, 64, 128, 256) if inputs % b == 0), default=None)
@@ -170,8 +172,8 @@ def dequantize(stored: np.ndarray, scales: np.ndarray, fmt: WeightFormat, shape:
     values = raw.astype(np.int32)
     if fmt.op == MATMUL_NBITS:
         values = values - 2 ** (fmt.bits - 1)  # no zero_points input: the default zero point
-        weight = values.reshape(outputs, inputs // fmt.block_size, fmt.block_size) * scales.astype(np.float64)[..., None]
-        return weight.reshape(outputs, inputs).T
+        blocks = values.reshape(outputs, inputs // fmt.block_size, fmt.block_size)
+        return (blocks * scales.astype(np.float64)[..., None]).reshape(outputs, inputs).T
     values = np.where(values >= 2 ** (fmt.bits - 1), values - 2 ** fmt.bits, values)  # two's complement
     values = values.reshape(inputs, outputs)
     if fmt.block_size is None:
@@ -221,8 +223,8 @@ def _write_dequantize_codes(writer, name, tensor, fmt, scale_dtype, factor) -> t
     record = scale_dtype == torch.float16
     per_channel = fmt.block_size is None
     if per_channel:
-        channel_scales = torch.cat([block_scales(chunk, fmt.bits, inputs, scale_dtype) for chunk in
-                                    _float_chunks(writer, name, tensor, factor, _rows_per_chunk(inputs), record)])  # [N, 1]
+        rows = _float_chunks(writer, name, tensor, factor, _rows_per_chunk(inputs), record)
+        channel_scales = torch.cat([block_scales(chunk, fmt.bits, inputs, scale_dtype) for chunk in rows])  # [N, 1]
     scales = []
     start = writer.begin()
     columns = tensor.T  # [K, N]: chunks of whole blocks of K, so every block's scale is local
