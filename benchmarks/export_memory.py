@@ -174,7 +174,7 @@ def main() -> None:
         print(f"  written in {seconds:.0f}s", flush=True)
         exe = os.path.join(os.path.dirname(sys.executable), "persimmon-export")
         command = [exe, "build", "--checkpoint", checkpoint, "--out", out, "--dtype", "float16",
-                   "--max-seq", "4096", "--max-batch", "8", "--backend", args.backend, *args.build_arg]
+                   "--kv-capacity", "4096", "--max-batch", "8", "--backend", args.backend, *args.build_arg]
         if args.weights:
             command += ["--weights", args.weights]
         print("running:", " ".join(command), flush=True)

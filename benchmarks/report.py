@@ -17,6 +17,8 @@ def main() -> None:
     bandwidth = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in report["bandwidth_bytes_s"].items())
     print(f"Machine: {report['machine']}. Read bandwidth (GB/s): {bandwidth}. Each run generates "
           f"{report['new_tokens']} greedy tokens; prefill = time to the first token, decode = the steps after it.\n")
+    headline(report)
+    print("\n<details><summary>Every run</summary>\n")
     print("| config | runtime | batch | prompt | prefill tok/s | decode tok/s | step p50 / p99 ms | p99/p50 "
           "| greedy = transformers | roofline |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -27,10 +29,29 @@ def main() -> None:
             print(f"| {name} | {row['runtime']} | {row['batch']} | {row['prompt']} | {row['prefill_tok_s']:.0f} "
                   f"| {row['decode_tok_s']:.1f} | {row['step_p50_ms']:.1f} / {row['step_p99_ms']:.1f} "
                   f"| {row['p99_over_p50']:.2f} | {agree} | {roof} |")
-    print("\nTargets:")
+    print("\n</details>\n\nTargets:")
     for target in report["targets"]:
         verdict = {True: "PASS", False: "FAIL", None: "not measured"}[target["pass"]]
         print(f"- {verdict}: {target['target']} ({target['measured']})")
+
+
+def headline(report: dict, prompt: int = 1024) -> None:
+    """One line per runtime: the figures at a `prompt`-token prompt that the README quotes."""
+    configs = list(report["configs"])
+    print("| runtime | " + " | ".join(f"{c} prefill / decode tok/s (batch 1)" for c in configs)
+          + " | " + " | ".join(f"{c} decode tok/s, batch 8" for c in configs) + " | greedy = transformers |")
+    print("|---" * (2 * len(configs) + 2) + "|")
+    runtimes = dict.fromkeys(r["runtime"] for c in configs for r in report["configs"][c]["rows"])
+    for runtime in runtimes:
+        cells, eight, agree = [], [], []
+        for c in configs:
+            rows = {(r["batch"], r["prompt"]): r for r in report["configs"][c]["rows"] if r["runtime"] == runtime}
+            one, many = rows.get((1, prompt)), rows.get((8, prompt))
+            cells.append(f"{one['prefill_tok_s']:.0f} / {one['decode_tok_s']:.1f}" if one else "")
+            eight.append(f"{many['decode_tok_s']:.1f}" if many else "")
+            agree += [r["greedy_agreement"] for r in rows.values() if "greedy_agreement" in r]
+        share = f"{sum(agree) / len(agree):.0%}" if agree else ""
+        print(f"| {runtime} | " + " | ".join(cells) + " | " + " | ".join(eight) + f" | {share} |")
 
 
 if __name__ == "__main__":

@@ -251,6 +251,10 @@ def main() -> None:
     parser.add_argument("--openvino", nargs="*", default=["fp32-exact", "default", "int8", "int4"],
                         choices=["fp32-exact", "default", "int8", "int4"],
                         help="OpenVINO variants to measure (default: all; none: skip OpenVINO)")
+    parser.add_argument("--json", default=os.path.join(HERE, "results", "latest.json"),
+                        help="where to write the results (default benchmarks/results/latest.json; the chart goes "
+                             "next to it as .png)")
+    parser.add_argument("--label", default="", help="what this run measures, kept in the JSON (e.g. a commit)")
     parser.add_argument("--wait-idle", type=float, default=60.0,
                         help="seconds to wait before each measurement for other work on the machine to stop")
     args = parser.parse_args()
@@ -265,14 +269,14 @@ def main() -> None:
             results[name] = run_config(name, work, batches, lengths, new_tokens, args.wait_idle, args.block_size,
                                        args.precisions, args.openvino)
             add_roofline(results[name], bandwidth["best"], max(lengths), new_tokens)
-    report = {"machine": machine(), "bandwidth_bytes_s": bandwidth, "new_tokens": new_tokens,
+    report = {"label": args.label, "machine": machine(), "bandwidth_bytes_s": bandwidth, "new_tokens": new_tokens,
               "block_size": args.block_size, "configs": results}
     report["targets"] = [{"target": t, "pass": ok, "measured": m} for t, ok, m in targets(results, max(lengths))]
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "latest.json"), "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
         json.dump(report, f, indent=2)
     try:
-        chart(results, max(lengths), os.path.join(HERE, "results", "latest.png"))
+        chart(results, max(lengths), os.path.splitext(args.json)[0] + ".png")
     except ImportError:
         print("matplotlib not installed: no chart (bash benchmarks/run.sh installs it)")
     print()

@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the fp32 torch reference and the built artifact on sample prompts; print, per backend, "
                     "the max abs logits difference through prefill and N greedy decode steps, top-1 agreement "
                     "and greedy token agreement against bounds (fp32: 1e-3 and identical greedy tokens; fp16: "
-                    "2%% of the largest |logit| and top-1 >= 95%%; --weights int8 / int4 builds: 5%% / 60%% and "
-                    "top-1 >= 80%% / 25%%, docs/quantization.md). Exits 1 when a bound is broken.")
+                    "2% of the largest |logit| and top-1 >= 95%; --weights int8 / int4 builds: 5% / 60% and "
+                    "top-1 >= 80% / 25%, docs/quantization.md). Exits 1 when a bound is broken.")
     parity.add_argument("--checkpoint", required=True, help="the Hugging Face checkpoint the build came from")
     parity.add_argument("--build", required=True, help="build directory")
     parity.add_argument("--backend", nargs="*", default=["onnxruntime"],

@@ -1,9 +1,9 @@
 """Build integrity: every file a build lists must have its recorded size and sha256 before we serve it.
 
-Hashing costs about one read of the build (an 8B fp16 build is ~18 GB: ~16 s from the page
-cache, about a minute from a cold disk, see the README), so a successful verification is
-remembered in a per-user record and an unchanged file is not hashed again. "Unchanged" means
-same size, mtime, ctime, inode and device: a same-size rewrite changes ctime (which, unlike
+Hashing costs about one read of the build (an 8B fp16 build is ~18 GB: about 27 s from the
+page cache, 63 s cold, on a 2-core AMD EPYC, extrapolated from 4 GB in docs/benchmarks.md), so a
+successful verification is remembered in a per-user record and an unchanged file is not hashed
+again. "Unchanged" means same size, mtime, ctime, inode and device: a same-size rewrite changes ctime (which, unlike
 mtime, cannot be set back), and a replaced file has a new inode. The record is bound to the
 manifest's own sha256, so a new or edited manifest starts from scratch.
 
