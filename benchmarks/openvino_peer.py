@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import openvino.opset13 as ops
@@ -35,7 +36,7 @@ from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import CpuShare, cpu_note  # noqa: E402
-from step_timing import StampStreamer, summarize  # noqa: E402
+from step_timing import StampStreamer, median_run, summarize  # noqa: E402
 
 VARIANTS = ("fp32-exact", "default", "int8", "int4")
 
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--int4-group-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per case; the median decode run is kept")
     parser.add_argument("--wait-idle", type=float, default=0.0, help="seconds to wait for an idle machine per case")
     args = parser.parse_args()
     with open(args.cases) as f:
@@ -98,7 +100,7 @@ def main() -> None:
         rows = []
         for case in cases:
             cpu = CpuShare(wait_idle_s=args.wait_idle)
-            figures, greedy = run_case(model, case["ids"], args.new_tokens)
+            figures, greedy = median_run(partial(run_case, model, case["ids"], args.new_tokens), args.repeats)
             figures["cpu"] = cpu.result()
             rows.append({"batch": case["batch"], "prompt": case["prompt_tokens"], **figures,
                          **({"greedy_ids": greedy[0]} if case["batch"] == 1 else {})})

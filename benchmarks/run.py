@@ -2,7 +2,7 @@
 
     bash benchmarks/run.sh                  # = .venv/bin/python benchmarks/run.py (installs matplotlib first)
     bash benchmarks/setup_openvino.sh       # once: the OpenVINO peer's own venv (.venv-openvino)
-    .venv/bin/python benchmarks/run.py --configs 100M --quick        # batch 1 only, 64 new tokens
+    .venv/bin/python benchmarks/run.py --configs 100M --quick        # batch 1 only
 
 For Persimmon configs of about 100M and 300M parameters (random weights, CPU), batch 1 and 8,
 prompts of 128 and 1024 tokens, every runtime generates --new-tokens greedy tokens and is timed
@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from machine import CpuShare, cpu_note, machine, measure_bandwidth  # noqa: E402
-from step_timing import StampStreamer, summarize  # noqa: E402
+from step_timing import StampStreamer, median_run, summarize  # noqa: E402
 from workload import CONFIGS, prompt_texts, random_checkpoint  # noqa: E402
 
 from persimmon_export.build import build  # noqa: E402
@@ -79,7 +80,7 @@ def agreement(tokens: list[int], reference: list[int]) -> float:
 
 
 def run_openvino(checkpoint: str, cases: list[dict], new_tokens: int, work: str, int4_group_size: int,
-                 variants: list[str], wait_idle_s: float) -> dict:
+                 variants: list[str], wait_idle_s: float, repeats: int) -> dict:
     if not variants:
         return {}
     if not os.path.exists(OPENVINO_PYTHON):
@@ -91,6 +92,7 @@ def run_openvino(checkpoint: str, cases: list[dict], new_tokens: int, work: str,
     process = subprocess.run([OPENVINO_PYTHON, os.path.join(HERE, "openvino_peer.py"), "--checkpoint", checkpoint,
                               "--cases", cases_file, "--new-tokens", str(new_tokens),
                               "--int4-group-size", str(int4_group_size), "--wait-idle", str(wait_idle_s),
+                              "--repeats", str(repeats),
                               "--variants", *variants],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stderr.splitlines():
@@ -102,7 +104,7 @@ def run_openvino(checkpoint: str, cases: list[dict], new_tokens: int, work: str,
 
 
 def run_config(name: str, work: str, batches, lengths, new_tokens: int, wait_idle_s: float, block_size: int,
-               precisions: list[str], openvino_variants: list[str]) -> dict:
+               precisions: list[str], openvino_variants: list[str], repeats: int) -> dict:
     import transformers
 
     checkpoint, first_added = random_checkpoint(work, name)
@@ -135,7 +137,7 @@ def run_config(name: str, work: str, batches, lengths, new_tokens: int, wait_idl
     time_transformers(hf, cases[0]["ids"][:1], 4)  # warm-up
     for case in cases:
         cpu = CpuShare(wait_idle_s=wait_idle_s)
-        figures, greedy = time_transformers(hf, case["ids"], new_tokens)
+        figures, greedy = median_run(partial(time_transformers, hf, case["ids"], new_tokens), repeats)
         record("transformers", case, figures, cpu.result(), greedy)
     del hf
     for label in precisions:
@@ -148,11 +150,11 @@ def run_config(name: str, work: str, batches, lengths, new_tokens: int, wait_idl
         time_ours(generator, cases[0]["texts"][:1], 4)  # warm-up: onnxruntime's first runs allocate
         for case in cases:
             cpu = CpuShare(wait_idle_s=wait_idle_s)
-            figures, greedy = time_ours(generator, case["texts"], new_tokens)
+            figures, greedy = median_run(partial(time_ours, generator, case["texts"], new_tokens), repeats)
             record(f"persimmon {label}", case, figures, cpu.result(), greedy)
         generator.close()
         del generator
-    peer = run_openvino(checkpoint, cases, new_tokens, work, block_size, openvino_variants, wait_idle_s)
+    peer = run_openvino(checkpoint, cases, new_tokens, work, block_size, openvino_variants, wait_idle_s, repeats)
     for variant, result in peer.get("variants", {}).items():
         for row in result["rows"]:
             case = next(c for c in cases if c["batch"] == row["batch"] and c["prompt"] == row["prompt"])
@@ -243,7 +245,9 @@ def chart(results: dict, context: int, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["100M", "300M"], choices=list(CONFIGS))
-    parser.add_argument("--quick", action="store_true", help="batch 1 only and --new-tokens 64")
+    parser.add_argument("--quick", action="store_true", help="batch 1 only")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per case; the run with the median decode tokens/s is reported (default 1)")
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per run (default 128)")
     parser.add_argument("--block-size", type=int, default=32, help="int8/int4 block size, ours and OpenVINO's int4")
     parser.add_argument("--precisions", nargs="*", default=list(OURS), choices=list(OURS),
@@ -260,16 +264,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     batches, lengths = ([1], [128, 1024]) if args.quick else ([1, MAX_BATCH], [128, 1024])
-    new_tokens = 64 if args.quick else args.new_tokens
+    new_tokens = args.new_tokens
     bandwidth = measure_bandwidth()
     print("memory read bandwidth: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bandwidth.items()), flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as work:
         for name in args.configs:
             results[name] = run_config(name, work, batches, lengths, new_tokens, args.wait_idle, args.block_size,
-                                       args.precisions, args.openvino)
+                                       args.precisions, args.openvino, args.repeats)
             add_roofline(results[name], bandwidth["best"], max(lengths), new_tokens)
     report = {"label": args.label, "machine": machine(), "bandwidth_bytes_s": bandwidth, "new_tokens": new_tokens,
+              "repeats": args.repeats,
               "block_size": args.block_size, "configs": results}
     report["targets"] = [{"target": t, "pass": ok, "measured": m} for t, ok, m in targets(results, max(lengths))]
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
