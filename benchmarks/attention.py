@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
+
+from machine import machine
 
 F32 = TensorProto.FLOAT
 
@@ -139,7 +140,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     heads, head_dim, prompt = args.heads, args.head_dim, args.prompt
-    print(f"onnxruntime {ort.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    print(f"onnxruntime {ort.__version__}, {machine()}, "
           f"load {os.getloadavg()[0]:.2f}; {heads} heads x {head_dim}, batch 1, fp32")
     sessions = {"matmul": scatter_then("matmul", heads, head_dim), "attention": scatter_then("attention", heads, head_dim),
                 "gqa": gqa(heads, head_dim)}

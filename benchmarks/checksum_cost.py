@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 import time
 
+from machine import cpu_model
 from persimmon_runtime import verify
 
 BUILD_8B_BYTES = 18.8e9  # Persimmon-8B's weights in fp16/bf16: 9.40e9 parameters x 2 bytes
@@ -40,10 +41,9 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "c
 
 
 def machine_facts() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
-    return {"cpu": cpu, "cores": os.cpu_count(), "sha_ni": " sha_ni" in flags, "python": platform.python_version(),
+    with open("/proc/cpuinfo") as f:
+        flags = next((line for line in f if line.startswith("flags")), "")
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "sha_ni": " sha_ni" in flags, "python": platform.python_version(),
             "openssl": __import__("ssl").OPENSSL_VERSION, "load_average": os.getloadavg(),
             "date": datetime.date.today().isoformat()}
 

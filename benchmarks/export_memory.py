@@ -29,6 +29,7 @@ import threading
 import time
 
 from checkpoint_memory import write_checkpoint
+from machine import cpu_model
 
 GIB = 2**30
 FULL_LAYERS = 36
@@ -84,8 +85,7 @@ def check_disk(work: str, layers: int, backend: str) -> None:
 
 def machine() -> dict:
     """Where the numbers come from: CPU model, cores, RAM, and the TensorRT-RTX version if any."""
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_model()
     info = {"description": f"{platform.machine()}, {os.cpu_count()} cores, "
                            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB",
             "cpu": cpu, "cores": os.cpu_count(),

@@ -31,12 +31,11 @@ from functools import partial
 
 import numpy as np
 import openvino.opset13 as ops
-import torch
 from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import CpuShare, cpu_note  # noqa: E402
-from step_timing import StampStreamer, median_run, summarize  # noqa: E402
+from step_timing import median_run, time_generate  # noqa: E402
 
 VARIANTS = ("fp32-exact", "default", "int8", "int4")
 
@@ -67,16 +66,6 @@ def slice_lm_head(model) -> None:
     model.validate_nodes_and_infer_types()
 
 
-def run_case(model, ids: list[list[int]], new_tokens: int) -> tuple[dict, list[list[int]]]:
-    input_ids = torch.tensor(ids)
-    streamer = StampStreamer()
-    started = time.perf_counter()
-    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, streamer=streamer, pad_token_id=0)
-    figures = summarize(started, streamer.token_stamps(), len(ids), len(ids[0]))
-    return figures, out[:, input_ids.shape[1]:].tolist()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
@@ -96,11 +85,11 @@ def main() -> None:
         started = time.perf_counter()
         model = load(args.checkpoint, variant, args.int4_group_size)
         export_s = time.perf_counter() - started
-        run_case(model, cases[0]["ids"][:1], 4)  # warm-up: first inferences compile kernels
+        time_generate(model, cases[0]["ids"][:1], 4)  # warm-up: first inferences compile kernels
         rows = []
         for case in cases:
             cpu = CpuShare(wait_idle_s=args.wait_idle)
-            figures, greedy = median_run(partial(run_case, model, case["ids"], args.new_tokens), args.repeats)
+            figures, greedy = median_run(partial(time_generate, model, case["ids"], args.new_tokens), args.repeats)
             figures["cpu"] = cpu.result()
             rows.append({"batch": case["batch"], "prompt": case["prompt_tokens"], **figures,
                          **({"greedy_ids": greedy[0]} if case["batch"] == 1 else {})})

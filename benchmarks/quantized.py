@@ -108,7 +108,7 @@ def against_openvino(configs: list[str], new_tokens: int, wait_idle_s: float) ->
 
     with tempfile.TemporaryDirectory() as work:
         results = {name: run.run_config(name, work, [1], [PROMPT_TOKENS], new_tokens, wait_idle_s, 32,
-                                        ["int8", "int4"], ["int8", "int4"]) for name in configs}
+                                        ["int8", "int4"], ["int8", "int4"], repeats=1) for name in configs}
     for target, passed, measured in run.targets(results, PROMPT_TOKENS):
         if "decode" in target and ("int8" in target or "int4" in target):
             print(f"{target}: {measured} {'PASS' if passed else 'FAIL' if passed is False else ''}", flush=True)
@@ -134,7 +134,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         for name in args.configs:
             checkpoint, first_added = random_checkpoint(work, name)
-            tokenizer_file = os.path.join(work, "tokenizer-32000.model")
+            tokenizer_file = os.path.join(checkpoint, "tokenizer.model")
             [text] = prompt_texts(tokenizer_file, first_added, 1, PROMPT_TOKENS, seed=PROMPT_TOKENS)
             prompt = Tokenizer(tokenizer_file).encode(text)
             builds = {label: build_variant(checkpoint, os.path.join(work, name), label, args.steps)

@@ -37,7 +37,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from machine import CpuShare, cpu_note, machine, measure_bandwidth  # noqa: E402
-from step_timing import StampStreamer, median_run, summarize  # noqa: E402
+from step_timing import median_run, summarize, time_generate  # noqa: E402
 from workload import CONFIGS, prompt_texts, random_checkpoint  # noqa: E402
 
 from persimmon_export.build import build  # noqa: E402
@@ -63,14 +63,9 @@ def time_ours(generator: Generator, texts: list[str], new_tokens: int) -> tuple[
     return figures, completions[0].token_ids
 
 
-@torch.no_grad()
 def time_transformers(model, ids: list[list[int]], new_tokens: int) -> tuple[dict, list[int]]:
-    input_ids = torch.tensor(ids)
-    streamer = StampStreamer()
-    started = time.perf_counter()
-    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=streamer)
-    return summarize(started, streamer.token_stamps(), len(ids), len(ids[0])), out[0, len(ids[0]):].tolist()
+    figures, new_ids = time_generate(model, ids, new_tokens)
+    return figures, new_ids[0]
 
 
 def agreement(tokens: list[int], reference: list[int]) -> float:
@@ -108,7 +103,7 @@ def run_config(name: str, work: str, batches, lengths, new_tokens: int, wait_idl
     import transformers
 
     checkpoint, first_added = random_checkpoint(work, name)
-    tokenizer_file = os.path.join(work, "tokenizer-32000.model")
+    tokenizer_file = os.path.join(checkpoint, "tokenizer.model")
     tokenizer = Tokenizer(tokenizer_file)
     cases = []
     for batch in batches:

@@ -55,7 +55,7 @@ from persimmon_export.triton import MODEL_PY, write_repository
 from persimmon_runtime.generator import Generator
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from machine import CpuShare, cpu_model, cpu_note, group_cpu_s  # noqa: E402
+from machine import CpuShare, cpu_note, group_cpu_s, machine  # noqa: E402
 from workload import prompt_texts, random_checkpoint  # noqa: E402
 import tritonserver  # noqa: E402 (tests/tritonserver.py: the bundled server, started as the tests start it)
 
@@ -307,7 +307,7 @@ def main() -> None:
     new_tokens, repeats, clients = (16, 1, [1, 4]) if args.quick else (64, args.repeats, args.clients)
     path = os.path.join(HERE, "results", f"serving_{args.label}.json")
     report = json.load(open(path)) if os.path.isfile(path) else {}  # a rerun of one part keeps the other
-    report.update({"label": args.label, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}",
+    report.update({"label": args.label, "machine": machine(),
                    "python": platform.python_version(), "onnxruntime": onnxruntime.__version__})
     print(f"measuring the runtime in {RUNTIME_DIR} ({runtime_commit()})", flush=True)
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as work:

@@ -32,6 +32,20 @@ class StampStreamer:
         return self.stamps[1:]
 
 
+def time_generate(model, ids: list[list[int]], new_tokens: int) -> tuple[dict, list[list[int]]]:
+    """Greedy `model.generate` (transformers or optimum-intel) of `new_tokens` per row, timed per
+    token; returns the summary and each row's new ids."""
+    import torch
+
+    input_ids = torch.tensor(ids)
+    streamer = StampStreamer()
+    started = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=streamer)
+    return summarize(started, streamer.token_stamps(), len(ids), len(ids[0])), out[:, len(ids[0]):].tolist()
+
+
 def summarize(started: float, token_stamps: list[float], batch: int, prompt_tokens: int) -> dict:
     """Prefill and decode figures from the request's start and the arrival time of each new token."""
     if len(token_stamps) < 2:
