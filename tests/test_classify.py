@@ -4,6 +4,7 @@ batching and scores (softmax, multi-label sigmoid), token offsets, fp16, a Tenso
 the manifest, parity and the command line."""
 
 import os
+import re
 
 import numpy as np
 import onnxruntime as ort
@@ -186,6 +187,24 @@ def test_float16_build_is_within_the_fp16_bound(tmp_path_factory, tokenizer):
     got = np.stack(classifier.logits([tokenizer.encode(t) for t in TEXTS]))
     expected = np.stack([hf_logits(model, tokenizer, t) for t in TEXTS])
     assert np.abs(got - expected).max() <= 0.02 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("token_ids, message", [
+    ([[]], "text 0 is 0 tokens"),
+    ([[5], [10**6]], "text 1: input_ids[0, 0] = 1000000 is not a token id"),
+    ([[5, -1]], "text 0: input_ids[0, 1] = -1 is not a token id"),
+    ([[1.5]], "text 0: token ids must be a list of int"),
+    ([7], "text 0: token ids must be a list of int, got int"),
+    ([], "non-empty list"),
+    ([[5] * 10_000], "text 0 is 10000 tokens"),
+])
+def test_classifier_logits_refuses_bad_token_ids_in_one_line(sequence, token_ids, message):
+    """Classifier.logits takes ids from callers (parity, the Triton model, users): bad ones are one
+    PersimmonError line, not an onnxruntime error from the graph's Gather or ArgMax."""
+    classifier = Classifier.load(sequence[2])
+    with pytest.raises(PersimmonError, match=re.escape(message)) as caught:
+        classifier.logits(token_ids)
+    assert "\n" not in str(caught.value)
 
 
 def test_parity_checks_classifier_logits(sequence, token):

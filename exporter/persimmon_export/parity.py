@@ -20,7 +20,8 @@ import torch
 from persimmon_runtime.chat import format_chat
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.backends import decode, parse_device, prefill
-from persimmon_runtime.generator import Generator, build_tokenizer
+from persimmon_runtime.generator import Generator
+from persimmon_runtime.tokenizer import build_tokenizer
 from persimmon_runtime.manifest import CAUSAL_LM, Manifest
 
 from .checkpoint import load_model

@@ -18,15 +18,15 @@ characters of the text it stands for (BOS, which stands for none, is left out).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from .backends import check_token_ids
 from .backends.onnxruntime import open_session
 from .errors import PersimmonError
 from .manifest import CAUSAL_LM, Manifest
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, build_tokenizer
 
 MULTI_LABEL_THRESHOLD = 0.5  # a multi-label classifier's labels: those whose sigmoid reaches this
 
@@ -71,9 +71,7 @@ class Classifier:
         if manifest.task == CAUSAL_LM:
             raise PersimmonError(f"{build_dir} is a causal-lm build, not a classifier: open it with "
                                  f"persimmon_runtime.generator.Generator.load, or build with --task")
-        spec = manifest.tokenizer
-        tokenizer = Tokenizer(os.path.join(build_dir, spec.file), add_bos=spec.add_bos, bos_token=spec.bos_token,
-                              eos_token=spec.eos_token)
+        tokenizer = build_tokenizer(build_dir, manifest)
         _, session, _ = open_session(build_dir, manifest, device)
         return cls(manifest, tokenizer, session)
 
@@ -95,6 +93,7 @@ class Classifier:
     def logits(self, token_ids: list[list[int]]) -> list[np.ndarray]:
         """fp32 logits per text: [num_labels], or [tokens, num_labels] for token classification.
         Texts run in batches of at most max_batch, similar lengths together (less padding)."""
+        self._check_token_ids(token_ids)
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
         out: list = [None] * len(token_ids)
         for start in range(0, len(order), self.max_batch):
@@ -108,17 +107,36 @@ class Classifier:
         """(ids, character spans) per text; every text is checked before any compute."""
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not texts:
             raise PersimmonError("texts must be a str or a non-empty list of str")
-        capacity, encoded = self.manifest.kv_capacity, []
+        encoded = []
         for index, text in enumerate(texts):
             if not isinstance(text, str):
                 raise PersimmonError(f"text {index} is a {type(text).__name__}, not a str")
             ids, spans = self.tokenizer.encode_with_offsets(text)
-            if not 1 <= len(ids) <= capacity:
-                raise PersimmonError(f"text {index} is {len(ids)} tokens; this build classifies texts of 1 to "
-                                     f"{capacity} tokens (kv_capacity): shorten it or rebuild with a larger "
-                                     f"--kv-capacity")
+            self._check_length(index, len(ids))
             encoded.append((ids, spans))
         return encoded
+
+    def _check_length(self, index: int, count: int) -> None:
+        capacity = self.manifest.kv_capacity
+        if not 1 <= count <= capacity:
+            raise PersimmonError(f"text {index} is {count} tokens; this build classifies texts of 1 to "
+                                 f"{capacity} tokens (kv_capacity): shorten it or rebuild with a larger --kv-capacity")
+
+    def _check_token_ids(self, token_ids) -> None:
+        """`logits` takes ids from anyone: the same length and id bounds the graph needs, one line each."""
+        if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, (list, tuple)) or not token_ids:
+            raise PersimmonError("token_ids must be a non-empty list of token id lists")
+        for index, ids in enumerate(token_ids):
+            if not isinstance(ids, (list, tuple, np.ndarray)):
+                raise PersimmonError(f"text {index}: token ids must be a list of int, got {type(ids).__name__}")
+            self._check_length(index, len(ids))
+            row = np.asarray([ids])
+            if row.ndim != 2 or not np.issubdtype(row.dtype, np.integer):
+                raise PersimmonError(f"text {index}: token ids must be a list of int")
+            try:
+                check_token_ids(row, self.manifest.model.vocab_size)
+            except PersimmonError as e:
+                raise PersimmonError(f"text {index}: {e}") from None
 
     def _run(self, rows: list[list[int]]) -> np.ndarray:
         """One graph run: rows right-padded with the pad token (0 without one), masked."""

@@ -8,7 +8,6 @@ request while it still consumes another's stream.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ from .errors import PersimmonError
 from .manifest import Manifest
 from .sampling import Sampler, SamplingParams
 from .scheduler import PREFILL_CHUNK, Scheduler, Sequence
-from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .tokenizer import IncrementalDetokenizer, Tokenizer, build_tokenizer
 
 
 @dataclass
@@ -27,13 +26,6 @@ class Completion:
     token_ids: list[int]        # generated ids (no prompt, no EOS)
     finish_reason: str          # "eos", "stop", "length" or "cancelled" (should_stop said so)
     prompt_tokens: int
-
-
-def build_tokenizer(build_dir: str, manifest: Manifest) -> Tokenizer:
-    """The tokenizer of a build directory, as its manifest describes it."""
-    spec = manifest.tokenizer
-    return Tokenizer(os.path.join(build_dir, spec.file), add_bos=spec.add_bos, bos_token=spec.bos_token,
-                     eos_token=spec.eos_token)
 
 
 class Generator:

@@ -185,6 +185,13 @@ def _require_unicode(text: str) -> None:
                              f"surrogate escapes)") from None
 
 
+def build_tokenizer(build_dir: str, manifest) -> Tokenizer:
+    """The tokenizer of a build directory, as its manifest (`manifest.Manifest`) describes it."""
+    spec = manifest.tokenizer
+    return Tokenizer(os.path.join(build_dir, spec.file), add_bos=spec.add_bos, bos_token=spec.bos_token,
+                     eos_token=spec.eos_token)
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of ids into text pieces for streaming.
 

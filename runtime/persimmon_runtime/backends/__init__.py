@@ -94,7 +94,11 @@ def check_step(manifest: Manifest, batch: int, input_ids, first_slot, token_coun
             raise PersimmonError(f"step input {name} must be an integer numpy array, got {kind}")
     _check_shapes(batch, first_row, input_ids, first_slot, token_count, attention_mask)
     _check_slots(manifest.kv_capacity, input_ids.shape[1], first_slot, token_count, attention_mask.shape[1])
-    vocab = manifest.model.vocab_size
+    check_token_ids(input_ids, manifest.model.vocab_size)
+
+
+def check_token_ids(input_ids: np.ndarray, vocab: int) -> None:
+    """Refuse ids outside the embedding table (the graph's Gather fails deep inside on them)."""
     outside = (input_ids < 0) | (input_ids >= vocab)
     if outside.any():
         row, column = np.argwhere(outside)[0]

@@ -90,7 +90,6 @@ class OnnxRuntimeBackend:
 
     def step(self, input_ids, first_slot, token_count, attention_mask, first_row: int = 0) -> np.ndarray:
         check_step(self.manifest, self.batch, input_ids, first_slot, token_count, attention_mask, first_row)
-        first_slot = np.asarray(first_slot)
         if self.layout == "capacity":
             _refuse_padding(attention_mask)
             if input_ids.shape[1] > 1 and len(input_ids) > 1 and first_slot.any():
@@ -134,7 +133,9 @@ class OnnxRuntimeBackend:
 def _refuse_padding(attention_mask) -> None:
     """The `capacity` layout attends to every slot a row holds (GroupQueryAttention has no mask), so a
     0 in the mask would be ignored: refuse it rather than attend to what the caller masked."""
-    zeros = np.argwhere(np.asarray(attention_mask) == 0)
+    if attention_mask.all():  # what the scheduler always sends: no scan, no allocation per step
+        return
+    zeros = np.argwhere(attention_mask == 0)
     if len(zeros):
         row, slot = zeros[0]
         raise PersimmonError(f"attention_mask is 0 at row {row}, slot {slot}: this build (cache layout 'capacity') "
