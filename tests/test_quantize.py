@@ -241,3 +241,23 @@ def test_the_cli_refuses_a_bad_weight_type_in_one_line(tiny_checkpoint, tmp_path
     assert result.stderr.strip().splitlines() == [
         "persimmon-export build: error: --weights 'int3' is not supported: choose one of ['int4', 'int8'] (or leave "
         "it out to store weights in --dtype)"]
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat("int4", 32, MATMUL_NBITS, ()), WeightFormat("int4", 32, DEQUANTIZE, ()),
+                                 WeightFormat("int8", None, DEQUANTIZE, ())])
+def test_a_scale_that_overflows_float16_is_refused(fmt, tmp_path):
+    """max |w| / qmax past fp16's 65504 would store an inf scale and all-zero codes (NaN at run
+    time): refused with the tensor's name. The float16 range report usually refuses such a
+    checkpoint first; this is the path where it was skipped (too little memory)."""
+    from persimmon_export.export import _DataWriter
+    from persimmon_export.quantize import QuantizeError, write_quantized
+
+    weight = torch.zeros(64, 64)
+    weight[3, 5] = 1e7  # / 127 or / 7: both beyond fp16
+    writer = _DataWriter(str(tmp_path / "data"))
+    try:
+        with pytest.raises(QuantizeError, match=r"'w' has weights too large for int\d scales .*--dtype float32"):
+            write_quantized(writer, "w", weight, fmt, torch.float16)
+        write_quantized(writer, "w", weight, fmt, torch.float32)  # fp32 scales hold it
+    finally:
+        writer.close()

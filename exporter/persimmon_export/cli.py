@@ -8,6 +8,7 @@ import sys
 
 from persimmon_runtime.console import add_verbosity_flags, configure_logging, run_command
 from persimmon_runtime.errors import PersimmonError
+from persimmon_runtime.manifest import TASKS
 
 
 def _convert(args) -> None:
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "stay fp32). bfloat16 (fp32's range, no relu^2 scale, 8-bit mantissa) is for TensorRT "
                             "engines only (--backend tensorrt or tensorrt-rtx): onnxruntime's CPU provider cannot "
                             "run it")
-    build.add_argument("--task", choices=["causal-lm", "sequence-classification", "token-classification"],
+    build.add_argument("--task", choices=list(TASKS),
                        help="what the build computes (default: from config.json's architectures, else causal-lm): a "
                             "classifier build has no KV cache and gives logits per text or per token; "
                             "--kv-capacity is then the most tokens per text (docs/classification.md)")

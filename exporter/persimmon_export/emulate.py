@@ -87,9 +87,6 @@ class EmulatedBackend:
 
     def __init__(self, build_dir: str):
         self.manifest = Manifest.load(build_dir)
-        if self.manifest.dtype not in NUMPY_DTYPES:
-            raise PersimmonError(f"{build_dir}: dtype {self.manifest.dtype!r} cannot be emulated; "
-                                 f"emulation covers {sorted(NUMPY_DTYPES)}")
         self.evaluator = true_precision_evaluator(os.path.join(build_dir, self.manifest.onnx.file))
         self.output_names = list(self.evaluator.output_names)
         self.caches: dict[str, np.ndarray] = {}

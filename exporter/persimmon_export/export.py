@@ -52,7 +52,7 @@ from .attention import HEAD_DIM_MULTIPLE, add_contrib_opset, gqa_lengths, groupe
 from .config import PersimmonConfig
 from .model import rope_inv_freq
 from .progress import Steps
-from .quantize import MATMUL_NBITS, ORT_DOMAIN, WeightFormat, emit_matmul, linear_shapes, write_quantized
+from .quantize import WeightFormat, emit_matmul, linear_shapes, write_quantized
 
 log = logging.getLogger(__name__)
 OPSET = 24
@@ -199,24 +199,26 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_lay
     axes = {k: g.const(f"axes_{k}", np.array(v, np.int64)) for k, v in
             {"0": [0], "1": [1], "2": [2], "01": [0, 1]}.items()}
     seq = g.op("Gather", g.op("Shape", "input_ids"), one, axis=0, name="seq_len")  # scalar
-    kv_length = g.op("Gather", g.op("Shape", "attention_mask"), axes["1"], axis=0, name="kv_length")  # [1]
     positions = g.op("Add", g.op("Unsqueeze", "first_slot", axes["1"]),
                      g.op("Unsqueeze", g.op("Range", zero, seq, one), axes["0"]), name="positions")  # [B, T]
-    slots = g.op("Range", zero, g.op("Squeeze", kv_length), one, name="slots")  # [kv]
-    causal = g.op("LessOrEqual", g.op("Unsqueeze", slots, axes["01"]), g.op("Unsqueeze", positions, axes["2"]))
-    filled = g.op("Cast", g.op("Unsqueeze", "attention_mask", axes["1"]), to=TensorProto.BOOL)
-    allowed = g.op("Unsqueeze", g.op("And", causal, filled), axes["1"], name="allowed")  # [B, 1, T, kv]
-    masked_score = g.const("masked_score", np.array(np.finfo(np.float32).min, np.float32))
+    if cache_layout == "capacity":  # GroupQueryAttention reads each row's slots causally, no mask
+        lengths = gqa_lengths(g, seq, one)
+    else:
+        kv_length = g.op("Gather", g.op("Shape", "attention_mask"), axes["1"], axis=0, name="kv_length")  # [1]
+        slots = g.op("Range", zero, g.op("Squeeze", kv_length), one, name="slots")  # [kv]
+        causal = g.op("LessOrEqual", g.op("Unsqueeze", slots, axes["01"]), g.op("Unsqueeze", positions, axes["2"]))
+        filled = g.op("Cast", g.op("Unsqueeze", "attention_mask", axes["1"]), to=TensorProto.BOOL)
+        allowed = g.op("Unsqueeze", g.op("And", causal, filled), axes["1"], name="allowed")  # [B, 1, T, kv]
+        masked_score = g.const("masked_score", np.array(np.finfo(np.float32).min, np.float32))
+        q_scale = g.const("q_scale", np.array(head_dim ** -0.5, dtype=NUMPY_DTYPES[dtype]))
     # the longest sequence this build holds is kv_capacity: for dynamic scaling, the unscaled frequencies
     inv_freq = g.const("inv_freq", rope_inv_freq(config, kv_capacity).numpy().astype(np.float32))
     freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", positions, to=f32), axes["2"]), inv_freq)
     angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), axes["2"], name="angles")  # [B, T, 1, rot]
     cos, sin = g.op("Cos", angles, name="cos"), g.op("Sin", angles, name="sin")
-    q_scale = g.const("q_scale", np.array(head_dim ** -0.5, dtype=NUMPY_DTYPES[dtype]))
     head_shape = g.const("head_shape", np.array([0, 0, heads, 3, head_dim], np.int64))
     hidden_shape = g.const("hidden_shape", np.array([0, 0, hidden], np.int64))
     qkv_index = [g.const(f"qkv_{i}", np.array(i, np.int64)) for i in range(3)]
-    lengths = gqa_lengths(g, seq, one) if cache_layout == "capacity" else None
 
     def layer_norm(x, prefix):
         x32 = g.op("Cast", x, to=f32) if half else x
@@ -486,9 +488,8 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
     finally:
         step.close()
         writer.close()
+    # the com.microsoft opset (MatMulNBits, GroupQueryAttention) is added by save_model where used
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION)]
-    if weights is not None and weights.op == MATMUL_NBITS:
-        opsets.append(helper.make_opsetid(ORT_DOMAIN, 1))
     files = save_model(graph, out_dir, writer, opsets)
     return graph_section(config, dtype, kv_capacity, cache_layout), files
 

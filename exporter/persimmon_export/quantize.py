@@ -38,9 +38,10 @@ from onnx import TensorProto
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import WEIGHT_OPS, WeightsSection
 
+from .attention import CONTRIB_DOMAIN
+
 WEIGHT_BITS = {"int8": 8, "int4": 4}
 MATMUL_NBITS, DEQUANTIZE = WEIGHT_OPS  # onnxruntime's fused op, TensorRT's weight-only pattern
-ORT_DOMAIN = "com.microsoft"
 # accuracy_level 4: MatMulNBits may quantize A to int8 (per block) and use integer dot products
 INT8_COMPUTE = 4
 DEFAULT_BLOCK_SIZE = 32
@@ -125,7 +126,7 @@ def emit_matmul(g, x: str, weight: str, fmt: WeightFormat, inputs: int, outputs:
     """x @ W for a quantized W stored as `weight` (codes) and `weight`_scale; returns the output."""
     scale = scale_name(weight)
     if fmt.op == MATMUL_NBITS:
-        return g.op(MATMUL_NBITS, x, weight, scale, domain=ORT_DOMAIN, K=inputs, N=outputs, bits=fmt.bits,
+        return g.op(MATMUL_NBITS, x, weight, scale, domain=CONTRIB_DOMAIN, K=inputs, N=outputs, bits=fmt.bits,
                     block_size=fmt.block_size, accuracy_level=INT8_COMPUTE)
     blocks = {"axis": 1} if fmt.block_size is None else {"axis": 0, "block_size": fmt.block_size}
     return g.op("MatMul", x, g.op("DequantizeLinear", weight, scale, **blocks))
@@ -181,11 +182,13 @@ def dequantize(stored: np.ndarray, scales: np.ndarray, fmt: WeightFormat, shape:
     return values * np.repeat(scales.astype(np.float64), fmt.block_size, axis=0)
 
 
-def _check_finite(name: str, chunk: torch.Tensor) -> None:
+def _check_finite(name: str, chunk: torch.Tensor) -> float:
+    """max |chunk|, after refusing NaN/inf in it."""
     low, high = torch.aminmax(chunk)  # NaN propagates, inf shows as an extreme: one pass
     if not (torch.isfinite(low) and torch.isfinite(high)):
         raise QuantizeError(f"checkpoint tensor {name!r} holds NaN/inf values; the checkpoint is corrupt (or training "
                             f"diverged): refusing to build a model that computes garbage")
+    return max(-float(low), float(high))
 
 
 def _rows_per_chunk(row_elements: int, multiple: int = 1) -> int:
@@ -211,6 +214,9 @@ def write_quantized(writer, name: str, tensor: torch.Tensor, fmt: WeightFormat, 
         scale = torch.cat(scales)
     else:
         data, scale = _write_dequantize_codes(writer, name, tensor, fmt, scale_dtype, factor)
+    if not torch.isfinite(scale).all():  # a block max |w| / qmax past the scale type's range: all codes 0
+        raise QuantizeError(f"checkpoint tensor {name!r} has weights too large for {fmt.type} scales stored in "
+                            f"{scale_dtype} (max |w| / {2 ** (fmt.bits - 1) - 1} overflows): build with --dtype float32")
     start = writer.begin()
     writer.write(_scale_bytes(scale))
     return [data, writer.external(scale_name(name), list(scale.shape), _ONNX_FLOAT[scale_dtype], start)]
@@ -246,9 +252,9 @@ def _float_chunks(writer, name, source: torch.Tensor, factor: float, rows: int, 
         chunk = source[i:i + rows].float()
         if factor != 1.0:
             chunk = chunk * factor
-        _check_finite(name, chunk)
+        largest = _check_finite(name, chunk)
         if record_largest:
-            writer.largest[name] = max(writer.largest.get(name, 0.0), float(chunk.abs().max()))
+            writer.largest[name] = max(writer.largest.get(name, 0.0), largest)
         yield chunk
 
 
