@@ -31,6 +31,7 @@ from persimmon_runtime.manifest import Manifest
 from persimmon_runtime.triton_model import RequestSettings, parse_parameters
 
 import tritonserver
+from conftest import run_together
 from manifest_parts import engine_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -302,11 +303,7 @@ def test_sixteen_concurrent_requests_all_complete_correctly(server, local):
     def send(i):
         results[i] = post(server, "generate", bodies[i])
 
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    assert not run_together(send, 16, timeout_s=300)
     for body, (status, [reply]) in zip(bodies, results):
         assert status == 200, reply
         expected = local.generate(body["text_input"], **{k: v for k, v in body.items() if k != "text_input"}).text
@@ -329,17 +326,11 @@ def test_concurrent_streams_share_model_steps(server, local):
                "temperature": 0.8, "seed": i} for i in range(4)]
     steps_before, requests_before = _step_counters(server)
     results = [None] * len(bodies)
-    together = threading.Barrier(len(bodies))
 
     def send(i):
-        together.wait(timeout=60)
         results[i] = post(server, "generate_stream", bodies[i])
 
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    assert not run_together(send, len(bodies), timeout_s=120)
     steps, requests = (after - before for after, before in zip(_step_counters(server), (steps_before, requests_before)))
     assert requests / steps > 1.0, (steps, requests)  # more than one request per step on average
     for body, (status, events) in zip(bodies, results):
