@@ -124,8 +124,8 @@ class Classifier:
 
     def _check_token_ids(self, token_ids) -> None:
         """`logits` takes ids from anyone: the same length and id bounds the graph needs, one line each."""
-        if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, (list, tuple)) or not token_ids:
-            raise PersimmonError("token_ids must be a non-empty list of token id lists")
+        if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, (list, tuple)):
+            raise PersimmonError("token_ids must be a list of token id lists (an empty list: no texts, no logits)")
         for index, ids in enumerate(token_ids):
             if not isinstance(ids, (list, tuple, np.ndarray)):
                 raise PersimmonError(f"text {index}: token ids must be a list of int, got {type(ids).__name__}")
