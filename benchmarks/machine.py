@@ -137,3 +137,30 @@ def _seconds(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+
+def fixed_work_jitter(step_s: float, steps: int) -> dict:
+    """What this machine alone adds to a step's spread, measured right after a step measurement:
+    p50, p99 and p99/p50 of `steps` runs of one unchanging piece of pure-Python work that takes
+    about `step_s`, on one thread, touching no memory to speak of. Every run does the same work,
+    so its spread is the machine's: interrupts, the hypervisor, neighbours on the host. It comes in
+    bursts (the same probe read p99/p50 of 1.06 and 1.8 minutes apart on this VM), which is why it
+    is taken next to each measurement. One thread is the least a step can be exposed to: our steps
+    run on every core and wait for the slowest.
+    """
+    def work(iterations: int) -> int:
+        total = 0
+        for i in range(iterations):
+            total += i
+        return total
+
+    per_iteration = timed(lambda: work(100_000), 3) / 100_000
+    iterations = max(1, round(step_s / per_iteration))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        work(iterations)
+        times.append(time.perf_counter() - start)
+    p50, p99 = (float(np.percentile(times, q)) for q in (50, 99))
+    return {"p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "p99_over_p50": p99 / p50}

@@ -16,19 +16,23 @@ def main() -> None:
         report = json.load(f)
     bandwidth = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in report["bandwidth_bytes_s"].items())
     print(f"Machine: {report['machine']}. Read bandwidth (GB/s): {bandwidth}. Each run generates "
-          f"{report['new_tokens']} greedy tokens; prefill = time to the first token, decode = the steps after it.\n")
+          f"{report['new_tokens']} greedy tokens, {report.get('repeats', 1)} runs per case; prefill = time to the first "
+          f"token, decode = the steps after it (tokens/s of the median run; step p50/p99 over every run's steps; "
+          f"machine p99/p50: the same for fixed work of the step's length, taken right after).\n")
     headline(report)
     print("\n<details><summary>Every run</summary>\n")
     print("| config | runtime | batch | prompt | prefill tok/s | decode tok/s | step p50 / p99 ms | p99/p50 "
-          "| greedy = transformers | roofline |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| machine p99/p50 | first step / p50 | greedy = transformers | roofline |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, result in report["configs"].items():
         for row in sorted(result["rows"], key=lambda r: (r["batch"], r["prompt"], r["runtime"])):
             agree = f"{row['greedy_agreement']:.0%}" if "greedy_agreement" in row else ""
             roof = f"{row['roofline_fraction']:.0%}" if "roofline_fraction" in row else ""
+            jitter = f"{row['machine_jitter']['p99_over_p50']:.2f}" if "machine_jitter" in row else ""
+            first = f"{row['first_step_over_p50']:.2f}" if "first_step_over_p50" in row else ""
             print(f"| {name} | {row['runtime']} | {row['batch']} | {row['prompt']} | {row['prefill_tok_s']:.0f} "
                   f"| {row['decode_tok_s']:.1f} | {row['step_p50_ms']:.1f} / {row['step_p99_ms']:.1f} "
-                  f"| {row['p99_over_p50']:.2f} | {agree} | {roof} |")
+                  f"| {row['p99_over_p50']:.2f} | {jitter} | {first} | {agree} | {roof} |")
     print("\n</details>\n\nTargets:")
     for target in report["targets"]:
         verdict = {True: "PASS", False: "FAIL", None: "not measured"}[target["pass"]]

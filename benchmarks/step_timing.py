@@ -4,8 +4,9 @@ A run records one timestamp when the request starts and one as each generated to
 available: our Scheduler's `on_step` (after every model step), or a `generate()` streamer for
 transformers and optimum-intel (`put` is called with the prompt before prefill, then with each
 new token). From those: time to first token (the prefill, as the user waits for it) and the
-decode step times, of which p50, p99 and tokens/s are reported. No torch or runtime imports here:
-benchmarks/openvino_peer.py uses it from the OpenVINO venv.
+decode step times, of which p50, p99 and tokens/s are reported. p99 of one run's 127 steps is
+its second-slowest step, so `median_run` takes p50 and p99 over the steps of all its runs. No torch
+or runtime imports here: benchmarks/openvino_peer.py uses it from the OpenVINO venv.
 """
 
 from __future__ import annotations
@@ -52,18 +53,31 @@ def summarize(started: float, token_stamps: list[float], batch: int, prompt_toke
         raise ValueError("need at least two generated tokens to time a decode step")
     ttft = token_stamps[0] - started
     steps = np.diff(np.array(token_stamps))
-    p50, p99 = (float(np.percentile(steps, q)) for q in (50, 99))
     return {"ttft_s": ttft, "prefill_tok_s": batch * prompt_tokens / ttft,
-            "decode_tok_s": batch * len(steps) / float(steps.sum()),
-            "step_p50_ms": p50 * 1e3, "step_p99_ms": p99 * 1e3, "step_max_ms": float(steps.max()) * 1e3,
-            "p99_over_p50": p99 / p50, "new_tokens": len(token_stamps),
-            "slowest_steps": [int(i) + 1 for i in np.argsort(steps)[::-1][:3]]}  # decode step numbers, 1-based
+            "decode_tok_s": batch * len(steps) / float(steps.sum()), "new_tokens": len(token_stamps),
+            **step_figures(steps), "step_ms": [round(float(s) * 1e3, 3) for s in steps]}
+
+
+def step_figures(steps) -> dict:
+    """p50, p99, max of decode step times (seconds), the slowest steps' numbers (1-based), and the
+    first decode step over p50: after a long prompt, that step is where a growing cache stalled."""
+    steps = np.asarray(steps)
+    p50, p99 = (float(np.percentile(steps, q)) for q in (50, 99))
+    return {"step_p50_ms": p50 * 1e3, "step_p99_ms": p99 * 1e3, "step_max_ms": float(steps.max()) * 1e3,
+            "p99_over_p50": p99 / p50, "first_step_over_p50": float(steps[0]) / p50,
+            "slowest_steps": [int(i) + 1 for i in np.argsort(steps)[::-1][:3]]}
 
 
 def median_run(run_once, repeats: int) -> tuple[dict, list]:
     """Call `run_once()` -> (figures, greedy ids) `repeats` times; return the run whose decode
     tokens/s is the median (a VM's run-to-run spread reached ~12% here), with every run's decode
-    tokens/s kept in `decode_tok_s_runs`."""
+    tokens/s kept in `decode_tok_s_runs`, and step p50/p99 taken over the steps of every run
+    (`steps_timed` of them; `step_ms` is the median run's own series)."""
     runs = sorted((run_once() for _ in range(repeats)), key=lambda run: run[0]["decode_tok_s"])
     figures, greedy = runs[len(runs) // 2]
-    return {**figures, "decode_tok_s_runs": [run[0]["decode_tok_s"] for run in runs]}, greedy
+    pooled = step_figures(np.concatenate([run[0]["step_ms"] for run in runs]) / 1e3)
+    return {**figures, **{key: pooled[key] for key in ("step_p50_ms", "step_p99_ms", "step_max_ms", "p99_over_p50")},
+            # the slowest first step of all the runs
+            "first_step_over_p50": max(run[0]["step_ms"][0] for run in runs) / pooled["step_p50_ms"],
+            "steps_timed": sum(len(run[0]["step_ms"]) for run in runs),
+            "decode_tok_s_runs": [run[0]["decode_tok_s"] for run in runs]}, greedy
