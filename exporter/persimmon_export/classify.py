@@ -34,8 +34,8 @@ from persimmon_runtime.manifest import (CAUSAL_LM, CLASSIFIER_INPUTS, NO_CACHE, 
                                         ClassifierSection, CustomOps, GraphSection, TensorSpec)
 
 from .config import PersimmonConfig
-from .export import (DATA_FILE, MODEL_FILE, ONNX_DTYPES, OPSET, TORCH_DTYPES, ExportError, Relu2Scales, _DataWriter,
-                     _value_info, _write_weight, build_graph, save_model)
+from .export import (DATA_FILE, MODEL_FILE, ONNX_DTYPES, OPSET, ExportError, Relu2Scales, _DataWriter,
+                     _value_info, build_graph, save_model, write_tensors)
 from .model import PersimmonForSequenceClassification, PersimmonForTokenClassification
 from .progress import Steps
 
@@ -205,14 +205,7 @@ def export_classifier(config: PersimmonConfig, tensors: Iterable[tuple[str, torc
                  "tensors", every=25)
     relu2 = Relu2Scales(config, dtype)
     try:
-        for name, tensor in tensors:
-            if name.startswith("score."):
-                graph.initializer.append(writer.add(name, tensor, TORCH_DTYPES[dtype], name == "score.weight", 1.0))
-            else:
-                for ready, ready_tensor, factor in relu2.ready(name, tensor):
-                    graph.initializer.extend(_write_weight(writer, ready, ready_tensor, dtype, factor, None))
-            step(f"{writer.offset / 2**30:.2f} GiB written")
-        relu2.close()
+        write_tensors(graph, writer, tensors, dtype, relu2, step)
     finally:
         step.close()
         writer.close()

@@ -60,6 +60,8 @@ MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # numpy has no bfloat16 of its own: ml_dtypes' is the one onnx reads and writes
+_ONNX_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
+               torch.bfloat16: TensorProto.BFLOAT16}
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 # the largest relu^2 scale; each layer's may be lower. bfloat16 has fp32's exponent range, so
 # relu(x)^2 overflows only past x ~ 1.8e19: no scale, the weights stored as the checkpoint has them
@@ -69,7 +71,7 @@ RELU2_SCALE = {"float32": 1.0, "float16": 16.0, "bfloat16": 1.0}
 # relu^2 limit from 256*s to 128*s, still far above the unscaled 256).
 RELU2_WEIGHT_LIMIT = float(np.finfo(np.float16).max) / 2
 _LINEAR = ("query_key_value.weight", "dense.weight", "dense_h_to_4h.weight", "dense_4h_to_h.weight",
-           "lm_head.weight")
+           "lm_head.weight", "score.weight")  # score: a classifier's head
 _ALIGN = 64
 
 
@@ -414,12 +416,20 @@ class _DataWriter:
                 _refuse_non_finite(name, source[i:i + rows], target, scale)
             if target == torch.float16:
                 self.largest[name] = max(self.largest.get(name, 0.0), -float(low), float(high))
-            # numpy has no bfloat16: its bytes are written through a 16-bit integer view
-            raw = stored.view(torch.int16) if target == torch.bfloat16 else stored
-            self.write(memoryview(raw.numpy()).cast("B"))
-        onnx_type = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
-                     torch.bfloat16: TensorProto.BFLOAT16}[target]
-        return self.external(name, list(source.shape), onnx_type, start)
+            self.write_tensor(stored)
+        return self.external(name, list(source.shape), _ONNX_TYPES[target], start)
+
+    def add_stored(self, name: str, tensor: torch.Tensor) -> TensorProto:
+        """A float tensor already in the dtype and layout the graph reads (e.g. quantization scales)."""
+        start = self.begin()
+        self.write_tensor(tensor)
+        return self.external(name, list(tensor.shape), _ONNX_TYPES[tensor.dtype], start)
+
+    def write_tensor(self, tensor: torch.Tensor) -> None:
+        tensor = tensor.contiguous()
+        # numpy has no bfloat16: its bytes are written through a 16-bit integer view
+        raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+        self.write(memoryview(raw.numpy()).cast("B"))
 
     def close(self) -> None:
         self.file.close()
@@ -433,6 +443,21 @@ def _write_weight(writer: _DataWriter, name: str, tensor: torch.Tensor, dtype: s
         return write_quantized(writer, name, tensor, weights, TORCH_DTYPES[dtype], factor)
     target, transpose = onnx_layout(name, dtype)
     return [writer.add(name, tensor, target, transpose, factor)]
+
+
+def write_tensors(graph: onnx.GraphProto, writer: _DataWriter, tensors: Iterable[tuple[str, torch.Tensor]],
+                  dtype: str, relu2: Relu2Scales, step: Steps, weights: WeightFormat | None = None,
+                  tied_lm_head: bool = False) -> None:
+    """Write each checkpoint tensor as the build stores it (`_write_weight`, each MLP at its relu^2
+    scale) and add it to the graph's initializers; tied_lm_head: the embedding table again as lm_head."""
+    for name, tensor in tensors:
+        for ready, ready_tensor, factor in relu2.ready(name, tensor):
+            graph.initializer.extend(_write_weight(writer, ready, ready_tensor, dtype, factor, weights))
+        if tied_lm_head and name == "model.embed_tokens.weight":
+            graph.initializer.extend(_write_weight(writer, "lm_head.weight", tensor, dtype, 1.0, weights))
+        log.debug(f"{name}: {tuple(tensor.shape)} {tensor.dtype}")
+        step(f"{writer.offset / 2**30:.2f} GiB written")
+    relu2.close()
 
 
 def _finite_when_stored(low: torch.Tensor, high: torch.Tensor, stored: torch.Tensor) -> bool:
@@ -474,14 +499,7 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
     step = Steps(log, "weights", expected, "tensors", every=25)
     relu2 = Relu2Scales(config, dtype, measured)
     try:
-        for name, tensor in tensors:
-            for ready, ready_tensor, factor in relu2.ready(name, tensor):
-                graph.initializer.extend(_write_weight(writer, ready, ready_tensor, dtype, factor, weights))
-            if config.tie_word_embeddings and name == "model.embed_tokens.weight":
-                graph.initializer.extend(_write_weight(writer, "lm_head.weight", tensor, dtype, 1.0, weights))
-            log.debug(f"{name}: {tuple(tensor.shape)} {tensor.dtype}")
-            step(f"{writer.offset / 2**30:.2f} GiB written")
-        relu2.close()
+        write_tensors(graph, writer, tensors, dtype, relu2, step, weights, tied_lm_head=config.tie_word_embeddings)
         if measured is not None:
             measured.weights = writer.largest
             measured.scales = [relu2.scales.get(f"model.layers.{i}", 1.0) for i in range(config.num_hidden_layers)]

@@ -124,24 +124,27 @@ def check_parity(checkpoint: str, build_dir: str, prompts=DEFAULT_PROMPTS, decod
                              f"check it without --emulate")
     prompt_ids = [build_tokenizer(build_dir, manifest).encode(p) for p in prompts]
     _check_fits(manifest, prompt_ids, decode_steps)
-    reference = None  # loaded once a build has accepted the request: it is the slow part
+    reference = None  # (model, its own greedy tokens per prompt): loaded once a build has accepted the request
+
+    def compare(name: str, dtype: str, logits: np.ndarray, tokens: np.ndarray) -> ParityResult:
+        nonlocal reference
+        if reference is None:  # the slow part, so after the build has run
+            model = load_model(checkpoint, dtype="float32")
+            reference = model, [greedy_generate(model, torch.tensor([ids]), max_new_tokens=decode_steps + 1)
+                                [0, len(ids):].tolist() for ids in prompt_ids]
+        return _compare(name, dtype, *reference, prompt_ids, logits, tokens, max_abs, min_top1)
+
     results = []
     for name in backends:
         generator = Generator.load(build_dir, backend=name, device=device)
-        if reference is None:
-            reference = load_model(checkpoint, dtype="float32")
         log.info(f"{name}: {len(prompt_ids)} prompts, prefill + {decode_steps} decode steps")
         logits, tokens = backend_greedy(generator.backend, prompt_ids, decode_steps)
-        results.append(_compare(name, precision(generator.manifest), reference, prompt_ids, logits, tokens,
-                                max_abs, min_top1))
+        results.append(compare(name, precision(generator.manifest), logits, tokens))
     if emulate:
         backend = EmulatedBackend(build_dir)
-        if reference is None:
-            reference = load_model(checkpoint, dtype="float32")
         log.info(f"emulated: {len(prompt_ids)} prompts, prefill + {decode_steps} decode steps")
         logits, tokens = backend_greedy(backend, prompt_ids, decode_steps)
-        result = _compare(backend.name, backend.manifest.dtype, reference, prompt_ids, logits, tokens, max_abs,
-                          min_top1)
+        result = compare(backend.name, backend.manifest.dtype, logits, tokens)
         finite = int(np.isfinite(logits).sum())
         result.note = (f"  emulated: the {backend.manifest.dtype} graph on CPU, {DESCRIPTION}; non-finite "
                        f"logits {logits.size - finite}/{logits.size}")
@@ -154,9 +157,10 @@ def precision(manifest: Manifest) -> str:
     return manifest.dtype if manifest.weights is None else f"{manifest.dtype}/{manifest.weights.type}"
 
 
-def _compare(name: str, dtype: str, reference, prompt_ids: list[list[int]], logits: np.ndarray, tokens: np.ndarray,
-             max_abs: float | None, min_top1: float | None) -> ParityResult:
-    """A backend's greedy logits [steps+1, batch, vocab] and tokens against the fp32 reference."""
+def _compare(name: str, dtype: str, reference, reference_tokens: list[list[int]], prompt_ids: list[list[int]],
+             logits: np.ndarray, tokens: np.ndarray, max_abs: float | None, min_top1: float | None) -> ParityResult:
+    """A backend's greedy logits [steps+1, batch, vocab] and tokens against the fp32 reference (and
+    `reference_tokens`, its own greedy generation from each prompt)."""
     decode_steps = len(logits) - 1
     diffs, prefill_diffs, agree, total, scale = [], [], 0, 0, 0.0
     greedy_identical = 0
@@ -170,8 +174,7 @@ def _compare(name: str, dtype: str, reference, prompt_ids: list[list[int]], logi
         agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
         total += len(diff)
         scale = max(scale, float(np.abs(expected).max()))
-        own = greedy_generate(reference, torch.tensor([ids]), max_new_tokens=decode_steps + 1)[0, len(ids):]
-        greedy_identical += int(own.tolist() == tokens[row].tolist())
+        greedy_identical += int(reference_tokens[row] == tokens[row].tolist())
     bound_spec = BOUNDS[dtype.rpartition("/")[2]]  # a quantized build: its weights' bounds
     bound = max_abs if max_abs is not None else bound_spec["max_abs"] * (scale if bound_spec["relative"] else 1.0)
     # np.max, not max(): a NaN difference (overflow) must not lose to a later finite one

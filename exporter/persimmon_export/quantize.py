@@ -217,9 +217,7 @@ def write_quantized(writer, name: str, tensor: torch.Tensor, fmt: WeightFormat, 
     if not torch.isfinite(scale).all():  # a block max |w| / qmax past the scale type's range: all codes 0
         raise QuantizeError(f"checkpoint tensor {name!r} has weights too large for {fmt.type} scales stored in "
                             f"{scale_dtype} (max |w| / {2 ** (fmt.bits - 1) - 1} overflows): build with --dtype float32")
-    start = writer.begin()
-    writer.write(_scale_bytes(scale))
-    return [data, writer.external(scale_name(name), list(scale.shape), _ONNX_FLOAT[scale_dtype], start)]
+    return [data, writer.add_stored(scale_name(name), scale)]
 
 
 def _write_dequantize_codes(writer, name, tensor, fmt, scale_dtype, factor) -> tuple[TensorProto, torch.Tensor]:
@@ -257,12 +255,3 @@ def _float_chunks(writer, name, source: torch.Tensor, factor: float, rows: int, 
             writer.largest[name] = max(writer.largest.get(name, 0.0), largest)
         yield chunk
 
-
-_ONNX_FLOAT = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
-               torch.bfloat16: TensorProto.BFLOAT16}
-
-
-def _scale_bytes(scale: torch.Tensor) -> memoryview:
-    scale = scale.contiguous()
-    # numpy has no bfloat16: its bytes go through a 16-bit integer view
-    return memoryview((scale.view(torch.int16) if scale.dtype == torch.bfloat16 else scale).numpy()).cast("B")
