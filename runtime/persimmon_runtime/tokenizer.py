@@ -95,9 +95,7 @@ class Tokenizer:
         return ids
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        if not isinstance(text, str):
-            raise TokenizerError(f"text must be a str, got {type(text).__name__}")
-        _require_unicode(text)
+        _require_text(text)
         ids = self.sp.encode(text)
         if self._respell and any(i in self._respell for i in ids):
             ids = [j for i in ids for j in self._respell.get(i, (i,))]
@@ -112,19 +110,19 @@ class Tokenizer:
         it and the others are empty at its start; a respelled special token's byte pieces each
         span the whole token.
         """
-        ids = self.encode(text, add_bos=False)  # checks the text
-        pieces = self.sp.encode_as_proto(text).pieces
+        _require_text(text)
+        pieces = self.sp.encode_as_proto(text).pieces  # the ids of encode(), with their spans
         char_at = [0] * (len(text.encode("utf-8")) + 1)  # byte offset -> character offset
         offset = 0
         for index, char in enumerate(text):
             offset += len(char.encode("utf-8"))
             char_at[offset] = index + 1
-        spans = []
+        ids, spans = [], []
         for piece in pieces:
             span = (char_at[piece.begin], char_at[piece.end]) if piece.begin < piece.end else (char_at[piece.begin],) * 2
-            spans += [span] * len(self._respell.get(piece.id, (piece.id,)))
-        if len(spans) != len(ids):  # sentencepiece's proto and its ids always agree; never return misaligned spans
-            raise TokenizerError(f"{self.model_file}: piece spans ({len(spans)}) do not match the ids ({len(ids)})")
+            respelled = self._respell.get(piece.id, (piece.id,))
+            ids += respelled
+            spans += [span] * len(respelled)
         add_bos = self.add_bos if add_bos is None else add_bos
         return ([self.bos_id] + ids, [(0, 0)] + spans) if add_bos else (ids, spans)
 
@@ -173,10 +171,12 @@ def _token_text(config_path: str, name: str, token) -> str | None:
     return text
 
 
-def _require_unicode(text: str) -> None:
-    """Reject lone surrogates (from a bad JSON escape or a careless decode): they are not Unicode
-    text, have no UTF-8 form and sentencepiece would fail on them with a RuntimeError. Replacing
+def _require_text(text) -> None:
+    """Reject a non-str, and lone surrogates (from a bad JSON escape or a careless decode): they are
+    not Unicode text, have no UTF-8 form and sentencepiece would fail on them with a RuntimeError. Replacing
     them would silently answer a prompt the user did not send, so the request is refused."""
+    if not isinstance(text, str):
+        raise TokenizerError(f"text must be a str, got {type(text).__name__}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:

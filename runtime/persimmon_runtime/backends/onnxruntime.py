@@ -49,7 +49,8 @@ class OnnxRuntimeBackend:
         if not 1 <= batch <= self.manifest.max_batch:
             raise PersimmonError(f"batch {batch} is outside 1..max_batch={self.manifest.max_batch} of this build")
         self.binding = self.session.io_binding()
-        self._logits: dict[int, np.ndarray] = {}  # rows -> the output buffer for steps of that many rows
+        self._logits = np.empty((batch, self.manifest.model.vocab_size), np.float32)  # see _logits_rows
+        self._logits_bound = 0  # rows of it bound as the output now
         self.batch, self.slots = batch, 0
         self.caches = []
         self._host_caches = []  # on CPU the OrtValues borrow these arrays: keep them alive
@@ -116,18 +117,19 @@ class OnnxRuntimeBackend:
         arrays = {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in arrays.items()}
         for name, value in arrays.items():
             binding.bind_cpu_input(name, value)
-        logits = self._logits_buffer(input_ids.shape[0])
+        logits = self._logits_rows(input_ids.shape[0])
         self.session.run_with_iobinding(binding)
-        return logits.copy()  # the buffer is written again by the next step of as many rows
+        return logits.copy()  # the buffer is written again by the next step
 
-    def _logits_buffer(self, rows: int) -> np.ndarray:
-        """A reused output buffer per row count, bound by address: a fresh one every step (what ORT
-        allocates otherwise; 8 MB at 8 rows of vocabulary 262,144) costs its page faults every step."""
-        buffer = self._logits.get(rows)
-        if buffer is None:
-            buffer = self._logits[rows] = np.empty((rows, self.manifest.model.vocab_size), np.float32)
-        self.binding.bind_output("logits", "cpu", 0, np.float32, buffer.shape, buffer.ctypes.data)
-        return buffer
+    def _logits_rows(self, rows: int) -> np.ndarray:
+        """The first `rows` rows of one reused output buffer, bound by address: a fresh output every
+        step (what ORT allocates otherwise; 8 MB at 8 rows of vocabulary 262,144) costs its page
+        faults every step. Bound again only when the step's row count changes."""
+        if rows != self._logits_bound:
+            self.binding.bind_output("logits", "cpu", 0, np.float32, (rows, self._logits.shape[1]),
+                                     self._logits.ctypes.data)
+            self._logits_bound = rows
+        return self._logits[:rows]
 
 
 def _refuse_padding(attention_mask) -> None:
