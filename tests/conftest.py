@@ -110,17 +110,32 @@ def run_together(work, threads: int, timeout_s: float = 300) -> list[Exception]:
     return errors
 
 
-def add_tokenizer_files(directory: str, tokenizer) -> None:
-    """Write `tokenizer`'s files (persimmon_export.checkpoint.tokenizer_files) into a checkpoint
-    directory that transformers' save_pretrained wrote."""
+def transformers_checkpoint(out_dir: str, tokenizer, hf_class=None, seed: int = 0, init=None, **fields):
+    """A tiny checkpoint written by transformers itself: `hf_class` (default PersimmonForCausalLM)
+    with its own initialisation under `seed` (then `init(model)`, if given, under no_grad), saved by
+    its save_pretrained, with `tokenizer`'s files (persimmon_export.checkpoint.tokenizer_files).
+    `fields` override the tiny config's. Returns the model."""
+    import torch
+    import transformers
+
     from persimmon_export.checkpoint import tokenizer_files
 
+    config = dict(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=512, bos_token_id=tokenizer.bos_id,
+                  eos_token_id=tokenizer.bos_id)
+    torch.manual_seed(seed)
+    model = (hf_class or transformers.PersimmonForCausalLM)(transformers.PersimmonConfig(**{**config, **fields})).eval()
+    if init is not None:
+        with torch.no_grad():
+            init(model)
+    model.save_pretrained(out_dir)
     for name, content in tokenizer_files(tokenizer).items():
         if isinstance(content, str):
             with open(content, "rb") as f:
                 content = f.read()
-        with open(os.path.join(directory, name), "wb") as f:
+        with open(os.path.join(out_dir, name), "wb") as f:
             f.write(content)
+    return model
 
 
 def run_without_torch(code: str) -> subprocess.CompletedProcess:

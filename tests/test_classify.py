@@ -20,7 +20,7 @@ from persimmon_runtime import Classifier, PersimmonError, Tokenizer
 from persimmon_runtime.generator import Generator
 from persimmon_runtime.manifest import Manifest, ManifestError
 
-from conftest import add_tokenizer_files, run_without_torch
+from conftest import run_without_torch, transformers_checkpoint
 
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 TEXTS = ["I loved it.", "Hello world, this is a test of a longer sentence that pads the others", "東京 🎉",
@@ -31,19 +31,13 @@ RTX_VERSION, RTX_MISSING = TENSORRT_RTX.installed()
 def write_checkpoint(root, tokenizer: Tokenizer, hf_class, seed=0, **fields):
     """A tiny classification checkpoint written by transformers (save_pretrained) with our tokenizer
     files; weights drawn larger than transformers' init so that attention and the head matter."""
-    config = transformers.PersimmonConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=256,
-                                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
-                                          bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.bos_id, **fields)
-    torch.manual_seed(seed)
-    model = hf_class(config).eval()
-    with torch.no_grad():
+    def larger(model):
         for name, parameter in model.named_parameters():
             if parameter.dim() == 2:
                 parameter.normal_(0, 1.0 if name.startswith("score") else 0.2)
+
     out = str(root / "checkpoint")
-    model.save_pretrained(out)
-    add_tokenizer_files(out, tokenizer)
-    return out, model
+    return out, transformers_checkpoint(out, tokenizer, hf_class, seed, init=larger, **fields)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from persimmon_runtime.backends.cuda import compute_capability
 from persimmon_runtime.manifest import Manifest, ManifestError
 from persimmon_runtime.verify import IntegrityError
 
-from conftest import add_tokenizer_files
+from conftest import transformers_checkpoint
 from manifest_parts import engine_section
 
 TRT_VERSION, TRT_MISSING = TENSORRT.installed()
@@ -290,21 +290,13 @@ def save_pretrained_checkpoint(out_dir: str, seed: int, **config_fields) -> str:
     PersimmonForCausalLM (its initialisation under `seed`) written by its save_pretrained."""
     import tempfile
 
-    import torch
-    import transformers
-
     from persimmon_export.demo import train_tokenizer
     from persimmon_runtime import Tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = Tokenizer(train_tokenizer(os.path.join(tmp, "tokenizer.model")))
-        fields = dict(vocab_size=-(-tokenizer.vocab_size // 64) * 64, hidden_size=64, intermediate_size=256,
-                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
-                      bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.bos_id)
-        fields.update(config_fields)
-        torch.manual_seed(seed)
-        transformers.PersimmonForCausalLM(transformers.PersimmonConfig(**fields)).save_pretrained(out_dir)
-        add_tokenizer_files(out_dir, tokenizer)
+        transformers_checkpoint(out_dir, tokenizer, seed=seed,
+                                **{"vocab_size": -(-tokenizer.vocab_size // 64) * 64, **config_fields})
     return out_dir
 
 

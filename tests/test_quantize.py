@@ -17,7 +17,7 @@ import transformers
 from onnx import numpy_helper
 from safetensors.torch import load_file
 
-from conftest import add_tokenizer_files
+from conftest import transformers_checkpoint
 from persimmon_export.build import build
 from persimmon_export.engine import TENSORRT_RTX, parse_onnx
 from persimmon_export.parity import BOUNDS, check_parity
@@ -39,14 +39,8 @@ DECODED_BOUND = 0.03
 def hf_checkpoint(tmp_path_factory, tiny_checkpoint):
     """A tiny checkpoint written by transformers itself (its own initialisation and save_pretrained),
     with the tiny checkpoint's tokenizer."""
-    tokenizer = Tokenizer.from_dir(tiny_checkpoint)
-    config = transformers.PersimmonConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=256,
-                                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
-                                          bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.bos_id)
-    torch.manual_seed(0)
     out = str(tmp_path_factory.mktemp("hf") / "ckpt")
-    transformers.PersimmonForCausalLM(config).save_pretrained(out)
-    add_tokenizer_files(out, tokenizer)
+    transformers_checkpoint(out, Tokenizer.from_dir(tiny_checkpoint))
     return out
 
 

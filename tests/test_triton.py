@@ -261,14 +261,7 @@ def server(repository, tmp_path_factory):
 def post(server, endpoint: str, body, model: str = "persimmon", timeout: float = 120):
     """(status, [json events]) for generate (one object) or generate_stream (server-sent events).
     body: a dict, or the raw bytes to send."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(f"{server['http']}/v2/models/{model}/{endpoint}", data=data,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            text, status = response.read().decode(), response.status
-    except urllib.error.HTTPError as e:  # an error reply has the endpoint's format too
-        text, status = e.read().decode(), e.code
+    status, text = tritonserver.post(server, f"v2/models/{model}/{endpoint}", body, timeout)
     if endpoint == "generate_stream":
         return status, [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
     return status, [json.loads(text)]

@@ -4,7 +4,6 @@ Classifier's."""
 
 import json
 import os
-import urllib.error
 import urllib.request
 
 import numpy as np
@@ -18,6 +17,7 @@ from persimmon_runtime import Classifier, Tokenizer
 
 import tritonserver
 from conftest import run_together
+from test_triton import start_server, stop_server
 from test_classify import LABELS, TEXTS, write_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,23 +59,22 @@ def test_config_is_batched_by_triton_and_not_decoupled(repository):
 
 @pytest.fixture(scope="module")
 def server(repository, tmp_path_factory):
-    try:
-        running = tritonserver.start(repository, tmp_path_factory.mktemp("server"), os.path.join(ROOT, "runtime"))
-    except tritonserver.Unavailable as e:
-        pytest.skip(str(e))
+    running = start_server(repository, tmp_path_factory.mktemp("server"))
     try:
         yield running
     finally:
-        tritonserver.stop(running)
+        stop_server(running)
 
 
-def infer(server, text: str) -> tuple[dict, int]:
+def infer(server, text: str) -> tuple[int, dict]:
+    """(status, reply): the classification and the batch it ran in, or the error."""
     body = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1, 1], "data": [text]}]}
-    request = urllib.request.Request(f"{server['http']}/v2/models/sentiment/infer", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        outputs = {o["name"]: o["data"] for o in json.loads(response.read())["outputs"]}
-    return json.loads(outputs["classification"][0]), outputs["batch_size"][0]
+    status, reply = tritonserver.post(server, "v2/models/sentiment/infer", body)
+    reply = json.loads(reply)
+    if status != 200:
+        return status, reply
+    outputs = {o["name"]: o["data"] for o in reply["outputs"]}
+    return status, {"classification": json.loads(outputs["classification"][0]), "batch": outputs["batch_size"][0]}
 
 
 def statistics(server) -> dict:
@@ -88,16 +87,17 @@ def test_concurrent_requests_are_batched_by_the_server(server, classifier_build)
     texts = [TEXTS[i % len(TEXTS)] + f" #{i}" for i in range(REQUESTS)]
     before = statistics(server)
     answers = [None] * REQUESTS
-    errors = run_together(lambda i: answers.__setitem__(i, infer(server, texts[i])), REQUESTS)
+    errors = run_together(lambda i: answers.__setitem__(i, infer(server, texts[i])[1]), REQUESTS)
     assert not errors, errors
     after = statistics(server)
     requests = after["inference_count"] - before["inference_count"]
     executions = after["execution_count"] - before["execution_count"]
     assert requests == REQUESTS
     assert executions < REQUESTS  # Triton ran several requests in one execution
-    assert max(batch for _, batch in answers) > 1  # and the model saw them together
-    assert all(batch <= MAX_BATCH for _, batch in answers)
-    for text, (reply, _) in zip(texts, answers):
+    assert max(answer["batch"] for answer in answers) > 1  # and the model saw them together
+    assert all(answer["batch"] <= MAX_BATCH for answer in answers)
+    for text, answer in zip(texts, answers):
+        reply = answer["classification"]
         expected = local.classify(text)
         assert reply["label"] == expected.label
         assert np.allclose([reply["scores"][label] for label in LABELS.values()],
@@ -105,13 +105,7 @@ def test_concurrent_requests_are_batched_by_the_server(server, classifier_build)
 
 
 def test_a_bad_request_gets_its_own_error(server):
-    status, reply = None, None
-    body = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1, 1], "data": ["word " * 80]}]}
-    request = urllib.request.Request(f"{server['http']}/v2/models/sentiment/infer", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        urllib.request.urlopen(request, timeout=60)
-    except urllib.error.HTTPError as e:
-        status, reply = e.code, json.loads(e.read())
+    status, reply = infer(server, "word " * 80)
     assert status == 400 and "tokens; this build classifies texts of 1 to 64 tokens" in reply["error"]
-    assert infer(server, "still serving")[0]["label"] in LABELS.values()
+    status, reply = infer(server, "still serving")
+    assert status == 200 and reply["classification"]["label"] in LABELS.values()

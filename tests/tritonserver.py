@@ -4,6 +4,7 @@ clean: one way for tests/test_triton.py and benchmarks/serving.py (no pytest her
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -128,3 +129,15 @@ def stop(server: dict, sig: int = signal.SIGTERM) -> list[str]:
         os.unlink(region)
     server["log"].close()
     return sorted(leaked)
+
+
+def post(server: dict, path: str, body, timeout: float = 120) -> tuple[int, str]:
+    """(HTTP status, reply text) of a POST to the server's `path` (e.g. "v2/models/m/infer"); body: a
+    dict sent as JSON, or raw bytes. An error status is returned, not raised: its reply is the answer."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{server['http']}/{path}", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
