@@ -125,6 +125,10 @@ def main() -> None:
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to write it (default: the temp folder)")
     parser.add_argument("--repeats", type=int, default=2, help="cold and warm runs each")
     args = parser.parse_args()
+    if not args.size_gb > 0 or args.repeats < 1:
+        parser.error("--size-gb must be above 0 and --repeats at least 1")
+    if not os.path.isdir(args.dir):
+        parser.error(f"--dir {args.dir}: no such folder")
     size = int(args.size_gb * 1e9)
     free = shutil.disk_usage(args.dir).free
     if free < size + 2e9:

@@ -12,13 +12,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def main() -> None:
     path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "results", "latest.json")
-    with open(path) as f:
-        report = json.load(f)
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"report.py: cannot read {path} ({e}); pass the JSON that benchmarks/run.py wrote")
+    if "configs" not in report or "targets" not in report:
+        raise SystemExit(f"report.py: {path} is not a benchmarks/run.py result (no 'configs' / 'targets')")
     bandwidth = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in report["bandwidth_bytes_s"].items())
+    rows = [row for result in report["configs"].values() for row in result["rows"]]
+    pooled = any("steps_timed" in row for row in rows)  # results before f64f3a4: p50/p99 of the median run alone
     print(f"Machine: {report['machine']}. Read bandwidth (GB/s): {bandwidth}. Each run generates "
-          f"{report['new_tokens']} greedy tokens, {report.get('repeats', 1)} runs per case; prefill = time to the first "
-          f"token, decode = the steps after it (tokens/s of the median run; step p50/p99 over every run's steps; "
-          f"machine p99/p50: the same for fixed work of the step's length, taken right after).\n")
+          f"{report['new_tokens']} greedy tokens, {report.get('repeats', 1)} run(s) per case; prefill = time to the "
+          f"first token, decode = the steps after it (tokens/s of the median run; step p50/p99 "
+          + ("over every run's steps; machine p99/p50: the same for fixed work of the step's length, taken right "
+             "after).\n" if pooled else "of the median run).\n"))
     headline(report)
     print("\n<details><summary>Every run</summary>\n")
     print("| config | runtime | batch | prompt | prefill tok/s | decode tok/s | step p50 / p99 ms | p99/p50 "
