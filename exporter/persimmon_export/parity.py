@@ -124,11 +124,11 @@ def check_parity(checkpoint: str, build_dir: str, prompts=DEFAULT_PROMPTS, decod
                              f"check it without --emulate")
     prompt_ids = [build_tokenizer(build_dir, manifest).encode(p) for p in prompts]
     _check_fits(manifest, prompt_ids, decode_steps)
-    reference = None  # (model, its own greedy tokens per prompt): loaded once a build has accepted the request
+    reference = None  # (fp32 model, its own greedy tokens per prompt), made once, after a backend has run
 
     def compare(name: str, dtype: str, logits: np.ndarray, tokens: np.ndarray) -> ParityResult:
         nonlocal reference
-        if reference is None:  # the slow part, so after the build has run
+        if reference is None:  # the slow part: only once the build has accepted the request
             model = load_model(checkpoint, dtype="float32")
             reference = model, [greedy_generate(model, torch.tensor([ids]), max_new_tokens=decode_steps + 1)
                                 [0, len(ids):].tolist() for ids in prompt_ids]
