@@ -139,15 +139,15 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-
 def fixed_work_jitter(step_s: float, steps: int) -> dict:
     """What this machine alone adds to a step's spread, measured right after a step measurement:
     p50, p99 and p99/p50 of `steps` runs of one unchanging piece of pure-Python work that takes
     about `step_s`, on one thread, touching no memory to speak of. Every run does the same work,
-    so its spread is the machine's: interrupts, the hypervisor, neighbours on the host. It comes in
-    bursts (the same probe read p99/p50 of 1.06 and 1.8 minutes apart on this VM), which is why it
-    is taken next to each measurement. One thread is the least a step can be exposed to: our steps
-    run on every core and wait for the slowest.
+    so its spread is the machine's: interrupts, the hypervisor, neighbours on the host. It changes
+    over minutes (1.09 to 2.09 between the cases of one benchmarks/run.py run here), which is why
+    it is taken next to each measurement. One thread is the least a step can be exposed to: our
+    steps run on every core and wait for the slowest. p50_ms says how close to `step_s` the
+    calibration came.
     """
     def work(iterations: int) -> int:
         total = 0
@@ -155,8 +155,9 @@ def fixed_work_jitter(step_s: float, steps: int) -> dict:
             total += i
         return total
 
-    per_iteration = timed(lambda: work(100_000), 3) / 100_000
-    iterations = max(1, round(step_s / per_iteration))
+    iterations = 100_000
+    for _ in range(2):  # calibrate, then again at about the length wanted (a big sum's ints cost more)
+        iterations = max(1, round(iterations * step_s / timed(lambda: work(iterations), 5)))
     times = []
     for _ in range(steps):
         start = time.perf_counter()

@@ -66,7 +66,7 @@ def time_ours(generator: Generator, texts: list[str], new_tokens: int) -> tuple[
 def jitter_note(figures: dict) -> str:
     """The machine's own p99/p50 taken next to a measurement (machine.fixed_work_jitter), if it was."""
     jitter = figures.get("machine_jitter")
-    return f" (fixed work of the same length on this machine: p99/p50 {jitter['p99_over_p50']:.2f})" if jitter else ""
+    return f" (this machine, fixed work of about the step's length: p99/p50 {jitter['p99_over_p50']:.2f})" if jitter else ""
 
 
 def time_transformers(model, ids: list[list[int]], new_tokens: int) -> tuple[dict, list[int]]:

@@ -4,8 +4,9 @@ A run records one timestamp when the request starts and one as each generated to
 available: our Scheduler's `on_step` (after every model step), or a `generate()` streamer for
 transformers and optimum-intel (`put` is called with the prompt before prefill, then with each
 new token). From those: time to first token (the prefill, as the user waits for it) and the
-decode step times, of which p50, p99 and tokens/s are reported. p99 of one run's 127 steps is
-its second-slowest step, so `median_run` takes p50 and p99 over the steps of all its runs. No torch
+decode step times, of which p50, p99 and tokens/s are reported. p99 of one run's 127 steps lies
+between its third- and second-slowest step, so `median_run` takes p50 and p99 over the steps of
+all its runs. No torch
 or runtime imports here: benchmarks/openvino_peer.py uses it from the OpenVINO venv.
 """
 
@@ -70,9 +71,10 @@ def step_figures(steps) -> dict:
 
 def median_run(run_once, repeats: int) -> tuple[dict, list]:
     """Call `run_once()` -> (figures, greedy ids) `repeats` times; return the run whose decode
-    tokens/s is the median (a VM's run-to-run spread reached ~12% here), with every run's decode
-    tokens/s kept in `decode_tok_s_runs`, and step p50/p99 taken over the steps of every run
-    (`steps_timed` of them; `step_ms` is the median run's own series)."""
+    tokens/s is the median (a VM's runs of one case differed by up to 1.2x for our runtime here,
+    more for the peers), with every run's decode
+    tokens/s kept in `decode_tok_s_runs`, and step p50/p99/max taken over the steps of every run
+    (`steps_timed` of them; `step_ms` and `slowest_steps` are the median run's own)."""
     runs = sorted((run_once() for _ in range(repeats)), key=lambda run: run[0]["decode_tok_s"])
     figures, greedy = runs[len(runs) // 2]
     pooled = step_figures(np.concatenate([run[0]["step_ms"] for run in runs]) / 1e3)

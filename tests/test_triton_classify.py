@@ -87,7 +87,11 @@ def test_concurrent_requests_are_batched_by_the_server(server, classifier_build)
     texts = [TEXTS[i % len(TEXTS)] + f" #{i}" for i in range(REQUESTS)]
     before = statistics(server)
     answers = [None] * REQUESTS
-    errors = run_together(lambda i: answers.__setitem__(i, infer(server, texts[i])[1]), REQUESTS)
+    def classify(i):
+        status, answers[i] = infer(server, texts[i])
+        assert status == 200, answers[i]  # reported by run_together
+
+    errors = run_together(classify, REQUESTS)
     assert not errors, errors
     after = statistics(server)
     requests = after["inference_count"] - before["inference_count"]

@@ -59,9 +59,8 @@ OPSET = 24
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ONNX_TYPES = {TORCH_DTYPES[name]: onnx_type for name, onnx_type in ONNX_DTYPES.items()}  # torch dtype -> ONNX's
 # numpy has no bfloat16 of its own: ml_dtypes' is the one onnx reads and writes
-_ONNX_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
-               torch.bfloat16: TensorProto.BFLOAT16}
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 # the largest relu^2 scale; each layer's may be lower. bfloat16 has fp32's exponent range, so
 # relu(x)^2 overflows only past x ~ 1.8e19: no scale, the weights stored as the checkpoint has them
