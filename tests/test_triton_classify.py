@@ -4,6 +4,7 @@ Classifier's."""
 
 import json
 import os
+import time
 import urllib.request
 
 import numpy as np
@@ -77,9 +78,16 @@ def infer(server, text: str) -> tuple[int, dict]:
     return status, {"classification": json.loads(outputs["classification"][0]), "batch": outputs["batch_size"][0]}
 
 
-def statistics(server) -> dict:
-    with urllib.request.urlopen(f"{server['http']}/v2/models/sentiment/stats", timeout=30) as response:
-        return json.loads(response.read())["model_stats"][0]
+def statistics(server, at_least: int = 0, wait_s: float = 30) -> dict:
+    """The model's statistics, once they count `at_least` inferences: Triton counts a batch after
+    its answers have gone out, so a client can read the count before its own requests are in it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with urllib.request.urlopen(f"{server['http']}/v2/models/sentiment/stats", timeout=30) as response:
+            stats = json.loads(response.read())["model_stats"][0]
+        if stats["inference_count"] >= at_least or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.1)
 
 
 def test_concurrent_requests_are_batched_by_the_server(server, classifier_build):
@@ -93,7 +101,7 @@ def test_concurrent_requests_are_batched_by_the_server(server, classifier_build)
 
     errors = run_together(classify, REQUESTS)
     assert not errors, errors
-    after = statistics(server)
+    after = statistics(server, at_least=before["inference_count"] + REQUESTS)
     requests = after["inference_count"] - before["inference_count"]
     executions = after["execution_count"] - before["execution_count"]
     assert requests == REQUESTS
