@@ -25,8 +25,8 @@ def main() -> None:
     print(f"Machine: {report['machine']}. Read bandwidth (GB/s): {bandwidth}. Each run generates "
           f"{report['new_tokens']} greedy tokens, {report.get('repeats', 1)} run(s) per case; prefill = time to the "
           f"first token, decode = the steps after it (tokens/s of the median run; step p50/p99 "
-          + ("over every run's steps; machine p99/p50: the same for fixed work of the step's length, taken right "
-             "after).\n" if pooled else "of the median run).\n"))
+          + ("over every run's steps; machine p99/p50: the same for fixed work of about the step's length, taken "
+             "right after).\n" if pooled else "of the median run).\n"))
     headline(report)
     print("\n<details><summary>Every run</summary>\n")
     print("| config | runtime | batch | prompt | prefill tok/s | decode tok/s | step p50 / p99 ms | p99/p50 "

@@ -21,7 +21,6 @@ from conftest import run_together
 from test_triton import start_server, stop_server
 from test_classify import LABELS, TEXTS, write_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUESTS = 12
 MAX_BATCH = 4
 # long enough that requests started together on a loaded 2-core machine still meet in the queue
