@@ -35,3 +35,24 @@ if [ "$(uname -sm)" = "Linux x86_64" ] && [ ! -d .cache/triton-python/numpy ]; t
     echo "installing the Triton model's Python dependencies into .cache/triton-python ..."
     .venv/bin/pip install -q --target .cache/triton-python "numpy<2" onnxruntime sentencepiece
 fi
+
+# Two small runtime-only venvs for tests/test_compat.py: builds must load and generate the same
+# tokens on the runtime's declared floors (pyproject.toml's onnxruntime, numpy and sentencepiece
+# minimums, read from it here) and on the newest onnxruntime-gpu's version number (its CPU wheel:
+# onnxruntime-gpu and the onnxruntime in Triton containers lag the CPU package). Remade when the
+# versions change.
+ORT_GPU_NEWEST=1.31.1  # the newest onnxruntime-gpu release on PyPI (2026-12); move it when that does
+floor() { sed -n "s/^ *\"$1>=\([0-9.]*\)\".*/\1/p" pyproject.toml; }
+runtime_venv() {
+    local dir=$1; shift
+    if [ "$(cat "$dir/requirements.txt" 2>/dev/null)" != "$*" ]; then
+        echo "making $dir ($*) ..."
+        rm -rf "$dir"
+        python3 -m venv "$dir"
+        "$dir/bin/pip" install -q "$@"
+        echo "$*" > "$dir/requirements.txt"
+    fi
+}
+runtime_venv .cache/venv-floors "onnxruntime==$(floor onnxruntime)" "numpy==$(floor numpy)" \
+    "sentencepiece==$(floor sentencepiece)"
+runtime_venv .cache/venv-ort-gpu-newest "onnxruntime==$ORT_GPU_NEWEST" numpy sentencepiece

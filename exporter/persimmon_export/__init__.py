@@ -1,9 +1,17 @@
-"""Persimmon exporter: reference model, config, checkpoints, conversion (needs torch)."""
+"""Persimmon exporter: reference model, config, checkpoints, conversion, builds (needs torch:
+pip install 'persimmon-deploy[export]'). `doctor` and `triton` run without it, so the model
+classes are imported on first use, not with the package."""
 
-from .config import ConfigError, PersimmonConfig
-from .model import (PersimmonForCausalLM, PersimmonForSequenceClassification,
-                    PersimmonForTokenClassification, PersimmonModel)
-
-__all__ = ["PersimmonConfig", "ConfigError", "PersimmonModel", "PersimmonForCausalLM",
-           "PersimmonForSequenceClassification", "PersimmonForTokenClassification"]
 __version__ = "0.1.0"
+_LAZY = {"PersimmonConfig": "config", "ConfigError": "config", "PersimmonModel": "model",
+         "PersimmonForCausalLM": "model", "PersimmonForSequenceClassification": "model",
+         "PersimmonForTokenClassification": "model"}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

@@ -34,7 +34,7 @@ from persimmon_runtime.manifest import (CAUSAL_LM, CLASSIFIER_INPUTS, NO_CACHE, 
                                         ClassifierSection, CustomOps, GraphSection, TensorSpec)
 
 from .config import PersimmonConfig
-from .export import (DATA_FILE, MODEL_FILE, ONNX_DTYPES, OPSET, ExportError, Relu2Scales, _DataWriter,
+from .export import (DATA_FILE, MODEL_FILE, ONNX_DTYPES, ExportError, Relu2Scales, _DataWriter,
                      _value_info, build_graph, save_model, write_tensors)
 from .model import PersimmonForSequenceClassification, PersimmonForTokenClassification
 from .progress import Steps
@@ -209,5 +209,4 @@ def export_classifier(config: PersimmonConfig, tensors: Iterable[tuple[str, torc
     finally:
         step.close()
         writer.close()
-    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION)]
-    return classifier_graph_section(config, dtype, task), save_model(graph, out_dir, writer, opsets)
+    return save_model(graph, out_dir, writer, classifier_graph_section(config, dtype, task))

@@ -37,9 +37,6 @@ import re
 import shlex
 from dataclasses import dataclass
 
-import onnx
-from onnx import TensorProto, helper
-
 from persimmon_runtime.backends.cuda import compute_capability
 from persimmon_runtime.backends.tensorrt import parse_version
 from persimmon_runtime.errors import PersimmonError
@@ -182,12 +179,18 @@ def optimization_profiles(manifest: Manifest, max_prefill: int) -> list[dict[str
     return profiles
 
 
-def scatter_elements_fallback(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with each TensorScatter(past, update, write_indices) as ScatterElements on axis 2.
+def scatter_elements_fallback(model: "onnx.ModelProto") -> "onnx.ModelProto":
+    """A copy with each TensorScatter(past, update, write_indices) as ScatterElements on axis 2,
+    at the lower opset that then suffices (TensorRT before 10.15 may not read opset 24).
 
     indices[b, h, t, d] = write_indices[b] + t, so the rows land where TensorScatter puts them;
     the output is a new tensor (not an alias of the input).
     """
+    import onnx  # here: doctor imports this module on serving hosts, which have no onnx
+    from onnx import TensorProto, helper
+
+    from .onnx_versions import declare_versions
+
     model = onnx.ModelProto.FromString(model.SerializeToString())
     nodes = []
     for node in model.graph.node:
@@ -214,6 +217,7 @@ def scatter_elements_fallback(model: onnx.ModelProto) -> onnx.ModelProto:
         ]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    declare_versions(model)
     return model
 
 
@@ -369,6 +373,8 @@ def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: 
     onnx_path = os.path.join(directory, manifest.onnx.file)
     path = flavor.cache_update_path(version) if manifest.task == CAUSAL_LM else NO_CACHE
     if path == "scatter_elements":
+        import onnx
+
         model = scatter_elements_fallback(onnx.load(onnx_path, load_external_data=False))
         onnx_path = os.path.join(directory, FALLBACK_ONNX)
         onnx.save(model, onnx_path)  # its initializers still point at model.onnx.data

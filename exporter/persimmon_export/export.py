@@ -32,6 +32,7 @@ has fp32's exponent range); onnxruntime's CPU provider cannot run them (no bf16 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -51,11 +52,11 @@ from persimmon_runtime.verify import sha256_file
 from .attention import HEAD_DIM_MULTIPLE, add_contrib_opset, gqa_lengths, grouped_query_attention
 from .config import PersimmonConfig
 from .model import rope_inv_freq
+from .onnx_versions import BASE_OPSET, declare_versions
 from .progress import Steps
 from .quantize import WeightFormat, emit_matmul, linear_shapes, write_quantized
 
 log = logging.getLogger(__name__)
-OPSET = 24
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -79,7 +80,8 @@ class ExportError(PersimmonError):
 
 
 def custom_op_functions() -> list[onnx.FunctionProto]:
-    """The two custom ops, each with a body of standard ops that any ONNX runtime can execute."""
+    """The two custom ops, each with a body of standard ops that any ONNX runtime can execute
+    (the opset they import is set with the model's, by `onnx_versions.declare_versions`)."""
     float32 = TensorProto.FLOAT
     plugin_attributes = ["plugin_version", "plugin_namespace"]
 
@@ -93,7 +95,7 @@ def custom_op_functions() -> list[onnx.FunctionProto]:
         CUSTOM_OP_DOMAIN, QK_LAYERNORM_OP,
         inputs=["query", "key", "q_weight", "q_bias", "k_weight", "k_bias"], outputs=["query_out", "key_out"],
         nodes=layer_norm("query", "q_weight", "q_bias", "query_out") + layer_norm("key", "k_weight", "k_bias", "key_out"),
-        opset_imports=[helper.make_opsetid("", OPSET)], attributes=["epsilon", *plugin_attributes],
+        opset_imports=[helper.make_opsetid("", BASE_OPSET)], attributes=["epsilon", *plugin_attributes],
         doc_string="Per-head LayerNorm of q and k over head_dim (fp32 statistics); q, k: [batch, seq, heads, head_dim].")
 
     def const(name, values):
@@ -120,7 +122,7 @@ def custom_op_functions() -> list[onnx.FunctionProto]:
             helper.make_node("CastLike", ["rotated_f32", "x"], ["rotated"]),
             helper.make_node("Concat", ["rotated", "x_pass"], ["y"], axis=-1),
         ],
-        opset_imports=[helper.make_opsetid("", OPSET)], attributes=plugin_attributes,
+        opset_imports=[helper.make_opsetid("", BASE_OPSET)], attributes=plugin_attributes,
         doc_string="GPT-NeoX rotary on the first cos.shape[-1] dims of each head, the rest passed through; "
                    "x: [batch, seq, heads, head_dim], cos/sin: fp32 [batch, seq, 1, rotary_dims].")
     return [qk_layernorm, rotary]
@@ -505,18 +507,19 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
     finally:
         step.close()
         writer.close()
-    # the com.microsoft opset (MatMulNBits, GroupQueryAttention) is added by save_model where used
-    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION)]
-    files = save_model(graph, out_dir, writer, opsets)
-    return graph_section(config, dtype, kv_capacity, cache_layout), files
+    return save_model(graph, out_dir, writer, graph_section(config, dtype, kv_capacity, cache_layout))
 
 
-def save_model(graph: onnx.GraphProto, out_dir: str, writer: "_DataWriter", opsets: list) -> dict:
-    """Save out_dir/model.onnx (with the custom ops' functions), check it with onnx.checker and
-    return the files written with `writer`'s data ({name: {"bytes", "sha256"}})."""
-    model = helper.make_model(graph, opset_imports=opsets,
-                              functions=custom_op_functions(), producer_name="persimmon-export")
-    add_contrib_opset(model)  # the `capacity` layout's GroupQueryAttention
+def save_model(graph: onnx.GraphProto, out_dir: str, writer: "_DataWriter",
+               section: GraphSection) -> tuple[GraphSection, dict]:
+    """Save out_dir/model.onnx (with the custom ops' functions, the lowest opsets and IR version its
+    ops need), check it with onnx.checker; return `section` with those versions recorded and the
+    files written with `writer`'s data ({name: {"bytes", "sha256"}})."""
+    model = helper.make_model(graph, functions=custom_op_functions(), producer_name="persimmon-export",
+                              opset_imports=[helper.make_opsetid("", BASE_OPSET),
+                                             helper.make_opsetid(CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION)])
+    add_contrib_opset(model)  # where used: MatMulNBits, the `capacity` layout's GroupQueryAttention
+    section = dataclasses.replace(section, **declare_versions(model))
     model_path = os.path.join(out_dir, MODEL_FILE)
     onnx.save(model, model_path)
     log.info("checking the graph (onnx.checker full check, shape inference) ...")
@@ -525,5 +528,5 @@ def save_model(graph: onnx.GraphProto, out_dir: str, writer: "_DataWriter", opse
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"{model_path}: the exported graph fails onnx.checker: {e}") from None
     data_path = os.path.join(out_dir, DATA_FILE)
-    return {MODEL_FILE: {"bytes": os.path.getsize(model_path), "sha256": sha256_file(model_path)},
-            DATA_FILE: {"bytes": os.path.getsize(data_path), "sha256": writer.sha256.hexdigest()}}
+    return section, {MODEL_FILE: {"bytes": os.path.getsize(model_path), "sha256": sha256_file(model_path)},
+                     DATA_FILE: {"bytes": os.path.getsize(data_path), "sha256": writer.sha256.hexdigest()}}

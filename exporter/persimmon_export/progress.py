@@ -11,9 +11,6 @@ import contextlib
 import logging
 import sys
 
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
-
 
 def bars_shown(log: logging.Logger) -> bool:
     """Whether a bar goes to the screen: stderr is a terminal and `log` shows INFO."""
@@ -32,6 +29,9 @@ class Steps:
         self.exits = contextlib.ExitStack()
         self.bar = None
         if bars_shown(log):
+            from tqdm import tqdm  # here: a torch-free serving host (doctor, triton) has no tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
             package = logging.getLogger(log.name.partition(".")[0])  # where the CLI puts its handler
             self.exits.enter_context(logging_redirect_tqdm(loggers=[package]))
             self.bar = self.exits.enter_context(tqdm(total=total, desc=what, unit=unit, file=sys.stderr,
@@ -61,6 +61,7 @@ def build_monitor(trt, log: logging.Logger):
     too short for log lines)."""
     if not bars_shown(log):
         return None
+    from tqdm import tqdm
 
     class PhaseBars(trt.IProgressMonitor):
         def __init__(self):

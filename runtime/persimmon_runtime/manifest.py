@@ -124,6 +124,15 @@ class GraphSection:
     inputs: list             # [TensorSpec]: STEP_INPUTS, then past_{key,value}_{layer}
     outputs: list            # [TensorSpec]: logits, then present_{key,value}_{layer}
     cache_aliases: dict      # present_* output -> the past_* input it updates in place
+    # what an ONNX runtime must read (None: a build from before they were recorded)
+    ir_version: int | None = None      # the model's ONNX IR version
+    opset_imports: dict | None = None  # domain ("ai.onnx", "persimmon", "com.microsoft") -> opset version
+
+    def versions(self) -> str:
+        """'IR 8, opsets ai.onnx 17, persimmon 1, com.microsoft 1', for messages."""
+        if self.ir_version is None or not self.opset_imports:
+            return "IR version and opsets not recorded: a build from an older persimmon-export"
+        return f"IR {self.ir_version}, opsets " + ", ".join(f"{d} {v}" for d, v in self.opset_imports.items())
 
     @classmethod
     def from_dict(cls, raw: dict) -> "GraphSection":
@@ -447,7 +456,8 @@ _CUSTOM_OPS = _fields({"domain": _one_of(CUSTOM_OP_DOMAIN), "version": _count(CU
 _GRAPH = _fields({
     "file": _FILE_NAME, "data_file": _FILE_NAME, "cache_layout": _one_of(*CACHE_LAYOUTS, NO_CACHE),
     "custom_ops": _CUSTOM_OPS, "inputs": _list_of(_TENSOR_SPEC), "outputs": _list_of(_TENSOR_SPEC),
-    "cache_aliases": _object_of(_STR)})
+    "cache_aliases": _object_of(_STR), "ir_version": _count(3, 1000),
+    "opset_imports": _object_of(_count(1, 1000))}, may_be_absent=("ir_version", "opset_imports"))
 
 
 def _min_opt_max(path, name, value):

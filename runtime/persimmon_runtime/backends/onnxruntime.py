@@ -14,6 +14,7 @@ by copying every row, which stalls the step that crosses a step boundary: rebuil
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -166,5 +167,29 @@ def open_session(build_dir: str, manifest: Manifest, device: str = "cpu"):
         providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(os.path.join(build_dir, manifest.onnx.file), options, providers=providers)
+    path = os.path.join(build_dir, manifest.onnx.file)
+    try:
+        session = ort.InferenceSession(path, options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... (not PersimmonError)
+        raise PersimmonError(f"{path}: onnxruntime {ort.__version__} cannot load this build "
+                             f"({manifest.onnx.versions()}): {_reason(e)}; {_load_advice(manifest, e)}") from None
     return ort, session, (device_type, device_id)
+
+
+def _load_advice(manifest: Manifest, error: Exception) -> str:
+    if not re.search(r"IR version|opset", str(error), re.IGNORECASE):
+        return "the build may be damaged: rebuild it with `persimmon-export build`"
+    if manifest.onnx.ir_version is None:  # written with whatever IR version onnx chose (14 with onnx 1.23)
+        return "rebuild it with this persimmon-export, which writes the lowest IR version and opsets a build " \
+               "needs (docs/compatibility.md)"
+    return "install an onnxruntime that reads them (docs/compatibility.md lists which; pip install -U onnxruntime, " \
+           "or onnxruntime-gpu for CUDA)"
+
+
+def _reason(error: Exception) -> str:
+    """onnxruntime's reason, without its status prefix, the path and the C++ source location."""
+    text = (str(error).strip().splitlines() or [error.__class__.__name__])[0]
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"^Load model from .* failed:", "", text)
+    text = re.sub(r"/\S+\.(cc|h):\d+ \S+\(.*?\) ", "", text)  # '/onnxruntime_src/.../model.cc:181 Model::Model(...) '
+    return text[:300]
