@@ -31,6 +31,16 @@ if [ "$(uname -sm)" = "Linux x86_64" ] && [ ! -x .cache/tritonserver/pytriton/tr
         .cache/tritonserver/pytriton/tritonserver/python_backend_stubs/*/triton_python_backend_stub
     rm -rf .cache/triton-wheel
 fi
+# The backend directory examples/tritonserver.sh serves with: the python backend and the stub of
+# the Python that .cache/triton-python is installed for (the stub embeds that libpython).
+stub_python=$(.venv/bin/python -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+if [ "$(uname -sm)" = "Linux x86_64" ] && [ ! -x .cache/triton-backends/python/triton_python_backend_stub ]; then
+    rm -rf .cache/triton-backends
+    mkdir -p .cache/triton-backends
+    cp -r .cache/tritonserver/pytriton/tritonserver/backends/python .cache/triton-backends/python
+    cp .cache/tritonserver/pytriton/tritonserver/python_backend_stubs/"$stub_python"/triton_python_backend_stub \
+        .cache/triton-backends/python/
+fi
 if [ "$(uname -sm)" = "Linux x86_64" ] && [ ! -d .cache/triton-python/numpy ]; then
     echo "installing the Triton model's Python dependencies into .cache/triton-python ..."
     .venv/bin/pip install -q --target .cache/triton-python "numpy<2" onnxruntime sentencepiece

@@ -138,6 +138,16 @@ def transformers_checkpoint(out_dir: str, tokenizer, hf_class=None, seed: int = 
     return model
 
 
+def error_line(stderr) -> str:
+    """The one error line of a refused command: the last line of stderr. Lines before it, if any,
+    are our log lines (progress and notes, which -q turns off), never a traceback or another error."""
+    text = stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else stderr
+    lines = text.strip().splitlines()
+    assert lines and "Traceback" not in text, text
+    assert [line for line in lines if ": error: " in line] == lines[-1:], text
+    return lines[-1]
+
+
 def run_without_torch(code: str) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter where importing torch fails; it must not import torch."""
     code = _BLOCK_TORCH + textwrap.dedent(code) + '\nassert "torch" not in sys.modules\n'

@@ -23,6 +23,7 @@ from persimmon_runtime import PersimmonError, Tokenizer
 from persimmon_runtime.backends import decode, prefill
 from persimmon_runtime.generator import Generator
 from persimmon_runtime.manifest import Manifest
+from conftest import error_line
 
 RTX_VERSION, RTX_MISSING = TENSORRT_RTX.installed()
 PROMPTS = ["human: What is the capital of France?\n\nadept:", "The quick brown"]
@@ -141,7 +142,7 @@ def test_onnxruntime_cannot_run_bf16_and_both_ends_say_so(tiny_checkpoint, bf16_
     command = [os.path.join(os.path.dirname(sys.executable), "persimmon-export"), "build", "--checkpoint",
                tiny_checkpoint, "--out", str(tmp_path / "ort"), "--dtype", "bfloat16", "--backend", "onnxruntime"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.returncode == 2 and error_line(result.stderr), result.stderr
     assert "--dtype bfloat16 builds run only as TensorRT engines" in result.stderr
     assert "add --backend tensorrt or --backend tensorrt-rtx" in result.stderr
     assert not (tmp_path / "ort").exists()

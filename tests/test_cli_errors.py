@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import without_permission_override
+from conftest import error_line, without_permission_override
 
 from persimmon_export import doctor
 from persimmon_export.parity import check_parity
@@ -26,7 +26,7 @@ def run(tool, *args, **kwargs):
 def assert_one_line(result, *fragments):
     err = result.stderr.decode("utf-8", "replace") if isinstance(result.stderr, bytes) else result.stderr
     assert result.returncode == 2, (result.returncode, err)
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    error_line(err)
     for fragment in fragments:
         assert fragment in err, err
 

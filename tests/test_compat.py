@@ -21,7 +21,7 @@ import pytest
 import transformers
 
 import onnxruntime
-from conftest import transformers_checkpoint
+from conftest import error_line, transformers_checkpoint
 from persimmon_export.build import build
 from persimmon_runtime.classifier import Classifier
 from persimmon_runtime.generator import Generator
@@ -126,7 +126,7 @@ def test_a_build_the_onnxruntime_cannot_read_is_one_line(builds, tmp_path):
     refused = run_in_venv(VENVS["floors"], "import sys; from persimmon_runtime.cli import main; sys.exit(main())",
                           builds["window"], "hi", "--max-new-tokens", "2")
     assert refused.returncode == 2 and refused.stdout == ""
-    line, = refused.stderr.splitlines()
+    line = error_line(refused.stderr)
     assert f"{builds['window']}/model.onnx: onnxruntime {declared_floor('onnxruntime')}" in line
     assert "(IR 12, opsets ai.onnx 24, persimmon 1)" in line and "docs/compatibility.md" in line
     assert "Unsupported model IR version: 12" in line
@@ -145,7 +145,7 @@ def test_a_build_the_onnxruntime_cannot_read_is_one_line(builds, tmp_path):
         json.dump(manifest, f)
     refused = run_in_venv(VENVS["ort-gpu-newest"], "import sys; from persimmon_runtime.cli import main; "
                           "sys.exit(main())", old, "hi", "--max-new-tokens", "2")
-    line, = refused.stderr.splitlines()
+    line = error_line(refused.stderr)
     assert refused.returncode == 2 and "Unsupported model IR version: 14" in line
     assert "not recorded" in line and "rebuild it with this persimmon-export" in line
 

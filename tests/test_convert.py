@@ -17,6 +17,7 @@ from persimmon_export.checkpoint import load_model
 from persimmon_export.convert import ConvertError, convert_megatron
 from persimmon_export.demo import random_model
 from persimmon_runtime import Tokenizer
+from conftest import error_line
 
 HIDDEN, HEADS, LAYERS, VOCAB = 96, 4, 2, 448  # head_dim 24, rotary 12 dims
 
@@ -113,12 +114,12 @@ def test_cli_convert_and_errors(adept_checkpoint, tmp_path):
     done = subprocess.run(cli + [str(root / "iter_0001000"), "--out", str(tmp_path / "hf"), "--dtype", "float16"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "tensors" in done.stdout and json.load(open(tmp_path / "hf" / "config.json"))["torch_dtype"] == "float16"
+    assert "tensors" in done.stderr and done.stdout == f"done: {tmp_path / 'hf'}\n" and json.load(open(tmp_path / "hf" / "config.json"))["torch_dtype"] == "float16"
 
     missing = subprocess.run(cli + [str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")],
                              capture_output=True, text=True)
     assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines() == [
+    assert [error_line(missing.stderr)] == [
         f"persimmon-export convert: error: {tmp_path / 'nowhere'}: no such file or directory"]
     assert not os.path.exists(tmp_path / "x")
 

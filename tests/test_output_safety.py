@@ -20,7 +20,7 @@ import time
 
 import pytest
 import torch
-from conftest import without_permission_override
+from conftest import error_line, without_permission_override
 
 from persimmon_export import cli
 from persimmon_export.build import build
@@ -138,7 +138,7 @@ def test_refused_outputs_change_nothing(hostile_paths, case, capsys, monkeypatch
     before = snapshot(ws)
     code, err = run_cli(capsys, *argv)
     assert code == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    error_line(err)
     out = argv[argv.index("--out") + 1]
     assert os.path.abspath(out) in err and reason in err, err
     assert snapshot(ws) == before
@@ -149,7 +149,7 @@ def test_the_console_script_refuses_in_one_line(workspace):
     before = snapshot(workspace)
     result = subprocess.run([CONSOLE, "build", "--checkpoint", "../models/ck", "--out", "."],
                             cwd=workspace / "project", capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.returncode == 2 and error_line(result.stderr), result.stderr
     assert "is a non-empty directory that persimmon-export did not write" in result.stderr
     assert snapshot(workspace) == before
 
@@ -293,7 +293,7 @@ def test_no_write_permission_is_one_line(workspace, tmp_path):
     result = subprocess.run([*without_permission_override(), CONSOLE, "build", "--checkpoint", str(workspace / "models" / "ck"),
                              "--out", str(locked / "b"), "--dtype", "float32", "--kv-capacity", "16",
                              "--backend", "onnxruntime"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.returncode == 2 and error_line(result.stderr), result.stderr
     assert f"{locked}/b: cannot create it (Permission denied); check the permissions" in result.stderr
     assert os.listdir(locked) == []
 
@@ -314,7 +314,7 @@ def tiny_disk(tmp_path):
 def test_a_full_disk_is_one_line_and_leaves_nothing(workspace, tiny_disk, capsys):
     code, err = run_cli(capsys, "build", "--checkpoint", str(workspace / "models" / "ck"), "--out",
                         str(tiny_disk / "b"), "--dtype", "float32", "--kv-capacity", "16", "--backend", "onnxruntime")
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and error_line(err), err
     assert "No space left on device; the disk is full" in err and str(tiny_disk / "b") in err
     assert os.listdir(tiny_disk) == []
 
@@ -335,7 +335,7 @@ def test_the_file_size_limit_is_one_line_and_leaves_nothing(workspace, tmp_path)
     result = subprocess.run([CONSOLE, "build", "--checkpoint", str(workspace / "models" / "ck"), "--out",
                              str(tmp_path / "b"), "--dtype", "float32", "--kv-capacity", "16", "--backend", "onnxruntime"],
                             capture_output=True, text=True, timeout=120, preexec_fn=_limit_file_size)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.returncode == 2 and error_line(result.stderr), result.stderr
     assert "File too large" in result.stderr and str(tmp_path / "b") in result.stderr
     assert os.listdir(tmp_path) == []
 
@@ -346,7 +346,7 @@ def test_the_file_size_limit_is_one_line_and_leaves_nothing(workspace, tmp_path)
 def test_max_shard_gb_must_be_a_positive_size(workspace, tmp_path, capsys, value):
     code, err = run_cli(capsys, "convert", str(workspace / "adept"), "--out", str(tmp_path / "o"),
                         f"--max-shard-gb={value}")
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "--max-shard-gb must be a positive" in err, err
+    assert code == 2 and error_line(err) and "--max-shard-gb must be a positive" in err, err
     assert os.listdir(tmp_path) == []
 
 

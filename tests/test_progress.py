@@ -41,7 +41,7 @@ def test_quiet_shows_no_bar_and_no_lines(caplog, terminal):
 
 @pytest.mark.parametrize("verbosity,shown", [("quiet", ["warning"]), ("normal", ["info", "warning"]),
                                              ("verbose", ["debug", "info", "warning"])])
-def test_the_cli_levels_print_plain_lines_on_stdout(capsys, verbosity, shown):
+def test_the_cli_levels_print_plain_lines_on_stderr(capsys, verbosity, shown):
     configure_logging(verbosity)
     try:
         for level in ("debug", "info", "warning"):
@@ -49,4 +49,4 @@ def test_the_cli_levels_print_plain_lines_on_stdout(capsys, verbosity, shown):
     finally:
         configure_logging("normal")
     out, err = capsys.readouterr()
-    assert out.splitlines() == shown and err == ""  # stderr stays for the one error line
+    assert err.splitlines() == shown and out == ""  # stdout stays for results

@@ -17,7 +17,7 @@ import transformers
 from onnx import numpy_helper
 from safetensors.torch import load_file
 
-from conftest import transformers_checkpoint
+from conftest import error_line, transformers_checkpoint
 from persimmon_export.build import build
 from persimmon_export.engine import TENSORRT_RTX, parse_onnx
 from persimmon_export.parity import BOUNDS, check_parity
@@ -232,7 +232,7 @@ def test_the_cli_refuses_a_bad_weight_type_in_one_line(tiny_checkpoint, tmp_path
     result = subprocess.run([sys.executable, "-m", "persimmon_export.cli", "build", "--checkpoint", tiny_checkpoint,
                              "--out", str(tmp_path / "out"), "--weights", "int3"], capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    assert [error_line(result.stderr)] == [
         "persimmon-export build: error: --weights 'int3' is not supported: choose one of ['int4', 'int8'] (or leave "
         "it out to store weights in --dtype)"]
 

@@ -241,7 +241,9 @@ def test_calibration_file_is_refused_for_float32(tiny_checkpoint, calibration_fi
 def test_the_build_prints_the_lowest_headroom(tiny_checkpoint, calibration_file, tmp_path, capsys):
     code = export_cli.main(["build", "--checkpoint", tiny_checkpoint, "--out", str(tmp_path / "b"),
                             "--backend", "onnxruntime", "--kv-capacity", "96", "--calibration-file", calibration_file])
-    last = capsys.readouterr().out.splitlines()[-1]
+    out, err = capsys.readouterr()
+    last = err.splitlines()[-1]  # the log's last line; stdout has the result
+    assert out.startswith(f"built {tmp_path / 'b'}: causal-lm float16")
     ranges = Manifest.load(str(tmp_path / "b")).ranges
     assert code == 0 and last.startswith(f"float16 range report ({len(PROMPTS)} prompts, ")
     assert f"lowest headroom {ranges.lowest_headroom:.3g}x at {ranges.lowest_at} " in last

@@ -1,12 +1,12 @@
-"""The tritonserver that examples/setup.sh unpacks into .cache, started on 127.0.0.1 and stopped
-clean: one way for tests/test_triton.py and benchmarks/serving.py (no pytest here)."""
+"""The tritonserver that examples/setup.sh unpacks into .cache, started on 127.0.0.1 by the
+documented command (examples/tritonserver.sh) and stopped clean: one way for tests/test_triton.py
+and benchmarks/serving.py (no pytest here)."""
 
 from __future__ import annotations
 
 import glob
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,8 +16,9 @@ import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SERVER = os.path.join(ROOT, ".cache", "tritonserver", "pytriton", "tritonserver")
-LIBS = os.path.join(ROOT, ".cache", "tritonserver", "nvidia_pytriton.libs")
+SCRIPT = os.path.join(ROOT, "examples", "tritonserver.sh")
+SERVER = os.path.join(ROOT, ".cache", "tritonserver", "pytriton", "tritonserver", "bin", "tritonserver")
+STUB = os.path.join(ROOT, ".cache", "triton-backends", "python", "triton_python_backend_stub")
 MODEL_PYTHON = os.path.join(ROOT, ".cache", "triton-python")  # numpy, onnxruntime, sentencepiece for the stub
 SHM_REGIONS = "/dev/shm/triton_python_backend_shm_region_*"
 
@@ -34,27 +35,19 @@ def free_port() -> int:
 
 def start(repository: str, workdir, runtime_dir: str, *options: str, metrics: bool = True,
           ready_timeout_s: float = 90) -> dict:
-    """Start tritonserver on free ports in a new session (its own process group), its stubs
-    importing `runtime_dir`; wait until ready. Raises Unavailable, or RuntimeError with the log's
-    tail when it exits or is not ready in time (after stopping it)."""
-    binary = os.path.join(SERVER, "bin", "tritonserver")
-    stub = os.path.join(SERVER, "python_backend_stubs", f"{sys.version_info.major}.{sys.version_info.minor}",
-                        "triton_python_backend_stub")
-    if not (os.path.isfile(binary) and os.path.isfile(stub) and os.path.isdir(MODEL_PYTHON)):
+    """Start tritonserver with examples/tritonserver.sh on free ports in a new session (its own
+    process group), its stubs importing `runtime_dir`; wait until ready. Raises Unavailable, or
+    RuntimeError with the log's tail when it exits or is not ready in time (after stopping it)."""
+    if not (os.path.isfile(SERVER) and os.path.isfile(STUB) and os.path.isdir(MODEL_PYTHON)):
         raise Unavailable("no tritonserver in .cache (examples/setup.sh fetches it on Linux x86_64)")
-    backends = os.path.join(str(workdir), "backends")
-    shutil.copytree(os.path.join(SERVER, "backends", "python"), os.path.join(backends, "python"))
-    shutil.copy2(stub, os.path.join(backends, "python"))
     http, grpc, metrics_port = free_port(), free_port(), free_port()
-    metric_flags = (["--allow-gpu-metrics", "false", "--metrics-address", "127.0.0.1", "--metrics-port",
-                     str(metrics_port)] if metrics else ["--allow-metrics", "false"])
+    metric_flags = (["--allow-gpu-metrics", "false", "--metrics-port", str(metrics_port)] if metrics
+                    else ["--allow-metrics", "false"])
     log = open(os.path.join(str(workdir), "tritonserver.log"), "w+")
-    env = {**os.environ, "LD_LIBRARY_PATH": LIBS, "PYTHONPATH": os.pathsep.join([MODEL_PYTHON, runtime_dir])}
     regions_before = set(glob.glob(SHM_REGIONS))
-    process = subprocess.Popen([binary, "--model-repository", repository, "--backend-directory", backends,
-                                "--http-address", "127.0.0.1", "--http-port", str(http), "--grpc-address",
-                                "127.0.0.1", "--grpc-port", str(grpc), *metric_flags, *options],
-                               stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    process = subprocess.Popen(["bash", SCRIPT, repository, "--http-port", str(http), "--grpc-port", str(grpc),
+                                *metric_flags, *options], stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PERSIMMON_RUNTIME_DIR": runtime_dir}, start_new_session=True)
     server = {"http": f"http://127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}", "process": process, "log": log,
               "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "regions_before": regions_before}
     deadline = time.monotonic() + ready_timeout_s

@@ -22,7 +22,7 @@ from .classify import MODEL_CLASSES, check_task, classifier_section, export_clas
 from .config import PersimmonConfig
 from .engine import FLAVORS, TENSORRT, TENSORRT_RTX, build_engine, check_engine_options
 from .export import ExportError, export_onnx
-from .files import atomic_directory
+from .files import atomic_directory, check_output
 from .quantize import weight_format
 from .ranges import calibrate, log_summary, report
 
@@ -104,11 +104,12 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
     if calibration_file and dtype != "float16":
         raise ExportError(f"--calibration-file is for --dtype float16 builds (the range report); this build is {dtype}")
     tokenizer = Tokenizer.from_dir(checkpoint)
+    inputs = (checkpoint, tokenizer.model_file, timing_cache, calibration_file)
+    check_output(out_dir, "build", overwrite=overwrite, inputs=inputs)  # before the slow calibration
     # before the output directory exists: a bad calibration file or an overflow is refused first
     calibrated = dtype == "float16" and classifier is None
     measured = calibrate(checkpoint, config, tokenizer, calibration_file, kv_capacity) if calibrated else None
     started = time.perf_counter()
-    inputs = (checkpoint, tokenizer.model_file, timing_cache)
     with atomic_directory(out_dir, "build", overwrite=overwrite, inputs=inputs) as tmp:
         log.info(f"exporting {checkpoint} -> {out_dir} ({config.num_hidden_layers} layers, {dtype}, "
                  f"kv_capacity {kv_capacity}, max_batch {max_batch})")
@@ -143,6 +144,31 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
     if manifest.ranges is not None:
         log_summary(manifest.ranges)
     return manifest
+
+
+def summary(manifest: Manifest, out_dir: str) -> dict:
+    """What a build is, in a few fields (`build --json`; the line `build` prints comes from it)."""
+    engine = manifest.tensorrt
+    return {"build": out_dir, "task": manifest.task, "dtype": manifest.dtype,
+            "weights": None if manifest.weights is None else manifest.weights.type,
+            "kv_capacity": manifest.kv_capacity, "max_batch": manifest.max_batch,
+            "vocab_size": manifest.model.vocab_size, "layers": manifest.model.num_hidden_layers,
+            "cache_layout": manifest.onnx.cache_layout, "onnx_ir_version": manifest.onnx.ir_version,
+            "onnx_opset_imports": manifest.onnx.opset_imports,
+            "engine": None if engine is None else {"flavor": engine.flavor, "version": engine.version,
+                                                   "file": engine.engine_file,
+                                                   "compute_capabilities": engine.compute_capabilities},
+            "lowest_fp16_headroom": None if manifest.ranges is None else manifest.ranges.lowest_headroom,
+            "bytes": sum(entry["bytes"] for entry in manifest.files.values())}
+
+
+def summary_line(summary: dict) -> str:
+    """'built demo/build: causal-lm float16, kv_capacity 512, max_batch 4, onnxruntime (...), 12.3 MB'."""
+    weights = f" with {summary['weights']} weights" if summary["weights"] else ""
+    engine = summary["engine"]
+    runs_on = "onnxruntime" if engine is None else f"{engine['flavor']} {engine['version']} engine + onnxruntime"
+    return (f"built {summary['build']}: {summary['task']} {summary['dtype']}{weights}, kv_capacity "
+            f"{summary['kv_capacity']}, max_batch {summary['max_batch']}, {runs_on}, {summary['bytes'] / 1e6:.1f} MB")
 
 
 def _file_entry(path: str) -> dict:

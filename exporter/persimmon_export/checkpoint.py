@@ -7,6 +7,7 @@ and each tensor is read (memory-mapped), cast and assigned in turn.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterable, Iterator
@@ -22,6 +23,9 @@ from . import safe_pickle
 from .config import PersimmonConfig
 from .files import atomic_directory
 from .model import PersimmonForCausalLM
+from .progress import Steps
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Tensors some checkpoints carry that the model recomputes.
@@ -150,9 +154,14 @@ def load_model(directory: str, dtype: str | torch.dtype | None = None, model_cla
     dtype = parse_dtype(dtype) or checkpoint_dtype(directory)
     with torch.device("meta"):
         model = model_class(config)
-    for name, tensor in checked_tensors(directory, config, model_class):
-        target = dtype if tensor.is_floating_point() else tensor.dtype
-        _assign(model, name, tensor.to(device=device, dtype=target, copy=True))
+    # the reference load of calibration and parity: minutes at 8B, so it shows progress
+    tensors = len(model.state_dict()) - (1 if config.tie_word_embeddings and hasattr(model, "lm_head") else 0)
+    log.info(f"loading {directory} as {str(dtype).removeprefix('torch.')} ({model_class.__name__}) ...")
+    with Steps(log, "loading", tensors, "tensors", every=max(1, tensors // 10)) as step:
+        for name, tensor in checked_tensors(directory, config, model_class):
+            target = dtype if tensor.is_floating_point() else tensor.dtype
+            _assign(model, name, tensor.to(device=device, dtype=target, copy=True))
+            step()
     if config.tie_word_embeddings and hasattr(model, "lm_head"):
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import math
 import sys
 
-from persimmon_runtime.console import add_verbosity_flags, configure_logging, run_command
+from persimmon_runtime.console import add_verbosity_flags, configure_logging, print_json, run_command
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import TASKS
 
+# What build, parity, convert and demo import: `pip install .` (a serving host) has none of them.
+EXPORT_MODULES = ("torch", "onnx", "safetensors", "ml_dtypes", "tqdm")
+
+
+def _require_export_extra(command: str) -> None:
+    missing = [name for name in EXPORT_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise PersimmonError(f"{command} needs {', '.join(missing)}, which this install lacks (a runtime-only "
+                             f"`pip install .`): pip install 'persimmon-deploy[export]'")
+
 
 def _convert(args) -> None:
+    _require_export_extra("convert")
     from .convert import convert_megatron
 
     if not (math.isfinite(args.max_shard_gb) and args.max_shard_gb * 2**30 >= 1):
@@ -22,27 +35,34 @@ def _convert(args) -> None:
 
 
 def _build(args) -> None:
-    from .build import build
+    _require_export_extra("build")
+    from .build import build, summary, summary_line
 
-    build(args.checkpoint, args.out, dtype=args.dtype, max_batch=args.max_batch, kv_capacity=args.kv_capacity,
+    manifest = build(args.checkpoint, args.out, dtype=args.dtype, max_batch=args.max_batch, kv_capacity=args.kv_capacity,
           backend=args.backend, max_prefill=args.max_prefill, plugins=args.plugins,
           version_compatible=args.version_compatible, timing_cache=args.timing_cache, opt_level=args.opt_level,
           workspace_mib=int(args.workspace_gb * 1024) if args.workspace_gb else None, overwrite=args.overwrite,
           compute_capabilities=args.compute_capabilities, calibration_file=args.calibration_file,
           weights=args.weights, block_size=args.block_size, task=args.task)
+    result = summary(manifest, args.out)
+    print_json(result) if args.json else print(summary_line(result))
 
 
 def _parity(args) -> int:
+    _require_export_extra("parity")
     from .parity import DEFAULT_PROMPTS, check_parity
 
     results = check_parity(args.checkpoint, args.build, prompts=args.prompt or DEFAULT_PROMPTS,
                            decode_steps=args.steps, backends=args.backend, device=args.device,
                            max_abs=args.max_abs_diff, min_top1=args.min_top1, emulate=args.emulate)
+    failed = [r for r in results if not r.passed]
+    if args.json:
+        print_json({"passed": not failed, "results": [{**dataclasses.asdict(r), "passed": r.passed} for r in results]})
+        return 1 if failed else 0
     for result in results:
         print(result.line())
         if result.note:
             print(result.note)
-    failed = [r for r in results if not r.passed]
     print("parity: " + ("FAILED for " + ", ".join(r.backend for r in failed) if failed else "all bounds hold"))
     return 1 if failed else 0
 
@@ -50,19 +70,26 @@ def _parity(args) -> int:
 def _triton(args) -> None:
     from .triton import write_repository
 
-    write_repository(args.build, args.out, name=args.name, kind=args.kind, instances=args.instances,
+    names = write_repository(args.build, args.out, name=args.name, kind=args.kind, instances=args.instances,
                      backend=args.backend, python_paths=args.python_path, overwrite=args.overwrite,
                      generate_timeout_s=args.generate_timeout, queue_delay_ms=args.max_queue_delay_ms)
+    print(f"wrote model repository {args.out} (model {', '.join(names)}); serve it with tritonserver "
+          f"--model-repository {args.out} (docs/triton.md)")
 
 
 def _doctor(args) -> None:
     from .doctor import report
 
-    for item, finding in report():
+    findings = report()
+    if args.json:
+        print_json(dict(findings))
+        return
+    for item, finding in findings:
         print(f"{item:17s} {finding}")
 
 
 def _demo(args) -> None:
+    _require_export_extra("demo")
     from .demo import run_demo
 
     run_demo(args.out, prompt=args.prompt, max_new_tokens=args.max_new_tokens, overwrite=args.overwrite)
@@ -77,10 +104,18 @@ def _add_out(parser: argparse.ArgumentParser, what: str, ours: str) -> None:
                              f"stays until the new one is complete); any other existing content is always refused")
 
 
+def _add_json(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help=f"print one JSON document on stdout instead of text: {what}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="persimmon-export",
-        description="Turn Persimmon-8B checkpoints into deployable artifacts.")
+        description="Turn Persimmon-8B checkpoints into deployable artifacts. Results go to stdout, logs and "
+                    "progress to stderr; bad input is one line on stderr and exit status 2 (parity: 1 when a "
+                    "bound breaks). build, parity, convert and demo need the exporter's extra (pip install "
+                    "'persimmon-deploy[export]'); doctor and triton run on a runtime-only install.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     convert = commands.add_parser(
@@ -151,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     trt.add_argument("--timing-cache", help="tensorrt only: timing cache file, read and updated (speeds up rebuilds)")
     trt.add_argument("--opt-level", type=int, default=3, choices=range(6), help="builder optimization level (3)")
     trt.add_argument("--workspace-gb", type=float, help="builder workspace memory pool limit")
+    _add_json(build, "the build's summary (task, dtype, capacity, ONNX versions, engine, bytes)")
     build.set_defaults(run=_build)
 
     parity = commands.add_parser(
@@ -174,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also evaluate the build's ONNX graph on CPU in true precision (fp16 stored and computed "
                              "in fp16, as a TensorRT engine does; onnxruntime's CPU provider computes fp16 graphs in "
                              "fp32 and hides fp16 overflow), same prompts and steps, same bounds; slow: small models")
+    _add_json(parity, "every result (differences, bounds, agreement, passed) and the verdict; exit status as without")
     parity.set_defaults(run=_parity)
 
     triton = commands.add_parser(
@@ -207,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the versions and capabilities that builds depend on - TensorRT (or why it is "
                     "missing), the GPU, onnxruntime's execution providers, whether the plugin kernels compile - "
                     "each with the reason when something is missing. Run it first when a build fails.")
+    _add_json(doctor, "an object of item -> finding")
     doctor.set_defaults(run=_doctor)
 
     demo = commands.add_parser(

@@ -1,18 +1,27 @@
-"""`persimmon-run BUILD_DIR "prompt"`: one-off generation from a build directory, streamed."""
+"""`persimmon-run BUILD_DIR "prompt"`: one-off generation from a build directory, streamed.
+
+stdout carries the generated text only; progress (the first load's checksum verification) and
+the closing report (finish reason, tokens, tokens/s) go to stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import time
 
-from .console import run_command, utf8_argument
+from .console import add_verbosity_flags, configure_logging, run_command, utf8_argument
+
+log = logging.getLogger("persimmon_runtime.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="persimmon-run",
         description="Generate text from a Persimmon build directory (made by `persimmon-export build`). "
-                    "Text is streamed as it is decoded. Temperature 0 (the default) is greedy.")
+                    "Text is streamed to stdout as it is decoded; progress and a closing report (finish "
+                    "reason, tokens, tokens/s) go to stderr. Temperature 0 (the default) is greedy.")
     parser.add_argument("build", help="build directory")
     parser.add_argument("prompt", help="prompt text (with --chat: the human turn)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as 'human: ...\\n\\nadept:'")
@@ -31,11 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the sha256 check of the build's files (by default done once per change of a "
                              "file, then remembered in ~/.cache/persimmon)")
+    add_verbosity_flags(parser)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(args.verbosity)
     return run_command("persimmon-run", lambda: _run(args))
 
 
@@ -50,12 +61,22 @@ def _run(args) -> None:
     generator = Generator.load(args.build, backend=args.backend, device=args.device,
                                verify_checksums=not args.no_verify)
     prompt = format_chat(prompt) if args.chat else prompt
+    started, finished = time.perf_counter(), []
     if args.no_stream:
-        print(generator.generate(prompt, **sampling).text)
+        finished.append(generator.generate(prompt, **sampling))
+        print(finished[0].text)
     else:
-        for piece in generator.stream(prompt, **sampling):
+        for piece in generator.stream(prompt, on_finish=finished.append, **sampling):
             print(piece, end="", flush=True)
         print()
+    _report(finished[0], time.perf_counter() - started)
+
+
+def _report(completion, seconds: float) -> None:
+    """The closing line on stderr: why it stopped, how many tokens, how fast (prefill included)."""
+    tokens = len(completion.token_ids)
+    log.info(f"finish_reason {completion.finish_reason}: {completion.prompt_tokens} prompt tokens, {tokens} "
+             f"generated in {seconds:.2f} s ({tokens / seconds if seconds > 0 else 0:.1f} tokens/s)")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -25,9 +26,10 @@ LOGGERS = ("persimmon_export", "persimmon_runtime", "persimmon_plugins")  # the 
 LEVELS = {"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG}
 
 
-class _StdoutHandler(logging.StreamHandler):
-    """Plain message lines on whatever sys.stdout is when a record comes (a CLI may run in-process,
-    with stdout replaced). Progress goes to stdout so that stderr keeps the one error line."""
+class _StderrHandler(logging.StreamHandler):
+    """Plain message lines on whatever sys.stderr is when a record comes (a CLI may run in-process,
+    with stderr replaced). Logs and progress go to stderr, so stdout carries only results
+    (generated text, reports, --json documents) and a pipeline reads nothing else."""
 
     def __init__(self):
         super().__init__()
@@ -35,7 +37,7 @@ class _StdoutHandler(logging.StreamHandler):
 
     @property
     def stream(self):
-        return sys.stdout
+        return sys.stderr
 
     @stream.setter
     def stream(self, _):  # StreamHandler.__init__ sets it; the property always answers sys.stdout
@@ -47,20 +49,20 @@ class _StdoutHandler(logging.StreamHandler):
         super().handleError(record)
 
 
-_HANDLER = _StdoutHandler()
+_HANDLER = _StderrHandler()
 
 
 def add_verbosity_flags(parser: argparse.ArgumentParser) -> None:
     """--quiet / --verbose, read back by `configure_logging(args.verbosity)`."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const="quiet", default="normal",
-                       help="print only warnings and the result (no progress lines or bars)")
+                       help="print only warnings (stderr) and the result (stdout): no progress lines or bars")
     group.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const="verbose",
                        help="also print debugging detail (e.g. every tensor as it is written)")
 
 
 def configure_logging(verbosity: str = "normal") -> None:
-    """Show our libraries' log records as plain lines on stdout at the chosen level; other
+    """Show our libraries' log records as plain lines on stderr at the chosen level; other
     libraries' records stay at their defaults. Idempotent: the CLI may run more than once."""
     for name in LOGGERS:
         logger = logging.getLogger(name)
@@ -93,6 +95,12 @@ def run_command(prog: str, command: Callable[[], int | None]) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def print_json(document) -> None:
+    """One JSON document on stdout (a --json result), for `json.load(sys.stdin)` at the other end."""
+    json.dump(document, sys.stdout, indent=2)
+    sys.stdout.write("\n")
 
 
 def _error(prog: str, message) -> int:

@@ -56,28 +56,36 @@ class Generator:
         sequences = self._prepare([prompts] if single else prompts, SamplingParams.from_settings(sampling))
         for _ in self.scheduler.submit(sequences).events():
             pass
-        completions = [Completion(s.text, s.token_ids, s.finish_reason, len(s.prompt_ids)) for s in sequences]
+        completions = [_completion(s) for s in sequences]
         return completions[0] if single else completions
 
-    def stream(self, prompt: str, should_stop: Callable[[], bool] | None = None, **sampling) -> Iterator[str]:
+    def stream(self, prompt: str, should_stop: Callable[[], bool] | None = None,
+               on_finish: Callable[[Completion], None] | None = None, **sampling) -> Iterator[str]:
         """An iterator of the completion's text pieces, as tokens are decoded.
 
         The request is checked now; bad input raises here, not at the first iteration. It starts
         generating at the first iteration; closing the iterator early cancels it. `should_stop`
         (e.g. "has the client gone?") is asked after every piece and every 50 ms while waiting;
         once it answers True the stream ends and the request's row is freed at the next step.
+        `on_finish` gets the Completion (finish reason, token counts) once the stream has ended.
         """
         if not isinstance(prompt, str):
             raise PersimmonError("stream() takes one prompt (str); use stream_batch() for several")
-        return (piece for _, piece in self.stream_batch([prompt], should_stop=should_stop, **sampling))
+        finished = None if on_finish is None else (lambda completions: on_finish(completions[0]))
+        return (piece for _, piece in self.stream_batch([prompt], should_stop=should_stop, on_finish=finished,
+                                                        **sampling))
 
     def stream_batch(self, prompts: list[str], should_stop: Callable[[], bool] | None = None,
+                     on_finish: Callable[[list[Completion]], None] | None = None,
                      **sampling) -> Iterator[tuple[int, str]]:
-        """An iterator of (prompt index, text piece) as the prompts decode; checked like stream()."""
+        """An iterator of (prompt index, text piece) as the prompts decode; checked like stream().
+        `on_finish` gets the Completions, in prompt order, once every prompt has ended."""
         sequences = self._prepare(prompts, SamplingParams.from_settings(sampling))
 
         def pieces():
             yield from self.scheduler.submit(sequences).events(should_stop)
+            if on_finish is not None:
+                on_finish([_completion(s) for s in sequences])
 
         return pieces()
 
@@ -118,3 +126,7 @@ class Generator:
             sequences.append(Sequence(index, ids, params, Sampler(params, row=index),
                                       IncrementalDetokenizer(self.tokenizer, ids), eos))
         return sequences
+
+
+def _completion(sequence: Sequence) -> Completion:
+    return Completion(sequence.text, sequence.token_ids, sequence.finish_reason, len(sequence.prompt_ids))

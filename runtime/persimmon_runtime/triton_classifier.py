@@ -20,7 +20,7 @@ import numpy as np
 
 from .classifier import Classifier
 from .errors import PersimmonError
-from .triton_model import _text_input, model_parameters
+from .triton_model import _text_input, log_to_triton, model_parameters
 
 
 class TritonPythonModel:
@@ -29,6 +29,7 @@ class TritonPythonModel:
 
         self.pb = pb_utils
         _, build_dir = model_parameters(args)
+        log_to_triton(pb_utils)
         self.classifier = Classifier.load(build_dir)
         pb_utils.Logger.log_info(f"persimmon classifier: {build_dir} ({self.classifier.manifest.task})")
 

@@ -28,6 +28,7 @@ number of requests per step.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
@@ -152,6 +153,27 @@ def model_parameters(args: dict) -> tuple[dict, str]:
     return params, os.path.join(args["model_repository"], args["model_version"], params.get("build_dir", "build"))
 
 
+class TritonLogHandler(logging.Handler):
+    """Our libraries' log records (the first load's checksum progress, ...) into Triton's own log."""
+
+    def __init__(self, pb_utils):
+        super().__init__(logging.INFO)
+        self.logger = pb_utils.Logger
+
+    def emit(self, record) -> None:
+        write = (self.logger.log_error if record.levelno >= logging.ERROR else
+                 self.logger.log_warn if record.levelno >= logging.WARNING else self.logger.log_info)
+        write(f"persimmon: {record.getMessage()}")
+
+
+def log_to_triton(pb_utils) -> None:
+    """Send persimmon_runtime's INFO and above to Triton's log (once per process: one stub per instance)."""
+    logger = logging.getLogger("persimmon_runtime")
+    if not any(isinstance(handler, TritonLogHandler) for handler in logger.handlers):
+        logger.addHandler(TritonLogHandler(pb_utils))
+        logger.setLevel(logging.INFO)
+
+
 class _StepCounters:
     """The scheduler's on_step: two Prometheus counters through Triton's custom-metrics API."""
 
@@ -182,6 +204,7 @@ class TritonPythonModel:
         device = f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu"
         backend = params.get("backend", "auto")
         self.generate_timeout_s = _generate_timeout(params.get("generate_timeout_s", "0"))
+        log_to_triton(pb_utils)
         self.generator = Generator.load(build_dir, backend=backend, device=device)
         family = getattr(pb_utils, "MetricFamily", None)  # Tritons before 23.03 have no custom metrics
         self.counters = _StepCounters(family, args["model_name"]) if family else None

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import stat
 import tempfile
 import time
 
 from .errors import PersimmonError
+
+log = logging.getLogger(__name__)
+PROGRESS_BYTES = 1 << 30  # a progress line per GiB hashed (an 8B build: about 18 lines over 27-63 s)
 
 CACHE_DIR_ENV = "PERSIMMON_CACHE_DIR"
 # A file changed within this long before it was hashed is not recorded: a later same-size write
@@ -36,12 +40,34 @@ class IntegrityError(PersimmonError):
     """A build file is missing, has the wrong size or the wrong sha256."""
 
 
-def sha256_file(path: str, chunk_bytes: int = 1 << 24) -> str:
+def sha256_file(path: str, chunk_bytes: int = 1 << 24, progress=None) -> str:
+    """The file's sha256; `progress(bytes)` after each chunk when given."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(chunk_bytes):
             digest.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
     return digest.hexdigest()
+
+
+class _Progress:
+    """INFO lines while a build's files are hashed: where it stands every PROGRESS_BYTES, then the time."""
+
+    def __init__(self, directory: str, total: int):
+        self.directory, self.total, self.done, self.shown = directory, total, 0, 0
+        self.started = time.perf_counter()
+        log.info(f"verifying the sha256 of {directory} ({total / 2**30:.2f} GiB; first load or changed files, "
+                 f"remembered for later loads) ...")
+
+    def __call__(self, count: int) -> None:
+        self.done += count
+        if self.done - self.shown >= PROGRESS_BYTES:
+            self.shown = self.done
+            log.info(f"  {self.done / 2**30:.1f} / {self.total / 2**30:.1f} GiB verified")
+
+    def close(self) -> None:
+        log.info(f"verified {self.directory} in {time.perf_counter() - self.started:.1f} s")
 
 
 def check_sizes(directory: str, files: dict) -> None:
@@ -65,29 +91,34 @@ def verify_checksums(directory: str, files: dict, manifest_sha256: str) -> None:
     """Hash every listed file not verified unchanged before; raise IntegrityError on a mismatch."""
     record_path = _record_path(directory)
     known = _read_record(record_path, manifest_sha256)
-    verified = {}
+    verified, pending = {}, {}
     for name, info in files.items():
-        path = os.path.join(directory, name)
-        entry = _stat_entry(path)
+        entry = _stat_entry(os.path.join(directory, name))
         if known.get(name) == {**entry, "sha256": info["sha256"]}:
             verified[name] = known[name]
-            continue
+        else:
+            pending[name] = entry
+    progress = _Progress(directory, sum(entry["size"] for entry in pending.values())) if pending else None
+    for name, entry in pending.items():
+        path, info = os.path.join(directory, name), files[name]
         started = time.time_ns()
-        digest = _hash_unchanging(path, entry)
+        digest = _hash_unchanging(path, entry, progress)
         if digest != info["sha256"]:
             raise IntegrityError(f"{path}: sha256 {digest[:16]}... differs from the manifest's "
                                  f"{info['sha256'][:16]}...; the file is corrupt or from another build: rebuild "
                                  f"or copy the build again")
         if entry["ctime_ns"] < started - RACY_MARGIN_NS:
             verified[name] = {**entry, "sha256": digest}
+    if progress is not None:
+        progress.close()
     if record_path and verified != known:
         _write_record(record_path, {"build_dir": os.path.realpath(directory), "manifest_sha256": manifest_sha256,
                                     "files": verified})
 
 
-def _hash_unchanging(path: str, entry: dict) -> str:
+def _hash_unchanging(path: str, entry: dict, progress=None) -> str:
     """sha256 of `path`, refusing a file that changed while it was read (the digest would be of neither)."""
-    digest = sha256_file(path)
+    digest = sha256_file(path, progress=progress)
     if _stat_entry(path) != entry:
         raise IntegrityError(f"{path}: changed while it was being verified; load again once whatever writes it "
                              f"has finished")
