@@ -144,3 +144,71 @@ def test_kv_capacity_has_one_name_and_the_old_flag_still_sets_it(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--kv-capacity SLOTS, --max-seq SLOTS" in help_text
     assert "the manifest's kv_capacity" in help_text and "is an older name of this flag" in help_text
+
+
+# ---- tools that compose: results on stdout, logs on stderr, --json, -q ----
+
+RUN_EXE = os.path.join(os.path.dirname(EXE), "persimmon-run")
+
+
+def test_doctor_json_feeds_a_pipeline():
+    """The issue's proof, as a shell runs it: stdout is one JSON document and nothing else."""
+    pipeline = subprocess.run(["bash", "-c", f"set -o pipefail; '{EXE}' doctor --json | '{sys.executable}' -c "
+                               "'import json,sys; print(sorted(json.load(sys.stdin))[:2])'"],
+                              capture_output=True, text=True, timeout=300)
+    assert pipeline.returncode == 0, pipeline.stderr
+    assert pipeline.stdout == "['cuda-python', 'gpu']\n"
+
+
+def test_build_json_quiet_and_parity_json(tiny_checkpoint, tmp_path):
+    import json
+
+    from persimmon_runtime.manifest import Manifest
+
+    out = tmp_path / "b"
+    built = run("build", "--checkpoint", tiny_checkpoint, "--out", str(out), "--dtype", "float32", "--kv-capacity",
+                "64", "--backend", "onnxruntime", "--json", "-q")
+    assert built.returncode == 0 and built.stderr == "", built.stderr  # -q: no progress, no warning here
+    summary, manifest = json.loads(built.stdout), Manifest.load(str(out))
+    assert summary["build"] == str(out) and summary["kv_capacity"] == manifest.kv_capacity == 64
+    assert summary["onnx_ir_version"] == manifest.onnx.ir_version and summary["engine"] is None
+    assert summary["bytes"] == sum(os.path.getsize(out / name) for name in manifest.files)
+    quiet = run("build", "--checkpoint", tiny_checkpoint, "--out", str(out), "--dtype", "float32", "--kv-capacity",
+                "64", "--backend", "onnxruntime", "--overwrite", "-q")
+    assert quiet.stderr == "" and quiet.stdout.splitlines() == [
+        f"built {out}: causal-lm float32, kv_capacity 64, max_batch 8, onnxruntime, {summary['bytes'] / 1e6:.1f} MB"]
+    for bound, status in ((None, 0), ("1e-12", 1)):  # the exit status is the verdict's, with --json too
+        args = ["--max-abs-diff", bound] if bound else []
+        parity = run("parity", "--checkpoint", tiny_checkpoint, "--build", str(out), "--steps", "2", "--json", *args)
+        report = json.loads(parity.stdout)
+        assert parity.returncode == status and report["passed"] is (status == 0)
+        assert report["results"][0]["backend"] == "onnxruntime" and report["results"][0]["passed"] is (status == 0)
+
+
+def test_a_float16_build_refuses_out_before_its_calibration(tiny_checkpoint, tmp_path):
+    """The fp32 reference (about 35 GiB at 8B) is not loaded for a build that cannot be written."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    refused = run("build", "--checkpoint", tiny_checkpoint, "--out", str(taken), "--dtype", "float16")
+    assert refused.returncode == 2 and "did not write" in error_line(refused.stderr)
+    assert "range report" not in refused.stderr and "loading" not in refused.stderr
+    assert os.listdir(taken) == ["notes.txt"]
+
+
+def test_persimmon_run_reports_on_stderr_and_shows_the_first_verification(tiny_build, tmp_path):
+    build = tmp_path / "copy"
+    shutil.copytree(tiny_build, build)  # never verified: the first load hashes it
+    first = subprocess.run([RUN_EXE, str(build), "Hello", "--max-new-tokens", "3", "--ignore-eos"],
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    lines = first.stderr.splitlines()
+    assert lines[0].startswith(f"verifying the sha256 of {build} (") and lines[1].startswith(f"verified {build} in ")
+    assert re.fullmatch(r"finish_reason length: \d+ prompt tokens, 3 generated in [0-9.]+ s \([0-9.]+ tokens/s\)",
+                        lines[-1])
+    again = subprocess.run([RUN_EXE, str(build), "Hello", "--max-new-tokens", "3", "--ignore-eos", "--no-stream"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.stdout == first.stdout and again.stderr.splitlines()[-1].startswith("finish_reason length: ")
+    quiet = subprocess.run([RUN_EXE, str(build), "Hello", "--max-new-tokens", "3", "--ignore-eos", "-q"],
+                           capture_output=True, text=True, timeout=300)
+    assert quiet.stdout == first.stdout and quiet.stderr == ""

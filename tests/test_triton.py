@@ -279,6 +279,14 @@ def test_generate_equals_the_in_process_runtime(server, local):
     assert reply["text_output"] == local.generate(PROMPTS[0], **settings).text
 
 
+def test_the_models_log_shows_its_first_load_verification(server, repository):
+    """A first load hashes the build (about a minute at 8B): Triton's log says so while it runs."""
+    with open(server["log"].name) as f:
+        log = f.read()
+    build = os.path.join(repository, "persimmon", "1", "build")
+    assert f"persimmon: verifying the sha256 of {build} (" in log and f"persimmon: verified {build} in " in log
+
+
 def test_generate_stream_yields_the_same_text_in_pieces(server, local):
     settings = {"max_new_tokens": 20, "ignore_eos": True}
     status, events = post(server, "generate_stream", {"text_input": PROMPTS[1], "stream": True, **settings})

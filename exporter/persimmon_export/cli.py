@@ -74,7 +74,8 @@ def _triton(args) -> None:
                      backend=args.backend, python_paths=args.python_path, overwrite=args.overwrite,
                      generate_timeout_s=args.generate_timeout, queue_delay_ms=args.max_queue_delay_ms)
     print(f"wrote model repository {args.out} (model {', '.join(names)}); serve it with tritonserver "
-          f"--model-repository {args.out} (docs/triton.md)")
+          f"--model-repository {args.out} (in a checkout after setup: bash examples/tritonserver.sh {args.out}; "
+          f"docs/triton.md)")
 
 
 def _doctor(args) -> None:
