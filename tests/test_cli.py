@@ -212,3 +212,14 @@ def test_persimmon_run_reports_on_stderr_and_shows_the_first_verification(tiny_b
     quiet = subprocess.run([RUN_EXE, str(build), "Hello", "--max-new-tokens", "3", "--ignore-eos", "-q"],
                            capture_output=True, text=True, timeout=300)
     assert quiet.stdout == first.stdout and quiet.stderr == ""
+
+
+def test_parity_refuses_a_checkpoint_the_build_was_not_made_from_before_running_anything(tiny_build, tmp_path):
+    from conftest import transformers_checkpoint
+
+    other = str(tmp_path / "other")
+    transformers_checkpoint(other, Tokenizer.from_dir(tiny_build), num_hidden_layers=1)
+    refused = run("parity", "--checkpoint", other, "--build", tiny_build)
+    line = error_line(refused.stderr)
+    assert refused.returncode == 2 and "the build was not made from this checkpoint" in line
+    assert "num_hidden_layers=1" in line and "loading" not in refused.stderr and refused.stdout == ""

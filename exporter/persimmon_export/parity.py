@@ -22,9 +22,10 @@ from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.backends import decode, parse_device, prefill
 from persimmon_runtime.generator import Generator
 from persimmon_runtime.tokenizer import build_tokenizer
-from persimmon_runtime.manifest import CAUSAL_LM, Manifest
+from persimmon_runtime.manifest import CAUSAL_LM, Manifest, ModelShape
 
-from .checkpoint import load_model
+from .checkpoint import check_directory, load_model
+from .config import PersimmonConfig
 from .emulate import DESCRIPTION, EmulatedBackend
 from .generate import greedy_generate
 
@@ -103,6 +104,15 @@ def _check_fits(manifest, prompt_ids: list[list[int]], decode_steps: int) -> Non
 
 
 @torch.no_grad()
+def _check_checkpoint_fits(checkpoint: str, manifest: Manifest) -> None:
+    """The checkpoint's config.json gives the build's model shape: else it is not where the build came from."""
+    config = PersimmonConfig.from_file(check_directory(checkpoint))
+    shape = ModelShape(config.vocab_size, config.num_hidden_layers, config.num_attention_heads, config.head_dim)
+    if shape != manifest.model:
+        raise PersimmonError(f"{checkpoint}: its config.json describes {shape}, the build {manifest.model}: the "
+                             f"build was not made from this checkpoint; pass the --checkpoint it was built from")
+
+
 def check_parity(checkpoint: str, build_dir: str, prompts=DEFAULT_PROMPTS, decode_steps: int = 16,
                  backends=("onnxruntime",), device: str | None = None, max_abs: float | None = None,
                  min_top1: float | None = None, emulate: bool = False) -> list[ParityResult]:
@@ -115,6 +125,7 @@ def check_parity(checkpoint: str, build_dir: str, prompts=DEFAULT_PROMPTS, decod
     if device is not None:
         parse_device(device)  # a bad device is refused before anything else
     manifest = Manifest.load(build_dir)
+    _check_checkpoint_fits(checkpoint, manifest)  # before the build runs and the reference loads
     if manifest.task != CAUSAL_LM:  # no decode steps: the classifier's logits per text
         from .classify_parity import check_classifier_parity
 
