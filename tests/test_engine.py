@@ -566,3 +566,22 @@ def _check_engine_parity(checkpoint, out, backend):
     build(checkpoint, out, dtype="float16", max_batch=4, kv_capacity=64, backend=backend, max_prefill=32)
     results = check_parity(checkpoint, out, decode_steps=16, backends=("tensorrt", "onnxruntime"), device="cuda")
     assert all(r.passed for r in results), [r.line() for r in results]
+
+
+def test_a_bfloat16_build_refuses_plugins_on_and_auto_leaves_them_out(monkeypatch):
+    """The plugin kernels are float16/float32: a bf16 build with them failed inside the builder
+    ("no kernel for 7"). NVIDIA TensorRT is a stand-in module here (only what the check reads)."""
+    import dataclasses
+    import sys
+    import types
+
+    from persimmon_export.engine import TENSORRT, EngineError, _use_plugins, check_engine_options
+
+    monkeypatch.setitem(sys.modules, "stand_in_tensorrt", types.SimpleNamespace(__version__="10.15.1.29",
+                                                                              Builder=object))
+    flavor = dataclasses.replace(TENSORRT, module="stand_in_tensorrt")
+    with pytest.raises(EngineError, match=r"--plugins on: the plugin kernels are float16 and float32 only, this "
+                                          r"build is bfloat16; use --plugins off or auto"):
+        check_engine_options(flavor, "on", dtype="bfloat16")
+    assert check_engine_options(flavor, "on", dtype="float16")[0] == (10, 15, 1, 29)
+    assert _use_plugins(flavor, "auto", "bfloat16") is False

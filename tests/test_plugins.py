@@ -2,6 +2,7 @@
 The plugin definitions have the signatures tensorrt.plugin accepts, checked here without TensorRT."""
 
 import contextlib
+import enum
 import importlib
 import importlib.util
 import inspect
@@ -101,31 +102,93 @@ def test_onnx_custom_nodes_are_exactly_the_plugin_ops():
 
 # ---- the plugin definitions, as tensorrt.plugin reads them, without TensorRT ----
 #
-# tensorrt.plugin (NVIDIA's open-source plugin layer, plain Python) validates every definition
-# from its signature: each annotation is tested with issubclass() against TensorDesc and friends,
-# attributes must be serializable builtins, aot_impl's parameters and return annotation must
-# follow a fixed schema. The stand-in below offers only the names the plugin layer exports and
-# records the decorated functions; the checks are those rules, restated.
+# tensorrt.plugin (NVIDIA's open-source plugin layer, plain Python: python/packaging/bindings_wheel/
+# tensorrt/plugin in NVIDIA/TensorRT) validates every definition from its signature (_validate.py):
+# each annotation is tested with issubclass() against TensorDesc and friends, attributes must be
+# serializable builtins or numpy.typing.NDArray[dtype], aot_impl's parameters and return annotation
+# follow a fixed schema. Its creator (_lib.py, _TemplatePluginCreator.create_plugin) rebuilds each
+# attribute from the parser's PluginField: `field.data.astype(dtype)` for an NDArray annotation,
+# `annotation(field.data)` for a builtin one; the bindings hand field data over as 1-D arrays
+# (a scalar attribute arrives with shape (1,)). The stand-in below restates those rules; its
+# TensorDesc, SymInt32, SymIntExprs and KernelLaunchParams compute with plain integers, so an
+# aot_impl runs on it and its launch parameters can be read back.
 
 SERIALIZABLE_ATTRIBUTE_TYPES = (int, float, bytes, bool, str)
+SERIALIZABLE_NUMPY_TYPES = (np.int8, np.int16, np.int32, np.int64, np.float16, np.float32, np.float64, np.bool_)
 RESERVED_PARAMETERS = {"outputs", "stream", "tactic"}
 ONNX_PLUGIN_ATTRIBUTES = {"plugin_version", "plugin_namespace"}  # read by the ONNX parser, not the plugin
+
+
+class DataType(enum.IntEnum):
+    """TensorRT's DataType numbering (NvInferRuntimeBase.h): a TensorDesc may give either form."""
+    FLOAT, HALF, INT8, INT32, BOOL, UINT8, FP8, BF16, INT64, INT4 = range(10)
+
+
+def _numpy_type(annotation):
+    """dtype of a numpy.typing.NDArray[dtype] annotation, else None (tensorrt.plugin's _infer_numpy_type)."""
+    if typing.get_origin(annotation) is not np.ndarray:
+        return None
+    return typing.get_args(typing.get_args(annotation)[1])[0]
+
+
+def creator_attributes(register_function, fields: dict) -> dict:
+    """The attributes tensorrt.plugin's creator passes on, rebuilt from the parser's fields as it
+    rebuilds them; `fields` holds what the bindings give: 1-D arrays."""
+    annotations = {name: p.annotation for name, p in inspect.signature(register_function).parameters.items()}
+    attributes = {}
+    for name, data in fields.items():
+        assert data.ndim == 1, "the bindings give field data as 1-D arrays"
+        annotation = annotations[name]
+        if _numpy_type(annotation) is not None:
+            attributes[name] = data.astype(_numpy_type(annotation))
+        elif annotation is str:
+            attributes[name] = data.tobytes().decode("utf-8")
+        else:
+            attributes[name] = annotation(data)  # float(np.array([x])): a TypeError from numpy 2.4 on
+    return attributes
+
+
+def parser_fields(register_function, values: dict) -> dict:
+    """The fields TensorRT's ONNX parser makes from a node's attributes: one-element arrays of the
+    field type the creator declares (an NDArray's dtype; float64 / int64 for float / int)."""
+    annotations = {name: p.annotation for name, p in inspect.signature(register_function).parameters.items()}
+    builtin = {float: np.float64, int: np.int64, bool: np.int8}
+    return {name: np.array([value], _numpy_type(annotations[name]) or builtin[annotations[name]])
+            for name, value in values.items()}
 
 
 def _tensorrt_stand_in():
     """Modules `tensorrt` and `tensorrt.plugin` with the classes and decorators the definitions use."""
     trt = types.ModuleType("tensorrt")
-    trt.float16, trt.float32 = "DataType.HALF", "DataType.FLOAT"
+    trt.DataType = DataType
+    trt.float16, trt.float32, trt.bfloat16 = DataType.HALF, DataType.FLOAT, DataType.BF16
     trtp = types.ModuleType("tensorrt.plugin")
 
-    class SymExprs:
+    class ShapeExpr(list):
+        def numel(self):
+            return int(np.prod(self))
+
+    class TensorDesc:
+        def __init__(self, shape=(), dtype=DataType.FLOAT):
+            self.shape_expr, self.dtype = ShapeExpr(shape), dtype
+
+        def like(self):
+            return TensorDesc(self.shape_expr, self.dtype)
+
+    class SymExprs(list):
         pass
 
-    for name, cls in {"TensorDesc": type("TensorDesc", (), {}), "KernelLaunchParams": type("KernelLaunchParams", (), {}),
-                      "SymExprs": SymExprs, "SymIntExprs": type("SymIntExprs", (SymExprs,), {}),
-                      "SymInt32": type("SymInt32", (), {})}.items():
-        setattr(trtp, name, cls)
-    trtp.cdiv = lambda first, second: None
+    class SymIntExprs(SymExprs):
+        def __init__(self, count):
+            super().__init__([None] * count)
+
+    class SymInt32:
+        def __init__(self, value):
+            self.value = int(value)
+
+    trtp.TensorDesc, trtp.SymExprs, trtp.SymIntExprs, trtp.SymInt32 = TensorDesc, SymExprs, SymIntExprs, SymInt32
+    trtp.KernelLaunchParams = type("KernelLaunchParams", (), {"grid_x": 1, "block_x": 1})
+    trtp.cdiv = lambda first, second: -(-first // second)
     trtp.registered, trtp.aot = {}, {}
 
     def recorder(table):
@@ -180,7 +243,8 @@ def _registered_schema(trtp, plugin_id):
             tensors.append(name)
         else:
             assert tensors, f"{plugin_id}: the first parameter must be a TensorDesc"
-            assert annotation in SERIALIZABLE_ATTRIBUTE_TYPES, f"{plugin_id}: {name}: {annotation!r}"
+            assert annotation in SERIALIZABLE_ATTRIBUTE_TYPES or _numpy_type(annotation) in SERIALIZABLE_NUMPY_TYPES, \
+                f"{plugin_id}: {name}: {annotation!r}"
             assert name not in RESERVED_PARAMETERS
             attributes[name] = annotation
     returned = inspect.signature(function).return_annotation
@@ -197,7 +261,7 @@ def _check_aot_impl(trtp, plugin_id, tensors, attributes):
     for name in tensors:
         assert _is_class_below(parameters[name].annotation, trtp.TensorDesc), f"{plugin_id}: {name}"
     for name in used_attributes:
-        assert parameters[name].annotation is attributes[name], f"{plugin_id}: {name}"
+        assert parameters[name].annotation == attributes[name], f"{plugin_id}: {name}"  # (_validate.py's !=)
     outputs = parameters["outputs"].annotation
     assert typing.get_origin(outputs) is tuple
     assert all(_is_class_below(arg, trtp.TensorDesc) for arg in typing.get_args(outputs))
@@ -225,6 +289,55 @@ def test_plugin_signatures_are_what_tensorrt_accepts_and_match_the_onnx_op(plugi
     assert set(attributes) == set(function.attribute) - ONNX_PLUGIN_ATTRIBUTES
 
 
+@pytest.fixture
+def launchable(plugin_definitions, monkeypatch):
+    """The definitions, with the PTX stubbed (nvcc is not what these tests are about)."""
+    module = sys.modules["persimmon_plugins.tensorrt_plugins"]
+    monkeypatch.setattr(module, "plugin_ptx", lambda op: f"<{op} ptx>")
+    return plugin_definitions, module
+
+
+def _aot(trtp, op, dtype, **fields):
+    """Create the plugin from the parser's fields as tensorrt.plugin does, then run its aot_impl on
+    tensors [batch 2, seq 3, heads 4, head_dim 64] (cos/sin: 32 rotary dims)."""
+    plugin_id = f"{NAMESPACE}::{op}"
+    attributes = creator_attributes(trtp.registered[plugin_id], parser_fields(trtp.registered[plugin_id], fields))
+    x = trtp.TensorDesc([2, 3, 4, 64], dtype)
+    if op == QK_LAYERNORM_OP:
+        weights = [trtp.TensorDesc([64], DataType.FLOAT)] * 4
+        tensors = [x, x.like(), *weights]
+    else:
+        tensors = [x, trtp.TensorDesc([2, 3, 1, 32], DataType.FLOAT), trtp.TensorDesc([2, 3, 1, 32], DataType.FLOAT)]
+    return trtp.aot[plugin_id](*tensors, **attributes, outputs=(x.like(),), tactic=0)
+
+
+@pytest.mark.parametrize("dtype, kernel", [(DataType.HALF, "float16"), (int(DataType.FLOAT), "float32")])
+def test_the_qk_layernorm_plugin_is_created_from_the_parsers_fields_and_launches(launchable, dtype, kernel):
+    """The bug: `epsilon: float` made tensorrt.plugin call float() on a (1,)-shaped array, which
+    numpy >= 2.4 refuses: every QK-LayerNorm plugin failed to create."""
+    trtp, module = launchable
+    name, ptx, launch, scalars = _aot(trtp, QK_LAYERNORM_OP, dtype, epsilon=1e-5)
+    assert name == KERNELS[QK_LAYERNORM_OP][1][kernel] and ptx == f"<{QK_LAYERNORM_OP} ptx>"
+    rows = 2 * 3 * 4
+    assert (launch.grid_x, launch.block_x) == (-(-2 * rows // module.WARPS_PER_BLOCK), 32 * module.WARPS_PER_BLOCK)
+    assert [s.value for s in scalars] == [rows, 64, int(np.array(1e-5, np.float32).view(np.int32))]
+
+
+def test_the_rotary_plugin_is_created_and_launches(launchable):
+    trtp, module = launchable
+    name, _, launch, scalars = _aot(trtp, ROTARY_OP, DataType.HALF)
+    assert name == KERNELS[ROTARY_OP][1]["float16"] and [s.value for s in scalars] == [6, 4, 64, 32]
+    assert (launch.grid_x, launch.block_x) == (-(-2 * 3 * 4 * 64 // module.THREADS_PER_BLOCK), module.THREADS_PER_BLOCK)
+
+
+@pytest.mark.parametrize("op", sorted(KERNELS))
+@pytest.mark.parametrize("dtype", [DataType.BF16, int(DataType.BF16)])
+def test_a_dtype_without_a_kernel_is_named_in_the_error(launchable, op, dtype):
+    trtp, _ = launchable
+    with pytest.raises(ValueError, match=f"{op}: no kernel for BF16 tensors; .* --plugins off"):
+        _aot(trtp, op, dtype, **({"epsilon": 1e-5} if op == QK_LAYERNORM_OP else {}))
+
+
 def test_postponed_annotations_are_caught(plugin_definitions):
     """The bug this guards against: `from __future__ import annotations` turns every annotation
     into a string, on which tensorrt.plugin's issubclass() raises and nothing registers."""
@@ -236,20 +349,56 @@ def test_postponed_annotations_are_caught(plugin_definitions):
         _registered_schema(plugin_definitions, "persimmon::Postponed")
 
 
-def _stand_in_with_a_registry(register_fails: bool):
+def _stand_in_with_a_registry(register_fails: bool = False, numpy_scalars: bool = False):
     """The stand-in as an installed NVIDIA TensorRT 10.15 whose registry holds what its plugin
-    layer registered; with register_fails, the layer rejects every definition the way the real one
-    rejected string annotations."""
+    layer registered, with creators that rebuild attributes as tensorrt.plugin's do
+    (`creator_attributes`). register_fails: the layer rejects every definition the way the real one
+    rejected string annotations. numpy_scalars: the definitions declare `epsilon: float`, as they
+    did when creation failed."""
     trt, trtp = _tensorrt_stand_in()
     trt.__version__, trt.Builder = "10.15.1.29", type("Builder", (), {})
+    trt.PluginFieldType = enum.IntEnum("PluginFieldType", "FLOAT16 FLOAT32 FLOAT64 INT8 INT16 INT32 CHAR DIMS UNKNOWN")
+    trt.TensorRTPhase = enum.IntEnum("TensorRTPhase", "BUILD RUNTIME")
+    trt.QuickPluginCreationRequest = enum.IntEnum("QuickPluginCreationRequest", "UNKNOWN PREFER_JIT PREFER_AOT "
+                                                  "STRICT_JIT STRICT_AOT")
+    trt.PluginField = lambda name, data, kind: types.SimpleNamespace(name=name, data=np.atleast_1d(data), type=kind)
+    trt.PluginFieldCollection = list
+
+    class Creator:
+        def __init__(self, register_function):
+            self.register_function = register_function
+
+        def create_plugin(self, name, namespace, fields, phase, request=None):
+            assert phase == trt.TensorRTPhase.BUILD and request == trt.QuickPluginCreationRequest.STRICT_AOT
+            return creator_attributes(self.register_function, {f.name: f.data for f in fields})
+
     trt.get_plugin_registry = lambda: types.SimpleNamespace(
-        get_creator=lambda name, version, namespace: trtp.registered.get(f"{namespace}::{name}") if version == "1"
-        else None)
+        get_creator=lambda name, version, namespace: Creator(trtp.registered[f"{namespace}::{name}"])
+        if version == "1" and f"{namespace}::{name}" in trtp.registered else None)
     if register_fails:
         def register(plugin_id):
             raise TypeError("issubclass() arg 1 must be a class")
         trtp.register = register
+    if numpy_scalars:
+        recording = trtp.register
+
+        def register_with_a_float_epsilon(plugin_id):
+            def record(function):
+                if "epsilon" in inspect.signature(function).parameters:
+                    function = _with_annotation(function, "epsilon", float)
+                return recording(plugin_id)(function)
+            return record
+        trtp.register = register_with_a_float_epsilon
     return trt, trtp
+
+
+def _with_annotation(function, name, annotation):
+    """A wrapper of `function` whose signature annotates parameter `name` with `annotation`."""
+    signature = inspect.signature(function)
+    parameters = [p.replace(annotation=annotation) if p.name == name else p for p in signature.parameters.values()]
+    wrapper = lambda *args, **kwargs: function(*args, **kwargs)  # noqa: E731
+    wrapper.__signature__ = signature.replace(parameters=parameters)
+    return wrapper
 
 
 def test_doctor_says_why_it_could_not_try_registering_without_tensorrt():
@@ -261,17 +410,21 @@ def test_doctor_says_why_it_could_not_try_registering_without_tensorrt():
     assert finding.startswith("not tried: tensorrt is not importable (No module named 'tensorrt'); install TensorRT")
 
 
-@pytest.mark.parametrize("register_fails", [False, True])
-def test_doctor_registers_the_plugins_and_reports_a_failure_in_one_line(register_fails):
+@pytest.mark.parametrize("failure", [None, "register", "create"])
+def test_doctor_registers_and_creates_the_plugins_and_reports_a_failure_in_one_line(failure):
     from persimmon_export.doctor import report
 
-    with _importing_against(*_stand_in_with_a_registry(register_fails)):
+    with _importing_against(*_stand_in_with_a_registry(register_fails=failure == "register",
+                                                       numpy_scalars=failure == "create")):
         finding = dict(report())["plugin registry"]
-    if register_fails:
-        assert finding == ("FAILED in TensorRT 10.15.1.29: TypeError: issubclass() arg 1 must be a class; builds fall "
-                           "back to the custom ops' function bodies; --plugins on refuses")
+    fallback = "builds fall back to the custom ops' function bodies; --plugins on refuses"
+    if failure == "register":
+        assert finding == f"FAILED in TensorRT 10.15.1.29: TypeError: issubclass() arg 1 must be a class; {fallback}"
+    elif failure == "create":  # the numpy 2.4 failure, seen by doctor before any build
+        assert finding == (f"FAILED in TensorRT 10.15.1.29: TypeError: only 0-dimensional arrays can be converted to "
+                           f"Python scalars; {fallback}")
     else:
-        assert finding == (f"registered in TensorRT 10.15.1.29: {NAMESPACE}::{QK_LAYERNORM_OP} v1, "
+        assert finding == (f"registered and created in TensorRT 10.15.1.29: {NAMESPACE}::{QK_LAYERNORM_OP} v1, "
                            f"{NAMESPACE}::{ROTARY_OP} v1")
 
 
@@ -280,10 +433,11 @@ def test_plugins_register_in_tensorrt():
     """With NVIDIA TensorRT (GPU machines): importing the module registers both creators."""
     trt = pytest.importorskip("tensorrt", reason="NVIDIA TensorRT is not installed")
     pytest.importorskip("tensorrt.plugin", reason=f"tensorrt {trt.__version__} has no tensorrt.plugin (needs >= 10.7)")
-    importlib.import_module("persimmon_plugins.tensorrt_plugins")
+    plugins = importlib.import_module("persimmon_plugins.tensorrt_plugins")
     registry = trt.get_plugin_registry()
     for op in KERNELS:
         assert registry.get_creator(op, "1", NAMESPACE) is not None, op
+        assert plugins.create_as_the_parser_does(op) is not None, op  # the parser's (1,)-shaped fields
 
 
 # ---- on a GPU: kernels against a numpy reference ----

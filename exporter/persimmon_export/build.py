@@ -95,7 +95,7 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
         raise ExportError(f"{flavor.product} builds need cache_layout 'window' (a static cache length for its "
                           f"KV-cache update)")
     if flavor is not None:  # before the export: what this TensorRT cannot do is refused first
-        check_engine_options(flavor, plugins, version_compatible, timing_cache, compute_capabilities)
+        check_engine_options(flavor, plugins, version_compatible, timing_cache, compute_capabilities, dtype)
     elif compute_capabilities:
         raise ExportError("--compute-capabilities is for --backend tensorrt-rtx")
     if not 1 <= max_prefill <= kv_capacity:

@@ -37,6 +37,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
+from persimmon_plugins import KERNELS
 from persimmon_runtime.backends.cuda import compute_capability
 from persimmon_runtime.backends.tensorrt import parse_version
 from persimmon_runtime.errors import PersimmonError
@@ -48,6 +49,8 @@ from .progress import build_monitor
 log = logging.getLogger(__name__)
 
 ENGINE_FILE = "engine.plan"
+# the dtypes the plugin kernels exist for (a bfloat16 build inlines the ops' function bodies)
+PLUGIN_DTYPES = tuple(next(iter(KERNELS.values()))[1])
 FALLBACK_ONNX = "model.trt.onnx"
 MAX_REPORTED_ERRORS = 5  # parser errors quoted in the one-line message
 
@@ -367,9 +370,10 @@ def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: 
     Messages name `shown_as` (the build's final place) instead of `directory` (where it is written).
     """
     shown_as = shown_as or directory
-    version, targets = check_engine_options(flavor, plugins, version_compatible, timing_cache, compute_capabilities)
+    version, targets = check_engine_options(flavor, plugins, version_compatible, timing_cache, compute_capabilities,
+                                            manifest.dtype)
     trt = importlib.import_module(flavor.module)
-    use_plugins = _use_plugins(flavor, plugins)
+    use_plugins = _use_plugins(flavor, plugins, manifest.dtype)
     onnx_path = os.path.join(directory, manifest.onnx.file)
     path = flavor.cache_update_path(version) if manifest.task == CAUSAL_LM else NO_CACHE
     if path == "scatter_elements":
@@ -417,8 +421,8 @@ def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: 
 
 
 def check_engine_options(flavor: Flavor, plugins: str = "auto", version_compatible: bool = False,
-                         timing_cache: str | None = None, compute_capabilities: list[str] | None = None
-                         ) -> tuple[tuple[int, ...], list[str]]:
+                         timing_cache: str | None = None, compute_capabilities: list[str] | None = None,
+                         dtype: str = "float16") -> tuple[tuple[int, ...], list[str]]:
     """Refuse what `flavor` (as installed) cannot do, before anything is exported; return its
     version and the target compute capabilities."""
     version, why = flavor.installed()
@@ -434,6 +438,9 @@ def check_engine_options(flavor: Flavor, plugins: str = "auto", version_compatib
     if plugins == "on" and not flavor.aot_plugins:
         raise EngineError(f"--plugins on: {flavor.product} has no Python-defined plugins (no tensorrt.plugin); "
                           f"use --plugins off or auto (the custom ops then build from their function bodies)")
+    if plugins == "on" and dtype not in PLUGIN_DTYPES:
+        raise EngineError(f"--plugins on: the plugin kernels are {' and '.join(PLUGIN_DTYPES)} only, this build is "
+                          f"{dtype}; use --plugins off or auto (the custom ops then build from their function bodies)")
     return version, choose_targets(flavor, importlib.import_module(flavor.module), compute_capabilities)
 
 
@@ -480,11 +487,11 @@ def _read_timing_cache(path: str | None) -> bytes | None:
         raise EngineError(f"--timing-cache {path}: cannot be read ({e.strerror})") from None
 
 
-def _use_plugins(flavor: Flavor, plugins: str) -> bool:
+def _use_plugins(flavor: Flavor, plugins: str, dtype: str) -> bool:
     """Register the AOT plugins when asked (on) or when possible (auto)."""
     if plugins == "off":
         return False
-    if not flavor.aot_plugins:  # (`on` was refused by check_engine_options)
+    if not flavor.aot_plugins or dtype not in PLUGIN_DTYPES:  # (`on` was refused by check_engine_options)
         return False
     try:
         from persimmon_plugins.compile import nvcc
