@@ -20,7 +20,7 @@ from .attention import onnxruntime_cache_layout
 from .checkpoint import check_directory, checked_tensors
 from .classify import MODEL_CLASSES, check_task, classifier_section, export_classifier, read_task
 from .config import PersimmonConfig
-from .engine import FLAVORS, TENSORRT, TENSORRT_RTX, build_engine, check_engine_options
+from .engine import FLAVORS, POLYGRAPHY_SCRIPT, TENSORRT, TENSORRT_RTX, build_engine, check_engine_options
 from .export import ExportError, export_onnx
 from .files import atomic_directory, check_output
 from .quantize import weight_format
@@ -137,8 +137,10 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
                                              timing_cache=timing_cache, opt_level=opt_level,
                                              workspace_mib=workspace_mib, flavor=flavor,
                                              compute_capabilities=compute_capabilities, shown_as=out_dir)
-            for name in {manifest.tensorrt.engine_file, manifest.tensorrt.onnx_file} - set(manifest.files):
-                manifest.files[name] = _file_entry(os.path.join(tmp, name))
+            written = {manifest.tensorrt.engine_file, manifest.tensorrt.onnx_file, POLYGRAPHY_SCRIPT}
+            for name in sorted(written - set(manifest.files)):
+                if os.path.exists(os.path.join(tmp, name)):
+                    manifest.files[name] = _file_entry(os.path.join(tmp, name))
         manifest.save(tmp)
     log.info(f"built {out_dir} in {time.perf_counter() - started:.1f}s")
     if manifest.ranges is not None:

@@ -52,6 +52,18 @@ ENGINE_FILE = "engine.plan"
 # the dtypes the plugin kernels exist for (a bfloat16 build inlines the ops' function bodies)
 PLUGIN_DTYPES = tuple(next(iter(KERNELS.values()))[1])
 FALLBACK_ONNX = "model.trt.onnx"
+# What the recorded `polygraphy convert` line cannot say with its own flags (TensorRT-RTX's
+# REQUIRE_USER_ALLOCATION), as the postprocess script it loads (--trt-cpps); written beside the engine.
+POLYGRAPHY_SCRIPT = "polygraphy_postprocess.py"
+_POLYGRAPHY_SCRIPT_TEXT = '''"""Written by persimmon-export build for the manifest's `tensorrt.polygraphy` line: the builder
+flag Polygraphy has no option for (CUDA stream capture of TensorRT-RTX engines needs it)."""
+
+
+def postprocess_config(builder, network, config):
+    import tensorrt_rtx as trt
+
+    config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+'''
 MAX_REPORTED_ERRORS = 5  # parser errors quoted in the one-line message
 
 
@@ -77,6 +89,9 @@ class Flavor:
     aot_plugins: bool                 # has tensorrt.plugin (Python-defined plugins with AOT kernels)
     lean_runtime: bool                # can build version-compatible engines
     timing_cache: bool                # a timing cache helps (RTX: it forces a GPU and changes nothing)
+    # CUDA stream capture of its engines needs BuilderFlag.REQUIRE_USER_ALLOCATION (TensorRT-RTX
+    # >= 1.2's release notes); NVIDIA TensorRT has no such flag
+    capture_needs_user_allocation: bool
     install: str
 
     def check_version(self, version: tuple[int, ...]) -> None:
@@ -103,12 +118,12 @@ class Flavor:
 TENSORRT = Flavor(
     backend="tensorrt", product="TensorRT", module="tensorrt", min_version=(10, 9), max_major=11,
     in_place_since=(10, 15), targets_compute_capabilities=False, aot_plugins=True,
-    lean_runtime=True, timing_cache=True,
+    lean_runtime=True, timing_cache=True, capture_needs_user_allocation=False,
     install="install TensorRT (pip install tensorrt from NVIDIA's index, or use an NGC container)")
 TENSORRT_RTX = Flavor(
     backend="tensorrt-rtx", product="TensorRT-RTX", module="tensorrt_rtx", min_version=(1, 7), max_major=1,
     in_place_since=(1, 7), targets_compute_capabilities=True, aot_plugins=False,
-    lean_runtime=False, timing_cache=False,
+    lean_runtime=False, timing_cache=False, capture_needs_user_allocation=True,
     install="pip install tensorrt-rtx-cu12 (Linux x86_64 and Windows; no GPU needed to build)")
 FLAVORS = {flavor.backend: flavor for flavor in (TENSORRT, TENSORRT_RTX)}
 
@@ -268,6 +283,8 @@ def polygraphy_command(onnx_file: str, engine_file: str, profiles: list[dict], v
         args += ["--load-timing-cache", timing_cache, "--save-timing-cache", timing_cache]
     if workspace_mib:
         args += ["--pool-limit", f"workspace:{workspace_mib}M"]
+    if flavor.capture_needs_user_allocation:
+        args += ["--trt-config-postprocess-script", POLYGRAPHY_SCRIPT]
     return shlex.join(args)
 
 
@@ -344,6 +361,8 @@ def builder_config(trt, flavor: Flavor, builder, profiles: list[dict], targets: 
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     if version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if flavor.capture_needs_user_allocation:
+        config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
     if timing_cache is not None:
         config.set_timing_cache(config.create_timing_cache(timing_cache), False)
     if flavor.targets_compute_capabilities:
@@ -406,6 +425,9 @@ def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: 
     if timing_cache:
         with open(timing_cache, "wb") as f:
             f.write(memoryview(config.get_timing_cache().serialize()))
+    if flavor.capture_needs_user_allocation:
+        with open(os.path.join(directory, POLYGRAPHY_SCRIPT), "w") as f:
+            f.write(_POLYGRAPHY_SCRIPT_TEXT)
     # TensorRT-RTX's own command-line tool is not part of its pip package: no trtexec line
     trtexec = trtexec_command(onnx_file, ENGINE_FILE, profiles, version, version_compatible, timing_cache,
                               opt_level, workspace_mib) if flavor is TENSORRT else None

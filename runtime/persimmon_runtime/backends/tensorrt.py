@@ -6,14 +6,24 @@
   have no alias: each cache tensor then has two buffers that swap roles every step.
 - The manifest records which optimization profile serves prefill and which decode (by role);
   the context switches profile when the step kind changes.
-- Decode steps replay CUDA graphs, one per (rows, attention width bucket, first row): the attention mask
-  width is rounded up to a multiple of `KV_BUCKET` (the extra slots lie ahead of every query, so
-  causality masks them), so a graph serves KV_BUCKET consecutive steps.
+- Decode steps replay a CUDA graph. Correctness rests only on what TensorRT and CUDA document: a
+  captured enqueue replays as captured, so it is valid while the context's profile, input shapes
+  and tensor addresses stay as they were. So there is one graph, of the current binding; the next
+  rebinding (a prefill, another set of rows, the next width bucket) destroys it, and the first
+  decode step after it runs eagerly and is captured. The attention mask width is rounded up to a
+  multiple of `KV_BUCKET` (the extra slots lie ahead of every query, so causality masks them), so
+  one graph serves up to KV_BUCKET consecutive steps. A context that cannot be captured
+  (`is_stream_capturable`), a capture CUDA invalidates or an instantiation that fails turns graphs
+  off for the backend: steps continue without them. TensorRT-RTX engines use RTX's own CUDA graphs
+  instead (IRuntimeConfig's whole-graph capture, which follows shape changes itself).
+- The engine file is streamed into TensorRT (IStreamReaderV2), not read whole into host memory
+  first (an 8B engine is ~17.5 GiB).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
 
@@ -24,7 +34,9 @@ from ..manifest import EngineSection, Manifest, PluginPtx
 from . import check_step, parse_device
 from .cuda import check, compute_capability, cudart
 
+log = logging.getLogger(__name__)
 KV_BUCKET = 64
+READ_CHUNK = 256 << 20  # bytes handed to TensorRT per read while it deserializes an engine
 # bytes per cache element of each build dtype (the caches never leave the GPU, so bfloat16 needs no
 # numpy type here)
 CACHE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -105,6 +117,56 @@ def check_driver_runs_plugin_ptx(ptx: PluginPtx | None, driver_version: int) -> 
                              f"driver, or rebuild with an nvcc from CUDA {have} or older, or with --plugins off")
 
 
+def _checked(ok, what: str) -> None:
+    """TensorRT's setters return False (and log why) instead of raising."""
+    if not ok:
+        raise PersimmonError(f"TensorRT refused {what} (see the TensorRT log above); the engine does not fit this "
+                             f"build's manifest: rebuild it")
+
+
+def deserialize(trt, runtime, path: str):
+    """The engine at `path`, streamed to TensorRT in READ_CHUNK pieces where it takes a reader
+    (IStreamReaderV2: TensorRT >= 10.7, TensorRT-RTX), else read whole."""
+    with open(path, "rb") as f:
+        reader = engine_reader(trt, f)
+        return runtime.deserialize_cuda_engine(reader if reader is not None else f.read())
+
+
+def engine_reader(trt, file):
+    """An IStreamReaderV2 over an open binary file, or None where this TensorRT has none."""
+    base = getattr(trt, "IStreamReaderV2", None)
+    if base is None:
+        return None
+    whence = {trt.SeekPosition.SET: os.SEEK_SET, trt.SeekPosition.CUR: os.SEEK_CUR, trt.SeekPosition.END: os.SEEK_END}
+
+    class EngineFile(base):
+        def __init__(self):
+            base.__init__(self)
+
+        def read(self, num_bytes: int, stream: int) -> bytes:  # fewer bytes than asked is allowed
+            return file.read(min(num_bytes, READ_CHUNK))
+
+        def seek(self, offset: int, where) -> bool:
+            try:
+                file.seek(offset, whence[where])
+                return True
+            except (OSError, ValueError, KeyError):
+                return False
+
+    return EngineFile()
+
+
+def create_context(trt, engine):
+    """(execution context or None, whether the runtime captures CUDA graphs itself): TensorRT-RTX
+    does with a runtime config asking for whole-graph capture; NVIDIA TensorRT has none."""
+    strategy = getattr(getattr(trt, "CudaGraphStrategy", None), "WHOLE_GRAPH_CAPTURE", None)
+    if strategy is not None and hasattr(engine, "create_runtime_config"):
+        config = engine.create_runtime_config()
+        config.cuda_graph_strategy = strategy
+        return engine.create_execution_context(config), True
+    return engine.create_execution_context(), False
+
+
 class _Buffer:
     def __init__(self, rt, nbytes: int):
         self.rt, self.nbytes = rt, max(1, nbytes)
@@ -148,11 +210,13 @@ class TensorRTBackend:
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         if section.version_compatible:
             runtime.engine_host_code_allowed = True  # version-compatible engines embed their lean runtime
-        with open(os.path.join(build_dir, section.engine_file), "rb") as f:
-            self.engine = runtime.deserialize_cuda_engine(f.read())
+        self.engine = deserialize(trt, runtime, os.path.join(build_dir, section.engine_file))
         if self.engine is None:
             raise PersimmonError(f"{build_dir}/{section.engine_file}: TensorRT could not deserialize the engine")
-        self.context = self.engine.create_execution_context()
+        self.context, native_graphs = create_context(trt, self.engine)
+        if self.context is None:
+            raise PersimmonError(f"{build_dir}/{section.engine_file}: TensorRT could not create an execution context "
+                                 f"(out of GPU memory?); free GPU memory or use a GPU with more")
         self.stream = check(rt.cudaStreamCreate(), "cudaStreamCreate")
         aliases = manifest.cache_aliases
         get_alias = getattr(self.engine, "get_aliased_input_tensor", None)
@@ -162,7 +226,8 @@ class TensorRTBackend:
                                  f"{'' if self.in_place else 'not '}updated in place, but the manifest records "
                                  f"cache_update {section.cache_update!r}; the build is inconsistent, rebuild it")
         self.prefill_profile, self.decode_profile = section.profile_index("prefill"), section.profile_index("decode")
-        self.cuda_graphs = True  # until a capture fails (see _capture)
+        self.cuda_graphs = not native_graphs  # ours, until a capture fails (see _capture)
+        self.graph, self.bound = None, None  # the CUDA graph of the current binding, and that binding
         self.profile = None
         self.buffers: dict[str, _Buffer] = {}
         self.batch = 0
@@ -190,7 +255,6 @@ class TensorRTBackend:
                                ("attention_mask", batch * m.kv_capacity)):
             self.buffers[name] = _Buffer(rt, elements * 8)
         self.buffers["logits"] = _Buffer(rt, batch * m.model.vocab_size * 4)
-        self.graphs: dict[tuple, object] = {}
         self.batch = batch
 
     def step(self, input_ids, first_slot, token_count, attention_mask, first_row: int = 0) -> np.ndarray:
@@ -215,15 +279,7 @@ class TensorRTBackend:
                   "token_count": np.asarray(token_count, np.int64), "attention_mask": mask}
         for name, array in inputs.items():
             self.buffers[name].upload(array, stream)
-        key = (batch, width, first_row)  # a graph holds the addresses of its rows' caches
-        if decoding and key in self.graphs:
-            check(rt.cudaGraphLaunch(self.graphs[key], stream), "cudaGraphLaunch")
-        else:
-            self._bind(profile, inputs, first_row)
-            if not context.execute_async_v3(stream_handle=int(stream)):
-                raise PersimmonError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
-            if decoding and self.cuda_graphs and self.in_place:
-                self._capture(key)
+        self._enqueue((profile, batch, seq, width, first_row), inputs, decoding)
         logits = np.empty((batch, self.manifest.model.vocab_size), np.float32)
         check(rt.cudaMemcpyAsync(logits.ctypes.data, self.buffers["logits"].ptr, logits.nbytes,
                                  rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream), "copy logits")
@@ -236,6 +292,7 @@ class TensorRTBackend:
         """Make what the step wrote (its rows of each present cache) the past of the next step."""
         aliases = self.manifest.cache_aliases.items()
         if rows == self.batch:  # every row was written: swapping the buffers is free
+            self.bound = None  # (the next step binds the swapped addresses)
             for present, past in aliases:
                 self.buffers[present], self.buffers[past] = self.buffers[past], self.buffers[present]
             return
@@ -245,50 +302,87 @@ class TensorRTBackend:
                                           self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream), "copy cache")
         check(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
 
+    def _enqueue(self, binding: tuple, inputs: dict, decoding: bool) -> None:
+        """Run the step on the stream: replay the graph if it is of this binding; else (re)bind,
+        which ends the old graph, run eagerly and, for a decode step, capture it."""
+        rt, stream = self.rt, self.stream
+        if binding != self.bound:
+            self._drop_graph()
+            self.bound = None  # a _bind that raises half-way leaves nothing to replay against
+            profile, _, _, _, first_row = binding
+            self._bind(profile, inputs, first_row)
+            self.bound = binding
+        if self.graph is not None:
+            check(rt.cudaGraphLaunch(self.graph, stream), "cudaGraphLaunch")
+            return
+        if not self.context.execute_async_v3(stream_handle=int(stream)):
+            raise PersimmonError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
+        if decoding and self.cuda_graphs and self.in_place:
+            self._capture()
+
     def _bind(self, profile: int, inputs: dict, first_row: int) -> None:
         context, m = self.context, self.manifest
         if profile != self.profile:
-            context.set_optimization_profile_async(profile, int(self.stream))
+            self.profile = None
+            _checked(context.set_optimization_profile_async(profile, int(self.stream)),
+                     f"set_optimization_profile_async({profile})")
             self.profile = profile
         for name, array in inputs.items():
-            context.set_input_shape(name, array.shape)
-            context.set_tensor_address(name, self.buffers[name].ptr)
+            _checked(context.set_input_shape(name, array.shape), f"set_input_shape({name}, {array.shape})")
+            _checked(context.set_tensor_address(name, self.buffers[name].ptr), f"set_tensor_address({name})")
         rows = inputs["input_ids"].shape[0]
         cache_shape, offset = (rows, *m.cache_shape), first_row * self.row_bytes
         for present, past in m.cache_aliases.items():
-            context.set_input_shape(past, cache_shape)
-            context.set_tensor_address(past, self.buffers[past].ptr + offset)
+            _checked(context.set_input_shape(past, cache_shape), f"set_input_shape({past}, {cache_shape})")
+            _checked(context.set_tensor_address(past, self.buffers[past].ptr + offset), f"set_tensor_address({past})")
             target = past if self.in_place else present  # an aliased output must share its input's memory
-            context.set_tensor_address(present, self.buffers[target].ptr + offset)
-        context.set_tensor_address("logits", self.buffers["logits"].ptr)
+            _checked(context.set_tensor_address(present, self.buffers[target].ptr + offset),
+                     f"set_tensor_address({present})")
+        _checked(context.set_tensor_address("logits", self.buffers["logits"].ptr), "set_tensor_address(logits)")
 
-    def _capture(self, key: tuple) -> None:
-        """Record the step just run (the warm-up) as a CUDA graph for later steps with this key."""
+    def _capture(self) -> None:
+        """Record the step just run (the warm-up) as the graph of the current binding. Whatever
+        CUDA or TensorRT refuses turns graphs off: the step already ran, the next ones run eagerly."""
         rt, stream = self.rt, self.stream
-        check(rt.cudaStreamBeginCapture(stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
-              "cudaStreamBeginCapture")
+        capturable = getattr(self.context, "is_stream_capturable", None)  # TensorRT-RTX, newer TensorRT
+        if capturable is not None and not capturable(int(stream)):
+            return self._graphs_off("TensorRT says this execution context cannot be stream-captured")
+        error = int(rt.cudaStreamBeginCapture(stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)[0])
+        if error:
+            return self._graphs_off(f"cudaStreamBeginCapture failed ({error})")
         captured = self.context.execute_async_v3(stream_handle=int(stream))
-        graph = check(rt.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
-        try:
-            if not captured:  # the engine has work that cannot be captured: run without graphs
-                self.cuda_graphs = False
-                return
-            self.graphs[key] = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
-        finally:  # the executable graph does not need the captured one it was made from
-            check(rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
+        error, graph = rt.cudaStreamEndCapture(stream)  # 901: CUDA invalidated the capture
+        if int(error) or not captured:
+            rt.cudaGetLastError()  # a failed capture may leave its error as the thread's last one
+            if not int(error):  # captured, but the enqueue failed: the graph is incomplete
+                rt.cudaGraphDestroy(graph)
+            return self._graphs_off(f"cudaStreamEndCapture failed ({int(error)})" if int(error) else
+                                    "the engine has work that cannot be captured")
+        error, graph_exec = rt.cudaGraphInstantiate(graph, 0)
+        check(rt.cudaGraphDestroy(graph), "cudaGraphDestroy")  # the executable does not need it
+        if int(error):
+            return self._graphs_off(f"cudaGraphInstantiate failed ({int(error)})")
+        self.graph = graph_exec
+
+    def _graphs_off(self, reason: str) -> None:
+        self.cuda_graphs = False
+        log.warning(f"CUDA graphs off: {reason}; steps continue without them")
+
+    def _drop_graph(self) -> None:
+        graph, self.graph = getattr(self, "graph", None), None
+        if graph is not None:
+            check(self.rt.cudaGraphExecDestroy(graph), "cudaGraphExecDestroy")
 
     def close(self) -> None:
-        """Free this batch's CUDA graphs and device buffers (start() makes new ones); the stream stays."""
-        graphs, buffers = getattr(self, "graphs", {}), getattr(self, "buffers", {})
-        self.graphs, self.buffers = {}, {}
+        """Free this batch's CUDA graph and device buffers (start() makes new ones); the stream stays."""
+        buffers = getattr(self, "buffers", {})
+        self.buffers, self.bound = {}, None
         self.batch = 0  # no buffers: step() refuses until start() succeeds
-        # graphs first: they hold the buffers' addresses. Release everything, then report a failure.
-        failures = [int(self.rt.cudaGraphExecDestroy(graph_exec)[0]) for graph_exec in graphs.values()]
-        for buffer in buffers.values():
-            buffer.free()
-        if any(failures):
-            raise PersimmonError(f"cudaGraphExecDestroy failed (error {max(failures)}) for {sum(map(bool, failures))} "
-                                 f"of {len(failures)} CUDA graphs")
+        try:  # the graph first: it holds the buffers' addresses. Release everything, then report a failure.
+            self._drop_graph()
+        finally:
+            for buffer in buffers.values():
+                buffer.free()
 
     def __del__(self):
         try:
