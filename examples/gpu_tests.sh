@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
-# Every GPU test, on a machine with an NVIDIA GPU: the tests marked `gpu` (CUDA kernels against
-# numpy through CuPy, the plugins registering in NVIDIA TensorRT, CUDA graphs through cuda-python,
-# onnxruntime's CUDA provider against its CPU provider, TensorRT engine parity with torch and
-# onnxruntime, the true-fp16 emulation against transformers' fp16 on the GPU in
-# tests/test_emulate.py). PERSIMMON_REQUIRE_GPU=1 makes a skipped GPU test a failure: a missing driver,
-# package or toolkit fails the run instead of passing it silently.
+# Every GPU part, on a machine with an NVIDIA GPU: examples/gpu_check.py (the plugin kernels, the
+# true-fp16 emulation against the GPU, the TensorRT backend's CUDA layer, the 8B reference decode
+# step, onnxruntime's CUDA provider, NVIDIA TensorRT's plugins and engines), in this checkout's
+# .venv. A part that cannot run fails the run instead of passing it silently (and
+# PERSIMMON_REQUIRE_GPU=1 makes a skipped `gpu` test a failure).
 #
 #   bash examples/gpu_tests.sh            # after examples/setup.sh and --install (again after each
 #                                         # setup.sh: it reinstalls CPU onnxruntime)
 #   bash examples/gpu_tests.sh --install  # first: the gpu and tensorrt extras, NVIDIA TensorRT,
 #                                         # onnxruntime-gpu in place of onnxruntime (CUDA 12 wheels,
 #                                         # which CUDA 12 and 13 drivers run)
-# Other arguments go to pytest (-x, -k kernel, ...). The kernel tests also need nvcc (CUDA toolkit).
+# Other arguments go to gpu_check.py (--dry-run, --skip PART ...). The kernel tests also need nvcc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -34,4 +33,4 @@ if [ "${1:-}" = "--install" ]; then
     "$PYTHON" -m pip install -q --force-reinstall "onnxruntime-gpu[cuda,cudnn]"
 fi
 nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader
-PERSIMMON_REQUIRE_GPU=1 exec "$PYTHON" -m pytest -m gpu -rfs -q tests "$@"
+exec "$PYTHON" examples/gpu_check.py "$@"

@@ -42,3 +42,23 @@ def test_skips_stay_skips_otherwise(tmp_path):
     for require in (None, "0"):
         result = _run(tmp_path, require)
         assert result.returncode == 0 and "1 passed, 2 skipped" in result.stdout, result.stdout
+
+
+def test_the_gpu_check_dry_run_names_every_part_and_what_each_lacks(tmp_path):
+    """examples/gpu_check.py --dry-run, as run here (no GPU): every part listed with its command, and
+    each that cannot run says why; the exit status says the run would not pass."""
+    import json
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    report = tmp_path / "gpu_check.json"
+    done = subprocess.run([sys.executable, os.path.join(root, "examples", "gpu_check.py"), "--dry-run",
+                           "--skip", "tensorrt", "--json", str(report)], capture_output=True, text=True, timeout=300)
+    parts = {row["part"]: row for row in json.loads(report.read_text())["parts"]}
+    assert list(parts) == ["kernels", "emulation", "cuda-layer", "decode-step", "onnxruntime-cuda", "tensorrt"]
+    assert parts["tensorrt"]["status"] == "skipped"
+    for name in ("kernels", "emulation", "cuda-layer", "decode-step", "onnxruntime-cuda"):
+        row = parts[name]
+        assert row["command"] and row["status"] in ("would run", "would fail")
+        assert (row["status"] == "would fail") == bool(row["why"])
+    if any(row["status"] == "would fail" for row in parts.values()):
+        assert done.returncode == 1 and "would fail" in done.stdout
