@@ -223,3 +223,40 @@ def test_parity_refuses_a_checkpoint_the_build_was_not_made_from_before_running_
     line = error_line(refused.stderr)
     assert refused.returncode == 2 and "the build was not made from this checkpoint" in line
     assert "num_hidden_layers=1" in line and "loading" not in refused.stderr and refused.stdout == ""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "onnxruntime", "bogus"], "--backend 'bogus' is unknown"),
+    (["--backend", "onnxruntime", "tensorrt"], "--backend tensorrt: {build} has no TensorRT engine"),
+    (["--min-top1", "7"], "--min-top1 must be in 0..1"),
+    (["--max-abs-diff", "nan"], "--max-abs-diff must be a finite number >= 0, got nan"),
+])
+def test_parity_refuses_bad_arguments_before_any_model_runs(tiny_checkpoint, tiny_build, args, message):
+    refused = run("parity", "--checkpoint", tiny_checkpoint, "--build", tiny_build, *args)
+    assert refused.returncode == 2 and message.format(build=tiny_build) in error_line(refused.stderr)
+    assert "loading" not in refused.stderr and refused.stdout == ""  # no reference load, no backend step
+
+
+def test_persimmon_run_refuses_bad_sampling_before_verifying_the_build(tiny_build, tmp_path):
+    build = tmp_path / "copy"
+    shutil.copytree(tiny_build, build)  # unverified: a load would hash it first
+    for args in (["--temperature", "-1"], ["--top-p", "5"]):
+        refused = subprocess.run([RUN_EXE, str(build), "Hello", *args], capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and error_line(refused.stderr) and "verifying" not in refused.stderr
+
+
+def test_build_refuses_a_bad_workspace_before_its_calibration(tiny_checkpoint, tmp_path):
+    refused = run("build", "--checkpoint", tiny_checkpoint, "--out", str(tmp_path / "b"), "--backend", "tensorrt-rtx",
+                  "--workspace-gb", "-1")
+    assert refused.returncode == 2 and "--workspace-gb must be a positive number of GiB" in error_line(refused.stderr)
+    assert "range report" not in refused.stderr and not (tmp_path / "b").exists()
+
+
+def test_json_output_has_no_nan(capsys):
+    """An fp16 overflow puts NaN into parity's differences; JSON has no NaN: it is written as null."""
+    import json
+
+    from persimmon_runtime.console import print_json
+
+    print_json({"max_abs_diff": float("nan"), "rows": [float("inf"), 1.5]})
+    assert json.loads(capsys.readouterr().out) == {"max_abs_diff": None, "rows": [None, 1.5]}

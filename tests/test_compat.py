@@ -178,3 +178,32 @@ def test_each_graph_declares_the_lowest_opset_and_ir_it_needs(builds, which, tmp
         else:
             with pytest.raises(onnx.checker.ValidationError, match="No Op registered for (LayerNorm|TensorScatter)"):
                 onnx.checker.check_model(tmp_path / "model.onnx", full_check=True)
+
+
+@pytest.mark.parametrize("weights", [None, "int8", "int4"])
+def test_the_tensorrt_fallback_graph_declares_what_its_ops_need(tiny_checkpoint, tmp_path, weights):
+    """model.trt.onnx (TensorRT < 10.15: TensorScatter rewritten as ScatterElements) drops to the
+    lowest opset its remaining ops need; with TensorRT's int8/int4 weights that is DequantizeLinear's
+    (float16 scales: opset 19; int4, blocked: block_size and int4, opset 21 and IR 10), not 17."""
+    from persimmon_export.checkpoint import checked_tensors
+    from persimmon_export.config import PersimmonConfig
+    from persimmon_export.engine import scatter_elements_fallback
+    from persimmon_export.export import export_onnx
+    from persimmon_export.quantize import weight_format
+
+    config = PersimmonConfig.from_file(tiny_checkpoint)
+    quantized = weight_format(weights, None, config, engine=True) if weights else None
+    export_onnx(config, checked_tensors(tiny_checkpoint, config), str(tmp_path), dtype="float16", kv_capacity=64,
+                cache_layout="window", weights=quantized)
+    model = scatter_elements_fallback(onnx.load(tmp_path / "model.onnx", load_external_data=False))
+    declared = {None: 17, "int8": 19, "int4": 21}[weights]
+    assert {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"] == declared
+    assert model.ir_version == onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", declared)])
+    for opset, valid in ((declared, True), (declared - 1, False)):
+        lower_standard_opset(model, opset)
+        onnx.save(model, tmp_path / "model.trt.onnx")  # beside model.onnx.data
+        if valid:
+            onnx.checker.check_model(tmp_path / "model.trt.onnx", full_check=True)
+        else:
+            with pytest.raises((onnx.checker.ValidationError, onnx.shape_inference.InferenceError)):
+                onnx.checker.check_model(tmp_path / "model.trt.onnx", full_check=True)

@@ -585,3 +585,20 @@ def test_a_bfloat16_build_refuses_plugins_on_and_auto_leaves_them_out(monkeypatc
         check_engine_options(flavor, "on", dtype="bfloat16")
     assert check_engine_options(flavor, "on", dtype="float16")[0] == (10, 15, 1, 29)
     assert _use_plugins(flavor, "auto", "bfloat16") is False
+
+
+@pytest.mark.parametrize("where", ["a directory", "an unwritable place"])
+def test_a_bad_timing_cache_is_refused_before_the_export(monkeypatch, tmp_path, where):
+    import dataclasses
+    import sys
+    import types
+
+    from persimmon_export.engine import TENSORRT, EngineError, check_engine_options
+
+    monkeypatch.setitem(sys.modules, "stand_in_tensorrt", types.SimpleNamespace(__version__="10.15.1.29",
+                                                                              Builder=object))
+    flavor = dataclasses.replace(TENSORRT, module="stand_in_tensorrt")
+    path = str(tmp_path) if where == "a directory" else str(tmp_path / "missing-dir" / "timing.cache")
+    with pytest.raises(EngineError, match=re.escape(f"--timing-cache {path}: ")):
+        check_engine_options(flavor, "off", timing_cache=path)
+    check_engine_options(flavor, "off", timing_cache=str(tmp_path / "new.cache"))  # a new file in a writable place

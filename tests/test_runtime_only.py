@@ -16,7 +16,7 @@ from conftest import error_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ("pyproject.toml", "README.md", "exporter", "runtime", "plugins")
-EXTRA = "pip install 'persimmon-deploy[export]'"
+EXTRA = "pip install '.[export]' in a persimmon-deploy checkout"
 
 
 @pytest.fixture(scope="module")

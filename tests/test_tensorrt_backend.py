@@ -185,10 +185,17 @@ def test_rtx_engines_get_rtxs_own_whole_graph_capture_and_plain_tensorrt_ours(rt
         def create_execution_context(self, config=None):
             return ("context", config)
 
-    (context, config), native = create_context(rtx, Engine())  # the real module's enum
+    (context, config), native = create_context(rtx, Engine(), "b/engine.plan")  # the real module's enum
     assert native and config.cuda_graph_strategy == rtx.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
     plain_tensorrt = types.SimpleNamespace()  # no CudaGraphStrategy: NVIDIA TensorRT 10.x / 11.x
-    assert create_context(plain_tensorrt, Engine()) == (("context", None), False)
+    assert create_context(plain_tensorrt, Engine(), "b/engine.plan") == (("context", None), False)
+
+
+def test_a_context_tensorrt_cannot_create_is_one_line():
+    """create_execution_context returns None on out-of-memory; it surfaced later as an AttributeError."""
+    engine = types.SimpleNamespace(create_execution_context=lambda *config: None)
+    with pytest.raises(PersimmonError, match=r"^b/engine.plan: TensorRT could not create an execution context"):
+        create_context(types.SimpleNamespace(), engine, "b/engine.plan")
 
 
 def _read_through(trt, path):

@@ -1,5 +1,5 @@
 """Persimmon exporter: reference model, config, checkpoints, conversion, builds (needs torch:
-pip install 'persimmon-deploy[export]'). `doctor` and `triton` run without it, so the model
+pip install '.[export]'). `doctor` and `triton` run without it, so the model
 classes are imported on first use, not with the package."""
 
 __version__ = "0.1.0"

@@ -14,13 +14,14 @@ from persimmon_runtime.manifest import TASKS
 
 # What build, parity, convert and demo import: `pip install .` (a serving host) has none of them.
 EXPORT_MODULES = ("torch", "onnx", "safetensors", "ml_dtypes", "tqdm")
+EXPORT_EXTRA = "pip install '.[export]' in a persimmon-deploy checkout (or its wheel's [export] extra)"
 
 
 def _require_export_extra(command: str) -> None:
     missing = [name for name in EXPORT_MODULES if importlib.util.find_spec(name) is None]
     if missing:
         raise PersimmonError(f"{command} needs {', '.join(missing)}, which this install lacks (a runtime-only "
-                             f"`pip install .`): pip install 'persimmon-deploy[export]'")
+                             f"`pip install .`): {EXPORT_EXTRA}")
 
 
 def _convert(args) -> None:
@@ -38,6 +39,8 @@ def _build(args) -> None:
     _require_export_extra("build")
     from .build import build, summary, summary_line
 
+    if args.workspace_gb is not None and not (math.isfinite(args.workspace_gb) and args.workspace_gb * 1024 >= 1):
+        raise PersimmonError(f"--workspace-gb must be a positive number of GiB (e.g. 8), got {args.workspace_gb}")
     manifest = build(args.checkpoint, args.out, dtype=args.dtype, max_batch=args.max_batch, kv_capacity=args.kv_capacity,
           backend=args.backend, max_prefill=args.max_prefill, plugins=args.plugins,
           version_compatible=args.version_compatible, timing_cache=args.timing_cache, opt_level=args.opt_level,
@@ -116,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Turn Persimmon-8B checkpoints into deployable artifacts. Results go to stdout, logs and "
                     "progress to stderr; bad input is one line on stderr and exit status 2 (parity: 1 when a "
                     "bound breaks). build, parity, convert and demo need the exporter's extra (pip install "
-                    "'persimmon-deploy[export]'); doctor and triton run on a runtime-only install.")
+                    "'.[export]' in a checkout); doctor and triton run on a runtime-only install.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     convert = commands.add_parser(

@@ -457,6 +457,8 @@ def check_engine_options(flavor: Flavor, plugins: str = "auto", version_compatib
     if timing_cache and not flavor.timing_cache:
         raise EngineError(f"--timing-cache: {flavor.product} ignores timing caches, and using one makes its build "
                           f"need a GPU; leave it out")
+    if timing_cache:  # read (and later written) after the export: refuse a bad one before it
+        _check_timing_cache_path(timing_cache)
     if plugins == "on" and not flavor.aot_plugins:
         raise EngineError(f"--plugins on: {flavor.product} has no Python-defined plugins (no tensorrt.plugin); "
                           f"use --plugins off or auto (the custom ops then build from their function bodies)")
@@ -495,6 +497,17 @@ def _build_to_file(trt, parsed: ParsedNetwork, config, path: str) -> bool:
     if writer.error:
         raise writer.error
     return built
+
+
+def _check_timing_cache_path(path: str) -> None:
+    """An existing cache must be a readable regular file; a new one needs a writable directory."""
+    if os.path.exists(path):
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            raise EngineError(f"--timing-cache {path}: not a readable regular file; pass a timing cache file or a "
+                              f"new path")
+    elif not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+        raise EngineError(f"--timing-cache {path}: its directory does not exist or is not writable; pass a path "
+                          f"where the cache can be written")
 
 
 def _read_timing_cache(path: str | None) -> bytes | None:

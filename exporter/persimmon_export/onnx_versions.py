@@ -14,18 +14,22 @@ import onnx
 from onnx import helper
 
 # Every graph has LayerNormalization (opset 17); the `window` layout's TensorScatter (TensorRT's
-# in-place KV-cache update) first exists in opset 24. Between 17 and 24 the other ops we emit only
-# gained types we do not use (tests/test_compat.py checks each graph fails onnx.checker one lower).
+# in-place KV-cache update) first exists in opset 24; TensorRT's int8/int4 weights are
+# DequantizeLinear with float16/bfloat16 scales (DequantizeLinear-19), int4 ones blocked (block_size
+# and int4: 21, and IR 10).
+# Between 17 and 24 the other ops we emit only gained types we do not use (tests/test_compat.py
+# checks each graph, and the TensorRT < 10.15 fallback of each, fails onnx.checker one lower).
 BASE_OPSET = 17
-NEWER_OPS = {"TensorScatter": 24}
+NEWER_OPS = {"TensorScatter": lambda node: 24,
+             "DequantizeLinear": lambda node: 21 if any(a.name == "block_size" for a in node.attribute) else 19}
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 def standard_opset(model: onnx.ModelProto) -> int:
     """The lowest standard (ai.onnx) opset that defines every op of the graph and its functions."""
     nodes = [*model.graph.node, *(node for function in model.functions for node in function.node)]
-    return max([BASE_OPSET, *(NEWER_OPS.get(node.op_type, BASE_OPSET) for node in nodes
-                              if node.domain in STANDARD_DOMAINS)])
+    return max([BASE_OPSET, *(NEWER_OPS[node.op_type](node) for node in nodes
+                              if node.domain in STANDARD_DOMAINS and node.op_type in NEWER_OPS)])
 
 
 def declare_versions(model: onnx.ModelProto) -> dict:

@@ -12,6 +12,7 @@ fp16 overflow that onnxruntime's CPU provider hides by computing in fp32.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 
 from persimmon_runtime.chat import format_chat
 from persimmon_runtime.errors import PersimmonError
-from persimmon_runtime.backends import decode, parse_device, prefill
+from persimmon_runtime.backends import BACKENDS, decode, parse_device, prefill
 from persimmon_runtime.generator import Generator
 from persimmon_runtime.tokenizer import build_tokenizer
 from persimmon_runtime.manifest import CAUSAL_LM, Manifest, ModelShape
@@ -28,6 +29,7 @@ from .checkpoint import check_directory, load_model
 from .config import PersimmonConfig
 from .emulate import DESCRIPTION, EmulatedBackend
 from .generate import greedy_generate
+from .progress import Steps
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,6 @@ def _check_fits(manifest, prompt_ids: list[list[int]], decode_steps: int) -> Non
                              f"<= {max(manifest.kv_capacity - longest, 0)} or shorter prompts")
 
 
-@torch.no_grad()
 def _check_checkpoint_fits(checkpoint: str, manifest: Manifest) -> None:
     """The checkpoint's config.json gives the build's model shape: else it is not where the build came from."""
     config = PersimmonConfig.from_file(check_directory(checkpoint))
@@ -113,6 +114,7 @@ def _check_checkpoint_fits(checkpoint: str, manifest: Manifest) -> None:
                              f"build was not made from this checkpoint; pass the --checkpoint it was built from")
 
 
+@torch.no_grad()
 def check_parity(checkpoint: str, build_dir: str, prompts=DEFAULT_PROMPTS, decode_steps: int = 16,
                  backends=("onnxruntime",), device: str | None = None, max_abs: float | None = None,
                  min_top1: float | None = None, emulate: bool = False) -> list[ParityResult]:
@@ -122,10 +124,20 @@ def check_parity(checkpoint: str, build_dir: str, prompts=DEFAULT_PROMPTS, decod
         raise PersimmonError(f"--steps must be a whole number >= 0, got {decode_steps!r}")
     if not (backends or emulate):
         raise PersimmonError("nothing to check: name a backend in --backend, or pass --emulate")
+    unknown = [name for name in backends if name not in BACKENDS]
+    if unknown:
+        raise PersimmonError(f"--backend {unknown[0]!r} is unknown; choose from {', '.join(BACKENDS)}")
+    if max_abs is not None and not (math.isfinite(max_abs) and max_abs >= 0):
+        raise PersimmonError(f"--max-abs-diff must be a finite number >= 0, got {max_abs}")
+    if min_top1 is not None and not 0 <= min_top1 <= 1:  # (NaN fails both comparisons)
+        raise PersimmonError(f"--min-top1 must be in 0..1 (a share of positions), got {min_top1}")
     if device is not None:
         parse_device(device)  # a bad device is refused before anything else
     manifest = Manifest.load(build_dir)
     _check_checkpoint_fits(checkpoint, manifest)  # before the build runs and the reference loads
+    if "tensorrt" in backends and manifest.tensorrt is None:
+        raise PersimmonError(f"--backend tensorrt: {build_dir} has no TensorRT engine; check it with --backend "
+                             f"onnxruntime, or build it with --backend tensorrt")
     if manifest.task != CAUSAL_LM:  # no decode steps: the classifier's logits per text
         from .classify_parity import check_classifier_parity
 
@@ -141,8 +153,13 @@ def check_parity(checkpoint: str, build_dir: str, prompts=DEFAULT_PROMPTS, decod
         nonlocal reference
         if reference is None:  # the slow part: only once the build has accepted the request
             model = load_model(checkpoint, dtype="float32")
-            reference = model, [greedy_generate(model, torch.tensor([ids]), max_new_tokens=decode_steps + 1)
-                                [0, len(ids):].tolist() for ids in prompt_ids]
+            greedy = []
+            with Steps(log, "reference greedy", len(prompt_ids), "prompts", every=1) as step:
+                for ids in prompt_ids:
+                    greedy.append(greedy_generate(model, torch.tensor([ids]), max_new_tokens=decode_steps + 1)
+                                  [0, len(ids):].tolist())
+                    step()
+            reference = model, greedy
         return _compare(name, dtype, *reference, prompt_ids, logits, tokens, max_abs, min_top1)
 
     results = []

@@ -24,6 +24,7 @@ from .checkpoint import load_model
 from .config import PersimmonConfig
 from .export import RELU2_WEIGHT_LIMIT, ExportError
 from .model import PersimmonForCausalLM, partial_rotary, qk_layernorm
+from .progress import Steps
 
 log = logging.getLogger(__name__)
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -104,11 +105,12 @@ def measure(model: PersimmonForCausalLM, prompt_ids: list[list[int]]) -> Measure
     for i, layer in enumerate(model.model.layers):
         handles += _hook_layer(layer, i, config, measured)
     try:
-        with torch.no_grad():
-            for ids in prompt_ids:
+        with torch.no_grad(), Steps(log, "calibration", len(prompt_ids), "prompts", every=1) as step:
+            for ids in prompt_ids:  # minutes at 8B in fp32: a line (or the bar) per prompt
                 measured.logits = max(measured.logits, _largest(model(torch.tensor([ids]))))
                 measured.prompts += 1
                 measured.tokens += len(ids)
+                step(f"{len(ids)} tokens")
     finally:
         for handle in handles:
             handle.remove()

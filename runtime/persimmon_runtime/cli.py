@@ -53,11 +53,13 @@ def main(argv=None) -> int:
 def _run(args) -> None:
     from .chat import format_chat
     from .generator import Generator
+    from .sampling import SamplingParams
 
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
                     ignore_eos=args.ignore_eos)
     prompt = utf8_argument("prompt", args.prompt)
+    SamplingParams.from_settings(sampling)  # bad settings are refused before the load (a minute at 8B)
     generator = Generator.load(args.build, backend=args.backend, device=args.device,
                                verify_checksums=not args.no_verify)
     prompt = format_chat(prompt) if args.chat else prompt

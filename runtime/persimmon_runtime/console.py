@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -40,7 +41,7 @@ class _StderrHandler(logging.StreamHandler):
         return sys.stderr
 
     @stream.setter
-    def stream(self, _):  # StreamHandler.__init__ sets it; the property always answers sys.stdout
+    def stream(self, _):  # StreamHandler.__init__ sets it; the property always answers sys.stderr
         pass
 
     def handleError(self, record) -> None:
@@ -98,9 +99,20 @@ def run_command(prog: str, command: Callable[[], int | None]) -> int:
 
 
 def print_json(document) -> None:
-    """One JSON document on stdout (a --json result), for `json.load(sys.stdin)` at the other end."""
-    json.dump(document, sys.stdout, indent=2)
+    """One JSON document on stdout (a --json result), for `json.load(sys.stdin)` at the other end.
+    NaN and infinities (an fp16 overflow in a parity result) are not JSON: they are written as null."""
+    json.dump(_finite(document), sys.stdout, indent=2, allow_nan=False)
     sys.stdout.write("\n")
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _error(prog: str, message) -> int:

@@ -182,8 +182,8 @@ def _load_advice(manifest: Manifest, error: Exception) -> str:
     if manifest.onnx.ir_version is None:  # written with whatever IR version onnx chose (14 with onnx 1.23)
         return "rebuild it with this persimmon-export, which writes the lowest IR version and opsets a build " \
                "needs (docs/compatibility.md)"
-    return "install an onnxruntime that reads them (docs/compatibility.md lists which; pip install -U onnxruntime, " \
-           "or onnxruntime-gpu for CUDA)"
+    return "install an onnxruntime that reads them: 1.31.1 and 1.32 load every build this exporter writes, 1.23 " \
+           "those of IR <= 11 (pip install -U onnxruntime, or onnxruntime-gpu for CUDA; docs/compatibility.md)"
 
 
 def _reason(error: Exception) -> str:

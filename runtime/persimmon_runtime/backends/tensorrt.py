@@ -156,15 +156,22 @@ def engine_reader(trt, file):
     return EngineFile()
 
 
-def create_context(trt, engine):
-    """(execution context or None, whether the runtime captures CUDA graphs itself): TensorRT-RTX
-    does with a runtime config asking for whole-graph capture; NVIDIA TensorRT has none."""
+def create_context(trt, engine, shown_as: str):
+    """(execution context, whether the runtime captures CUDA graphs itself): TensorRT-RTX does with
+    a runtime config asking for whole-graph capture; NVIDIA TensorRT has none. TensorRT returns
+    None, not an error, when it cannot make one (out of device memory): that is one line here."""
     strategy = getattr(getattr(trt, "CudaGraphStrategy", None), "WHOLE_GRAPH_CAPTURE", None)
-    if strategy is not None and hasattr(engine, "create_runtime_config"):
+    native = strategy is not None and hasattr(engine, "create_runtime_config")
+    if native:
         config = engine.create_runtime_config()
         config.cuda_graph_strategy = strategy
-        return engine.create_execution_context(config), True
-    return engine.create_execution_context(), False
+        context = engine.create_execution_context(config)
+    else:
+        context = engine.create_execution_context()
+    if context is None:
+        raise PersimmonError(f"{shown_as}: TensorRT could not create an execution context (out of GPU memory?); "
+                             f"free GPU memory or use a GPU with more")
+    return context, native
 
 
 class _Buffer:
@@ -213,10 +220,7 @@ class TensorRTBackend:
         self.engine = deserialize(trt, runtime, os.path.join(build_dir, section.engine_file))
         if self.engine is None:
             raise PersimmonError(f"{build_dir}/{section.engine_file}: TensorRT could not deserialize the engine")
-        self.context, native_graphs = create_context(trt, self.engine)
-        if self.context is None:
-            raise PersimmonError(f"{build_dir}/{section.engine_file}: TensorRT could not create an execution context "
-                                 f"(out of GPU memory?); free GPU memory or use a GPU with more")
+        self.context, native_graphs = create_context(trt, self.engine, f"{build_dir}/{section.engine_file}")
         self.stream = check(rt.cudaStreamCreate(), "cudaStreamCreate")
         aliases = manifest.cache_aliases
         get_alias = getattr(self.engine, "get_aliased_input_tensor", None)
