@@ -558,9 +558,15 @@ def test_build_refuses_non_finite_weights(checkpoint, tmp_path, value, dtype):
     assert not out.exists()
 
 
-def test_build_refuses_weights_that_overflow_float16(checkpoint, tmp_path):
+def test_build_refuses_weights_that_overflow_float16(checkpoint, tmp_path, monkeypatch):
     # 1e5 > 65504 even unscaled (a W2 of 300 lowers its layer's relu^2 scale instead: test_fp16_range.py)
     poisoned = _poison(checkpoint, tmp_path, 1e5)
+    with pytest.raises(ExportError, match=r"mlp_output reaches .* past float16's largest value 65504"):
+        build(poisoned, str(tmp_path / "out"), dtype="float16", kv_capacity=CAPACITY, backend="onnxruntime")
+    # without the range report (an fp32 model too large for the machine's memory) the weight itself is refused
+    from persimmon_export import ranges
+
+    monkeypatch.setattr(ranges, "available_memory_bytes", lambda: 1)
     with pytest.raises(ExportError, match=rf"'{TENSOR}' has values up to 1e\+05, beyond torch.float16.*--dtype float32"):
         build(poisoned, str(tmp_path / "out"), dtype="float16", kv_capacity=CAPACITY, backend="onnxruntime")
 
@@ -691,3 +697,18 @@ def test_docs_manifest_md_describes_every_field(good_manifest):
     doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "manifest.md"), encoding="utf-8").read()
     fields = _field_paths({**good_manifest, "tensorrt": engine_dict()})
     assert not [field for field in sorted(fields) if f"| `{field}` |" not in doc]
+
+
+@pytest.mark.parametrize("field, value", [("max_batch", 2**31 - 1), ("kv_capacity", 1 << 21)])
+def test_sizes_the_runtime_allocates_from_are_bounded_at_load(good_manifest, tmp_path, field, value):
+    """A manifest with max_batch 2^31-1 loaded, and the runtime died in an allocation (MemoryError)."""
+    from persimmon_runtime.manifest import SIZE_LIMITS, validate
+
+    with pytest.raises(ManifestError, match=rf"field {field} must be an integer in 1\.\.{SIZE_LIMITS[field]}, got"):
+        validate("manifest.json", {**good_manifest, field: value})
+
+
+def test_build_refuses_a_max_batch_past_the_bound(checkpoint, tmp_path):
+    with pytest.raises(PersimmonError, match=r"--max-batch must be in 1\.\.1024 .*, got 1000000000"):
+        build(checkpoint, str(tmp_path / "b"), dtype="float32", max_batch=10**9, kv_capacity=32, backend="onnxruntime")
+    assert not (tmp_path / "b").exists()

@@ -5,6 +5,7 @@ the manifest, parity and the command line."""
 
 import os
 import re
+import shutil
 
 import numpy as np
 import onnxruntime as ort
@@ -286,3 +287,20 @@ def test_tensorrt_rtx_engine_of_a_classifier(tmp_path_factory, tokenizer):
     assert inputs == [("input_ids", (-1, -1)), ("attention_mask", (-1, -1))]
     output = network.get_output(0)
     assert (network.num_outputs, output.name, output.dtype, tuple(output.shape)) == (1, "logits", trt.float32, (-1, 3))
+
+
+def test_duplicate_labels_are_refused_at_build_and_at_load(sequence, tmp_path, tokenizer):
+    """Two indices with one name: the scores of both would land under one label."""
+    import json
+
+    checkpoint, _ = write_checkpoint(tmp_path, tokenizer, transformers.PersimmonForSequenceClassification,
+                                     pad_token_id=0, id2label={0: "same", 1: "other", 2: "same"})
+    with pytest.raises(PersimmonError, match=r"id2label names 'same' for more than one index"):
+        build(checkpoint, str(tmp_path / "b"), dtype="float32", max_batch=2, kv_capacity=64, backend="onnxruntime")
+    copy = tmp_path / "copy"
+    shutil.copytree(sequence[2], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["classifier"]["labels"][2] = manifest["classifier"]["labels"][0]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match=r"classifier.labels names '.*' twice"):
+        Manifest.load(str(copy))

@@ -264,7 +264,7 @@ def test_failed_build_leaves_the_old_directory_and_no_temp(checkpoints, builds, 
 def test_bad_build_options(checkpoints, tmp_path):
     with pytest.raises(ExportError, match="--kv-capacity must be in"):
         build(checkpoints["base"], str(tmp_path / "o"), kv_capacity=10**6, backend="onnxruntime")
-    with pytest.raises(ExportError, match="--max-batch must be >= 1"):
+    with pytest.raises(ExportError, match="--max-batch must be in 1..1024"):
         build(checkpoints["base"], str(tmp_path / "o"), max_batch=0, backend="onnxruntime")
     with pytest.raises(PersimmonError, match="not a directory"):
         build(str(tmp_path / "missing"), str(tmp_path / "o"), backend="onnxruntime")

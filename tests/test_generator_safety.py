@@ -391,6 +391,34 @@ def test_a_paused_stream_does_not_block_other_threads(generator):
 
 # ---- prompts and tokenizer files ----
 
+class CountingEncoder:
+    """sentencepiece's processor, counting encode calls (everything else passes through)."""
+
+    def __init__(self, sp):
+        self.sp, self.calls = sp, 0
+
+    def encode(self, *args, **kwargs):
+        self.calls += 1
+        return self.sp.encode(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.sp, name)
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenized(generator, monkeypatch):
+    """Tokenizing costs time and memory in the text's length (a 70 MB prompt: 22.7 s of CPU before
+    its refusal): the text is bounded by the characters kv_capacity tokens can spell, first."""
+    counting = CountingEncoder(generator.tokenizer.sp)
+    monkeypatch.setattr(generator.tokenizer, "sp", counting)
+    bound = generator.manifest.kv_capacity * generator.tokenizer.max_piece_chars
+    with pytest.raises(PersimmonError, match=rf"^prompt 1 has {bound + 1:,} characters, more than "
+                                             rf"{generator.manifest.kv_capacity} tokens can hold"):
+        generator.generate(["fine", "x" * (bound + 1)], max_new_tokens=2)
+    assert counting.calls == 1  # "fine" only: the long one was refused from its length
+    with pytest.raises(PersimmonError, match="tokens; with max_new_tokens=2 that exceeds"):
+        generator.generate("word " * (bound // 5), max_new_tokens=2)  # within the bound: tokenized, then refused
+
+
 @pytest.mark.parametrize("prompt", ["\ud800", "abc\udfff", "東京\udc80x", "🎉\ud83c"])
 def test_lone_surrogates_in_prompts_are_one_line(generator, prompt):
     for call in (lambda: generator.generate(prompt, max_new_tokens=8), lambda: generator.stream(prompt),

@@ -286,3 +286,30 @@ def test_a_bad_ranges_section_is_refused_in_one_line(tiny_fp16, tmp_path, change
     with pytest.raises(ManifestError, match=message) as error:
         _load_changed(tiny_fp16, tmp_path, change)
     assert "\n" not in str(error.value)
+
+
+def test_a_float16_build_whose_mlp_output_overflows_is_refused_before_the_export(tiny_checkpoint, calibration_file,
+                                                                                  tmp_path):
+    """The campaign's case: layer 0's MLP output reached 1.4e5 and the build passed with a warning
+    (parity --emulate then found every logit non-finite). W2 and its bias times c: the output times c."""
+    model = transformers.PersimmonForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    seen = []
+    handle = model.model.layers[LAYER].mlp.register_forward_hook(lambda m, a, out: seen.append(out.abs().max()))
+    tokenizer = Tokenizer.from_dir(tiny_checkpoint)
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            model(torch.tensor([tokenizer.encode(prompt)]))
+    handle.remove()
+    c = 1.4e5 / float(max(seen))
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    tensors = load_file(checkpoint / "model.safetensors")
+    tensors[W2] *= c
+    tensors[W2.replace("weight", "bias")] *= c
+    save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ExportError) as error:
+        fp16_build(str(checkpoint), tmp_path / "b", calibration_file)
+    message = str(error.value)
+    assert re.match(rf"model\.layers\.{LAYER} (mlp_output|residual) reaches 1\.[0-9]+e\+05 in the fp32 reference", message)
+    assert "past float16's largest value 65504" in message and message.endswith("or --dtype float32")
+    assert "\n" not in message and not os.path.exists(tmp_path / "b")

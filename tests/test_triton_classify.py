@@ -120,3 +120,12 @@ def test_a_bad_request_gets_its_own_error(server):
     assert status == 400 and "tokens; this build classifies texts of 1 to 64 tokens" in reply["error"]
     status, reply = infer(server, "still serving")
     assert status == 200 and reply["classification"]["label"] in LABELS.values()
+
+
+def test_a_huge_text_is_refused_before_it_is_tokenized_and_the_model_keeps_answering(server):
+    """The hardening campaign's case: a 30 MB text was tokenized whole before its length was
+    checked (43.6 s, 7.3 GB in the stub, other requests stalled). Its characters now bound it first."""
+    status, reply = infer(server, "word " * 6_000_000)
+    assert status == 400 and "text 0 has 30,000,000 characters, more than 64 tokens can hold" in reply["error"]
+    status, reply = infer(server, "still serving")
+    assert status == 200 and reply["classification"]["label"] in LABELS.values()

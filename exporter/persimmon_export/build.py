@@ -11,7 +11,8 @@ import os
 import shutil
 import time
 
-from persimmon_runtime.manifest import CAUSAL_LM, NO_CACHE, Manifest, ModelShape, TokenizerSection
+from persimmon_runtime.manifest import (CAUSAL_LM, NO_CACHE, SIZE_LIMITS, Manifest, ModelShape,
+                                        TokenizerSection)
 from persimmon_runtime.tokenizer import Tokenizer
 from persimmon_runtime.verify import sha256_file
 
@@ -80,8 +81,9 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
         installed, missing = flavor.installed()
         if installed is None:
             raise ExportError(f"--backend {backend}: {missing}")
-    if max_batch < 1:
-        raise ExportError(f"--max-batch must be >= 1, got {max_batch}")
+    if not 1 <= max_batch <= SIZE_LIMITS["max_batch"]:
+        raise ExportError(f"--max-batch must be in 1..{SIZE_LIMITS['max_batch']} (rows the runtime allocates "
+                          f"caches and logits for), got {max_batch}")
     if not 2 <= kv_capacity <= config.max_position_embeddings:
         raise ExportError(f"--kv-capacity must be in [2, max_position_embeddings={config.max_position_embeddings}], "
                           f"got {kv_capacity}")

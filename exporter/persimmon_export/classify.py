@@ -19,6 +19,7 @@ Logits are fp32 (cast from the build's dtype, as the LM's are).
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -78,6 +79,10 @@ def classifier_section(checkpoint: str, config: PersimmonConfig) -> ClassifierSe
                               f"(num_labels) to a label name")
         labels[index] = name
     problem_type = raw.get("problem_type")
+    duplicate = next((name for name, count in collections.Counter(labels).items() if count > 1), None)
+    if duplicate is not None:
+        raise ExportError(f"{path}: id2label names {duplicate!r} for more than one index; give each label its own "
+                          f"name (their scores would merge)")
     if problem_type is None:  # transformers decides at training time from the labels; inference by num_labels
         problem_type = "regression" if config.num_labels == 1 else "single_label_classification"
     if problem_type not in PROBLEM_TYPES:

@@ -175,6 +175,22 @@ def check_measured(measured: Measured) -> None:
                                    f"prompts: the checkpoint is broken in any dtype")
 
 
+# measured kinds whose stored value depends on the relu^2 scale: checked at that scale, in the export
+SCALED_KINDS = ("mlp_pre_activation", "mlp_activation")
+
+
+def check_fp16_range(measured: Measured) -> None:
+    """Refuse, before the export, a float16 build in which a tensor the graph stores in fp16 would
+    overflow on the calibration prompts (the relu^2 tensors are checked at their scale later)."""
+    places = [(v, f"model.layers.{i} {kind}") for kind, values in measured.per_layer.items()
+              if kind not in SCALED_KINDS for i, v in enumerate(values)]
+    largest, where = max(places + [(measured.logits, "logits")])
+    if largest > FP16_MAX:
+        raise CalibrationError(f"{where} reaches {largest:.4g} in the fp32 reference on the calibration prompts, past "
+                               f"float16's largest value 65504: a float16 build would overflow there; build with "
+                               f"--dtype bfloat16 (for TensorRT) or --dtype float32")
+
+
 def relu2_scale_fits(layer: int, relu2_input: float, pre_activation: float, s: float) -> None:
     """Refuse when, at the largest scale the layer's weights allow, its measured pre-activation /s or
     relu^2 output /s^2 passes the margin limit: a smaller scale would only make it worse."""
@@ -205,11 +221,15 @@ def report(measured: Measured) -> RangeSection:
 
 
 def log_summary(section: RangeSection) -> None:
-    """One line at the end of a build; a warning when some tensor comes within a factor 2 of 65504."""
-    level = logging.WARNING if section.lowest_headroom < 2 else logging.INFO
-    log.log(level, f"float16 range report ({section.prompts} prompts, {section.tokens} tokens, {section.calibration}): "
+    """One line at the end of a build; a warning when some tensor comes within a factor 2 of 65504
+    (a build that would overflow was refused before it was written)."""
+    close = section.lowest_headroom < 2
+    note = (f" - within a factor 2 of float16's limit: no overflow on the calibration prompts, but other inputs "
+            f"may reach it; check with `persimmon-export parity --emulate` or build --dtype bfloat16" if close else "")
+    log.log(logging.WARNING if close else logging.INFO,
+            f"float16 range report ({section.prompts} prompts, {section.tokens} tokens, {section.calibration}): "
             f"lowest headroom {section.lowest_headroom:.3g}x at {section.lowest_at} (65504 / its max |x|); "
-            "relu^2 scales " + ", ".join(f"{s:g}" for s in section.relu2_scales))
+            "relu^2 scales " + ", ".join(f"{s:g}" for s in section.relu2_scales) + note)
 
 
 def fp32_model_bytes(config: PersimmonConfig) -> int:
@@ -247,4 +267,5 @@ def calibrate(checkpoint: str, config: PersimmonConfig, tokenizer, calibration_f
     if calibration_file:
         measured.source = os.path.basename(calibration_file)
     check_measured(measured)
+    check_fp16_range(measured)
     return measured

@@ -111,6 +111,8 @@ class Classifier:
         for index, text in enumerate(texts):
             if not isinstance(text, str):
                 raise PersimmonError(f"text {index} is a {type(text).__name__}, not a str")
+            self.tokenizer.check_length(f"text {index}", text, self.manifest.kv_capacity,
+                                        "the build's kv_capacity, its most tokens per text")
             ids, spans = self.tokenizer.encode_with_offsets(text)
             self._check_length(index, len(ids))
             encoded.append((ids, spans))

@@ -112,6 +112,7 @@ class Generator:
         for index, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise PersimmonError(f"prompt {index} is a {type(prompt).__name__}, not a str")
+            self.tokenizer.check_length(f"prompt {index}", prompt, capacity, "the build's kv_capacity")
             try:
                 ids = self.tokenizer.encode(prompt)
             except PersimmonError as e:

@@ -10,6 +10,7 @@ line naming the field) and, by default, the files' checksums (see `verify`).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
@@ -67,6 +68,13 @@ CLASSIFIER_INPUTS = ("input_ids", "attention_mask")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 NO_CACHE = "none"  # onnx.cache_layout and tensorrt.cache_update of classifier builds
 CLASSIFY_ROLE = "classify"  # the one TensorRT profile of a classifier engine
+
+
+# The most of each size the runtime allocates from (checked at build and at load): a tampered or
+# mistyped value is refused in one line instead of dying in an allocation (a MemoryError traceback).
+# Logits alone are max_batch x vocab_size x 4 bytes: 1 GiB at 1024 rows of Persimmon's 262144.
+SIZE_LIMITS = {"max_batch": 1024, "kv_capacity": 1 << 20, "vocab_size": 1 << 24, "num_hidden_layers": 1024,
+               "num_attention_heads": 1024, "head_dim": 1024}
 
 
 class ManifestError(PersimmonError):
@@ -449,7 +457,8 @@ _MAJOR_MINOR = _kind("a version such as '9.0'",
                      lambda v: isinstance(v, str) and re.fullmatch(r"[0-9]{1,2}\.[0-9]{1,2}", v))
 _SHAPE = _list_of(_count(0))  # a concrete tensor shape
 _TENSOR_SPEC = _fields({"name": _STR, "dtype": _one_of("int64", *DTYPES), "shape": _list_of(_DIM)})
-_MODEL = _fields({key: _count(1) for key in ("vocab_size", "num_hidden_layers", "num_attention_heads", "head_dim")})
+_MODEL = _fields({key: _count(1, SIZE_LIMITS[key])
+                  for key in ("vocab_size", "num_hidden_layers", "num_attention_heads", "head_dim")})
 _TOKENIZER = _fields({"file": _FILE_NAME, "add_bos": _BOOL, "bos_token": _optional(_STR), "eos_token": _optional(_STR)})
 _CUSTOM_OPS = _fields({"domain": _one_of(CUSTOM_OP_DOMAIN), "version": _count(CUSTOM_OP_VERSION, CUSTOM_OP_VERSION),
                        "ops": _list_of(_one_of(*CUSTOM_OPS))})
@@ -494,8 +503,8 @@ _TOP_LEVEL = {
     "format": _STR,
     "format_version": _count(1),
     "dtype": _one_of(*DTYPES),
-    "max_batch": _count(1),
-    "kv_capacity": _count(1),
+    "max_batch": _count(1, SIZE_LIMITS["max_batch"]),
+    "kv_capacity": _count(1, SIZE_LIMITS["kv_capacity"]),
     "model": _MODEL,
     "tokenizer": _TOKENIZER,
     "eos_token_ids": _list_of(_count(0)),
@@ -582,7 +591,12 @@ def _check_classifier_graph(path: str, raw: dict) -> None:
     if graph["cache_aliases"] or graph["cache_layout"] != NO_CACHE:
         raise ManifestError(f"{path}: a {task} graph has no cache (cache_layout {NO_CACHE!r}, no cache_aliases); "
                             f"{_REBUILD}")
-    labels = len(classifier["labels"])
+    names = classifier["labels"]
+    if len(set(names)) != len(names):
+        duplicate = next(name for name, count in collections.Counter(names).items() if count > 1)
+        raise ManifestError(f"{path}: classifier.labels names {duplicate!r} twice (their scores would merge); "
+                            f"{_REBUILD}")
+    labels = len(names)
     rank = 2 if task == "sequence-classification" else 3
     shape = outputs[0]["shape"]
     if len(shape) != rank or shape[-1] != labels or labels < 1:

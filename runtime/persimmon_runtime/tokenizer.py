@@ -49,6 +49,9 @@ class Tokenizer:
                                  f"use add_bos=False")
         self.special_ids = {i for i in (self.bos_id, self.eos_id) if i is not None}
         self.special_ids |= {i for i in range(self.vocab_size) if self.sp.is_control(i)}
+        # the most characters one token can stand for: a bound on a text's length from a token
+        # budget, checked before tokenizing (which costs time and memory in the text's length)
+        self.max_piece_chars = max(1, max(len(self.sp.id_to_piece(i)) for i in range(self.vocab_size)))
         # Special tokens that sentencepiece would parse out of plain text, mapped to their bytes.
         self._respell = {i: self._byte_ids(self.sp.id_to_piece(i)) for i in self.special_ids
                          if i in self.sp.encode(self.sp.id_to_piece(i))}
@@ -70,6 +73,14 @@ class Tokenizer:
         return cls(model_file, add_bos=add_bos,
                    bos_token=_token_text(config_path, "bos_token", settings.get("bos_token", DEFAULT_BOS)),
                    eos_token=_token_text(config_path, "eos_token", settings.get("eos_token")))
+
+    def check_length(self, what: str, text: str, tokens: int, limit: str) -> None:
+        """Refuse, before tokenizing, a text longer than `tokens` tokens could spell (each token
+        stands for at most max_piece_chars characters); `limit` says where the budget comes from."""
+        most = tokens * self.max_piece_chars
+        if len(text) > most:
+            raise TokenizerError(f"{what} has {len(text):,} characters, more than {tokens} tokens can hold (at most "
+                                 f"{most:,} characters with this tokenizer: {limit}); shorten it")
 
     @property
     def bos_token(self) -> str | None:
