@@ -67,7 +67,8 @@ def test_export_help_doctor_and_triton_work(venv, tiny_build, tmp_path):
     repo = tmp_path / "repo"
     triton = run(venv, "persimmon-export", "triton", "--build", tiny_build, "--out", str(repo), "-q")
     assert triton.returncode == 0 and triton.stderr == "", triton.stderr
-    assert triton.stdout.startswith(f"wrote model repository {repo}") and (repo / "persimmon" / "config.pbtxt").is_file()
+    assert triton.stdout.startswith(f"wrote model repository {repo}")
+    assert (repo / "persimmon" / "config.pbtxt").is_file()
 
 
 @pytest.mark.parametrize("command", [["build", "--checkpoint", "{checkpoint}", "--out", "{out}"],

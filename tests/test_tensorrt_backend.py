@@ -284,7 +284,8 @@ def _read(rt, check, target, stream) -> np.ndarray:
 @pytest.mark.gpu
 def test_graphs_are_made_replayed_and_destroyed_through_cuda_python():
     """Capture a memset as the 'engine', replay it, close; check() raises on any CUDA error."""
-    rt, check, stream, target, backend = _on_gpu(lambda rt, check, target, s: check(rt.cudaMemsetAsync(target, 7, 256, s)))
+    rt, check, stream, target, backend = _on_gpu(
+        lambda rt, check, target, s: check(rt.cudaMemsetAsync(target, 7, 256, s)))
     try:
         backend._enqueue((DECODE, 1, 1, 64, 0), {}, True)
         assert backend.graph is not None

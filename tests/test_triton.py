@@ -236,6 +236,40 @@ def test_triton_cli_refuses_bad_values_in_one_line(build_dir, tmp_path, capsys, 
     assert sorted(p.name for p in tmp_path.rglob("*")) == []  # nothing written anywhere under tmp_path
 
 
+def test_overwrite_keeps_what_a_user_put_inside_the_repository(build_dir, tmp_path):
+    """--overwrite compared only top-level names: repo/<model>/1/my_notes.txt and a new version
+    directory repo/<model>/2/ vanished. Now every path we wrote is recorded, at any depth."""
+    repo = tmp_path / "repo"
+    write_repository(build_dir, str(repo))
+    write_repository(build_dir, str(repo), overwrite=True)  # ours alone: replaced
+    for extra in (repo / "persimmon" / "1" / "my_notes.txt", repo / "persimmon" / "2" / "model.py"):
+        extra.parent.mkdir(exist_ok=True)
+        extra.write_text("mine")
+        with pytest.raises(PersimmonError, match=r"which persimmon-export did not write") as error:
+            write_repository(build_dir, str(repo), overwrite=True)
+        assert os.path.relpath(extra.parent if extra.parent.name == "2" else extra, repo) in str(error.value)
+        assert extra.read_text() == "mine"
+        shutil.rmtree(extra.parent) if extra.parent.name == "2" else extra.unlink()
+
+
+def test_the_repository_takes_only_the_builds_listed_regular_files(build_dir, tmp_path):
+    """A build holding `secret -> /etc/passwd` gave a repository containing the file; a link to /
+    copied until the disk filled."""
+    build = tmp_path / "build"
+    shutil.copytree(build_dir, build)
+    (build / "secret").symlink_to("/etc/passwd")
+    (build / "notes.txt").write_text("not the build's")
+    write_repository(str(build), str(tmp_path / "repo"))
+    copied = sorted(os.listdir(tmp_path / "repo" / "persimmon" / "1" / "build"))
+    assert copied == sorted(["manifest.json", *Manifest.load(str(build)).files])
+    real = tmp_path / "elsewhere.model"
+    shutil.move(build / "tokenizer.model", real)
+    (build / "tokenizer.model").symlink_to(real)  # same bytes: the checksums hold
+    with pytest.raises(PersimmonError, match=r"tokenizer.model: not a regular file"):
+        write_repository(str(build), str(tmp_path / "repo2"))
+    assert not (tmp_path / "repo2").exists()
+
+
 def start_server(repository: str, workdir, *options: str) -> dict:
     """tritonserver (see tests/tritonserver.py) serving this checkout's runtime; skipped where there is none."""
     try:

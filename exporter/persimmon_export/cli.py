@@ -41,12 +41,13 @@ def _build(args) -> None:
 
     if args.workspace_gb is not None and not (math.isfinite(args.workspace_gb) and args.workspace_gb * 1024 >= 1):
         raise PersimmonError(f"--workspace-gb must be a positive number of GiB (e.g. 8), got {args.workspace_gb}")
-    manifest = build(args.checkpoint, args.out, dtype=args.dtype, max_batch=args.max_batch, kv_capacity=args.kv_capacity,
-          backend=args.backend, max_prefill=args.max_prefill, plugins=args.plugins,
-          version_compatible=args.version_compatible, timing_cache=args.timing_cache, opt_level=args.opt_level,
-          workspace_mib=int(args.workspace_gb * 1024) if args.workspace_gb else None, overwrite=args.overwrite,
-          compute_capabilities=args.compute_capabilities, calibration_file=args.calibration_file,
-          weights=args.weights, block_size=args.block_size, task=args.task)
+    manifest = build(
+        args.checkpoint, args.out, dtype=args.dtype, max_batch=args.max_batch, kv_capacity=args.kv_capacity,
+        backend=args.backend, max_prefill=args.max_prefill, plugins=args.plugins,
+        version_compatible=args.version_compatible, timing_cache=args.timing_cache, opt_level=args.opt_level,
+        workspace_mib=int(args.workspace_gb * 1024) if args.workspace_gb else None, overwrite=args.overwrite,
+        compute_capabilities=args.compute_capabilities, calibration_file=args.calibration_file,
+        weights=args.weights, block_size=args.block_size, task=args.task)
     result = summary(manifest, args.out)
     print_json(result) if args.json else print(summary_line(result))
 
@@ -222,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a Triton model repository: a decoupled Python-backend model serving text through "
                     "Triton's generate / generate_stream endpoints and gRPC streaming (sampling settings as request "
                     "parameters, streamed text, stop strings, cancellation), running the build with "
-                    "persimmon_runtime (TensorRT builds on its TensorRT backend). The build is hard-linked into "
-                    "the repository where possible.")
+                    "persimmon_runtime (TensorRT builds on its TensorRT backend). The build's manifest and the files "
+                    "it lists (regular files only) are hard-linked into the repository where possible.")
     triton.add_argument("--build", required=True, help="build directory (from `persimmon-export build`)")
     _add_out(triton, "model repository directory", "a model repository")
     triton.add_argument("--name", default="persimmon", help="model name (default persimmon)")

@@ -55,8 +55,8 @@ FALLBACK_ONNX = "model.trt.onnx"
 # What the recorded `polygraphy convert` line cannot say with its own flags (TensorRT-RTX's
 # REQUIRE_USER_ALLOCATION), as the postprocess script it loads (--trt-cpps); written beside the engine.
 POLYGRAPHY_SCRIPT = "polygraphy_postprocess.py"
-_POLYGRAPHY_SCRIPT_TEXT = '''"""Written by persimmon-export build for the manifest's `tensorrt.polygraphy` line: the builder
-flag Polygraphy has no option for (CUDA stream capture of TensorRT-RTX engines needs it)."""
+_POLYGRAPHY_SCRIPT_TEXT = '''"""Written by persimmon-export build for the manifest's `tensorrt.polygraphy` line: the
+builder flag Polygraphy has no option for (CUDA stream capture of TensorRT-RTX engines needs it)."""
 
 
 def postprocess_config(builder, network, config):

@@ -34,7 +34,7 @@ MARKER = ".persimmon-export"
 KINDS = {"build": "a persimmon-export build", "triton": "a Triton model repository written by persimmon-export",
          "checkpoint": "a checkpoint written by persimmon-export"}
 _WRITTEN_BY = "persimmon-export"
-_MARKER_MAX_BYTES = 4096
+_MARKER_MAX_BYTES = 1 << 20  # (it lists every path we wrote)
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,13 @@ def _refuse_existing(path: str, kind: str, overwrite: bool) -> None:
     if not overwrite:
         raise OutputError(f"--out {path}: already holds {KINDS[kind]}; pass --overwrite to replace it "
                           f"(nothing was changed)")
-    names = marker.get("names")
-    ours = set(names) if isinstance(names, list) and all(isinstance(n, str) for n in names) else set()
-    added = sorted(set(os.listdir(path)) - {MARKER} - ours)
+    paths = marker.get("paths")  # every entry we wrote, at any depth (markers before it: the top level)
+    if isinstance(paths, list) and all(isinstance(p, str) for p in paths):
+        added = sorted(set(_tree(path)) - set(paths))
+    else:
+        names = marker.get("names")
+        ours = set(names) if isinstance(names, list) and all(isinstance(n, str) for n in names) else set()
+        added = sorted(set(os.listdir(path)) - {MARKER} - ours)
     if added:  # e.g. another model put into our Triton repository: --overwrite would delete it
         raise OutputError(f"--out {path}: also holds {', '.join(added[:3])}{' ...' if len(added) > 3 else ''}, "
                           f"which persimmon-export did not write; move that out or choose another --out (nothing "
@@ -139,6 +143,21 @@ def _unmarked_build(directory: str) -> dict | None:
     return {"written_by": _WRITTEN_BY, "kind": "build", "names": sorted(names)}
 
 
+MAX_TREE_ENTRIES = 100_000  # an output of ours holds a few dozen; more is not ours to weigh up
+
+
+def _tree(directory: str) -> list[str]:
+    """Every entry under `directory` (relative paths, links listed but not followed), marker excluded."""
+    paths = []
+    for root, dirs, files in os.walk(directory):
+        relative = os.path.relpath(root, directory)
+        paths += [os.path.normpath(os.path.join(relative, name)) for name in dirs + files]
+        if len(paths) > MAX_TREE_ENTRIES:
+            raise OutputError(f"--out {directory}: holds more than {MAX_TREE_ENTRIES:,} entries, far more than "
+                              f"persimmon-export writes; choose another --out (nothing was changed)")
+    return sorted(set(paths) - {MARKER})
+
+
 def read_marker(directory: str) -> dict | None:
     """Our marker in `directory` as a dict with at least `kind`, or None if it has none (or a foreign one)."""
     path = os.path.join(directory, MARKER)
@@ -161,6 +180,7 @@ def _write_marker(directory: str, kind: str, writing: bool) -> None:
         marker.update(state="writing", host=socket.gethostname(), pid=os.getpid())
     else:  # what --overwrite may delete: only these
         marker["names"] = sorted(set(os.listdir(directory)) - {MARKER})
+        marker["paths"] = _tree(directory)
     with open(os.path.join(directory, MARKER), "w", encoding="utf-8") as f:
         json.dump(marker, f)
 

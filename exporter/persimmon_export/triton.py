@@ -21,9 +21,10 @@ import logging
 import os
 import re
 import shutil
+import stat
 
 from persimmon_runtime.errors import PersimmonError
-from persimmon_runtime.manifest import CAUSAL_LM, Manifest
+from persimmon_runtime.manifest import CAUSAL_LM, MANIFEST_FILE, Manifest
 
 from .files import atomic_directory
 
@@ -137,6 +138,18 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
+def _copy_build(build_dir: str, manifest: Manifest, target: str) -> None:
+    """The build's manifest and the files it lists, and nothing else: each must be a regular file
+    (a symbolic link could bring in any file of the machine, or a loop, or all of /)."""
+    os.makedirs(target)
+    for name in [MANIFEST_FILE, *manifest.files]:
+        source = os.path.join(build_dir, name)
+        if not stat.S_ISREG(os.lstat(source).st_mode):
+            raise PersimmonError(f"{source}: not a regular file (a symbolic link or a special file); a model "
+                                 f"repository takes a build's own files only: copy the build without links")
+        _link_or_copy(source, os.path.join(target, name))
+
+
 def write_repository(build_dir: str, out_dir: str, name: str = "persimmon", kind: str = "auto", instances: int = 1,
                      backend: str = "auto", python_paths: list[str] | None = None, overwrite: bool = False,
                      generate_timeout_s: float = DEFAULT_GENERATE_TIMEOUT_S,
@@ -174,6 +187,6 @@ def write_repository(build_dir: str, out_dir: str, name: str = "persimmon", kind
         module = "persimmon_runtime.triton_classifier" if classifier else "persimmon_runtime.triton_model"
         with open(os.path.join(version_dir, "model.py"), "w") as f:
             f.write(MODEL_PY.format(paths=python_paths, module=module))  # repr: a Python literal, whatever the paths hold
-        shutil.copytree(build_dir, os.path.join(version_dir, "build"), copy_function=_link_or_copy)
+        _copy_build(build_dir, manifest, os.path.join(version_dir, "build"))
     log.info(f"wrote model repository {out_dir}: {name} ({'GPU' if gpu else 'CPU'} instances x{instances})")
     return [name]
