@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from persimmon_runtime.errors import PersimmonError
+from persimmon_runtime.regular_files import check_regular
 from persimmon_runtime.tokenizer import Tokenizer
 
 from . import safe_pickle
@@ -72,8 +73,7 @@ def weight_files(directory: str) -> list[str]:
 def iter_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of one weight file, read one at a time."""
     try:  # safetensors reports an unreadable file as "No such file or directory": open it ourselves first
-        with open(path, "rb"):
-            pass
+        check_regular(path, "a weights file")  # (a FIFO would hang the load, /dev/urandom mislead it)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
     if path.endswith(".safetensors"):

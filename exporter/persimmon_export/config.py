@@ -13,6 +13,10 @@ import os
 from dataclasses import dataclass
 
 from persimmon_runtime.errors import PersimmonError
+from persimmon_runtime.regular_files import read_regular
+
+# real ones are a few KB (id2label included): the bound is on what a hostile file makes us parse
+MAX_CONFIG_BYTES = 16 << 20
 
 ACTIVATIONS = ("relu2", "relu", "gelu", "gelu_pytorch_tanh", "silu")
 ROPE_SCALING_TYPES = ("linear", "dynamic")
@@ -146,8 +150,7 @@ class PersimmonConfig:
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
+            raw = json.loads(read_regular(path, MAX_CONFIG_BYTES, "a config.json").decode("utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: file not found; a checkpoint directory needs a config.json") from None
         except OSError as e:  # unreadable (permissions), a directory, an I/O error

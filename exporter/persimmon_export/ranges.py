@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from persimmon_runtime.manifest import RANGE_KINDS, RangeSection, WeightRange
+from persimmon_runtime.regular_files import check_regular
 
 from .checkpoint import load_model
 from .config import PersimmonConfig
@@ -54,6 +55,7 @@ class CalibrationError(ExportError):
 def read_calibration_file(path: str) -> list[str]:
     """The prompts of a calibration file: one per line, blank lines skipped, bounded in count and length."""
     try:
+        check_regular(path, "--calibration-file")  # a FIFO would wait for a writer
         with open(path, encoding="utf-8") as f:
             lines = f.read(MAX_CALIBRATION_PROMPTS * (MAX_PROMPT_CHARS + 1) + 1).splitlines()
     except OSError as e:

@@ -16,6 +16,10 @@ import os
 import sentencepiece as spm
 
 from .errors import PersimmonError
+from .regular_files import read_regular
+
+MAX_CONFIG_BYTES = 16 << 20  # tokenizer_config.json: a few KB in practice
+MAX_MODEL_BYTES = 1 << 30    # a sentencepiece model: Persimmon's 262144 pieces take a few MB
 
 MODEL_FILES = ("tokenizer.model", "adept_vocab.model")
 DEFAULT_BOS = "|ENDOFTEXT|"
@@ -29,7 +33,7 @@ class Tokenizer:
     def __init__(self, model_file: str, add_bos: bool = True, bos_token: str | None = DEFAULT_BOS,
                  eos_token: str | None = None):
         model_file = os.fspath(model_file)
-        if not os.path.isfile(model_file):
+        if not os.path.exists(model_file):  # (one that exists but is no regular file is refused when read)
             raise TokenizerError(f"{model_file}: tokenizer model not found")
         for name, token in (("bos_token", bos_token), ("eos_token", eos_token)):
             if token is not None and not isinstance(token, str):
@@ -60,12 +64,13 @@ class Tokenizer:
     def from_dir(cls, directory: str, add_bos: bool | None = None) -> "Tokenizer":
         """Load `tokenizer.model` (or `adept_vocab.model`) and `tokenizer_config.json` if present."""
         directory = os.fspath(directory)
+        # exists, not isfile: a FIFO or device there is refused by name when read, not passed over
         model_file = next((os.path.join(directory, name) for name in MODEL_FILES
-                           if os.path.isfile(os.path.join(directory, name))), None)
+                           if os.path.exists(os.path.join(directory, name))), None)
         if model_file is None:
             raise TokenizerError(f"{directory}: no tokenizer model ({' or '.join(MODEL_FILES)})")
         config_path = os.path.join(directory, "tokenizer_config.json")
-        settings = _read_config(config_path) if os.path.isfile(config_path) else {}
+        settings = _read_config(config_path) if os.path.exists(config_path) else {}
         if add_bos is None:
             add_bos = settings.get("add_bos_token", True)
             if not isinstance(add_bos, bool):
@@ -152,8 +157,8 @@ def _load_model(model_file: str) -> spm.SentencePieceProcessor:
     Reading all pieces once (one call) finds that now.
     """
     try:
-        with open(model_file, "rb") as f:  # read here: sentencepiece's own open takes only UTF-8 paths
-            proto = f.read()
+        # read here: sentencepiece's own open takes only UTF-8 paths (and would follow a FIFO)
+        proto = read_regular(model_file, MAX_MODEL_BYTES, "a sentencepiece model")
         sp = spm.SentencePieceProcessor()
         sp.LoadFromSerializedProto(proto)  # raises on a bad model (the constructor's model_proto= does not)
         sp.id_to_piece(list(range(sp.get_piece_size())))
@@ -165,8 +170,7 @@ def _load_model(model_file: str) -> spm.SentencePieceProcessor:
 
 def _read_config(config_path: str) -> dict:
     try:
-        with open(config_path, encoding="utf-8") as f:
-            settings = json.load(f)
+        settings = json.loads(read_regular(config_path, MAX_CONFIG_BYTES, "tokenizer_config.json").decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{config_path}: cannot read it as JSON ({type(e).__name__}: {e})") from None
     if not isinstance(settings, dict):
