@@ -712,3 +712,62 @@ def test_build_refuses_a_max_batch_past_the_bound(checkpoint, tmp_path):
     with pytest.raises(PersimmonError, match=r"--max-batch must be in 1\.\.1024 .*, got 1000000000"):
         build(checkpoint, str(tmp_path / "b"), dtype="float32", max_batch=10**9, kv_capacity=32, backend="onnxruntime")
     assert not (tmp_path / "b").exists()
+
+
+# ---- tampered builds whose checksums were kept consistent ----
+
+def _edit_manifest(build, change, files=()):
+    """Apply `change` to the manifest, and re-record the size and sha256 of each of `files` (as one
+    who edits a build and its checksums would)."""
+    from persimmon_runtime.verify import sha256_file
+
+    path = os.path.join(build, "manifest.json")
+    with open(path) as f:
+        raw = json.load(f)
+    change(raw)
+    for name in files:
+        raw["files"][name] = {"bytes": os.path.getsize(os.path.join(build, name)),
+                              "sha256": sha256_file(os.path.join(build, name))}
+    with open(path, "w") as f:
+        json.dump(raw, f)
+
+
+def _with_kv_capacity(raw, slots):
+    raw["kv_capacity"] = slots
+    for spec in raw["onnx"]["inputs"] + raw["onnx"]["outputs"]:
+        if spec["name"].startswith(("past_", "present_")):
+            spec["shape"][2] = slots
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda raw: raw.__setitem__("kv_capacity", CAPACITY * 2), r"onnx cache 'present_key_0' has shape .* but model "
+                                                                r"and kv_capacity give"),
+    (lambda raw: raw["model"].__setitem__("vocab_size", raw["model"]["vocab_size"] + 1), "onnx logits shape"),
+    (lambda raw: raw["tokenizer"].__setitem__("bos_token", "\ud800"), "field tokenizer.bos_token must be a string "
+                                                                      "of valid Unicode"),
+])
+def test_a_manifest_that_contradicts_itself_is_refused_at_load(copy, change, message):
+    _edit_manifest(copy, change)
+    with pytest.raises(ManifestError, match=message) as error:
+        Generator.load(copy)
+    assert "\n" not in str(error.value)
+
+
+def test_a_graph_that_contradicts_its_manifest_is_refused_at_load(copy):
+    """kv_capacity and the cache shapes edited together: consistent, but not what the graph has;
+    the first step failed inside onnxruntime before."""
+    _edit_manifest(copy, lambda raw: _with_kv_capacity(raw, CAPACITY * 2))
+    with pytest.raises(PersimmonError, match=rf"the graph's 'past_key_0' is tensor\(float16\) \[.*{CAPACITY}.*\], "
+                                             rf"the manifest says float16 \[.*{CAPACITY * 2}.*\]; the build is "
+                                             rf"inconsistent, rebuild it") as error:
+        Generator.load(copy)
+    assert "\n" not in str(error.value)
+
+
+def test_a_garbage_graph_with_its_checksum_is_one_line(copy, capsys):
+    with open(os.path.join(copy, "model.onnx"), "wb") as f:
+        f.write(b"not a protobuf at all" * 100)
+    _edit_manifest(copy, lambda raw: None, files=["model.onnx"])
+    code = cli.main([copy, "hello", "--max-new-tokens", "2"])
+    line = error_line(capsys.readouterr().err)
+    assert code == 2 and "model.onnx: onnxruntime" in line and "the build may be damaged" in line

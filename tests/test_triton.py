@@ -136,6 +136,9 @@ def test_request_parameters_are_checked():
     ({"seed": 1.5}, "seed=1.5 must be int"),
     ({"ignore_eos": "true"}, "ignore_eos='true' must be bool"),
     ({"y" * 1_000_000: 1}, "unknown parameter 'yyy"),
+    ({"stop": "[" * 100_000 + "]" * 100_000}, "-character JSON list; stops are at most 16 strings"),  # RecursionError
+    ({"stop": "[" * 3000 + "]" * 3000}, "JSON list nested too deep"),
+    ("[" * 100_000 + "]" * 100_000, "request parameters are nested too deep"),
 ])
 def test_bad_parameters_are_one_short_line(raw, message):
     with pytest.raises(PersimmonError, match=message.replace("[", "\\[")) as caught:
@@ -399,7 +402,7 @@ _ten_thousand_stops = json.dumps([f"s{i}" for i in range(10_000)])
     ({"text_input": "hi", "timeout_s": "soon"}, "timeout_s='soon'"),
     ({"text_input": "hi", "frequency_penalty": 0.5}, "unknown parameter 'frequency_penalty'"),
     ({"text_input": "hi", "x" * 10_000: 1}, "unknown parameter 'xxxx"),
-    ({"text_input": "hi", "stop": _ten_thousand_stops}, "10000"),
+    ({"text_input": "hi", "stop": _ten_thousand_stops}, "-character JSON list; stops are at most 16"),
     ({"text_input": "hi", "stop": "z" * 100_000}, "100000 characters"),
     ({"text_input": "hi", "stop": "[unclosed"}, "not a JSON list"),
     ({"text_input": "hi", "stop": "[1, 2]"}, "stop="),

@@ -443,7 +443,15 @@ def _optional(check_value):
     return check
 
 
-_STR = _kind("a string", lambda v: isinstance(v, str))
+def _is_text(value) -> bool:
+    """A str that is valid Unicode: JSON's \\ud800 escapes give lone surrogates, which break encoding later."""
+    try:
+        return isinstance(value, str) and value.encode("utf-8") is not None
+    except UnicodeEncodeError:
+        return False
+
+
+_STR = _kind("a string of valid Unicode", _is_text)
 _BOOL = _kind("true or false", lambda v: isinstance(v, bool))
 _FILE_NAME = _kind("a file name in the build directory (no path)", _is_file_name)
 _SHA256 = _kind("64 lowercase hex digits", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v))
@@ -567,6 +575,17 @@ def _check_step_graph(path: str, raw: dict) -> None:
         if present not in output_names or past not in input_names:
             raise ManifestError(f"{path}: onnx.cache_aliases maps {present!r} -> {past!r}, which are not an output "
                                 f"and an input of the graph; {_REBUILD}")
+    model = raw["model"]
+    slots = "kv_length" if graph["cache_layout"] == "whole" else raw["kv_capacity"]
+    cache_shape = ["batch", model["num_attention_heads"], slots, model["head_dim"]]
+    shapes = {spec["name"]: spec["shape"] for spec in graph["inputs"] + graph["outputs"]}
+    for name in list(graph["cache_aliases"]) + list(graph["cache_aliases"].values()):
+        if shapes.get(name) != cache_shape:
+            raise ManifestError(f"{path}: onnx cache {name!r} has shape {shapes.get(name)}, but model and kv_capacity "
+                                f"give {cache_shape}; {_REBUILD}")
+    if shapes.get("logits") != ["batch", model["vocab_size"]]:
+        raise ManifestError(f"{path}: onnx logits shape {shapes.get('logits')} does not end in model.vocab_size "
+                            f"{model['vocab_size']}; {_REBUILD}")
     if len(graph["cache_aliases"]) != 2 * layers:  # a key and a value cache per layer
         raise ManifestError(f"{path}: onnx.cache_aliases pairs {len(graph['cache_aliases'])} caches, but "
                             f"model.num_hidden_layers {layers} needs {2 * layers}; {_REBUILD}")

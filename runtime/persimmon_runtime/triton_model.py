@@ -40,6 +40,10 @@ import numpy as np
 
 from .errors import PersimmonError, brief
 from .generator import Generator
+from .sampling import MAX_STOP_CHARS, MAX_STOPS
+
+# the longest JSON list of allowed stops: each string escaped at most 6 characters a character
+MAX_STOP_JSON_CHARS = MAX_STOPS * (6 * MAX_STOP_CHARS + 4) + 2
 
 SAMPLING = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
             "repetition_penalty": float, "seed": int, "ignore_eos": bool}
@@ -59,6 +63,8 @@ def parse_parameters(raw: str | dict | None) -> RequestSettings:
         params = json.loads(raw) if isinstance(raw, str) and raw else raw or {}
     except json.JSONDecodeError as e:
         raise PersimmonError(f"request parameters are not JSON ({e.msg}); send an object of settings") from None
+    except RecursionError:  # arrays nested thousands deep: no setting is
+        raise PersimmonError("request parameters are nested too deep; send an object of settings") from None
     if not isinstance(params, dict):
         raise PersimmonError(f"request parameters {brief(params)} must be an object of settings")
     params = dict(params)
@@ -85,8 +91,13 @@ def _stop_list(value):
     The generator checks the strings themselves (type, count and length)."""
     if not (isinstance(value, str) and value.startswith("[")):
         return value
+    if len(value) > MAX_STOP_JSON_CHARS:  # more than any list of allowed stops spells: no parse
+        raise PersimmonError(f"parameter stop is a {len(value):,}-character JSON list; stops are at most "
+                             f"{MAX_STOPS} strings of {MAX_STOP_CHARS} characters")
     try:
         return json.loads(value)
+    except RecursionError:
+        raise PersimmonError("parameter stop is a JSON list nested too deep; send a list of strings") from None
     except json.JSONDecodeError as e:
         raise PersimmonError(f"parameter stop={brief(value)} starts with '[' but is not a JSON list ({e.msg}); "
                              f"send a list of strings, or put a stop that starts with '[' inside one") from None

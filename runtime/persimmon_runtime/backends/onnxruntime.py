@@ -32,11 +32,6 @@ class OnnxRuntimeBackend:
     def __init__(self, build_dir: str, manifest: Manifest, device: str = "cpu"):
         self.manifest = manifest
         self._ort, self.session, (self.device_type, self.device_id) = open_session(build_dir, manifest, device)
-        graph_inputs = {i.name for i in self.session.get_inputs()}
-        missing = [spec.name for spec in manifest.onnx.inputs if spec.name not in graph_inputs]
-        if missing:
-            raise PersimmonError(f"{build_dir}: the ONNX model lacks inputs {missing[:3]} named in the manifest; "
-                                 f"the build is inconsistent, rebuild it")
         self.binding = None
         self.caches = []
         self.batch = 0
@@ -173,7 +168,29 @@ def open_session(build_dir: str, manifest: Manifest, device: str = "cpu"):
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... (not PersimmonError)
         raise PersimmonError(f"{path}: onnxruntime {ort.__version__} cannot load this build "
                              f"({manifest.onnx.versions()}): {_reason(e)}; {_load_advice(manifest, e)}") from None
+    _check_graph(path, manifest, session)
     return ort, session, (device_type, device_id)
+
+
+ORT_TYPES = {"int64": "tensor(int64)", "float32": "tensor(float)", "float16": "tensor(float16)",
+             "bfloat16": "tensor(bfloat16)"}
+
+
+def _check_graph(path: str, manifest: Manifest, session) -> None:
+    """The graph must have the I/O the manifest describes - names, types, fixed dimensions - or the
+    first step fails inside onnxruntime (a build whose manifest was edited with its checksums)."""
+    graph = {node.name: node for node in [*session.get_inputs(), *session.get_outputs()]}
+    for spec in [*manifest.onnx.inputs, *manifest.onnx.outputs]:
+        node = graph.get(spec.name)
+        if node is None:
+            raise PersimmonError(f"{path}: the graph has no {spec.name!r}, which the manifest names; the build is "
+                                 f"inconsistent, rebuild it")
+        fixed = [(want, got) for want, got in zip(spec.shape, node.shape) if isinstance(want, int) and
+                 isinstance(got, int)]
+        if node.type != ORT_TYPES[spec.dtype] or len(node.shape) != len(spec.shape) or \
+                any(want != got for want, got in fixed):
+            raise PersimmonError(f"{path}: the graph's {spec.name!r} is {node.type} {node.shape}, the manifest says "
+                                 f"{spec.dtype} {spec.shape}; the build is inconsistent, rebuild it")
 
 
 def _load_advice(manifest: Manifest, error: Exception) -> str:
