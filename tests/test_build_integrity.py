@@ -507,10 +507,21 @@ def test_json_number_oddities(good_manifest, tmp_path, literal):
 
 def test_oversized_or_unreadable_manifests(tmp_path):
     (tmp_path / "manifest.json").write_bytes(b" " * (17 << 20))
-    with pytest.raises(ManifestError, match="larger than 16 MiB"):
+    with pytest.raises(ManifestError, match="more than 16,777,216 for a manifest"):
         Manifest.load(str(tmp_path))
     os.remove(tmp_path / "manifest.json")
     os.mkdir(tmp_path / "manifest.json")
+    with pytest.raises(ManifestError, match="manifest.json: is a directory, not a regular file"):
+        Manifest.load(str(tmp_path))
+    os.rmdir(tmp_path / "manifest.json")
+    os.mkfifo(tmp_path / "manifest.json")  # a read would wait for a writer
+    with pytest.raises(ManifestError, match="manifest.json: is a FIFO, not a regular file"):
+        Manifest.load(str(tmp_path))
+    os.remove(tmp_path / "manifest.json")
+    os.symlink("/dev/zero", tmp_path / "manifest.json")
+    with pytest.raises(ManifestError, match="manifest.json: is a device, not a regular file"):
+        Manifest.load(str(tmp_path))
+    os.remove(tmp_path / "manifest.json")
     with pytest.raises(ManifestError, match="manifest.json: not found"):
         Manifest.load(str(tmp_path))
     with pytest.raises(ManifestError, match="is not a path"):

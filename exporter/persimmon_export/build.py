@@ -84,6 +84,10 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
     if not 1 <= max_batch <= SIZE_LIMITS["max_batch"]:
         raise ExportError(f"--max-batch must be in 1..{SIZE_LIMITS['max_batch']} (rows the runtime allocates "
                           f"caches and logits for), got {max_batch}")
+    for field in ("vocab_size", "num_hidden_layers", "num_attention_heads", "head_dim"):  # what the runtime allocates
+        if getattr(config, field) > SIZE_LIMITS[field]:
+            raise ExportError(f"{checkpoint}/config.json: {field} {getattr(config, field)} is past what a build "
+                              f"holds ({SIZE_LIMITS[field]}); is this config.json right?")
     if not 2 <= kv_capacity <= config.max_position_embeddings:
         raise ExportError(f"--kv-capacity must be in [2, max_position_embeddings={config.max_position_embeddings}], "
                           f"got {kv_capacity}")

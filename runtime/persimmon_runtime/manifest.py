@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from .custom_ops import CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION, CUSTOM_OPS
 from .errors import PersimmonError
 from . import verify
+from .regular_files import NotRegularError, read_regular
 
 FORMAT = "persimmon-build"
 # 2: typed sections; graph I/O, aliases and layout inside `onnx`; `first_slot` (was
@@ -315,16 +316,17 @@ class Manifest:
 # ---- reading and validating manifest.json ----
 
 def _read_manifest(path: str, directory: str) -> bytes:
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise ManifestError(f"{path}: not found; is {directory} a build directory from `persimmon-export build`?")
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_MANIFEST_BYTES + 1)
+        return read_regular(path, MAX_MANIFEST_BYTES, "a manifest")  # (a FIFO or device: one line)
+    except FileNotFoundError:  # a dangling link
+        raise ManifestError(f"{path}: not found; is {directory} a build directory from `persimmon-export build`?") \
+            from None
+    except NotRegularError as e:
+        raise ManifestError(str(e)) from None
     except OSError as e:
         raise ManifestError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest we wrote")
-    return data
 
 
 def _parse(path: str, data: bytes, directory: str) -> dict:
