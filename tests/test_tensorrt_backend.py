@@ -400,3 +400,16 @@ def test_the_manifest_refuses_bad_plugin_ptx_naming_the_field(raw_manifest, valu
     with pytest.raises(ManifestError, match=re.escape(field)) as error:
         validate("manifest.json", _with_plugin_ptx(raw_manifest, value))
     assert "\n" not in str(error.value)
+
+
+def test_an_exception_inside_the_capture_ends_it_and_leaks_nothing():
+    rt = RecordingRuntime()
+
+    def enqueue(stream):
+        if rt.capturing:
+            raise KeyboardInterrupt  # e.g. Ctrl-C while the engine enqueues under capture
+
+    backend = _backend(rt, stream=7, enqueue=enqueue)
+    with pytest.raises(KeyboardInterrupt):
+        backend._enqueue((DECODE, 1, 1, 64, 0), {}, True)
+    assert rt.capturing is False and rt.live == set() and backend.graph is None

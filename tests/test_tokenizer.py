@@ -141,3 +141,22 @@ def test_runtime_works_without_torch(sp_model):
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_the_length_bound_holds_for_normalizers_that_shrink_text(tmp_path):
+    """The bound before tokenizing is kv_capacity x the longest piece; under sentencepiece's default
+    nmt_nfkc normalization runs of spaces collapse, so it is taken on the normalized text there: an
+    indented prompt of 2,000 characters in 8 tokens fits 96, a huge one is still refused."""
+    import io
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world the quick brown fox"] * 200),
+                                   model_writer=model, vocab_size=40, hard_vocab_limit=False, minloglevel=2)
+    (tmp_path / "nfkc.model").write_bytes(model.getvalue())
+    tokenizer = Tokenizer(str(tmp_path / "nfkc.model"), add_bos=False, bos_token=None)
+    indented = "hello" + " " * 2000 + "world"
+    tokenizer.check_length("prompt 0", indented, 96, "kv_capacity")
+    assert len(tokenizer.encode(indented)) <= 96
+    with pytest.raises(PersimmonError, match=r"prompt 0 has 1,000,000 characters \(1,000,001 after the tokenizer's "
+                                             r"normalization\), more than 96 tokens can hold"):
+        tokenizer.check_length("prompt 0", "x" * 1_000_000, 96, "kv_capacity")

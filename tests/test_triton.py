@@ -649,3 +649,15 @@ def test_a_killed_server_leaves_no_stub_process_or_shared_memory(repository, tmp
     stop_server(running)
     assert tritonserver.group_members(pgid) == []
     assert not [r for r in regions if os.path.exists(r)]
+
+
+def test_overwrite_takes_the_bytecode_cache_tritons_python_backend_leaves(build_dir, tmp_path):
+    """Triton imports <model>/1/model.py, and Python writes <model>/1/__pycache__/ beside it: that is
+    no one's data, and --overwrite must not refuse the repository for it."""
+    repo = tmp_path / "repo"
+    write_repository(build_dir, str(repo))
+    cache = repo / "persimmon" / "1" / "__pycache__"
+    cache.mkdir()
+    (cache / "model.cpython-311.pyc").write_bytes(b"\x00")
+    write_repository(build_dir, str(repo), overwrite=True)
+    assert not cache.exists() and (repo / "persimmon" / "1" / "model.py").is_file()

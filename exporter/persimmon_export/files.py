@@ -147,9 +147,12 @@ MAX_TREE_ENTRIES = 100_000  # an output of ours holds a few dozen; more is not o
 
 
 def _tree(directory: str) -> list[str]:
-    """Every entry under `directory` (relative paths, links listed but not followed), marker excluded."""
+    """Every entry under `directory` (relative paths, links listed but not followed), marker excluded.
+    Python's bytecode caches are left out: Triton's Python backend writes `__pycache__/` beside the
+    model.py it imports, and it is no one's data (--overwrite replaces it with the rest)."""
     paths = []
     for root, dirs, files in os.walk(directory):
+        dirs[:] = [name for name in dirs if name != "__pycache__"]
         relative = os.path.relpath(root, directory)
         paths += [os.path.normpath(os.path.join(relative, name)) for name in dirs + files]
         if len(paths) > MAX_TREE_ENTRIES:

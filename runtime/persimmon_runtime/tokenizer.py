@@ -20,6 +20,8 @@ from .regular_files import read_regular
 
 MAX_CONFIG_BYTES = 16 << 20  # tokenizer_config.json: a few KB in practice
 MAX_MODEL_BYTES = 1 << 30    # a sentencepiece model: Persimmon's 262144 pieces take a few MB
+# what normalizers that shrink text shrink: runs of spaces, a combining accent, a control character
+_SHRINK_PROBE = "a    b e\u0301 c\x01d  "
 
 MODEL_FILES = ("tokenizer.model", "adept_vocab.model")
 DEFAULT_BOS = "|ENDOFTEXT|"
@@ -56,6 +58,9 @@ class Tokenizer:
         # the most characters one token can stand for: a bound on a text's length from a token
         # budget, checked before tokenizing (which costs time and memory in the text's length)
         self.max_piece_chars = max(1, max(len(self.sp.id_to_piece(i)) for i in range(self.vocab_size)))
+        # a normalizer that shrinks text (nmt_nfkc: runs of spaces, combining marks, control characters)
+        # breaks that bound on the raw text; it holds on the normalized text
+        self._shrinks = len(self.sp.normalize(_SHRINK_PROBE)) < len(_SHRINK_PROBE)
         # Special tokens that sentencepiece would parse out of plain text, mapped to their bytes.
         self._respell = {i: self._byte_ids(self.sp.id_to_piece(i)) for i in self.special_ids
                          if i in self.sp.encode(self.sp.id_to_piece(i))}
@@ -83,9 +88,16 @@ class Tokenizer:
         """Refuse, before tokenizing, a text longer than `tokens` tokens could spell (each token
         stands for at most max_piece_chars characters); `limit` says where the budget comes from."""
         most = tokens * self.max_piece_chars
-        if len(text) > most:
-            raise TokenizerError(f"{what} has {len(text):,} characters, more than {tokens} tokens can hold (at most "
-                                 f"{most:,} characters with this tokenizer: {limit}); shorten it")
+        if len(text) <= most:
+            return
+        shown = f"{len(text):,} characters"
+        if self._shrinks:  # one linear pass, far cheaper than tokenizing: what the pieces spell is this
+            normalized = len(self.sp.normalize(text))
+            if normalized <= most:
+                return
+            shown += f" ({normalized:,} after the tokenizer's normalization)"
+        raise TokenizerError(f"{what} has {shown}, more than {tokens} tokens can hold (at most {most:,} characters "
+                             f"with this tokenizer: {limit}); shorten it")
 
     @property
     def bos_token(self) -> str | None:

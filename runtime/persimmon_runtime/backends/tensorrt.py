@@ -354,7 +354,13 @@ class TensorRTBackend:
         error = int(rt.cudaStreamBeginCapture(stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)[0])
         if error:
             return self._graphs_off(f"cudaStreamBeginCapture failed ({error})")
-        captured = self.context.execute_async_v3(stream_handle=int(stream))
+        try:
+            captured = self.context.execute_async_v3(stream_handle=int(stream))
+        except BaseException:  # the stream must leave capture mode, or every later step fails
+            error, graph = rt.cudaStreamEndCapture(stream)
+            if not int(error):
+                rt.cudaGraphDestroy(graph)
+            raise
         error, graph = rt.cudaStreamEndCapture(stream)  # 901: CUDA invalidated the capture
         if int(error) or not captured:
             rt.cudaGetLastError()  # a failed capture may leave its error as the thread's last one
