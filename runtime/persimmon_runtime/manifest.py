@@ -316,11 +316,9 @@ class Manifest:
 # ---- reading and validating manifest.json ----
 
 def _read_manifest(path: str, directory: str) -> bytes:
-    if not os.path.lexists(path):
-        raise ManifestError(f"{path}: not found; is {directory} a build directory from `persimmon-export build`?")
     try:
         return read_regular(path, MAX_MANIFEST_BYTES, "a manifest")  # (a FIFO or device: one line)
-    except FileNotFoundError:  # a dangling link
+    except FileNotFoundError:  # (a dangling link too)
         raise ManifestError(f"{path}: not found; is {directory} a build directory from `persimmon-export build`?") \
             from None
     except NotRegularError as e:

@@ -43,7 +43,7 @@ class Tokenizer:
                                      f"or None")
         if not isinstance(add_bos, bool):
             raise TokenizerError(f"{model_file}: add_bos={add_bos!r} must be true or false")
-        self.sp = _load_model(model_file)
+        self.sp, pieces = _load_model(model_file)
         self.model_file = model_file
         self.add_bos = add_bos
         self.bos_id = self._piece_id(bos_token) if bos_token else None
@@ -57,7 +57,7 @@ class Tokenizer:
         self.special_ids |= {i for i in range(self.vocab_size) if self.sp.is_control(i)}
         # the most characters one token can stand for: a bound on a text's length from a token
         # budget, checked before tokenizing (which costs time and memory in the text's length)
-        self.max_piece_chars = max(1, max(len(self.sp.id_to_piece(i)) for i in range(self.vocab_size)))
+        self.max_piece_chars = max(1, max(map(len, pieces), default=1))
         # a normalizer that shrinks text (nmt_nfkc: runs of spaces, combining marks, control characters)
         # breaks that bound on the raw text; it holds on the normalized text
         self._shrinks = len(self.sp.normalize(_SHRINK_PROBE)) < len(_SHRINK_PROBE)
@@ -161,8 +161,8 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids if 0 <= int(i) < size and int(i) not in self.special_ids])
 
 
-def _load_model(model_file: str) -> spm.SentencePieceProcessor:
-    """The sentencepiece model, with every piece checked to be UTF-8 text.
+def _load_model(model_file: str) -> tuple[spm.SentencePieceProcessor, list[str]]:
+    """The sentencepiece model and its pieces, every one checked to be UTF-8 text.
 
     A damaged file may still parse; a piece whose bytes are no longer UTF-8 would then raise
     UnicodeDecodeError from inside sentencepiece at the first decode that meets it, mid-generation.
@@ -173,11 +173,11 @@ def _load_model(model_file: str) -> spm.SentencePieceProcessor:
         proto = read_regular(model_file, MAX_MODEL_BYTES, "a sentencepiece model")
         sp = spm.SentencePieceProcessor()
         sp.LoadFromSerializedProto(proto)  # raises on a bad model (the constructor's model_proto= does not)
-        sp.id_to_piece(list(range(sp.get_piece_size())))
+        pieces = sp.id_to_piece(list(range(sp.get_piece_size())))
     except (RuntimeError, OSError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{model_file}: not a sentencepiece model, or a damaged one ({type(e).__name__}: {e}); "
                              f"replace it with an intact copy") from None
-    return sp
+    return sp, pieces
 
 
 def _read_config(config_path: str) -> dict:

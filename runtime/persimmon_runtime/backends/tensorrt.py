@@ -354,18 +354,16 @@ class TensorRTBackend:
         error = int(rt.cudaStreamBeginCapture(stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)[0])
         if error:
             return self._graphs_off(f"cudaStreamBeginCapture failed ({error})")
+        captured = False
         try:
             captured = self.context.execute_async_v3(stream_handle=int(stream))
-        except BaseException:  # the stream must leave capture mode, or every later step fails
-            error, graph = rt.cudaStreamEndCapture(stream)
-            if not int(error):
-                rt.cudaGraphDestroy(graph)
-            raise
-        error, graph = rt.cudaStreamEndCapture(stream)  # 901: CUDA invalidated the capture
+        finally:  # even if the enqueue raised: the stream must leave capture mode, or every later step fails
+            error, graph = rt.cudaStreamEndCapture(stream)  # 901: CUDA invalidated the capture
+            if int(error) or not captured:
+                rt.cudaGetLastError()  # a failed capture may leave its error as the thread's last one
+                if not int(error):  # captured, but the enqueue failed or raised: the graph is incomplete
+                    rt.cudaGraphDestroy(graph)
         if int(error) or not captured:
-            rt.cudaGetLastError()  # a failed capture may leave its error as the thread's last one
-            if not int(error):  # captured, but the enqueue failed: the graph is incomplete
-                rt.cudaGraphDestroy(graph)
             return self._graphs_off(f"cudaStreamEndCapture failed ({int(error)})" if int(error) else
                                     "the engine has work that cannot be captured")
         error, graph_exec = rt.cudaGraphInstantiate(graph, 0)
