@@ -16,15 +16,24 @@ import numpy as np
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
+    from persimmon_runtime.cpu import cpu_model as model  # here, not above: the OpenVINO venv lacks the package
+
+    return model()
+
+
+def cpu_features() -> dict:
+    """What a prefill/decode figure depends on: the CPU model, its matrix/vector units (the
+    RECORDED_FLAGS it has) and the integer unit our int8 prefill graph would run on."""
+    from persimmon_runtime.cpu import RECORDED_FLAGS, cpu_flags, int8_unit
+
+    flags = cpu_flags()
+    return {"model": cpu_model(), "cores": os.cpu_count(), "flags": [f for f in RECORDED_FLAGS if f in flags],
+            "int8_unit": int8_unit(flags)}
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}"
+    features = cpu_features()
+    return f"{platform.machine()}, {os.cpu_count()} cores, {features['model']} ({' '.join(features['flags'])})"
 
 
 def timed(fn, repeats: int) -> float:

@@ -36,7 +36,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from machine import CpuShare, cpu_note, fixed_work_jitter, machine, measure_bandwidth  # noqa: E402
+from machine import CpuShare, cpu_features, cpu_note, fixed_work_jitter, machine, measure_bandwidth  # noqa: E402
 from step_timing import median_run, summarize, time_generate  # noqa: E402
 from workload import CONFIGS, prompt_texts, random_checkpoint  # noqa: E402
 
@@ -46,6 +46,9 @@ from persimmon_runtime.generator import Generator  # noqa: E402
 
 OPENVINO_PYTHON = os.path.join(os.path.dirname(HERE), ".venv-openvino", "bin", "python")
 OURS = {"float32": None, "int8": "int8", "int4": "int4"}  # runtime label -> build --weights
+# how our prompt steps run (Generator.load's prefill): "off" is the build's own graph, "auto" its
+# int8 prefill graph where the CPU has AMX-INT8 / VNNI (every build here has one: fp32 with --prefill int8)
+PREFILL_SETTINGS = {"off": "", "auto": " +int8 prefill"}  # setting -> runtime label suffix
 MAX_BATCH = 8
 
 
@@ -105,7 +108,7 @@ def run_openvino(checkpoint: str, cases: list[dict], new_tokens: int, work: str,
 
 
 def run_config(name: str, work: str, batches, lengths, new_tokens: int, wait_idle_s: float, block_size: int,
-               precisions: list[str], openvino_variants: list[str], repeats: int) -> dict:
+               precisions: list[str], openvino_variants: list[str], repeats: int, prefills: list[str]) -> dict:
     import transformers
 
     checkpoint, first_added = random_checkpoint(work, name)
@@ -147,17 +150,21 @@ def run_config(name: str, work: str, batches, lengths, new_tokens: int, wait_idl
         out = os.path.join(work, f"{name}-{label}")
         options = {} if weights is None else {"weights": weights, "block_size": block_size}
         build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=MAX_BATCH,
-              kv_capacity=max(lengths) + new_tokens, **options)
-        generator = Generator.load(out)
-        time_ours(generator, cases[0]["texts"][:1], 4)  # warm-up: onnxruntime's first runs allocate
-        for case in cases:
-            cpu = CpuShare(wait_idle_s=wait_idle_s)
-            figures, greedy = median_run(partial(time_ours, generator, case["texts"], new_tokens), repeats)
-            cpu = cpu.result()
-            figures["machine_jitter"] = fixed_work_jitter(figures["step_p50_ms"] / 1e3, figures["steps_timed"])
-            record(f"persimmon {label}", case, figures, cpu, greedy)
-        generator.close()
-        del generator
+              kv_capacity=max(lengths) + new_tokens, prefill="int8", **options)
+        for setting in prefills:
+            generator = Generator.load(out, prefill=setting)
+            kernels = generator.backend.prefill_kernels
+            print(f"{name:5s} persimmon {label}{PREFILL_SETTINGS[setting]}: prefill {kernels}", flush=True)
+            time_ours(generator, cases[0]["texts"][:1], 4)  # warm-up: onnxruntime's first runs allocate
+            for case in cases:
+                cpu = CpuShare(wait_idle_s=wait_idle_s)
+                figures, greedy = median_run(partial(time_ours, generator, case["texts"], new_tokens), repeats)
+                cpu = cpu.result()
+                figures["machine_jitter"] = fixed_work_jitter(figures["step_p50_ms"] / 1e3, figures["steps_timed"])
+                figures["prefill_kernels"] = kernels
+                record(f"persimmon {label}{PREFILL_SETTINGS[setting]}", case, figures, cpu, greedy)
+            generator.close()
+            del generator
     peer = run_openvino(checkpoint, cases, new_tokens, work, block_size, openvino_variants, wait_idle_s, repeats)
     for variant, result in peer.get("variants", {}).items():
         for row in result["rows"]:
@@ -199,6 +206,14 @@ def targets(results: dict, context: int) -> list[tuple[str, bool | None, str]]:
         ratio("fp32 prefill >= 1.0x OpenVINO exact fp32", config, "prefill_tok_s", "persimmon float32",
               "openvino fp32-exact")
         ratio("int8 prefill >= 1.0x OpenVINO int8", config, "prefill_tok_s", "persimmon int8", "openvino int8")
+        rows = results[config]["rows"]
+        for batch in sorted({r["batch"] for r in rows}):  # issue 24: prefill on the CPU's integer units
+            for weights in ("int8", "int4"):
+                ours = f"{weights}{PREFILL_SETTINGS['auto']}"
+                ratio(f"batch {batch}: {ours} prefill >= 1.0x OpenVINO {weights}", config, "prefill_tok_s",
+                      f"persimmon {ours}", f"openvino {weights}", batch=batch)
+            _best_ratio(checks, config, rows, batch, context, "prefill_tok_s")
+            _best_ratio(checks, config, rows, batch, context, "decode_tok_s")
         ratio("fp32 decode not slower than transformers", config, "decode_tok_s", "persimmon float32", "transformers")
         if config == "100M":
             ratio("fp32 decode >= 1.5x transformers", config, "decode_tok_s", "persimmon float32", "transformers",
@@ -213,6 +228,19 @@ def targets(results: dict, context: int) -> list[tuple[str, bool | None, str]]:
                                f"{row['p99_over_p50']:.2f}; first step / p50 {row['first_step_over_p50']:.2f}"
                                + jitter_note(row)))
     return checks
+
+
+def _best_ratio(checks: list, config: str, rows: list[dict], batch: int, context: int, metric: str) -> None:
+    """Our fastest runtime's `metric` against OpenVINO's default (bf16 compute where the CPU has it)."""
+    ours = [r for r in rows if r["runtime"].startswith("persimmon") and r["batch"] == batch and r["prompt"] == context]
+    peer = find(rows, "openvino default", batch, context)
+    label = f"{config}: batch {batch}: best {metric.split('_')[0]} >= 1.0x OpenVINO default"
+    if not ours or peer is None:
+        checks.append((label, None, "not measured"))
+        return
+    best = max(ours, key=lambda r: r[metric])
+    value = best[metric] / peer[metric]
+    checks.append((label, value >= 1.0, f"{value:.2f}x ({best['runtime']})"))
 
 
 def add_roofline(result: dict, bandwidth: float, context: int, new_tokens: int) -> None:
@@ -262,6 +290,9 @@ def main() -> None:
     parser.add_argument("--openvino", nargs="*", default=["fp32-exact", "default", "int8", "int4"],
                         choices=["fp32-exact", "default", "int8", "int4"],
                         help="OpenVINO variants to measure (default: all; none: skip OpenVINO)")
+    parser.add_argument("--prefill", nargs="+", default=list(PREFILL_SETTINGS), choices=list(PREFILL_SETTINGS),
+                        help="how our builds run prompt steps: off (the build's graph) and/or auto (its int8 prefill "
+                             "graph where the CPU has AMX-INT8/VNNI); default both")
     parser.add_argument("--json", default=os.path.join(HERE, "results", "latest.json"),
                         help="where to write the results (default benchmarks/results/latest.json; the chart goes "
                              "next to it as .png)")
@@ -280,9 +311,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         for name in args.configs:
             results[name] = run_config(name, work, batches, lengths, new_tokens, args.wait_idle, args.block_size,
-                                       args.precisions, args.openvino, args.repeats)
+                                       args.precisions, args.openvino, args.repeats, args.prefill)
             add_roofline(results[name], bandwidth["best"], max(lengths), new_tokens)
-    report = {"label": args.label, "machine": machine(), "bandwidth_bytes_s": bandwidth, "new_tokens": new_tokens,
+    report = {"label": args.label, "machine": machine(), "cpu": cpu_features(), "bandwidth_bytes_s": bandwidth, "new_tokens": new_tokens,
               "repeats": args.repeats,
               "block_size": args.block_size, "configs": results}
     report["targets"] = [{"target": t, "pass": ok, "measured": m} for t, ok, m in targets(results, max(lengths))]

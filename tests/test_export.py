@@ -203,7 +203,7 @@ def test_cache_is_updated_in_place_through_io_binding(builds):
     backend.step(np.array([[5, 6, 7], [8, 9, 0]]), np.zeros(2, np.int64), np.array([3, 2]), np.ones((2, 3), np.int64))
     host = backend._host_caches[0]  # the numpy array the first cache OrtValue borrows
     assert np.abs(host[:, :, :3]).sum() > 0 and not host[:, :, 3:].any()  # the step wrote into our buffer
-    outputs = [o.data_ptr() for o in backend.binding.get_outputs()]
+    outputs = [o.data_ptr() for o in backend._bindings[backend.session].binding.get_outputs()]
     assert len(outputs) == len(before) + 1 and set(before) <= set(outputs)  # present_* are the very past_* buffers
 
 

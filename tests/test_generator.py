@@ -148,7 +148,7 @@ def test_invalid_requests_fail_before_any_compute(tiny_build, call, message):
     generator = Generator.load(tiny_build)
     with pytest.raises((PersimmonError, TypeError), match=message):
         call(generator)
-    assert generator.backend.binding is None  # the backend never started
+    assert generator.backend.batch == 0  # the backend never started
 
 
 def test_persimmon_run_streams_and_reports_errors(tiny_build, generator):

@@ -40,7 +40,9 @@ SHM_REGIONS = tritonserver.SHM_REGIONS
 # The test build's KV capacity and size: a completion filling it takes long enough (~20 s) that an
 # abandoned request which ran to its end would visibly stall the next one.
 CAPACITY = 4096
-GENERATE_TIMEOUT_S = 5.0  # the test repository's limit for non-streaming requests without timeout_s
+# the test repository's limit for non-streaming requests without timeout_s: well under what its
+# CAPACITY - 96 tokens take (a 2-core AMD EPYC with AVX-512 decoded them in under 5 s)
+GENERATE_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +199,7 @@ def test_no_value_can_inject_fields_into_config_pbtxt():
         [group] = config.instance_group
         assert config.name == "persimmon" and group.count == 2 and group.kind == group.KIND_CPU
         assert {key: value.string_value for key, value in config.parameters.items()} == \
-            {"build_dir": "build", "backend": hostile, "generate_timeout_s": "7.5"}
+            {"build_dir": "build", "backend": hostile, "generate_timeout_s": "7.5", "prefill": "auto"}
 
 
 def test_python_paths_cannot_inject_code_into_model_py(build_dir, tmp_path):

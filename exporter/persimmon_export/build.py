@@ -24,7 +24,7 @@ from .config import PersimmonConfig
 from .engine import FLAVORS, POLYGRAPHY_SCRIPT, TENSORRT, TENSORRT_RTX, build_engine, check_engine_options
 from .export import ExportError, export_onnx
 from .files import atomic_directory, check_output
-from .quantize import weight_format
+from .quantize import prefill_format, prefill_section, weight_format
 from .ranges import calibrate, log_summary, report
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
           workspace_mib: int | None = None, cache_layout: str | None = None, overwrite: bool = False,
           compute_capabilities: list[str] | None = None, calibration_file: str | None = None,
           weights: str | None = None, block_size: int | None = None, quantize_lm_head: bool | None = None,
-          task: str | None = None) -> Manifest:
+          task: str | None = None, prefill: str | None = None) -> Manifest:
     """Export `checkpoint` (an HF directory with tokenizer files) into `out_dir`; return its manifest.
 
     kv_capacity (cache slots per sequence: prompt + generated tokens; the CLI's --kv-capacity)
@@ -55,6 +55,9 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
     replaced only if it is a build we wrote and `overwrite` is set (see `files.check_output`).
     weights "int8" / "int4" stores the linear weights as block-wise symmetric integers (block_size
     inputs per scale; quantize_lm_head None: the measured default), see `quantize`.
+    prefill "int8" also writes a prefill graph (int8 x int8 linears for steps of many tokens on CPUs
+    with integer matrix units; onnxruntime builds only), "none" does not; None: int8 for quantized
+    onnxruntime builds, none otherwise (see `quantize.prefill_format`).
     task (default: from config.json's `architectures`) "sequence-classification" or
     "token-classification" builds a classifier graph instead (no cache; kv_capacity is then the
     most tokens per text), see `classify`.
@@ -107,6 +110,7 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
     if not 1 <= max_prefill <= kv_capacity:
         raise ExportError(f"--max-prefill must be in [1, kv_capacity={kv_capacity}], got {max_prefill}")
     quantized = weight_format(weights, block_size, config, engine=flavor is not None, lm_head=quantize_lm_head)
+    prefill_graph = prefill_format(prefill, weights, onnxruntime_graph=cache_layout == "capacity" and flavor is None)
     if calibration_file and dtype != "float16":
         raise ExportError(f"--calibration-file is for --dtype float16 builds (the range report); this build is {dtype}")
     tokenizer = Tokenizer.from_dir(checkpoint)
@@ -122,7 +126,7 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
         if classifier is None:
             graph, files = export_onnx(config, checked_tensors(checkpoint, config), tmp, dtype=dtype,
                                        kv_capacity=kv_capacity, cache_layout=cache_layout, measured=measured,
-                                       weights=quantized)
+                                       weights=quantized, prefill=prefill_graph)
         else:
             graph, files = export_classifier(config, checked_tensors(checkpoint, config, MODEL_CLASSES[task]), tmp,
                                              task, dtype, kv_capacity, classifier.pad_token_id)
@@ -136,7 +140,8 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
             eos_token_ids=[] if eos is None else list(eos) if isinstance(eos, list) else [eos],
             onnx=graph, files={**files, TOKENIZER_FILE: _file_entry(os.path.join(tmp, TOKENIZER_FILE))},
             exporter_version=__version__, ranges=None if measured is None else report(measured),
-            weights=None if quantized is None else quantized.section(), task=task, classifier=classifier)
+            weights=None if quantized is None else quantized.section(), task=task, classifier=classifier,
+            prefill=None if prefill_graph is None else prefill_section(prefill_graph))
         if flavor is not None:
             manifest.tensorrt = build_engine(tmp, manifest, max_prefill=max_prefill,
                                              plugins=plugins, version_compatible=version_compatible,
@@ -159,6 +164,7 @@ def summary(manifest: Manifest, out_dir: str) -> dict:
     engine = manifest.tensorrt
     return {"build": out_dir, "task": manifest.task, "dtype": manifest.dtype,
             "weights": None if manifest.weights is None else manifest.weights.type,
+            "prefill": None if manifest.prefill is None else manifest.prefill.weights,
             "kv_capacity": manifest.kv_capacity, "max_batch": manifest.max_batch,
             "vocab_size": manifest.model.vocab_size, "layers": manifest.model.num_hidden_layers,
             "cache_layout": manifest.onnx.cache_layout, "onnx_ir_version": manifest.onnx.ir_version,
@@ -173,6 +179,7 @@ def summary(manifest: Manifest, out_dir: str) -> dict:
 def summary_line(summary: dict) -> str:
     """'built demo/build: causal-lm float16, kv_capacity 512, max_batch 4, onnxruntime (...), 12.3 MB'."""
     weights = f" with {summary['weights']} weights" if summary["weights"] else ""
+    weights += f" (+ {summary['prefill']} prefill graph)" if summary.get("prefill") else ""
     engine = summary["engine"]
     runs_on = "onnxruntime" if engine is None else f"{engine['flavor']} {engine['version']} engine + onnxruntime"
     return (f"built {summary['build']}: {summary['task']} {summary['dtype']}{weights}, kv_capacity "

@@ -47,7 +47,7 @@ def _build(args) -> None:
         version_compatible=args.version_compatible, timing_cache=args.timing_cache, opt_level=args.opt_level,
         workspace_mib=int(args.workspace_gb * 1024) if args.workspace_gb else None, overwrite=args.overwrite,
         compute_capabilities=args.compute_capabilities, calibration_file=args.calibration_file,
-        weights=args.weights, block_size=args.block_size, task=args.task)
+        weights=args.weights, block_size=args.block_size, task=args.task, prefill=args.prefill)
     result = summary(manifest, args.out)
     print_json(result) if args.json else print(summary_line(result))
 
@@ -177,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--block-size", type=int, metavar="N",
                        help="with --weights: inputs per scale, a power of two >= 16 dividing every linear's inputs "
                             "(default 32; TensorRT int8 uses one scale per output channel instead)")
+    build.add_argument("--prefill", metavar="{int8,none}",
+                       help="int8: add a prefill graph whose linears multiply int8 weights (one scale per output "
+                            "channel) by activations quantized per token at run time, for CPUs with integer matrix "
+                            "units (AMX, AVX512-VNNI, AVX-VNNI), which run prompts several times faster that way; "
+                            "the runtime uses it where the CPU has them and for steps of 16+ tokens per row. Costs "
+                            "1 byte per linear weight of disk and memory; onnxruntime builds only. Default: int8 "
+                            "with --weights, none without (a float build stays exact; docs/quantization.md)")
     trt = build.add_argument_group("TensorRT engine (--backend tensorrt or tensorrt-rtx)")
     trt.add_argument("--max-prefill", type=int,
                      help="most new tokens in one prefill step (profile 0; default min(kv-capacity, 2048))")

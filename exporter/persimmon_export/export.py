@@ -54,7 +54,7 @@ from .config import PersimmonConfig
 from .model import rope_inv_freq
 from .onnx_versions import BASE_OPSET, declare_versions
 from .progress import Steps
-from .quantize import WeightFormat, emit_matmul, linear_shapes, write_quantized
+from .quantize import PREFILL_DATA_FILE, PREFILL_FILE, WeightFormat, emit_matmul, linear_shapes, write_quantized
 
 log = logging.getLogger(__name__)
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
@@ -134,6 +134,7 @@ class _GraphBuilder:
     def __init__(self):
         self.nodes: list[onnx.NodeProto] = []
         self.count = 0
+        self.consts: set[str] = set()
 
     def op(self, op_type, *inputs, outputs=1, domain="", name=None, **attrs):
         """Add a node; `outputs` is a count or a list of names. Returns the output name(s)."""
@@ -146,7 +147,10 @@ class _GraphBuilder:
         return outputs[0] if len(outputs) == 1 else outputs
 
     def const(self, name, array: np.ndarray) -> str:
-        self.nodes.append(helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(array, name)))
+        """A Constant node named `name`, made once (later calls return the first)."""
+        if name not in self.consts:
+            self.consts.add(name)
+            self.nodes.append(helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(array, name)))
         return name
 
 
@@ -177,9 +181,10 @@ def _value_info(spec: TensorSpec):
 
 
 def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_layout: str = "window",
-                weights: WeightFormat | None = None) -> onnx.GraphProto:
+                weights: WeightFormat | None = None, prefill: WeightFormat | None = None) -> onnx.GraphProto:
     """The step graph, with initializers left out (the caller adds them as external data).
-    `weights`: the int8/int4 format of the linear weights it names (None: stored in dtype)."""
+    `weights`: the int8/int4 format of the linear weights it names (None: stored in dtype);
+    `prefill`: the prefill graph's format, which takes precedence for the weights it names."""
     if cache_layout not in CACHE_LAYOUTS:
         raise ExportError(f"cache layout {cache_layout!r} is not one of {tuple(CACHE_LAYOUTS)}")
     if cache_layout == "capacity" and config.head_dim % HEAD_DIM_MULTIPLE:
@@ -232,9 +237,10 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_lay
     quantized_shapes = linear_shapes(config)
 
     def matmul(x, weight):
-        if weights is not None and weights.quantizes(weight):
+        fmt = next((f for f in (prefill, weights) if f is not None and f.quantizes(weight)), None)
+        if fmt is not None:
             suffix = next(s for s in quantized_shapes if weight.endswith(s))
-            return emit_matmul(g, x, weight, weights, *quantized_shapes[suffix])
+            return emit_matmul(g, x, weight, fmt, *quantized_shapes[suffix], half=half)
         return g.op("MatMul", x, weight)
 
     def linear(x, prefix, bias=True):
@@ -378,6 +384,7 @@ class _DataWriter:
 
     def __init__(self, path: str):
         self.file = open(path, "wb")
+        self.location = os.path.basename(path)
         self.offset = 0
         self.sha256 = hashlib.sha256()
         self.largest: dict[str, float] = {}  # name -> max |x| as stored, for tensors stored in fp16
@@ -397,7 +404,7 @@ class _DataWriter:
     def external(self, name: str, dims: list, data_type: int, start: int) -> TensorProto:
         """The initializer for what was written since `start`."""
         proto = TensorProto(name=name, dims=dims, data_location=TensorProto.EXTERNAL, data_type=data_type)
-        for key, value in (("location", DATA_FILE), ("offset", str(start)), ("length", str(self.offset - start))):
+        for key, value in (("location", self.location), ("offset", str(start)), ("length", str(self.offset - start))):
             entry = proto.external_data.add()
             entry.key, entry.value = key, value
         return proto
@@ -448,12 +455,16 @@ def _write_weight(writer: _DataWriter, name: str, tensor: torch.Tensor, dtype: s
 
 def write_tensors(graph: onnx.GraphProto, writer: _DataWriter, tensors: Iterable[tuple[str, torch.Tensor]],
                   dtype: str, relu2: Relu2Scales, step: Steps, weights: WeightFormat | None = None,
-                  tied_lm_head: bool = False) -> None:
+                  tied_lm_head: bool = False, prefill: "_PrefillWriter | None" = None) -> None:
     """Write each checkpoint tensor as the build stores it (`_write_weight`, each MLP at its relu^2
-    scale) and add it to the graph's initializers; tied_lm_head: the embedding table again as lm_head."""
+    scale) and add it to the graph's initializers; tied_lm_head: the embedding table again as lm_head.
+    `prefill`: also write the prefill graph's int8 copy of the weights its format names."""
     for name, tensor in tensors:
         for ready, ready_tensor, factor in relu2.ready(name, tensor):
             graph.initializer.extend(_write_weight(writer, ready, ready_tensor, dtype, factor, weights))
+            if prefill is not None and prefill.format.quantizes(ready):
+                prefill.initializers.extend(write_quantized(prefill.writer, ready, ready_tensor, prefill.format,
+                                                            torch.float32, factor))
         if tied_lm_head and name == "model.embed_tokens.weight":
             graph.initializer.extend(_write_weight(writer, "lm_head.weight", tensor, dtype, 1.0, weights))
         log.debug(f"{name}: {tuple(tensor.shape)} {tensor.dtype}")
@@ -481,9 +492,18 @@ def _refuse_non_finite(name: str, original: torch.Tensor, target: torch.dtype, s
                       f"stored{scaled}; build with --dtype bfloat16 (for TensorRT) or --dtype float32")
 
 
+@dataclasses.dataclass
+class _PrefillWriter:
+    """The prefill graph's int8 weights as they are written (`write_tensors`)."""
+    format: WeightFormat
+    writer: _DataWriter
+    initializers: list = dataclasses.field(default_factory=list)
+
+
 def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str,
                 dtype: str = "float16", kv_capacity: int = 4096, cache_layout: str = "window",
-                measured=None, weights: WeightFormat | None = None) -> tuple[GraphSection, dict]:
+                measured=None, weights: WeightFormat | None = None,
+                prefill: WeightFormat | None = None) -> tuple[GraphSection, dict]:
     """Write out_dir/model.onnx + model.onnx.data; return the manifest's `onnx` section and the
     files written ({name: {"bytes", "sha256"}}).
 
@@ -491,42 +511,64 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
     (a `ranges.Measured`, float16 only) also bounds each layer's relu^2 scale and receives what was
     stored: `measured.scales` (per layer) and `measured.weights` (max |W| per fp16 tensor).
     `weights` (`quantize.weight_format`): store the linear weights it names as int8/int4.
+    `prefill` (`quantize.prefill_format`): also write prefill.onnx + prefill.onnx.data, the same
+    step with int8 x int8 linears, reading every other tensor from model.onnx.data.
     """
     if dtype not in ONNX_DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of {sorted(ONNX_DTYPES)}")
+    if prefill is not None and cache_layout != "capacity":
+        raise ExportError(f"a prefill graph is written for cache layout 'capacity' (onnxruntime builds), not "
+                          f"{cache_layout!r}")
     graph = build_graph(config, dtype, kv_capacity, cache_layout, weights)
     writer = _DataWriter(os.path.join(out_dir, DATA_FILE))
+    second = None if prefill is None else _PrefillWriter(prefill, _DataWriter(os.path.join(out_dir, PREFILL_DATA_FILE)))
     expected = 4 + 12 * config.num_hidden_layers + (4 if config.qk_layernorm else 0) * config.num_hidden_layers
     step = Steps(log, "weights", expected, "tensors", every=25)
     relu2 = Relu2Scales(config, dtype, measured)
     try:
-        write_tensors(graph, writer, tensors, dtype, relu2, step, weights, tied_lm_head=config.tie_word_embeddings)
+        write_tensors(graph, writer, tensors, dtype, relu2, step, weights, tied_lm_head=config.tie_word_embeddings,
+                      prefill=second)
         if measured is not None:
             measured.weights = writer.largest
             measured.scales = [relu2.scales.get(f"model.layers.{i}", 1.0) for i in range(config.num_hidden_layers)]
     finally:
         step.close()
         writer.close()
-    return save_model(graph, out_dir, writer, graph_section(config, dtype, kv_capacity, cache_layout))
+        if second is not None:
+            second.writer.close()
+    section = graph_section(config, dtype, kv_capacity, cache_layout)
+    if second is None:
+        return save_model(graph, out_dir, writer, section)
+    prefill_graph = build_graph(config, dtype, kv_capacity, cache_layout, weights, prefill)
+    used = {name for node in prefill_graph.node for name in node.input}
+    replaced = {tensor.name for tensor in second.initializers}
+    prefill_graph.initializer.extend([tensor for tensor in graph.initializer  # the same bytes of model.onnx.data
+                                      if tensor.name in used and tensor.name not in replaced])
+    prefill_graph.initializer.extend(second.initializers)
+    prefill_versions, prefill_files = save_model(prefill_graph, out_dir, second.writer, section, PREFILL_FILE)
+    if prefill_versions.opset_imports["ai.onnx"] != BASE_OPSET:  # _dynamic_int8_matmul's ReduceMax has opset 17's signature
+        raise ExportError(f"the prefill graph needs an opset past {BASE_OPSET}; it is written for opset {BASE_OPSET}")
+    section, files = save_model(graph, out_dir, writer, section)
+    return section, {**files, **prefill_files}
 
 
-def save_model(graph: onnx.GraphProto, out_dir: str, writer: "_DataWriter",
-               section: GraphSection) -> tuple[GraphSection, dict]:
-    """Save out_dir/model.onnx (with the custom ops' functions, the lowest opsets and IR version its
-    ops need), check it with onnx.checker; return `section` with those versions recorded and the
+def save_model(graph: onnx.GraphProto, out_dir: str, writer: "_DataWriter", section: GraphSection,
+               model_file: str = MODEL_FILE) -> tuple[GraphSection, dict]:
+    """Save out_dir/`model_file` (with the custom ops' functions, the lowest opsets and IR version
+    its ops need), check it with onnx.checker; return `section` with those versions recorded and the
     files written with `writer`'s data ({name: {"bytes", "sha256"}})."""
     model = helper.make_model(graph, functions=custom_op_functions(), producer_name="persimmon-export",
                               opset_imports=[helper.make_opsetid("", BASE_OPSET),
                                              helper.make_opsetid(CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION)])
     add_contrib_opset(model)  # where used: MatMulNBits, the `capacity` layout's GroupQueryAttention
     section = dataclasses.replace(section, **declare_versions(model))
-    model_path = os.path.join(out_dir, MODEL_FILE)
+    model_path = os.path.join(out_dir, model_file)
     onnx.save(model, model_path)
-    log.info("checking the graph (onnx.checker full check, shape inference) ...")
+    log.info(f"checking {model_file} (onnx.checker full check, shape inference) ...")
     try:
         onnx.checker.check_model(model_path, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"{model_path}: the exported graph fails onnx.checker: {e}") from None
-    data_path = os.path.join(out_dir, DATA_FILE)
-    return section, {MODEL_FILE: {"bytes": os.path.getsize(model_path), "sha256": sha256_file(model_path)},
-                     DATA_FILE: {"bytes": os.path.getsize(data_path), "sha256": writer.sha256.hexdigest()}}
+    data_path = os.path.join(out_dir, writer.location)
+    return section, {model_file: {"bytes": os.path.getsize(model_path), "sha256": sha256_file(model_path)},
+                     writer.location: {"bytes": os.path.getsize(data_path), "sha256": writer.sha256.hexdigest()}}

@@ -45,6 +45,7 @@ INT8_MAX_ABS, INT8_TOP1 = 0.05, 0.80
 INT4_MAX_ABS, INT4_TOP1 = 0.60, 0.25
 # fp32 must match closely and generate the same tokens; fp16's bound scales with the logits
 # (2% of the largest |logit|) and its greedy tokens may part at near-ties (reported, not failed).
+PREFILL_INT8 = "int8-prefill"
 BOUNDS = {"float32": {"max_abs": 1e-3, "relative": False, "top1": 0.99, "greedy_must_match": True},
           "float16": {"max_abs": 0.02, "relative": True, "top1": 0.95, "greedy_must_match": False},
           # 8 significant bits to fp16's 11: each rounding 8x coarser (observed 1.6% emulated, tiny model)
@@ -52,6 +53,9 @@ BOUNDS = {"float32": {"max_abs": 1e-3, "relative": False, "top1": 0.99, "greedy_
           # weight-only quantized builds (any dtype: the weights' rounding dominates)
           "int8": {"max_abs": INT8_MAX_ABS, "relative": True, "top1": INT8_TOP1, "greedy_must_match": False},
           "int4": {"max_abs": INT4_MAX_ABS, "relative": True, "top1": INT4_TOP1, "greedy_must_match": False}}
+# a float build whose prompt steps ran its int8 prefill graph (int8 weights per channel, activations
+# per token): int8's bounds, the decode steps after it reading the cache those steps wrote
+BOUNDS[PREFILL_INT8] = BOUNDS["int8"]
 
 
 @dataclass
@@ -167,7 +171,7 @@ def check_parity(checkpoint: str, build_dir: str, prompts=DEFAULT_PROMPTS, decod
         generator = Generator.load(build_dir, backend=name, device=device)
         log.info(f"{name}: {len(prompt_ids)} prompts, prefill + {decode_steps} decode steps")
         logits, tokens = backend_greedy(generator.backend, prompt_ids, decode_steps)
-        results.append(compare(name, precision(generator.manifest), logits, tokens))
+        results.append(compare(name, precision(generator.manifest, generator.backend), logits, tokens))
     if emulate:
         backend = EmulatedBackend(build_dir)
         log.info(f"emulated: {len(prompt_ids)} prompts, prefill + {decode_steps} decode steps")
@@ -180,9 +184,14 @@ def check_parity(checkpoint: str, build_dir: str, prompts=DEFAULT_PROMPTS, decod
     return results
 
 
-def precision(manifest: Manifest) -> str:
-    """'float16', or 'float16/int4' for weight-only quantized builds: what the bounds are chosen by."""
-    return manifest.dtype if manifest.weights is None else f"{manifest.dtype}/{manifest.weights.type}"
+def precision(manifest: Manifest, backend=None) -> str:
+    """'float16', 'float16/int4' for weight-only quantized builds, 'float32/int8-prefill' for a float
+    build whose prompt steps ran on its int8 prefill graph (`backend`): what the bounds are chosen by."""
+    if manifest.weights is not None:
+        return f"{manifest.dtype}/{manifest.weights.type}"
+    if getattr(backend, "prefill_session", None) is not None:
+        return f"{manifest.dtype}/{PREFILL_INT8}"
+    return manifest.dtype
 
 
 def _compare(name: str, dtype: str, reference, reference_tokens: list[list[int]], prompt_ids: list[list[int]],

@@ -19,6 +19,11 @@ Two graph forms, one per runtime, each the form its fast kernel is documented to
   DequantizeLinear into a [256, 96] MatMul built a 168 KB engine (the weight dequantized to
   fp32 constants) and the per-channel one 39 KB (int8 kept); int4 blocked 28 KB.
 
+Prefill graphs (`build --prefill int8`, onnxruntime builds; see `prefill_format`) multiply by
+int8 weights per output channel (codes [K, N], fp32 scales [N]) with `com.microsoft.
+DynamicQuantizeMatMul`, which quantizes the activations to uint8 at run time and runs MLAS's
+u8 x s8 integer GEMM: the AMX-INT8 / AVX512-VNNI / AVX-VNNI kernels where the CPU has them.
+
 The codes are computed in chunks of rows as the weights stream through the export (a chunk at
 a time in memory, not a copy of the model), scales kept for the tensor being written.
 
@@ -36,12 +41,13 @@ import torch
 from onnx import TensorProto
 
 from persimmon_runtime.errors import PersimmonError
-from persimmon_runtime.manifest import WEIGHT_OPS, WeightsSection
+from persimmon_runtime.manifest import PREFILL_OPS, WEIGHT_OPS, PrefillSection, WeightsSection
 
 from .attention import CONTRIB_DOMAIN
 
 WEIGHT_BITS = {"int8": 8, "int4": 4}
 MATMUL_NBITS, DEQUANTIZE = WEIGHT_OPS  # onnxruntime's fused op, TensorRT's weight-only pattern
+(DYNAMIC_INT8,) = PREFILL_OPS          # onnxruntime's int8 x int8 GEMM (prefill graphs)
 # accuracy_level 4: MatMulNBits may quantize A to int8 (per block) and use integer dot products
 INT8_COMPUTE = 4
 DEFAULT_BLOCK_SIZE = 32
@@ -54,6 +60,7 @@ LINEARS = ("query_key_value.weight", "dense.weight", "dense_h_to_4h.weight", "de
 # so it is the whole attention block it fuses with; retry when TensorRT changes.
 ENGINE_LINEARS = LINEARS[1:]
 LM_HEAD = "lm_head.weight"
+PREFILL_FILE, PREFILL_DATA_FILE = "prefill.onnx", "prefill.onnx.data"
 LM_HEAD_QUANTIZED = {"int8": True, "int4": True}
 CHUNK_ELEMENTS = 1 << 24  # a chunk's fp32 copy is 64 MiB; its codes and quotient as much again
 
@@ -122,14 +129,62 @@ def weight_format(weights: str | None, block_size: int | None, config, engine: b
     return WeightFormat(weights, block, op, tensors)
 
 
-def emit_matmul(g, x: str, weight: str, fmt: WeightFormat, inputs: int, outputs: int) -> str:
-    """x @ W for a quantized W stored as `weight` (codes) and `weight`_scale; returns the output."""
+# the prefill graph's linears: int8 per output channel for DynamicQuantizeMatMul. lm_head keeps the
+# build's format: it multiplies one token per row, not the prompt
+_PREFILL_INT8 = WeightFormat("int8", None, DYNAMIC_INT8, LINEARS)
+
+
+# Steps with fewer new tokens per row run the build's own graph (chosen by measurement,
+# docs/benchmarks.md "Prefill on the CPU's integer units")
+PREFILL_MIN_TOKENS = 16
+PREFILL_CHOICES = ("int8", "none")
+
+
+def prefill_format(prefill: str | None, weights: str | None, onnxruntime_graph: bool) -> WeightFormat | None:
+    """The checked --prefill choice (None: the default, int8 for --weights int8/int4 builds); the
+    format of the prefill graph's linears or None for no prefill graph."""
+    if prefill is None:
+        prefill = "int8" if weights is not None and onnxruntime_graph else "none"
+    if prefill not in PREFILL_CHOICES:
+        raise QuantizeError(f"--prefill {prefill!r} is not one of {PREFILL_CHOICES}")
+    if prefill == "none":
+        return None
+    if not onnxruntime_graph:
+        raise QuantizeError("--prefill int8 adds a graph for onnxruntime on CPUs (cache layout 'capacity'); this "
+                            "build's graph is not one: leave --prefill out, or build --backend onnxruntime")
+    return _PREFILL_INT8
+
+
+def prefill_section(fmt: WeightFormat) -> PrefillSection:
+    return PrefillSection(file=PREFILL_FILE, data_file=PREFILL_DATA_FILE, weights=fmt.type, op=fmt.op,
+                          tensors=list(fmt.tensors), min_tokens=PREFILL_MIN_TOKENS)
+
+
+def emit_matmul(g, x: str, weight: str, fmt: WeightFormat, inputs: int, outputs: int, half: bool = False) -> str:
+    """x @ W for a quantized W stored as `weight` (codes) and `weight`_scale; returns the output.
+    `half`: x is float16 (DynamicQuantizeMatMul takes float32 only)."""
     scale = scale_name(weight)
+    if fmt.op == DYNAMIC_INT8:
+        return _dynamic_int8_matmul(g, x, weight, scale, half)
     if fmt.op == MATMUL_NBITS:
         return g.op(MATMUL_NBITS, x, weight, scale, domain=CONTRIB_DOMAIN, K=inputs, N=outputs, bits=fmt.bits,
                     block_size=fmt.block_size, accuracy_level=INT8_COMPUTE)
     blocks = {"axis": 1} if fmt.block_size is None else {"axis": 0, "block_size": fmt.block_size}
     return g.op("MatMul", x, g.op("DequantizeLinear", weight, scale, **blocks))
+
+
+def _dynamic_int8_matmul(g, x: str, weight: str, scale: str, half: bool) -> str:
+    """DynamicQuantizeMatMul quantizes all of x with one scale and zero point. Dividing each token
+    by its own max |x| first (and multiplying its outputs back) gives every token the full 8 bits:
+    one outlier token (relu^2 outputs are heavy-tailed) no longer coarsens every other token's steps,
+    and a token's result no longer depends on which other tokens share its step."""
+    x32 = g.op("Cast", x, to=TensorProto.FLOAT) if half else x
+    floor = g.const("token_max_floor", np.array(np.finfo(np.float32).tiny, np.float32))  # an all-zero token
+    # ReduceMax with an `axes` attribute: opset 17, which prefill graphs declare (export checks it)
+    token_max = g.op("Max", g.op("ReduceMax", g.op("Abs", x32), axes=[-1], keepdims=1), floor)
+    y = g.op(DYNAMIC_INT8, g.op("Div", x32, token_max), weight, scale, domain=CONTRIB_DOMAIN)
+    y = g.op("Mul", y, token_max)
+    return g.op("Cast", y, to=TensorProto.FLOAT16) if half else y
 
 
 def scale_name(weight: str) -> str:

@@ -103,7 +103,9 @@ def check_generate_timeout(seconds) -> float:
 
 def generation_config(name: str, kind: str, instances: int, backend: str,
                       generate_timeout_s: float = DEFAULT_GENERATE_TIMEOUT_S) -> str:
-    parameters = {"build_dir": "build", "backend": backend, "generate_timeout_s": repr(float(generate_timeout_s))}
+    # prefill: "auto" | "int8" | "off", persimmon_runtime.cpu.choose_prefill (edit it here to override)
+    parameters = {"build_dir": "build", "backend": backend, "generate_timeout_s": repr(float(generate_timeout_s)),
+                  "prefill": "auto"}
     return f'''name: {pbtxt_string(name)}
 backend: "python"
 max_batch_size: 0

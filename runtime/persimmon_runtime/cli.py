@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
                         help="auto (default): TensorRT when the build has an engine and a GPU can run it")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the backend's own, cuda for TensorRT)")
+    parser.add_argument("--prefill", default="auto", choices=["auto", "int8", "off"],
+                        help="prompt steps on the build's int8 prefill graph (onnxruntime): auto (default) where "
+                             "the CPU has AMX-INT8, AVX512-VNNI or AVX-VNNI, int8 always, off never; -v says which")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the sha256 check of the build's files (by default done once per change of a "
                              "file, then remembered in ~/.cache/persimmon)")
@@ -61,7 +64,8 @@ def _run(args) -> None:
     prompt = utf8_argument("prompt", args.prompt)
     SamplingParams.from_settings(sampling)  # bad settings are refused before the load (a minute at 8B)
     generator = Generator.load(args.build, backend=args.backend, device=args.device,
-                               verify_checksums=not args.no_verify)
+                               verify_checksums=not args.no_verify, prefill=args.prefill)
+    log.debug(f"{generator.backend.name}: prefill {generator.backend.prefill_kernels}")
     prompt = format_chat(prompt) if args.chat else prompt
     started, finished = time.perf_counter(), []
     if args.no_stream:

@@ -37,15 +37,18 @@ class Generator:
 
     @classmethod
     def load(cls, build_dir: str, backend: str = "auto", device: str | None = None,
-             verify_checksums: bool = True, prefill_chunk: int = PREFILL_CHUNK) -> "Generator":
+             verify_checksums: bool = True, prefill_chunk: int = PREFILL_CHUNK,
+             prefill: str = "auto") -> "Generator":
         """Open a build directory (from `persimmon-export build`).
 
         backend: "auto" (TensorRT when the build has an engine and a GPU can run it, else
         onnxruntime), "onnxruntime" or "tensorrt". device: "cpu", "cuda", "cuda:N" or None for
         the backend's default. prefill_chunk: the most prompt tokens per row in one model step.
+        prefill: "auto" (onnxruntime runs prompt steps on the build's int8 prefill graph where the
+        CPU has AMX-INT8/VNNI), "int8" (always) or "off"; `backend.prefill_kernels` says which ran.
         """
         manifest = Manifest.load(build_dir, verify_checksums=verify_checksums)
-        return cls(load_backend(build_dir, manifest, backend=backend, device=device),
+        return cls(load_backend(build_dir, manifest, backend=backend, device=device, prefill=prefill),
                    build_tokenizer(build_dir, manifest), prefill_chunk=prefill_chunk)
 
     # ---- public API ----

@@ -53,6 +53,8 @@ CACHE_UPDATES = ("tensor_scatter", "scatter_elements")  # in place (KV-cache-upd
 # weight-only quantized builds: the op that multiplies by the int8/int4 weights (weights.op):
 # onnxruntime's fused com.microsoft op, or TensorRT's DequantizeLinear-into-MatMul pattern
 WEIGHT_OPS = ("MatMulNBits", "DequantizeLinear")
+# prefill graphs (section `prefill`): the op that multiplies int8 weights by int8-quantized activations
+PREFILL_OPS = ("DynamicQuantizeMatMul",)
 WEIGHT_TYPES = ("int8", "int4")
 # What a build computes (top-level `task`; builds from before classifiers lack it: causal-lm).
 # Classifier builds have no cache: their graph reads whole texts (input_ids and attention_mask)
@@ -230,6 +232,22 @@ class WeightsSection:
 
 
 @dataclass(frozen=True)
+class PrefillSection:
+    """Section `prefill`, written by `build --prefill int8` for onnxruntime builds (absent or null:
+    none): a second step graph with the inputs, outputs and caches of `onnx`, for steps of at least
+    `min_tokens` new tokens per row. Its linear layers multiply int8 weights by activations
+    quantized to 8 bits at run time (`op`), which CPUs with integer matrix units (AMX-INT8,
+    AVX512-VNNI, AVX-VNNI) run several times faster than float; the runtime uses it where the CPU
+    has them (see `persimmon_runtime.cpu`). Every other tensor is read from `onnx.data_file`."""
+    file: str                # prefill.onnx
+    data_file: str           # its int8 weights
+    weights: str             # "int8": the codes of `tensors`, one scale per output channel
+    op: str                  # a PREFILL_OPS entry
+    tensors: list            # name suffixes of the weights it holds ('dense.weight')
+    min_tokens: int          # steps with fewer new tokens per row run `onnx.file`
+
+
+@dataclass(frozen=True)
 class ClassifierSection:
     """Section `classifier`, written by build for classifier tasks (`persimmon_export.classify`;
     absent or null: causal-lm builds), from the checkpoint's config.json."""
@@ -253,6 +271,7 @@ class Manifest:
     exporter_version: str = ""
     ranges: RangeSection | None = None
     weights: WeightsSection | None = None
+    prefill: PrefillSection | None = None        # onnxruntime builds with an int8 prefill graph
     task: str = CAUSAL_LM                        # a TASKS entry
     classifier: ClassifierSection | None = None  # classifier tasks only
     format: str = FORMAT
@@ -284,12 +303,13 @@ class Manifest:
     def from_dict(cls, raw: dict) -> "Manifest":
         """A Manifest from a dict that `validate` accepted."""
         engine, ranges, weights = raw["tensorrt"], raw.get("ranges"), raw.get("weights")
-        classifier = raw.get("classifier")
+        classifier, prefill = raw.get("classifier"), raw.get("prefill")
         return cls(**{**raw, "model": ModelShape(**raw["model"]), "tokenizer": TokenizerSection(**raw["tokenizer"]),
                       "onnx": GraphSection.from_dict(raw["onnx"]),
                       "tensorrt": None if engine is None else EngineSection.from_dict(engine),
                       "ranges": None if ranges is None else RangeSection.from_dict(ranges),
                       "weights": None if weights is None else WeightsSection(**weights),
+                      "prefill": None if prefill is None else PrefillSection(**prefill),
                       "classifier": None if classifier is None else ClassifierSection(**classifier)})
 
     @classmethod
@@ -353,7 +373,8 @@ def validate(path: str, raw: dict) -> None:
     # `ranges` and `weights` came after format version 2 (neither changes how the runtime runs a
     # step: the graph carries the quantized ops): older builds lack them
     # `task` and `classifier` likewise: a build without them is a causal LM, read as before
-    _check(path, "", raw, _fields(_TOP_LEVEL, may_be_absent=("ranges", "weights", "task", "classifier")))  # raw is a dict: only its fields can fail
+    _check(path, "", raw, _fields(_TOP_LEVEL, may_be_absent=("ranges", "weights", "prefill", "task",
+                                                                 "classifier")))  # raw is a dict: only its fields can fail
     _check_references(path, raw)
 
 
@@ -507,6 +528,9 @@ _WEIGHTS = _fields({
     "type": _one_of(*WEIGHT_TYPES),
     "block_size": _optional(_kind("a power of two >= 16", lambda v: type(v) is int and v >= 16 and not v & (v - 1))),
     "op": _one_of(*WEIGHT_OPS), "tensors": _list_of(_STR)})
+_PREFILL = _fields({
+    "file": _FILE_NAME, "data_file": _FILE_NAME, "weights": _one_of("int8"), "op": _one_of(*PREFILL_OPS),
+    "tensors": _list_of(_STR), "min_tokens": _count(1, SIZE_LIMITS["kv_capacity"])})
 _TOP_LEVEL = {
     "format": _STR,
     "format_version": _count(1),
@@ -522,6 +546,7 @@ _TOP_LEVEL = {
     "exporter_version": _STR,
     "ranges": _optional(_RANGES),
     "weights": _optional(_WEIGHTS),
+    "prefill": _optional(_PREFILL),
     "task": _one_of(*TASKS),
     "classifier": _optional(_fields({
         "labels": _list_of(_STR), "problem_type": _one_of(*PROBLEM_TYPES), "pad_token_id": _optional(_count(0))})),
@@ -536,6 +561,12 @@ def _check_references(path: str, raw: dict) -> None:
               "onnx.data_file": graph["data_file"]}
     if engine is not None:
         opened["tensorrt.engine_file"] = engine["engine_file"]
+    prefill = raw.get("prefill")
+    if prefill is not None:
+        opened.update({"prefill.file": prefill["file"], "prefill.data_file": prefill["data_file"]})
+        if raw.get("task", CAUSAL_LM) != CAUSAL_LM or graph["cache_layout"] != "capacity":
+            raise ManifestError(f"{path}: a prefill graph belongs to a {CAUSAL_LM} build with cache layout "
+                                f"'capacity'; {_REBUILD}")
     bad_names = [name for name in raw["files"] if not _is_file_name(name)]
     if bad_names:
         raise ManifestError(f"{path}: files lists {bad_names[0]!r}, which is not a file name in the build "

@@ -216,11 +216,13 @@ class TritonPythonModel:
         backend = params.get("backend", "auto")
         self.generate_timeout_s = _generate_timeout(params.get("generate_timeout_s", "0"))
         log_to_triton(pb_utils)
-        self.generator = Generator.load(build_dir, backend=backend, device=device)
+        self.generator = Generator.load(build_dir, backend=backend, device=device,
+                                        prefill=params.get("prefill", "auto"))
         family = getattr(pb_utils, "MetricFamily", None)  # Tritons before 23.03 have no custom metrics
         self.counters = _StepCounters(family, args["model_name"]) if family else None
         self.generator.scheduler.on_step = self.counters
-        pb_utils.Logger.log_info(f"persimmon: {build_dir} on {self.generator.backend.name} ({device})")
+        pb_utils.Logger.log_info(f"persimmon: {build_dir} on {self.generator.backend.name} ({device}), prefill "
+                                 f"{self.generator.backend.prefill_kernels}")
 
     def execute(self, requests):
         for request in requests:

@@ -20,20 +20,26 @@ import re
 
 import numpy as np
 
+from ..cpu import PREFILL_CHOICES
 from ..errors import PersimmonError
 from ..manifest import CAUSAL_LM, EngineSection, Manifest
 
 BACKENDS = ("onnxruntime", "tensorrt")
 
 
-def load_backend(build_dir: str, manifest: Manifest, backend: str = "auto", device: str | None = None):
+def load_backend(build_dir: str, manifest: Manifest, backend: str = "auto", device: str | None = None,
+                 prefill: str = "auto"):
     """`auto` picks TensorRT when the build has an engine and this machine can run it (the engine's
     TensorRT or TensorRT-RTX imports, and the GPU is one it was built for), else onnxruntime.
 
-    device None means the backend's default: "cuda" for TensorRT, "cpu" for onnxruntime.
+    device None means the backend's default: "cuda" for TensorRT, "cpu" for onnxruntime. prefill
+    ("auto", "int8", "off"): whether onnxruntime runs prompt steps on the build's int8 prefill
+    graph (see `persimmon_runtime.cpu.choose_prefill`); the backend's `prefill_kernels` says.
     """
     if device is not None:
         parse_device(device)  # refused here, before any backend is chosen or imported
+    if prefill not in PREFILL_CHOICES:
+        raise PersimmonError(f"prefill {prefill!r} is not one of {PREFILL_CHOICES}")
     if manifest.task != CAUSAL_LM:  # no step graph, no cache: nothing here can run it
         raise PersimmonError(f"{build_dir} is a {manifest.task} build, not a causal LM: open it with "
                              f"persimmon_runtime.Classifier.load")
@@ -43,10 +49,13 @@ def load_backend(build_dir: str, manifest: Manifest, backend: str = "auto", devi
     if backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(build_dir, manifest, device=device or "cpu")
+        return OnnxRuntimeBackend(build_dir, manifest, device=device or "cpu", prefill=prefill)
     if backend == "tensorrt":
         from .tensorrt import TensorRTBackend
 
+        if prefill == "int8":
+            raise PersimmonError("prefill 'int8' is for onnxruntime on CPUs; the TensorRT engine prefills with its "
+                                 "own profile: use prefill 'auto' or 'off'")
         return TensorRTBackend(build_dir, manifest, device=device or "cuda")
     raise PersimmonError(f"backend {backend!r} is unknown; choose 'auto' or one of {BACKENDS}")
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import PersimmonError
 from ..manifest import Manifest
+from ..cpu import choose_prefill
 from . import check_step, parse_device
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -29,10 +30,17 @@ CACHE_STEP = 256
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, build_dir: str, manifest: Manifest, device: str = "cpu"):
+    def __init__(self, build_dir: str, manifest: Manifest, device: str = "cpu", prefill: str = "auto"):
         self.manifest = manifest
+        device_type = parse_device(device)[0]
+        # checked before the sessions load; `prefill_kernels` says what runs the prompt steps and why
+        use_prefill, unit, self.prefill_kernels = choose_prefill(prefill, manifest.prefill is not None, device_type)
         self._ort, self.session, (self.device_type, self.device_id) = open_session(build_dir, manifest, device)
-        self.binding = None
+        self.prefill_session = None
+        if use_prefill:
+            self.prefill_session = open_session(build_dir, manifest, device, manifest.prefill.file,
+                                                exact_u8s8=unit is None)[1]
+        self._bindings = {}  # session -> its _Binding, made by start()
         self.caches = []
         self.batch = 0
 
@@ -44,13 +52,12 @@ class OnnxRuntimeBackend:
         """Zeroed caches for `batch` rows."""
         if not 1 <= batch <= self.manifest.max_batch:
             raise PersimmonError(f"batch {batch} is outside 1..max_batch={self.manifest.max_batch} of this build")
-        self.binding = self.session.io_binding()
-        self._logits = np.empty((batch, self.manifest.model.vocab_size), np.float32)  # see _logits_rows
-        self._logits_bound = 0  # rows of it bound as the output now
+        self._logits = np.empty((batch, self.manifest.model.vocab_size), np.float32)  # see _Binding.logits_rows
+        self._bindings = {session: _Binding(session.io_binding(), self._logits)
+                          for session in (self.session, self.prefill_session) if session is not None}
         self.batch, self.slots = batch, 0
         self.caches = []
         self._host_caches = []  # on CPU the OrtValues borrow these arrays: keep them alive
-        self._bound = None      # (first_row, rows, slots) of the cache blocks bound now
         self.layout = self.manifest.onnx.cache_layout
         self._allocate(CACHE_STEP if self.layout == "whole" else self.manifest.kv_capacity)
 
@@ -69,11 +76,13 @@ class OnnxRuntimeBackend:
                 host[:, :, :old[index].shape[2]] = old[index]
             self._host_caches.append(host)
             self.caches.append(self._ort.OrtValue.ortvalue_from_numpy(host, self.device_type, self.device_id))
-        self.slots, self._bound = slots, None
+        self.slots = slots
+        for bound in self._bindings.values():
+            bound.rows = None
 
-    def _bind_rows(self, first_row: int, rows: int) -> None:
+    def _bind_rows(self, bound: "_Binding", first_row: int, rows: int) -> None:
         """Bind rows first_row .. first_row + rows - 1 of every cache as both past and present."""
-        if self._bound == (first_row, rows, self.slots):
+        if bound.rows == (first_row, rows, self.slots):
             return
         heads, _, head_dim = self.manifest.cache_shape
         dtype = NUMPY_DTYPES[self.manifest.dtype]
@@ -81,9 +90,9 @@ class OnnxRuntimeBackend:
         offset = first_row * heads * self.slots * head_dim * np.dtype(dtype).itemsize
         for value, (present, past) in zip(self.caches, self.manifest.cache_aliases.items()):
             address = value.data_ptr() + offset
-            self.binding.bind_input(past, self.device_type, self.device_id, dtype, shape, address)
-            self.binding.bind_output(present, self.device_type, self.device_id, dtype, shape, address)
-        self._bound = (first_row, rows, self.slots)
+            bound.binding.bind_input(past, self.device_type, self.device_id, dtype, shape, address)
+            bound.binding.bind_output(present, self.device_type, self.device_id, dtype, shape, address)
+        bound.rows = (first_row, rows, self.slots)
 
     def step(self, input_ids, first_slot, token_count, attention_mask, first_row: int = 0) -> np.ndarray:
         check_step(self.manifest, self.batch, input_ids, first_slot, token_count, attention_mask, first_row)
@@ -104,28 +113,40 @@ class OnnxRuntimeBackend:
         return self._run(input_ids, first_slot, token_count, attention_mask, first_row)
 
     def _run(self, input_ids, first_slot, token_count, attention_mask, first_row: int) -> np.ndarray:
-        """One session run over cache rows first_row .. first_row + len(input_ids) - 1."""
-        binding = self.binding
-        self._bind_rows(int(first_row), input_ids.shape[0])
+        """One session run over cache rows first_row .. first_row + len(input_ids) - 1: the prefill
+        graph's for a step of at least its min_tokens new tokens per row, where it is in use."""
+        prompt_step = self.prefill_session is not None and input_ids.shape[1] >= self.manifest.prefill.min_tokens
+        session = self.prefill_session if prompt_step else self.session
+        bound = self._bindings[session]
+        self._bind_rows(bound, int(first_row), input_ids.shape[0])
         # held in a local until the run ends: the binding borrows their memory
         arrays = {"input_ids": input_ids, "first_slot": first_slot, "token_count": token_count,
                   "attention_mask": attention_mask}
         arrays = {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in arrays.items()}
         for name, value in arrays.items():
-            binding.bind_cpu_input(name, value)
-        logits = self._logits_rows(input_ids.shape[0])
-        self.session.run_with_iobinding(binding)
+            bound.binding.bind_cpu_input(name, value)
+        logits = bound.logits_rows(input_ids.shape[0])
+        session.run_with_iobinding(bound.binding)
         return logits.copy()  # the buffer is written again by the next step
 
-    def _logits_rows(self, rows: int) -> np.ndarray:
+
+class _Binding:
+    """One session's IO binding and what is bound in it now (bound again only on a change)."""
+
+    def __init__(self, binding, logits: np.ndarray):
+        self.binding, self.logits = binding, logits
+        self.rows = None          # (first_row, rows, slots) of the cache blocks bound now
+        self.logits_bound = 0     # rows of `logits` bound as the output now
+
+    def logits_rows(self, rows: int) -> np.ndarray:
         """The first `rows` rows of one reused output buffer, bound by address: a fresh output every
         step (what ORT allocates otherwise; 8 MB at 8 rows of vocabulary 262,144) costs its page
         faults every step. Bound again only when the step's row count changes."""
-        if rows != self._logits_bound:
-            self.binding.bind_output("logits", "cpu", 0, np.float32, (rows, self._logits.shape[1]),
-                                     self._logits.ctypes.data)
-            self._logits_bound = rows
-        return self._logits[:rows]
+        if rows != self.logits_bound:
+            self.binding.bind_output("logits", "cpu", 0, np.float32, (rows, self.logits.shape[1]),
+                                     self.logits.ctypes.data)
+            self.logits_bound = rows
+        return self.logits[:rows]
 
 
 def _refuse_padding(attention_mask) -> None:
@@ -140,9 +161,12 @@ def _refuse_padding(attention_mask) -> None:
                              f"attends to every slot a row holds; send each prompt unpadded in its own row")
 
 
-def open_session(build_dir: str, manifest: Manifest, device: str = "cpu"):
-    """(the onnxruntime module, an InferenceSession of the build's graph, (device type, id)) on
-    `device`; one-line errors for a dtype onnxruntime cannot run, no onnxruntime, no CUDA provider."""
+def open_session(build_dir: str, manifest: Manifest, device: str = "cpu", graph_file: str | None = None,
+                 exact_u8s8: bool = False):
+    """(the onnxruntime module, an InferenceSession of the build's graph - or of `graph_file`, its
+    prefill graph -, (device type, id)) on `device`; one-line errors for a dtype onnxruntime cannot
+    run, no onnxruntime, no CUDA provider. exact_u8s8: u8 x u8 kernels for the int8 products (a CPU
+    without VNNI/AMX, see `persimmon_runtime.cpu`)."""
     if manifest.dtype not in NUMPY_DTYPES:  # bfloat16: onnxruntime 1.32's CPU provider has no bf16 MatMul
         raise PersimmonError(f"{build_dir}: a {manifest.dtype} build does not run on onnxruntime (no bfloat16 "
                              f"MatMul on its CPU provider); run its TensorRT engine on a GPU (--backend "
@@ -162,7 +186,13 @@ def open_session(build_dir: str, manifest: Manifest, device: str = "cpu"):
         providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    path = os.path.join(build_dir, manifest.onnx.file)
+    if graph_file is not None:
+        # Each session has its own threads, which spin a while after each run by default: a prefill
+        # session's spinning threads took the cores from the decode steps after it (decode at half speed)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if exact_u8s8:
+        options.add_session_config_entry("session.x64quantprecision", "1")
+    path = os.path.join(build_dir, graph_file or manifest.onnx.file)
     try:
         session = ort.InferenceSession(path, options, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... (not PersimmonError)

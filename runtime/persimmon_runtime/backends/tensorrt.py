@@ -192,6 +192,7 @@ class _Buffer:
 
 class TensorRTBackend:
     name = "tensorrt"
+    prefill_kernels = "the engine's prefill profile"
 
     def __init__(self, build_dir: str, manifest: Manifest, device: str = "cuda"):
         section = manifest.tensorrt
