@@ -87,7 +87,7 @@ def train(work: str, train_seconds: float, seq: int = 256, batch: int = 16) -> t
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         step += 1
         if step % 50 == 0:
             print(f"train step {step}: loss {np.mean(losses[-50:]):.3f} ({elapsed:.0f} s)", flush=True)

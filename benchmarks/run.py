@@ -284,6 +284,8 @@ def main() -> None:
                         help="runs per case; the run with the median decode tokens/s is reported, step p50/p99 over "
                              "the steps of all of them (default 3)")
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per run (default 128)")
+    parser.add_argument("--prompts", type=int, nargs="+", default=[128, 1024],
+                        help="prompt lengths in tokens (default 128 1024; the targets read the longest)")
     parser.add_argument("--block-size", type=int, default=32, help="int8/int4 block size, ours and OpenVINO's int4")
     parser.add_argument("--precisions", nargs="*", default=list(OURS), choices=list(OURS),
                         help="this project's builds to measure (default: all)")
@@ -303,7 +305,7 @@ def main() -> None:
     if args.repeats < 1 or args.new_tokens < 2:
         parser.error("--repeats must be at least 1 and --new-tokens at least 2 (a decode step needs two tokens)")
     torch.set_num_threads(os.cpu_count() or 1)
-    batches, lengths = ([1], [128, 1024]) if args.quick else ([1, MAX_BATCH], [128, 1024])
+    batches, lengths = ([1] if args.quick else [1, MAX_BATCH]), sorted(args.prompts)
     new_tokens = args.new_tokens
     bandwidth = measure_bandwidth()
     print("memory read bandwidth: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bandwidth.items()), flush=True)

@@ -38,6 +38,7 @@ import http.client
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -55,7 +56,7 @@ from persimmon_export.triton import MODEL_PY, write_repository
 from persimmon_runtime.generator import Generator
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from machine import CpuShare, cpu_note, group_cpu_s, machine  # noqa: E402
+from machine import CpuShare, cpu_features, cpu_note, group_cpu_s, machine  # noqa: E402
 from workload import prompt_texts, random_checkpoint  # noqa: E402
 import tritonserver  # noqa: E402 (tests/tritonserver.py: the bundled server, started as the tests start it)
 
@@ -69,11 +70,13 @@ TOP_P = {"temperature": 0.8, "top_p": 0.9, "seed": 1}
 # ---- the build: a 100M model and a tokenizer as large as its vocabulary ----
 
 def make_build(work: str, vocab: int, kv_capacity: int) -> tuple[str, int]:
-    """The 100M config of benchmarks/run.py at `vocab`, built for onnxruntime (fp32, max_batch 8);
-    returns (build directory, first added tokenizer piece)."""
+    """The 100M config of benchmarks/run.py at `vocab`, built for onnxruntime (fp32, max_batch 8,
+    with the int8 prefill graph, which --prefill off leaves unused); returns (build directory,
+    first added tokenizer piece)."""
     checkpoint, first_added = random_checkpoint(work, "100M", vocab)
     out = os.path.join(work, f"build-{vocab}")
-    build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=MAX_BATCH, kv_capacity=kv_capacity)
+    build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=MAX_BATCH, kv_capacity=kv_capacity,
+          prefill="int8")
     shutil.rmtree(checkpoint)  # up to 2 GB at the real vocabulary; only the build is needed now
     return out, first_added
 
@@ -93,11 +96,12 @@ def time_generate(generator: Generator, prompts: list[str], settings: dict, new_
 
 
 def bench_generator(work: str, vocab: int, prompt_tokens: int, new_tokens: int, repeats: int,
-                    wait_idle_s: float) -> dict:
+                    wait_idle_s: float, prefill: str) -> dict:
     started = time.perf_counter()
     build_dir, first_added = make_build(work, vocab, kv_capacity=prompt_tokens + new_tokens)
     print(f"generator: built vocab {vocab} in {time.perf_counter() - started:.0f} s", flush=True)
-    generator = Generator.load(build_dir)
+    generator = Generator.load(build_dir, prefill=prefill)
+    print(f"generator: prefill {generator.backend.prefill_kernels}", flush=True)
     prompts = prompt_texts(os.path.join(build_dir, "tokenizer.model"), first_added, MAX_BATCH, prompt_tokens,
                            seed=1)
     generator.generate(prompts, max_new_tokens=2)  # warm-up: onnxruntime's first runs allocate
@@ -144,7 +148,7 @@ def add_runtime_probe(repository: str) -> None:
     version_dir = os.path.join(repository, "runtime_probe", "1")
     os.makedirs(version_dir)
     with open(os.path.join(version_dir, "model.py"), "w") as f:
-        f.write(MODEL_PY.format(paths=[RUNTIME_DIR]) + PROBE_MODEL)
+        f.write(MODEL_PY.format(paths=[RUNTIME_DIR], module="persimmon_runtime.triton_model") + PROBE_MODEL)
     with open(os.path.join(repository, "runtime_probe", "config.pbtxt"), "w") as f:
         f.write(PROBE_CONFIG)
 
@@ -230,11 +234,11 @@ def client_round(url: str, prompts: list[str], clients: int, per_client: int, ne
 
 
 def bench_triton(work: str, vocab: int, prompt_tokens: int, new_tokens: int, clients: list[int],
-                 min_requests: int, wait_idle_s: float) -> dict:
+                 min_requests: int, wait_idle_s: float, prefill: str) -> dict:
     started = time.perf_counter()
     build_dir, first_added = make_build(work, vocab, kv_capacity=prompt_tokens + new_tokens)
     repository = os.path.join(work, "repository")
-    write_repository(build_dir, repository, instances=1)
+    write_repository(build_dir, repository, instances=1, prefill=prefill)
     add_runtime_probe(repository)
     print(f"triton: built vocab {vocab} in {time.perf_counter() - started:.0f} s", flush=True)
     per_client = {count: -(-min_requests // count) for count in clients}
@@ -290,9 +294,19 @@ def context() -> dict:
             "runtime_commit": runtime_commit(), "load_average_1_5_15_at_start": os.getloadavg()}
 
 
+def _label(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: letters, digits, _ and - only")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--label", required=True, choices=["before", "after"])
+    parser.add_argument("--label", required=True, type=_label,
+                        help="names the results file, benchmarks/results/serving_LABEL.json (e.g. before, after)")
+    parser.add_argument("--prefill", default="auto", choices=["auto", "off"],
+                        help="the model's prompt steps: auto (the build's int8 prefill graph where the CPU has "
+                             "AMX-INT8/VNNI) or off (its fp32 graph)")
     parser.add_argument("--part", default="all", choices=["generator", "triton", "all"])
     parser.add_argument("--quick", action="store_true", help="16 new tokens, 1 repeat, 1 and 4 clients")
     parser.add_argument("--vocab", type=int, default=32000, help="the Triton build's vocabulary (default 32000)")
@@ -307,18 +321,18 @@ def main() -> None:
     new_tokens, repeats, clients = (16, 1, [1, 4]) if args.quick else (64, args.repeats, args.clients)
     path = os.path.join(HERE, "results", f"serving_{args.label}.json")
     report = json.load(open(path)) if os.path.isfile(path) else {}  # a rerun of one part keeps the other
-    report.update({"label": args.label, "machine": machine(),
+    report.update({"label": args.label, "machine": machine(), "cpu": cpu_features(), "prefill": args.prefill,
                    "python": platform.python_version(), "onnxruntime": onnxruntime.__version__})
     print(f"measuring the runtime in {RUNTIME_DIR} ({runtime_commit()})", flush=True)
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as work:
         if args.part in ("generator", "all"):
             report["generator"] = {**context(), "quick": args.quick, "note": args.note,
                                    **bench_generator(work, args.generator_vocab, 128, new_tokens, repeats,
-                                                     args.wait_idle)}
+                                                     args.wait_idle, args.prefill)}
         if args.part in ("triton", "all"):
             report["triton"] = {**context(), "quick": args.quick, "note": args.note,
                                 **bench_triton(work, args.vocab, 128, new_tokens, clients, args.min_requests,
-                                               args.wait_idle)}
+                                               args.wait_idle, args.prefill)}
     if "triton" in report:
         report["targets"] = targets(report["triton"])
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -173,7 +173,7 @@ def test_build_defaults_int8_prefill_for_quantized_builds_only(tiny_checkpoint, 
     section = Manifest.load(str(tmp_path / "fp32-int8")).prefill
     assert section.op == "DynamicQuantizeMatMul" and section.min_tokens == PREFILL_MIN_TOKENS
     assert section.tensors == ["query_key_value.weight", "dense.weight", "dense_h_to_4h.weight",
-                               "dense_4h_to_h.weight"]
+                               "dense_4h_to_h.weight", "lm_head.weight"]
 
 
 @pytest.mark.parametrize("options, message", [

@@ -76,7 +76,8 @@ def _triton(args) -> None:
 
     names = write_repository(args.build, args.out, name=args.name, kind=args.kind, instances=args.instances,
                      backend=args.backend, python_paths=args.python_path, overwrite=args.overwrite,
-                     generate_timeout_s=args.generate_timeout, queue_delay_ms=args.max_queue_delay_ms)
+                     generate_timeout_s=args.generate_timeout, queue_delay_ms=args.max_queue_delay_ms,
+                     prefill=args.prefill)
     print(f"wrote model repository {args.out} (model {', '.join(names)}); serve it with tritonserver "
           f"--model-repository {args.out} (in a checkout after setup: bash examples/tritonserver.sh {args.out}; "
           f"docs/triton.md)")
@@ -246,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "batch (default 5)")
     triton.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
                         help="runtime backend inside the model (default auto)")
+    triton.add_argument("--prefill", choices=["auto", "int8", "off"], default="auto",
+                        help="prompt steps on the build's int8 prefill graph (onnxruntime on CPU): auto (default) "
+                             "where the CPU has AMX-INT8/AVX512-VNNI/AVX-VNNI, int8 always, off never; the model's "
+                             "`prefill` parameter")
     triton.add_argument("--python-path", action="append", default=[],
                         help="a directory the model adds to sys.path (where persimmon_runtime and its "
                              "dependencies live on the server); repeatable")

@@ -459,14 +459,17 @@ def write_tensors(graph: onnx.GraphProto, writer: _DataWriter, tensors: Iterable
     """Write each checkpoint tensor as the build stores it (`_write_weight`, each MLP at its relu^2
     scale) and add it to the graph's initializers; tied_lm_head: the embedding table again as lm_head.
     `prefill`: also write the prefill graph's int8 copy of the weights its format names."""
+    def write(name, tensor, factor):
+        graph.initializer.extend(_write_weight(writer, name, tensor, dtype, factor, weights))
+        if prefill is not None and prefill.format.quantizes(name):
+            prefill.initializers.extend(write_quantized(prefill.writer, name, tensor, prefill.format, torch.float32,
+                                                        factor))
+
     for name, tensor in tensors:
         for ready, ready_tensor, factor in relu2.ready(name, tensor):
-            graph.initializer.extend(_write_weight(writer, ready, ready_tensor, dtype, factor, weights))
-            if prefill is not None and prefill.format.quantizes(ready):
-                prefill.initializers.extend(write_quantized(prefill.writer, ready, ready_tensor, prefill.format,
-                                                            torch.float32, factor))
+            write(ready, ready_tensor, factor)
         if tied_lm_head and name == "model.embed_tokens.weight":
-            graph.initializer.extend(_write_weight(writer, "lm_head.weight", tensor, dtype, 1.0, weights))
+            write("lm_head.weight", tensor, 1.0)
         log.debug(f"{name}: {tuple(tensor.shape)} {tensor.dtype}")
         step(f"{writer.offset / 2**30:.2f} GiB written")
     relu2.close()

@@ -129,9 +129,10 @@ def weight_format(weights: str | None, block_size: int | None, config, engine: b
     return WeightFormat(weights, block, op, tensors)
 
 
-# the prefill graph's linears: int8 per output channel for DynamicQuantizeMatMul. lm_head keeps the
-# build's format: it multiplies one token per row, not the prompt
-_PREFILL_INT8 = WeightFormat("int8", None, DYNAMIC_INT8, LINEARS)
+# the prefill graph's linears and lm_head: int8 per output channel for DynamicQuantizeMatMul. An
+# lm_head in the build's format would be a second prepacked copy of it (onnxruntime packs each
+# session's MatMul weights; in fp32 for a float16 build on CPU): in int8 it costs 1 byte a weight
+_PREFILL_INT8 = WeightFormat("int8", None, DYNAMIC_INT8, LINEARS + (LM_HEAD,))
 
 
 # Steps with fewer new tokens per row run the build's own graph (chosen by measurement,

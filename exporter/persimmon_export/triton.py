@@ -23,6 +23,7 @@ import re
 import shutil
 import stat
 
+from persimmon_runtime.cpu import PREFILL_CHOICES
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import CAUSAL_LM, MANIFEST_FILE, Manifest
 
@@ -102,10 +103,10 @@ def check_generate_timeout(seconds) -> float:
 
 
 def generation_config(name: str, kind: str, instances: int, backend: str,
-                      generate_timeout_s: float = DEFAULT_GENERATE_TIMEOUT_S) -> str:
-    # prefill: "auto" | "int8" | "off", persimmon_runtime.cpu.choose_prefill (edit it here to override)
+                      generate_timeout_s: float = DEFAULT_GENERATE_TIMEOUT_S, prefill: str = "auto") -> str:
+    # prefill: "auto" | "int8" | "off", see persimmon_runtime.cpu.choose_prefill
     parameters = {"build_dir": "build", "backend": backend, "generate_timeout_s": repr(float(generate_timeout_s)),
-                  "prefill": "auto"}
+                  "prefill": prefill}
     return f'''name: {pbtxt_string(name)}
 backend: "python"
 max_batch_size: 0
@@ -155,8 +156,11 @@ def _copy_build(build_dir: str, manifest: Manifest, target: str) -> None:
 def write_repository(build_dir: str, out_dir: str, name: str = "persimmon", kind: str = "auto", instances: int = 1,
                      backend: str = "auto", python_paths: list[str] | None = None, overwrite: bool = False,
                      generate_timeout_s: float = DEFAULT_GENERATE_TIMEOUT_S,
-                     queue_delay_ms: float = DEFAULT_QUEUE_DELAY_MS) -> list[str]:
+                     queue_delay_ms: float = DEFAULT_QUEUE_DELAY_MS, prefill: str = "auto") -> list[str]:
     """Write the model repository; return the model names in it.
+
+    prefill ("auto", "int8", "off"): how the generation model runs prompt steps on the CPU
+    (`persimmon_runtime.cpu.choose_prefill`), its config.pbtxt parameter `prefill`.
 
     A classifier build gets `classifier_config` (queue_delay_ms: how long Triton waits to fill a batch).
 
@@ -170,6 +174,8 @@ def write_repository(build_dir: str, out_dir: str, name: str = "persimmon", kind
         raise PersimmonError(f"--kind {kind!r} is not one of {KINDS}")
     if backend not in BACKENDS:
         raise PersimmonError(f"--backend {backend!r} is not one of {BACKENDS}")
+    if prefill not in PREFILL_CHOICES:
+        raise PersimmonError(f"--prefill {prefill!r} is not one of {PREFILL_CHOICES}")
     python_paths = list(python_paths or [])
     if not all(isinstance(path, str) for path in python_paths):
         raise PersimmonError(f"--python-path values must be strings, got {python_paths!r}")
@@ -185,7 +191,7 @@ def write_repository(build_dir: str, out_dir: str, name: str = "persimmon", kind
         with open(os.path.join(tmp, name, "config.pbtxt"), "w") as f:
             group = "KIND_GPU" if gpu else "KIND_CPU"
             f.write(classifier_config(name, group, instances, manifest.max_batch, queue_delay_ms) if classifier
-                    else generation_config(name, group, instances, backend, generate_timeout_s))
+                    else generation_config(name, group, instances, backend, generate_timeout_s, prefill))
         module = "persimmon_runtime.triton_classifier" if classifier else "persimmon_runtime.triton_model"
         with open(os.path.join(version_dir, "model.py"), "w") as f:
             f.write(MODEL_PY.format(paths=python_paths, module=module))  # repr: a Python literal, whatever the paths hold
