@@ -178,8 +178,9 @@ def test_build_defaults_int8_prefill_for_quantized_builds_only(tiny_checkpoint, 
 
 @pytest.mark.parametrize("options, message", [
     (dict(prefill="int4"), r"--prefill 'int4' is not one of \('int8', 'none'\)"),
-    (dict(prefill="int8", cache_layout="whole"), r"--prefill int8 adds a graph for onnxruntime on CPUs"),
-    (dict(prefill="int8", backend="tensorrt-rtx", dtype="float16"), r"--prefill int8 adds a graph for onnxruntime"),
+    (dict(prefill="int8", cache_layout="whole"), r"--prefill int8 adds a graph for onnxruntime's causal-LM step with "
+                                                 r"cache layout 'capacity'; this build has cache layout 'whole'"),
+    (dict(prefill="int8", backend="tensorrt-rtx", dtype="float16"), r"this build has a TensorRT engine"),
 ])
 def test_bad_prefill_options_are_one_line_errors_before_any_output(options, message, tiny_checkpoint, tmp_path):
     options = {"backend": "onnxruntime", "dtype": "float32", **options}

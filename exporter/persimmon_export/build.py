@@ -110,7 +110,9 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
     if not 1 <= max_prefill <= kv_capacity:
         raise ExportError(f"--max-prefill must be in [1, kv_capacity={kv_capacity}], got {max_prefill}")
     quantized = weight_format(weights, block_size, config, engine=flavor is not None, lm_head=quantize_lm_head)
-    prefill_graph = prefill_format(prefill, weights, onnxruntime_graph=cache_layout == "capacity" and flavor is None)
+    why_not = ("has a TensorRT engine" if flavor is not None else f"is a {task}" if classifier is not None else
+               None if cache_layout == "capacity" else f"has cache layout {cache_layout!r}")
+    prefill_graph = prefill_format(prefill, weights, why_not)
     if calibration_file and dtype != "float16":
         raise ExportError(f"--calibration-file is for --dtype float16 builds (the range report); this build is {dtype}")
     tokenizer = Tokenizer.from_dir(checkpoint)

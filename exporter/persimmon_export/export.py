@@ -134,7 +134,7 @@ class _GraphBuilder:
     def __init__(self):
         self.nodes: list[onnx.NodeProto] = []
         self.count = 0
-        self.consts: set[str] = set()
+        self.consts: dict[str, np.ndarray] = {}
 
     def op(self, op_type, *inputs, outputs=1, domain="", name=None, **attrs):
         """Add a node; `outputs` is a count or a list of names. Returns the output name(s)."""
@@ -147,9 +147,11 @@ class _GraphBuilder:
         return outputs[0] if len(outputs) == 1 else outputs
 
     def const(self, name, array: np.ndarray) -> str:
-        """A Constant node named `name`, made once (later calls return the first)."""
-        if name not in self.consts:
-            self.consts.add(name)
+        """A Constant node named `name`, made once (later calls with the same value return it)."""
+        if name in self.consts:
+            assert np.array_equal(self.consts[name], array), f"constant {name!r} made again with another value"
+        else:
+            self.consts[name] = array
             self.nodes.append(helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(array, name)))
         return name
 
@@ -542,15 +544,13 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
     section = graph_section(config, dtype, kv_capacity, cache_layout)
     if second is None:
         return save_model(graph, out_dir, writer, section)
-    prefill_graph = build_graph(config, dtype, kv_capacity, cache_layout, weights, prefill)
+    prefill_graph = build_graph(config, dtype, kv_capacity, cache_layout, prefill=prefill)
     used = {name for node in prefill_graph.node for name in node.input}
     replaced = {tensor.name for tensor in second.initializers}
     prefill_graph.initializer.extend([tensor for tensor in graph.initializer  # the same bytes of model.onnx.data
                                       if tensor.name in used and tensor.name not in replaced])
     prefill_graph.initializer.extend(second.initializers)
-    prefill_versions, prefill_files = save_model(prefill_graph, out_dir, second.writer, section, PREFILL_FILE)
-    if prefill_versions.opset_imports["ai.onnx"] != BASE_OPSET:  # _dynamic_int8_matmul's ReduceMax has opset 17's signature
-        raise ExportError(f"the prefill graph needs an opset past {BASE_OPSET}; it is written for opset {BASE_OPSET}")
+    _, prefill_files = save_model(prefill_graph, out_dir, second.writer, section, PREFILL_FILE)
     section, files = save_model(graph, out_dir, writer, section)
     return section, {**files, **prefill_files}
 

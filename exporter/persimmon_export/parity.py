@@ -186,10 +186,11 @@ def check_parity(checkpoint: str, build_dir: str, prompts=DEFAULT_PROMPTS, decod
 
 def precision(manifest: Manifest, backend=None) -> str:
     """'float16', 'float16/int4' for weight-only quantized builds, 'float32/int8-prefill' for a float
-    build whose prompt steps ran on its int8 prefill graph (`backend`): what the bounds are chosen by."""
+    build whose prompt steps ran on its int8 prefill graph (`backend`, after the run): what the
+    bounds are chosen by."""
     if manifest.weights is not None:
         return f"{manifest.dtype}/{manifest.weights.type}"
-    if getattr(backend, "prefill_session", None) is not None:
+    if getattr(backend, "prefill_steps", 0):
         return f"{manifest.dtype}/{PREFILL_INT8}"
     return manifest.dtype
 

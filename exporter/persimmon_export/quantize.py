@@ -138,21 +138,22 @@ _PREFILL_INT8 = WeightFormat("int8", None, DYNAMIC_INT8, LINEARS + (LM_HEAD,))
 # Steps with fewer new tokens per row run the build's own graph (chosen by measurement,
 # docs/benchmarks.md "Prefill on the CPU's integer units")
 PREFILL_MIN_TOKENS = 16
-PREFILL_CHOICES = ("int8", "none")
+PREFILL_GRAPHS = ("int8", "none")  # build --prefill: which prefill graph to write
 
 
-def prefill_format(prefill: str | None, weights: str | None, onnxruntime_graph: bool) -> WeightFormat | None:
+def prefill_format(prefill: str | None, weights: str | None, step_graph: str | None) -> WeightFormat | None:
     """The checked --prefill choice (None: the default, int8 for --weights int8/int4 builds); the
-    format of the prefill graph's linears or None for no prefill graph."""
+    format of the prefill graph's linears or None for no prefill graph. `step_graph`: None where
+    the build's graph can have one (an onnxruntime causal LM, cache layout 'capacity'), else why not."""
     if prefill is None:
-        prefill = "int8" if weights is not None and onnxruntime_graph else "none"
-    if prefill not in PREFILL_CHOICES:
-        raise QuantizeError(f"--prefill {prefill!r} is not one of {PREFILL_CHOICES}")
+        prefill = "int8" if weights is not None and step_graph is None else "none"
+    if prefill not in PREFILL_GRAPHS:
+        raise QuantizeError(f"--prefill {prefill!r} is not one of {PREFILL_GRAPHS}")
     if prefill == "none":
         return None
-    if not onnxruntime_graph:
-        raise QuantizeError("--prefill int8 adds a graph for onnxruntime on CPUs (cache layout 'capacity'); this "
-                            "build's graph is not one: leave --prefill out, or build --backend onnxruntime")
+    if step_graph is not None:
+        raise QuantizeError(f"--prefill int8 adds a graph for onnxruntime's causal-LM step with cache layout "
+                            f"'capacity'; this build {step_graph}: leave --prefill out")
     return _PREFILL_INT8
 
 
@@ -177,11 +178,11 @@ def emit_matmul(g, x: str, weight: str, fmt: WeightFormat, inputs: int, outputs:
 def _dynamic_int8_matmul(g, x: str, weight: str, scale: str, half: bool) -> str:
     """DynamicQuantizeMatMul quantizes all of x with one scale and zero point. Dividing each token
     by its own max |x| first (and multiplying its outputs back) gives every token the full 8 bits:
-    one outlier token (relu^2 outputs are heavy-tailed) no longer coarsens every other token's steps,
-    and a token's result no longer depends on which other tokens share its step."""
+    one outlier token (relu^2 outputs are heavy-tailed) no longer coarsens every other token's
+    steps. (The tensor's range, [-1, 1] or a part of it, still comes from all the tokens of the step.)"""
     x32 = g.op("Cast", x, to=TensorProto.FLOAT) if half else x
     floor = g.const("token_max_floor", np.array(np.finfo(np.float32).tiny, np.float32))  # an all-zero token
-    # ReduceMax with an `axes` attribute: opset 17, which prefill graphs declare (export checks it)
+    # ReduceMax with an `axes` attribute: opset 17's form, which the `capacity` layout's graphs declare
     token_max = g.op("Max", g.op("ReduceMax", g.op("Abs", x32), axes=[-1], keepdims=1), floor)
     y = g.op(DYNAMIC_INT8, g.op("Div", x32, token_max), weight, scale, domain=CONTRIB_DOMAIN)
     y = g.op("Mul", y, token_max)

@@ -176,6 +176,9 @@ def write_repository(build_dir: str, out_dir: str, name: str = "persimmon", kind
         raise PersimmonError(f"--backend {backend!r} is not one of {BACKENDS}")
     if prefill not in PREFILL_CHOICES:
         raise PersimmonError(f"--prefill {prefill!r} is not one of {PREFILL_CHOICES}")
+    if prefill == "int8" and manifest.prefill is None:
+        raise PersimmonError(f"--prefill int8: {build_dir} has no prefill graph; rebuild it with `persimmon-export "
+                             f"build --prefill int8`, or use --prefill auto")
     python_paths = list(python_paths or [])
     if not all(isinstance(path, str) for path in python_paths):
         raise PersimmonError(f"--python-path values must be strings, got {python_paths!r}")

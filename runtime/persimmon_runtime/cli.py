@@ -12,6 +12,7 @@ import sys
 import time
 
 from .console import add_verbosity_flags, configure_logging, run_command, utf8_argument
+from .cpu import PREFILL_CHOICES
 
 log = logging.getLogger("persimmon_runtime.cli")
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
                         help="auto (default): TensorRT when the build has an engine and a GPU can run it")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the backend's own, cuda for TensorRT)")
-    parser.add_argument("--prefill", default="auto", choices=["auto", "int8", "off"],
+    parser.add_argument("--prefill", default="auto", choices=PREFILL_CHOICES,
                         help="prompt steps on the build's int8 prefill graph (onnxruntime): auto (default) where "
                              "the CPU has AMX-INT8, AVX512-VNNI or AVX-VNNI, int8 always, off never; -v says which")
     parser.add_argument("--no-verify", action="store_true",

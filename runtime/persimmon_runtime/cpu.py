@@ -56,6 +56,11 @@ def int8_unit(flags: set[str]) -> str | None:
     return next((unit for unit in INT8_UNITS if unit in flags), None)
 
 
+def check_prefill_choice(choice) -> None:
+    if choice not in PREFILL_CHOICES:
+        raise PersimmonError(f"prefill {choice!r} is not one of {PREFILL_CHOICES}")
+
+
 def choose_prefill(choice: str, has_graph: bool, device_type: str, flags: set[str] | None = None
                    ) -> tuple[bool, str | None, str]:
     """(run the build's prefill graph?, the INT8_UNITS unit it runs on or None, what runs prompt
@@ -65,8 +70,7 @@ def choose_prefill(choice: str, has_graph: bool, device_type: str, flags: set[st
     error where the build has none; without such a unit, exact but slower: see the module doc);
     "off": never.
     """
-    if choice not in PREFILL_CHOICES:
-        raise PersimmonError(f"prefill {choice!r} is not one of {PREFILL_CHOICES}")
+    check_prefill_choice(choice)
     if choice == "off":
         return False, None, "off (as asked)"
     if not has_graph:

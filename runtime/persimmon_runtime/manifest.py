@@ -293,6 +293,8 @@ class Manifest:
     def save(self, directory: str) -> str:
         path = os.path.join(directory, MANIFEST_FILE)
         raw = asdict(self)
+        if raw["prefill"] is None:  # absent, not null: runtimes from before the section still read the build
+            del raw["prefill"]
         validate(path, raw)  # never write what load would refuse
         with open(path, "w", encoding="utf-8") as f:
             json.dump(raw, f, indent=2)

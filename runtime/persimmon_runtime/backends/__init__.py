@@ -20,7 +20,7 @@ import re
 
 import numpy as np
 
-from ..cpu import PREFILL_CHOICES
+from ..cpu import check_prefill_choice
 from ..errors import PersimmonError
 from ..manifest import CAUSAL_LM, EngineSection, Manifest
 
@@ -38,8 +38,7 @@ def load_backend(build_dir: str, manifest: Manifest, backend: str = "auto", devi
     """
     if device is not None:
         parse_device(device)  # refused here, before any backend is chosen or imported
-    if prefill not in PREFILL_CHOICES:
-        raise PersimmonError(f"prefill {prefill!r} is not one of {PREFILL_CHOICES}")
+    check_prefill_choice(prefill)
     if manifest.task != CAUSAL_LM:  # no step graph, no cache: nothing here can run it
         raise PersimmonError(f"{build_dir} is a {manifest.task} build, not a causal LM: open it with "
                              f"persimmon_runtime.Classifier.load")

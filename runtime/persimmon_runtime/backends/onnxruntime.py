@@ -9,6 +9,10 @@ its context needs, not what the capacity is (`persimmon_export.attention`). np.z
 pages from the OS lazily, so slots no row has reached cost no memory. Builds with the older
 `whole` layout get caches only as long as the context needs, grown in steps of CACHE_STEP slots
 by copying every row, which stalls the step that crosses a step boundary: rebuild them.
+
+A build with an int8 prefill graph (manifest `prefill`) gets a second session over the same caches
+where `persimmon_runtime.cpu.choose_prefill` says so; a step of at least `prefill.min_tokens` new
+tokens per row runs on it, each session with its own IO binding.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ import re
 
 import numpy as np
 
+from ..cpu import choose_prefill
 from ..errors import PersimmonError
 from ..manifest import Manifest
-from ..cpu import choose_prefill
 from . import check_step, parse_device
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -35,12 +39,17 @@ class OnnxRuntimeBackend:
         device_type = parse_device(device)[0]
         # checked before the sessions load; `prefill_kernels` says what runs the prompt steps and why
         use_prefill, unit, self.prefill_kernels = choose_prefill(prefill, manifest.prefill is not None, device_type)
-        self._ort, self.session, (self.device_type, self.device_id) = open_session(build_dir, manifest, device)
+        # Each session has its own threads, which by default spin a while after each run: with two
+        # sessions, one's spinning threads take the cores from the other's next run (the decode
+        # steps after a prompt ran at half speed), so neither spins then
+        self._ort, self.session, (self.device_type, self.device_id) = open_session(
+            build_dir, manifest, device, spinning=not use_prefill)
         self.prefill_session = None
         if use_prefill:
             self.prefill_session = open_session(build_dir, manifest, device, manifest.prefill.file,
-                                                exact_u8s8=unit is None)[1]
+                                                exact_u8s8=unit is None, spinning=False)[1]
         self._bindings = {}  # session -> its _Binding, made by start()
+        self.prefill_steps = 0  # steps run on the prefill graph (parity picks its bounds by it)
         self.caches = []
         self.batch = 0
 
@@ -114,9 +123,11 @@ class OnnxRuntimeBackend:
 
     def _run(self, input_ids, first_slot, token_count, attention_mask, first_row: int) -> np.ndarray:
         """One session run over cache rows first_row .. first_row + len(input_ids) - 1: the prefill
-        graph's for a step of at least its min_tokens new tokens per row, where it is in use."""
+        graph's for a step at least its min_tokens wide (new tokens per row, padding included),
+        where it is in use."""
         prompt_step = self.prefill_session is not None and input_ids.shape[1] >= self.manifest.prefill.min_tokens
         session = self.prefill_session if prompt_step else self.session
+        self.prefill_steps += prompt_step
         bound = self._bindings[session]
         self._bind_rows(bound, int(first_row), input_ids.shape[0])
         # held in a local until the run ends: the binding borrows their memory
@@ -162,11 +173,11 @@ def _refuse_padding(attention_mask) -> None:
 
 
 def open_session(build_dir: str, manifest: Manifest, device: str = "cpu", graph_file: str | None = None,
-                 exact_u8s8: bool = False):
+                 exact_u8s8: bool = False, spinning: bool = True):
     """(the onnxruntime module, an InferenceSession of the build's graph - or of `graph_file`, its
     prefill graph -, (device type, id)) on `device`; one-line errors for a dtype onnxruntime cannot
     run, no onnxruntime, no CUDA provider. exact_u8s8: u8 x u8 kernels for the int8 products (a CPU
-    without VNNI/AMX, see `persimmon_runtime.cpu`)."""
+    without VNNI/AMX, see `persimmon_runtime.cpu`); spinning: its threads spin after a run."""
     if manifest.dtype not in NUMPY_DTYPES:  # bfloat16: onnxruntime 1.32's CPU provider has no bf16 MatMul
         raise PersimmonError(f"{build_dir}: a {manifest.dtype} build does not run on onnxruntime (no bfloat16 "
                              f"MatMul on its CPU provider); run its TensorRT engine on a GPU (--backend "
@@ -186,9 +197,7 @@ def open_session(build_dir: str, manifest: Manifest, device: str = "cpu", graph_
         providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if graph_file is not None:
-        # Each session has its own threads, which spin a while after each run by default: a prefill
-        # session's spinning threads took the cores from the decode steps after it (decode at half speed)
+    if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if exact_u8s8:
         options.add_session_config_entry("session.x64quantprecision", "1")
