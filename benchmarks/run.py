@@ -315,7 +315,8 @@ def main() -> None:
             results[name] = run_config(name, work, batches, lengths, new_tokens, args.wait_idle, args.block_size,
                                        args.precisions, args.openvino, args.repeats, args.prefill)
             add_roofline(results[name], bandwidth["best"], max(lengths), new_tokens)
-    report = {"label": args.label, "machine": machine(), "cpu": cpu_features(), "bandwidth_bytes_s": bandwidth, "new_tokens": new_tokens,
+    report = {"label": args.label, "machine": machine(), "cpu": cpu_features(), "bandwidth_bytes_s": bandwidth,
+              "new_tokens": new_tokens,
               "repeats": args.repeats,
               "block_size": args.block_size, "configs": results}
     report["targets"] = [{"target": t, "pass": ok, "measured": m} for t, ok, m in targets(results, max(lengths))]

@@ -217,3 +217,13 @@ def test_persimmon_run_refuses_int8_prefill_for_a_build_without_the_graph(tiny_b
     assert error_line(result.stderr) == (
         "persimmon-run: error: prefill 'int8': this build has no prefill graph; rebuild it with `persimmon-export "
         "build --prefill int8`, or use prefill 'auto'")
+
+
+def test_a_build_without_the_graph_has_no_prefill_key_and_triton_refuses_int8(tiny_build, tmp_path):
+    """Absent rather than null: a runtime from before the section still reads such a build."""
+    from persimmon_export.triton import write_repository
+
+    assert "prefill" not in json.load(open(os.path.join(tiny_build, "manifest.json")))
+    with pytest.raises(PersimmonError, match=r"--prefill int8: .* has no prefill graph; rebuild it") as error:
+        write_repository(tiny_build, str(tmp_path / "repo"), prefill="int8")
+    assert "\n" not in str(error.value) and not (tmp_path / "repo").exists()

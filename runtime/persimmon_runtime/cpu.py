@@ -6,8 +6,9 @@ for AMX-INT8, AVX512-VNNI and AVX-VNNI. Without one of them MLAS multiplies u8 x
 vpmaddubsw, which adds pairs of products in saturating 16-bit lanes (255 x 127 x 2 > 32767), so
 full-range int8 weights can give wrong sums; onnxruntime's session option
 `session.x64quantprecision` (kOrtSessionOptionsAvx2PrecisionMode) then rewrites the weights to
-uint8 for its exact, slower u8 x u8 kernels. So the runtime uses the prefill graph where this module
-finds one of INT8_UNITS, and where it is told to without one, with that option (`choose_prefill`).
+uint8 for its exact u8 x u8 kernels (0.44x the speed of u8 x s8 on an AVX512-VNNI CPU,
+benchmarks/int8_gemm.py). So the runtime uses the prefill graph where this module finds one of
+INT8_UNITS, and where it is told to without one, with that option (`choose_prefill`).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def choose_prefill(choice: str, has_graph: bool, device_type: str, flags: set[st
         return True, unit, f"int8 DynamicQuantizeMatMul on {unit}"
     if choice == "int8":
         log.warning("prefill int8 on a CPU without AMX-INT8, AVX512-VNNI or AVX-VNNI: exact through onnxruntime's "
-                    "u8 x u8 kernels, which may be slower than the float graph; prefill 'auto' would not use it")
+                    "u8 x u8 kernels, not measured against the float graph on such a CPU; prefill 'auto' would not "
+                    "use it")
         return True, None, "int8 DynamicQuantizeMatMul, u8 x u8 (no VNNI/AMX; forced)"
     return False, None, "off (the CPU has no AMX-INT8, AVX512-VNNI or AVX-VNNI)"

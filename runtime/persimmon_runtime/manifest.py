@@ -375,8 +375,8 @@ def validate(path: str, raw: dict) -> None:
     # `ranges` and `weights` came after format version 2 (neither changes how the runtime runs a
     # step: the graph carries the quantized ops): older builds lack them
     # `task` and `classifier` likewise: a build without them is a causal LM, read as before
-    _check(path, "", raw, _fields(_TOP_LEVEL, may_be_absent=("ranges", "weights", "prefill", "task",
-                                                                 "classifier")))  # raw is a dict: only its fields can fail
+    optional = ("ranges", "weights", "prefill", "task", "classifier")
+    _check(path, "", raw, _fields(_TOP_LEVEL, may_be_absent=optional))  # raw is a dict: only its fields can fail
     _check_references(path, raw)
 
 

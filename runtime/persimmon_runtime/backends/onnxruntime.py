@@ -39,11 +39,11 @@ class OnnxRuntimeBackend:
         device_type = parse_device(device)[0]
         # checked before the sessions load; `prefill_kernels` says what runs the prompt steps and why
         use_prefill, unit, self.prefill_kernels = choose_prefill(prefill, manifest.prefill is not None, device_type)
-        # Each session has its own threads, which by default spin a while after each run: with two
-        # sessions, one's spinning threads take the cores from the other's next run (the decode
-        # steps after a prompt ran at half speed), so neither spins then
-        self._ort, self.session, (self.device_type, self.device_id) = open_session(
-            build_dir, manifest, device, spinning=not use_prefill)
+        # Each session has its own threads, which by default spin a while after each run. The prefill
+        # session's must not: they took the cores from the decode steps after a prompt (decode at half
+        # speed). The decode session's keep spinning, as in builds without a prefill graph (turning it
+        # off measured -14%..+15% decode, within this VM's drift: docs/benchmarks.md)
+        self._ort, self.session, (self.device_type, self.device_id) = open_session(build_dir, manifest, device)
         self.prefill_session = None
         if use_prefill:
             self.prefill_session = open_session(build_dir, manifest, device, manifest.prefill.file,
