@@ -18,7 +18,8 @@ import transformers
 
 from conftest import error_line, transformers_checkpoint
 from persimmon_export.build import build
-from persimmon_export.parity import BOUNDS, INT8_MAX_ABS, INT8_TOP1, PREFILL_INT8, check_parity
+from persimmon_export.bounds import BOUNDS, INT8_MAX_ABS, INT8_TOP1, PREFILL_INT8
+from persimmon_export.parity import check_parity
 from persimmon_export.quantize import PREFILL_MIN_TOKENS
 from persimmon_runtime import PersimmonError, Tokenizer, cpu
 from persimmon_runtime.backends import decode, prefill

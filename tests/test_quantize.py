@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from conftest import error_line, transformers_checkpoint
 from persimmon_export.build import build
 from persimmon_export.engine import TENSORRT_RTX, parse_onnx
-from persimmon_export.parity import BOUNDS, check_parity
+from persimmon_export.bounds import BOUNDS
+from persimmon_export.parity import check_parity
 from persimmon_export.quantize import DEQUANTIZE, MATMUL_NBITS, WeightFormat, dequantize
 from persimmon_runtime import PersimmonError, Tokenizer
 from persimmon_runtime.backends import prefill
@@ -243,12 +244,12 @@ def test_a_scale_that_overflows_float16_is_refused(fmt, tmp_path):
     """max |w| / qmax past fp16's 65504 would store an inf scale and all-zero codes (NaN at run
     time): refused with the tensor's name. The float16 range report usually refuses such a
     checkpoint first; this is the path where it was skipped (too little memory)."""
-    from persimmon_export.export import _DataWriter
+    from persimmon_export.export import DataWriter
     from persimmon_export.quantize import QuantizeError, write_quantized
 
     weight = torch.zeros(64, 64)
     weight[3, 5] = 1e7  # / 127 or / 7: both beyond fp16
-    writer = _DataWriter(str(tmp_path / "data"))
+    writer = DataWriter(str(tmp_path / "data"))
     try:
         with pytest.raises(QuantizeError, match=r"'w' has weights too large for int\d scales .*--dtype float32"):
             write_quantized(writer, "w", weight, fmt, torch.float16)

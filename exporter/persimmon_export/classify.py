@@ -35,8 +35,8 @@ from persimmon_runtime.manifest import (CAUSAL_LM, CLASSIFIER_INPUTS, NO_CACHE, 
                                         ClassifierSection, CustomOps, GraphSection, TensorSpec)
 
 from .config import PersimmonConfig
-from .export import (DATA_FILE, MODEL_FILE, ONNX_DTYPES, ExportError, Relu2Scales, _DataWriter,
-                     _value_info, build_graph, save_model, write_tensors)
+from .export import (DATA_FILE, MODEL_FILE, ONNX_DTYPES, DataWriter, ExportError, Relu2Scales, build_graph,
+                     save_model, value_info, write_tensors)
 from .model import PersimmonForSequenceClassification, PersimmonForTokenClassification
 from .progress import Steps
 
@@ -126,8 +126,8 @@ def build_classifier_graph(config: PersimmonConfig, dtype: str, max_length: int,
                                    value=helper.make_tensor("zero", TensorProto.INT64, [1], [0]))]
     kept = _needed(first_slot + nodes + head, "logits")
     section = classifier_graph_section(config, dtype, task)
-    return helper.make_graph(kept, f"persimmon_{task.replace('-', '_')}", [_value_info(s) for s in section.inputs],
-                             [_value_info(s) for s in section.outputs])
+    return helper.make_graph(kept, f"persimmon_{task.replace('-', '_')}", [value_info(s) for s in section.inputs],
+                             [value_info(s) for s in section.outputs])
 
 
 def _without_cache_write(node: onnx.NodeProto) -> onnx.NodeProto:
@@ -204,7 +204,7 @@ def export_classifier(config: PersimmonConfig, tensors: Iterable[tuple[str, torc
     if dtype not in ONNX_DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of {sorted(ONNX_DTYPES)}")
     graph = build_classifier_graph(config, dtype, max_length, task, pad_token_id)
-    writer = _DataWriter(os.path.join(out_dir, DATA_FILE))
+    writer = DataWriter(os.path.join(out_dir, DATA_FILE))
     per_layer = 16 if config.qk_layernorm else 12
     step = Steps(log, "weights", 3 + (1 if task == SEQUENCE else 2) + per_layer * config.num_hidden_layers,
                  "tensors", every=25)

@@ -15,7 +15,7 @@ from persimmon_runtime.manifest import Manifest
 
 from .checkpoint import load_model
 from .classify import MODEL_CLASSES
-from .parity import BOUNDS, ParityResult
+from .bounds import BOUNDS, ParityResult
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def check_classifier_parity(checkpoint: str, build_dir: str, manifest: Manifest,
                             max_abs: float | None = None, min_top1: float | None = None,
                             emulate: bool = False) -> list[ParityResult]:
     """One result: max |logit difference| over every text (and token) and top-1 label agreement,
-    under the bounds of the build's dtype (`parity.BOUNDS`)."""
+    under the bounds of the build's dtype (`bounds.BOUNDS`)."""
     if list(backends) != ["onnxruntime"] or emulate:
         raise PersimmonError(f"{build_dir} is a {manifest.task} build: parity checks it on onnxruntime only "
                              f"(--backend onnxruntime, no --emulate)")

@@ -177,7 +177,7 @@ def graph_section(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_l
                         inputs=inputs, outputs=outputs, cache_aliases=aliases)
 
 
-def _value_info(spec: TensorSpec):
+def value_info(spec: TensorSpec):
     elem = {"int64": TensorProto.INT64, **ONNX_DTYPES}[spec.dtype]
     return helper.make_tensor_value_info(spec.name, elem, spec.shape)
 
@@ -300,8 +300,8 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_lay
     g.op("Cast", logits, to=f32, outputs=["logits"]) if half else g.op("Identity", logits, outputs=["logits"])
 
     section = graph_section(config, dtype, kv_capacity, cache_layout)
-    return helper.make_graph(g.nodes, "persimmon_step", [_value_info(s) for s in section.inputs],
-                             [_value_info(s) for s in section.outputs])
+    return helper.make_graph(g.nodes, "persimmon_step", [value_info(s) for s in section.inputs],
+                             [value_info(s) for s in section.outputs])
 
 
 def onnx_layout(name: str, dtype: str) -> tuple[torch.dtype, bool]:
@@ -360,11 +360,7 @@ class Relu2Scales:
         largest = max(-float(low), float(high))
         s = relu2_scale(largest, self.dtype)
         if self.measured is not None:  # the measured activations must fit at this s too
-            from .ranges import relu2_scale_fits
-
-            layer = int(name.split(".")[2])
-            relu2_scale_fits(layer, self.measured.relu2_input[layer],
-                             self.measured.per_layer["mlp_pre_activation"][layer], s)
+            self.measured.check_relu2_scale(int(name.split(".")[2]), s)
         if s < RELU2_SCALE[self.dtype]:
             log.warning(f"{name}: values up to {largest:.4g}, so this layer's relu^2 scale is {s:g}, not "
                         f"{RELU2_SCALE[self.dtype]:g}: its MLP pre-activations overflow {self.dtype} past {256 * s:g}")
@@ -381,7 +377,7 @@ class Relu2Scales:
             log.info("relu^2 scale per layer: " + ", ".join(f"{s:g} in {n} layer(s)" for s, n in counts.items()))
 
 
-class _DataWriter:
+class DataWriter:
     """Appends tensors to the external data file (64-byte aligned) and hashes what it writes."""
 
     def __init__(self, path: str):
@@ -445,7 +441,7 @@ class _DataWriter:
         self.file.close()
 
 
-def _write_weight(writer: _DataWriter, name: str, tensor: torch.Tensor, dtype: str, factor: float,
+def _write_weight(writer: DataWriter, name: str, tensor: torch.Tensor, dtype: str, factor: float,
                   weights: WeightFormat | None) -> list[TensorProto]:
     """Write one checkpoint tensor as the build stores it: int8/int4 codes and scales for the
     linear weights `weights` quantizes, else `onnx_layout`'s dtype and layout."""
@@ -455,7 +451,7 @@ def _write_weight(writer: _DataWriter, name: str, tensor: torch.Tensor, dtype: s
     return [writer.add(name, tensor, target, transpose, factor)]
 
 
-def write_tensors(graph: onnx.GraphProto, writer: _DataWriter, tensors: Iterable[tuple[str, torch.Tensor]],
+def write_tensors(graph: onnx.GraphProto, writer: DataWriter, tensors: Iterable[tuple[str, torch.Tensor]],
                   dtype: str, relu2: Relu2Scales, step: Steps, weights: WeightFormat | None = None,
                   tied_lm_head: bool = False, prefill: "_PrefillWriter | None" = None) -> None:
     """Write each checkpoint tensor as the build stores it (`_write_weight`, each MLP at its relu^2
@@ -501,7 +497,7 @@ def _refuse_non_finite(name: str, original: torch.Tensor, target: torch.dtype, s
 class _PrefillWriter:
     """The prefill graph's int8 weights as they are written (`write_tensors`)."""
     format: WeightFormat
-    writer: _DataWriter
+    writer: DataWriter
     initializers: list = dataclasses.field(default_factory=list)
 
 
@@ -525,8 +521,8 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
         raise ExportError(f"a prefill graph is written for cache layout 'capacity' (onnxruntime builds), not "
                           f"{cache_layout!r}")
     graph = build_graph(config, dtype, kv_capacity, cache_layout, weights)
-    writer = _DataWriter(os.path.join(out_dir, DATA_FILE))
-    second = None if prefill is None else _PrefillWriter(prefill, _DataWriter(os.path.join(out_dir, PREFILL_DATA_FILE)))
+    writer = DataWriter(os.path.join(out_dir, DATA_FILE))
+    second = None if prefill is None else _PrefillWriter(prefill, DataWriter(os.path.join(out_dir, PREFILL_DATA_FILE)))
     expected = 4 + 12 * config.num_hidden_layers + (4 if config.qk_layernorm else 0) * config.num_hidden_layers
     step = Steps(log, "weights", expected, "tensors", every=25)
     relu2 = Relu2Scales(config, dtype, measured)
@@ -555,7 +551,7 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
     return section, {**files, **prefill_files}
 
 
-def save_model(graph: onnx.GraphProto, out_dir: str, writer: "_DataWriter", section: GraphSection,
+def save_model(graph: onnx.GraphProto, out_dir: str, writer: DataWriter, section: GraphSection,
                model_file: str = MODEL_FILE) -> tuple[GraphSection, dict]:
     """Save out_dir/`model_file` (with the custom ops' functions, the lowest opsets and IR version
     its ops need), check it with onnx.checker; return `section` with those versions recorded and the

@@ -93,6 +93,20 @@ class Measured:
     def keep(self, kind: str, layer: int, tensor: torch.Tensor) -> None:
         self.per_layer[kind][layer] = max(self.per_layer[kind][layer], _largest(tensor))
 
+    def check_relu2_scale(self, layer: int, s: float) -> None:
+        """Refuse when, at the largest scale the layer's weights allow (the export's choice), its
+        measured pre-activation /s or relu^2 output /s^2 passes the margin limit: a smaller scale
+        would only make it worse."""
+        relu2_input, pre_activation = self.relu2_input[layer], self.per_layer["mlp_pre_activation"][layer]
+        relu2_output = (relu2_input / s) ** 2
+        worst, tensor = max((pre_activation / s, "mlp_pre_activation"), (relu2_output, "mlp_activation"))
+        if worst > FP16_MARGIN_LIMIT:
+            raise CalibrationError(
+                f"model.layers.{layer} {tensor} reaches {worst:.4g} in float16 at relu^2 scale {s:g} (measured on "
+                f"the calibration prompts: pre-activation up to {max(relu2_input, pre_activation):.4g}), past "
+                f"{FP16_MARGIN_LIMIT:g}, half of float16's 65504; "
+                f"build with --dtype bfloat16 (for TensorRT) or --dtype float32")
+
 
 def _largest(tensor: torch.Tensor) -> float:
     """max |x|; NaN if any element is NaN (torch's max propagates it)."""
@@ -191,19 +205,6 @@ def check_fp16_range(measured: Measured) -> None:
         raise CalibrationError(f"{where} reaches {largest:.4g} in the fp32 reference on the calibration prompts, past "
                                f"float16's largest value 65504: a float16 build would overflow there; build with "
                                f"--dtype bfloat16 (for TensorRT) or --dtype float32")
-
-
-def relu2_scale_fits(layer: int, relu2_input: float, pre_activation: float, s: float) -> None:
-    """Refuse when, at the largest scale the layer's weights allow, its measured pre-activation /s or
-    relu^2 output /s^2 passes the margin limit: a smaller scale would only make it worse."""
-    relu2_output = (relu2_input / s) ** 2
-    worst, tensor = max((pre_activation / s, "mlp_pre_activation"), (relu2_output, "mlp_activation"))
-    if worst > FP16_MARGIN_LIMIT:
-        raise CalibrationError(
-            f"model.layers.{layer} {tensor} reaches {worst:.4g} in float16 at relu^2 scale {s:g} (measured on the "
-            f"calibration prompts: pre-activation up to {max(relu2_input, pre_activation):.4g}), past "
-            f"{FP16_MARGIN_LIMIT:g}, half of float16's 65504; "
-            f"build with --dtype bfloat16 (for TensorRT) or --dtype float32")
 
 
 def report(measured: Measured) -> RangeSection:

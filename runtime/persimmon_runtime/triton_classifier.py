@@ -20,7 +20,7 @@ import numpy as np
 
 from .classifier import Classifier
 from .errors import PersimmonError
-from .triton_model import _text_input, log_to_triton, model_parameters
+from .triton_model import text_input, log_to_triton, model_parameters
 
 
 class TritonPythonModel:
@@ -38,7 +38,7 @@ class TritonPythonModel:
         for request in requests:
             try:
                 tensor = self.pb.get_input_tensor_by_name(request, "text_input")
-                texts = [_text_input([value]) for value in (tensor.as_numpy().reshape(-1) if tensor else [])]
+                texts = [text_input([value]) for value in (tensor.as_numpy().reshape(-1) if tensor else [])]
                 checked.append((texts, self.classifier.encode(texts)))
             except PersimmonError as e:
                 checked.append(str(e))

@@ -111,7 +111,7 @@ def _typed(name: str, value, kind: type):
     return value
 
 
-def _text_input(values) -> str:
+def text_input(values) -> str:
     if len(values) != 1:
         raise PersimmonError(f"text_input must hold exactly one string, got {len(values)}")
     value = values[0]
@@ -251,7 +251,7 @@ class TritonPythonModel:
 
     def _generate(self, request, sender) -> None:
         tensor = self.pb.get_input_tensor_by_name(request, "text_input")
-        text = _text_input(tensor.as_numpy().reshape(-1) if tensor is not None else [])
+        text = text_input(tensor.as_numpy().reshape(-1) if tensor is not None else [])
         settings = parse_parameters(request.parameters())
         deadline = _Deadline(settings, self.generate_timeout_s)
         if sender.is_cancelled():
