@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 
-from persimmon_runtime.manifest import (CAUSAL_LM, NO_CACHE, SIZE_LIMITS, Manifest, ModelShape,
+from persimmon_runtime.manifest import (BUILD_TARGETS, CAUSAL_LM, NO_CACHE, SIZE_LIMITS, Manifest, ModelShape,
                                         TokenizerSection)
 from persimmon_runtime.tokenizer import Tokenizer
 from persimmon_runtime.verify import sha256_file
@@ -28,7 +28,6 @@ from .quantize import prefill_format, prefill_section, weight_format
 from .ranges import calibrate, log_summary, report
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt-rtx")
 TOKENIZER_FILE = "tokenizer.model"
 
 
@@ -68,8 +67,8 @@ def build(checkpoint: str, out_dir: str, dtype: str = "float16", max_batch: int 
     classifier = None if task == CAUSAL_LM else classifier_section(checkpoint, config)
     if kv_capacity is None:
         kv_capacity = min(4096, config.max_position_embeddings)
-    if backend not in BACKENDS:
-        raise ExportError(f"backend {backend!r} is not available; choose one of {BACKENDS}")
+    if backend not in BUILD_TARGETS:
+        raise ExportError(f"backend {backend!r} is not available; choose one of {BUILD_TARGETS}")
     if backend == "auto":
         backend = "tensorrt" if TENSORRT.installed()[0] is not None else "onnxruntime"
         if backend == "onnxruntime" and TENSORRT_RTX.installed()[0] is not None:

@@ -8,10 +8,11 @@ import importlib.util
 import math
 import sys
 
+from persimmon_runtime.backends import BACKEND_CHOICES
 from persimmon_runtime.console import add_verbosity_flags, configure_logging, print_json, run_command
 from persimmon_runtime.cpu import PREFILL_CHOICES
 from persimmon_runtime.errors import PersimmonError
-from persimmon_runtime.manifest import TASKS
+from persimmon_runtime.manifest import BUILD_TARGETS, DTYPES, TASKS
 
 # What build, parity, convert and demo import: `pip install .` (a serving host) has none of them.
 EXPORT_MODULES = ("torch", "onnx", "safetensors", "ml_dtypes", "tqdm")
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "or the model_optim_rng.pt file")
     _add_out(convert, "checkpoint directory", "a checkpoint")
     convert.add_argument("--tokenizer", help="adept_vocab.model (default: next to the iter_* folders)")
-    convert.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+    convert.add_argument("--dtype", choices=DTYPES,
                          help="cast floating-point weights (default: keep the checkpoint's dtype)")
     convert.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size (default 2)")
     convert.set_defaults(run=_convert)
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "and manifest.json. Weights are streamed, so the 8B model exports in a few GiB of RAM.")
     build.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint directory")
     _add_out(build, "build directory", "a build")
-    build.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+    build.add_argument("--dtype", choices=DTYPES, default="float16",
                        help="weights, activations and KV cache (default float16; LayerNorm, softmax and logits "
                             "stay fp32). bfloat16 (fp32's range, no relu^2 scale, 8-bit mantissa) is for TensorRT "
                             "engines only (--backend tensorrt or tensorrt-rtx): onnxruntime's CPU provider cannot "
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="KV cache slots per sequence, prompt + generated tokens: the manifest's kv_capacity "
                             "(default: 4096, or the model's max_position_embeddings if smaller; --max-seq is an "
                             "older name of this flag)")
-    build.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt", "tensorrt-rtx"], default="auto",
+    build.add_argument("--backend", choices=BUILD_TARGETS, default="auto",
                        help="tensorrt: also build an NVIDIA TensorRT engine (10.9 - 11.x; for the GPU it builds on); "
                             "tensorrt-rtx: a TensorRT-RTX engine (1.7 - 1.x; builds without a GPU, runs on the RTX "
                             "GPUs of --compute-capabilities); auto (default): tensorrt when NVIDIA TensorRT is "
@@ -246,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     triton.add_argument("--max-queue-delay-ms", type=float, default=5.0,
                         help="classifier builds: how long Triton's dynamic batcher waits for requests to fill a "
                              "batch (default 5)")
-    triton.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
+    triton.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                         help="runtime backend inside the model (default auto)")
     triton.add_argument("--prefill", choices=PREFILL_CHOICES, default="auto",
                         help="prompt steps on the build's int8 prefill graph (onnxruntime on CPU): auto (default) "

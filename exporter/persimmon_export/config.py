@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 from persimmon_runtime.errors import PersimmonError
+from persimmon_runtime.manifest import DTYPES
 from persimmon_runtime.regular_files import read_regular
 
 # real ones are a few KB (id2label included): the bound is on what a hostile file makes us parse
@@ -20,7 +21,6 @@ MAX_CONFIG_BYTES = 16 << 20
 
 ACTIVATIONS = ("relu2", "relu", "gelu", "gelu_pytorch_tanh", "silu")
 ROPE_SCALING_TYPES = ("linear", "dynamic")
-DTYPES = ("float32", "float16", "bfloat16")
 
 # Keys HF writes that carry nothing for this model (bookkeeping, generation defaults).
 _IGNORED_KEYS = {

@@ -23,6 +23,7 @@ import re
 import shutil
 import stat
 
+from persimmon_runtime.backends import BACKEND_CHOICES
 from persimmon_runtime.cpu import PREFILL_CHOICES
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import CAUSAL_LM, MANIFEST_FILE, Manifest
@@ -31,7 +32,6 @@ from .files import atomic_directory
 
 log = logging.getLogger(__name__)
 KINDS = ("auto", "cpu", "gpu")
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 # Triton has no written character set for model names, but a name is a directory in the repository,
 # must equal that directory, and appears in URL paths (/v2/models/<name>/generate) and metric
@@ -172,8 +172,8 @@ def write_repository(build_dir: str, out_dir: str, name: str = "persimmon", kind
     check_generate_timeout(generate_timeout_s)
     if kind not in KINDS:
         raise PersimmonError(f"--kind {kind!r} is not one of {KINDS}")
-    if backend not in BACKENDS:
-        raise PersimmonError(f"--backend {backend!r} is not one of {BACKENDS}")
+    if backend not in BACKEND_CHOICES:
+        raise PersimmonError(f"--backend {backend!r} is not one of {BACKEND_CHOICES}")
     if prefill not in PREFILL_CHOICES:
         raise PersimmonError(f"--prefill {prefill!r} is not one of {PREFILL_CHOICES}")
     if prefill == "int8" and manifest.prefill is None:

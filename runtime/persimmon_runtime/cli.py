@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 
+from .backends import BACKEND_CHOICES
 from .console import add_verbosity_flags, configure_logging, run_command, utf8_argument
 from .cpu import PREFILL_CHOICES
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
     parser.add_argument("--no-stream", action="store_true", help="print the text once it is complete")
-    parser.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
+    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                         help="auto (default): TensorRT when the build has an engine and a GPU can run it")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the backend's own, cuda for TensorRT)")
     parser.add_argument("--prefill", default="auto", choices=PREFILL_CHOICES,

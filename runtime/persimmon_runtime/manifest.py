@@ -30,6 +30,8 @@ FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20  # real ones are a few KB; bounds what a hostile file makes us parse
 ENGINE_FLAVORS = ("tensorrt", "tensorrt-rtx")  # NVIDIA TensorRT, TensorRT-RTX
+# what `persimmon-export build --backend` takes: onnxruntime alone, or also an engine of a flavor
+BUILD_TARGETS = ("auto", "onnxruntime", *ENGINE_FLAVORS)
 # a build's dtype: weights, activations and caches (bfloat16: TensorRT engines only, see
 # backends/onnxruntime.py); a new value needs no new format version, older readers refuse it
 DTYPES = ("float16", "bfloat16", "float32")

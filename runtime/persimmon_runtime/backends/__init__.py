@@ -25,6 +25,7 @@ from ..errors import PersimmonError
 from ..manifest import CAUSAL_LM, EngineSection, Manifest
 
 BACKENDS = ("onnxruntime", "tensorrt")
+BACKEND_CHOICES = ("auto", *BACKENDS)  # what load_backend, persimmon-run and the Triton model take
 
 
 def load_backend(build_dir: str, manifest: Manifest, backend: str = "auto", device: str | None = None,
@@ -56,7 +57,7 @@ def load_backend(build_dir: str, manifest: Manifest, backend: str = "auto", devi
             raise PersimmonError("prefill 'int8' is for onnxruntime on CPUs; the TensorRT engine prefills with its "
                                  "own profile: use prefill 'auto' or 'off'")
         return TensorRTBackend(build_dir, manifest, device=device or "cuda")
-    raise PersimmonError(f"backend {backend!r} is unknown; choose 'auto' or one of {BACKENDS}")
+    raise PersimmonError(f"backend {backend!r} is unknown; choose one of {BACKEND_CHOICES}")
 
 
 def parse_device(device) -> tuple[str, int]:
