@@ -228,3 +228,23 @@ def test_a_build_without_the_graph_has_no_prefill_key_and_triton_refuses_int8(ti
     with pytest.raises(PersimmonError, match=r"--prefill int8: .* has no prefill graph; rebuild it") as error:
         write_repository(tiny_build, str(tmp_path / "repo"), prefill="int8")
     assert "\n" not in str(error.value) and not (tmp_path / "repo").exists()
+
+
+def test_both_backends_satisfy_the_backend_protocol(tiny_build):
+    """The onnxruntime backend as loaded; the TensorRT one by its class (it needs a GPU to load):
+    every member of `Backend`, methods with the protocol's parameters."""
+    import inspect
+
+    from persimmon_runtime.backends import Backend
+    from persimmon_runtime.backends.tensorrt import TensorRTBackend
+
+    assert isinstance(Generator.load(tiny_build).backend, Backend)
+    members = {"manifest", "name", "prefill_kernels", "max_step_tokens", "start", "step"}
+    assert members == set(Backend.__annotations__) | {name for name in vars(Backend) if not name.startswith("_")}
+    instance_attributes = inspect.getsource(TensorRTBackend.__init__)
+    for member in members:
+        assert hasattr(TensorRTBackend, member) or f"self.{member} =" in instance_attributes, member
+    for method in ("start", "step"):
+        expected = list(inspect.signature(getattr(Backend, method)).parameters)
+        assert list(inspect.signature(getattr(TensorRTBackend, method)).parameters) == expected, method
+    assert isinstance(TensorRTBackend.max_step_tokens, property)

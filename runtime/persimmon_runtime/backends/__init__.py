@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -28,8 +29,25 @@ BACKENDS = ("onnxruntime", "tensorrt")
 BACKEND_CHOICES = ("auto", *BACKENDS)  # what load_backend, persimmon-run and the Triton model take
 
 
+@runtime_checkable
+class Backend(Protocol):
+    """What the scheduler, the Generator and parity use of a backend (both backends satisfy it;
+    tests/test_prefill_graph.py checks)."""
+    manifest: Manifest
+    name: str               # a BACKENDS entry
+    prefill_kernels: str    # what runs prompt steps, and why (persimmon_runtime.cpu.choose_prefill)
+
+    @property
+    def max_step_tokens(self) -> int: ...
+
+    def start(self, batch: int) -> None: ...
+
+    def step(self, input_ids: np.ndarray, first_slot: np.ndarray, token_count: np.ndarray,
+             attention_mask: np.ndarray, first_row: int = 0) -> np.ndarray: ...
+
+
 def load_backend(build_dir: str, manifest: Manifest, backend: str = "auto", device: str | None = None,
-                 prefill: str = "auto"):
+                 prefill: str = "auto") -> Backend:
     """`auto` picks TensorRT when the build has an engine and this machine can run it (the engine's
     TensorRT or TensorRT-RTX imports, and the GPU is one it was built for), else onnxruntime.
 
