@@ -53,7 +53,7 @@ def decode_ms(model, batch: int, context: int, steps: int = 20) -> tuple[float, 
 
 
 def sample_ms(logits: np.ndarray, settings: dict, repeats: int = 20) -> float:
-    samplers = [Sampler(SamplingParams(**settings), row=row) for row in range(len(logits))]
+    samplers = [Sampler(SamplingParams(**settings), prompt_index=row) for row in range(len(logits))]
     histories = [np.zeros(0, np.int64)] * len(logits)
     sample(logits, samplers, histories)
     started = time.perf_counter()

@@ -88,7 +88,7 @@ def measure(profile: str, rows: int, repeats: int, old_repeats: int, old) -> lis
     argsort, argsort_median = timings(lambda x: np.argsort(-x[0], kind="stable"), inputs, max(5, repeats // 4))
     results = []
     for name, settings in SETTINGS.items():
-        samplers = [Sampler(SamplingParams(seed=row, **settings), row=row) for row in range(rows)]
+        samplers = [Sampler(SamplingParams(seed=row, **settings), prompt_index=row) for row in range(rows)]
         new, new_median = timings(lambda x: sample(x, samplers, histories), inputs, repeats)
         result = dict(profile=profile, rows=rows, setting=name, ms_per_call=new * 1e3,
                       ms_per_call_median=new_median * 1e3, argsort_ms=argsort * 1e3,

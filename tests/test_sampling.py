@@ -117,7 +117,7 @@ def random_cases(vocab: int, count: int):
                          ids=["vocab262144", "vocab50", "vocab7"])
 def test_the_tokens_that_can_be_sampled_are_those_transformers_keeps(rows):
     rows = rows()
-    samplers = [Sampler(params, row=i) for i, (_, _, params) in enumerate(rows)]
+    samplers = [Sampler(params, prompt_index=i) for i, (_, _, params) in enumerate(rows)]
     kept_masks = []
     for (logits, history, params), sampler in zip(rows, samplers):
         scaled, expected = transformers_scores(logits, history, params)
@@ -160,7 +160,7 @@ def test_draws_reach_every_kept_token_of_a_small_set_at_full_vocabulary():
         kept = set(np.flatnonzero(np.isfinite(expected)).tolist())
         # 300 draws miss one of at most 12 tokens of probability >= 5% with probability < 3e-6
         assert 1 < len(kept) <= 12 and probs[sorted(kept)].min() >= 0.05
-        samplers = [Sampler(params, row=i) for i in range(30)]
+        samplers = [Sampler(params, prompt_index=i) for i in range(30)]
         drawn = np.concatenate([sample(np.tile(logits, (30, 1)), samplers, [history] * 30) for _ in range(10)])
         assert set(drawn.tolist()) == kept
 
@@ -196,7 +196,7 @@ def test_sampled_frequencies_follow_the_filtered_softmax(logits, settings):
     params = SamplingParams(seed=11, **settings)
     _, expected = transformers_scores(logits, history, params)
     probs = torch.softmax(torch.tensor(expected), 0).numpy()
-    samplers = [Sampler(params, row=i) for i in range(50)]
+    samplers = [Sampler(params, prompt_index=i) for i in range(50)]
     drawn = np.concatenate([sample(np.tile(logits, (50, 1)), samplers, [history] * 50) for _ in range(100)])
     counts = np.bincount(drawn, minlength=logits.shape[0])
     likely = probs * drawn.shape[0] >= 5  # where the chi-square approximation holds
@@ -222,7 +222,7 @@ def decode(order: list[int], noise_rows: int, steps: int, logits_of) -> dict[int
     rng = np.random.default_rng(len(order) * 100 + noise_rows)
     noise = [Sampler(SamplingParams(temperature=1.0, top_k=int(rng.integers(0, 100)), repetition_penalty=1.1))
              for _ in range(noise_rows)]
-    members = [(r, Sampler(SamplingParams(seed=100 + r, **REQUESTS[r]), row=r)) for r in order]
+    members = [(r, Sampler(SamplingParams(seed=100 + r, **REQUESTS[r]), prompt_index=r)) for r in order]
     members += [(None, sampler) for sampler in noise]
     members = [members[i] for i in rng.permutation(len(members))] if noise_rows else members
     histories = {id(s): list(range(r or 0, (r or 0) + 5)) for r, s in members}

@@ -127,7 +127,7 @@ class Generator:
                     f"prompt {index} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} that exceeds "
                     f"the build's kv_capacity {capacity}: shorten it, lower max_new_tokens or rebuild with a larger "
                     f"--kv-capacity")
-            sequences.append(Sequence(index, ids, params, Sampler(params, row=index),
+            sequences.append(Sequence(index, ids, params, Sampler(params, prompt_index=index),
                                       IncrementalDetokenizer(self.tokenizer, ids), eos))
         return sequences
 

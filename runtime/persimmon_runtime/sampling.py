@@ -96,9 +96,10 @@ class Sampler:
     Probabilities are float32 with float64 sums (see _unnormalised).
     """
 
-    def __init__(self, params: SamplingParams, row: int = 0):
+    def __init__(self, params: SamplingParams, prompt_index: int = 0):
+        """prompt_index: the prompt's place in its request; with a seed, each prompt gets its own stream."""
         self.params = params
-        self.rng = np.random.default_rng(None if params.seed is None else [params.seed, row])
+        self.rng = np.random.default_rng(None if params.seed is None else [params.seed, prompt_index])
 
     def process(self, logits: np.ndarray, history: np.ndarray) -> np.ndarray:
         """Logits (float64) after repetition penalty, temperature, top-k and top-p (filtered entries -inf)."""
