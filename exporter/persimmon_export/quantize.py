@@ -14,10 +14,8 @@ Two graph forms, one per runtime, each the form its fast kernel is documented to
   the CPU has them (AVX2 / AVX512-VNNI on x86);
 - TensorRT: `DequantizeLinear` of a constant weight straight into the MatMul, TensorRT's
   weight-only pattern: int4 blocked along K (weight [K, N], scales [K/block, N], axis 0,
-  block_size), int8 per output channel (scales [N], axis 1). Per channel for int8 because that
-  is what TensorRT's INT8 weight-only GEMM takes: with TensorRT-RTX 1.7, a blocked int8
-  DequantizeLinear into a [256, 96] MatMul built a 168 KB engine (the weight dequantized to
-  fp32 constants) and the per-channel one 39 KB (int8 kept); int4 blocked 28 KB.
+  block_size), int8 per output channel (scales [N], axis 1: what TensorRT's INT8 weight-only
+  GEMM takes; a blocked one is dequantized to float constants, docs/quantization.md).
 
 Prefill graphs (`build --prefill int8`, onnxruntime builds; see `prefill_format`) multiply by
 int8 weights per output channel (codes [K, N], fp32 scales [N]) with `com.microsoft.
@@ -25,11 +23,8 @@ DynamicQuantizeMatMul`, which quantizes the activations to uint8 at run time and
 u8 x s8 integer GEMM: the AMX-INT8 / AVX512-VNNI / AVX-VNNI kernels where the CPU has them.
 
 The codes are computed in chunks of rows as the weights stream through the export (a chunk at
-a time in memory, not a copy of the model), scales kept for the tensor being written.
-
-What is quantized and the default block size were decided by measurement (docs/benchmarks.md,
-"weight-only quantized builds"): the four linears of every layer (TensorRT: three, see
-ENGINE_LINEARS); lm_head at LM_HEAD_QUANTIZED[type]; DEFAULT_BLOCK_SIZE.
+a time in memory, not a copy of the model). What is quantized and the default block size were
+chosen by measurement (docs/quantization.md, docs/benchmarks.md).
 """
 
 from __future__ import annotations
