@@ -5,7 +5,8 @@ floors pyproject.toml declares for onnxruntime, numpy and sentencepiece, and
 `.cache/venv-ort-gpu-newest` the onnxruntime version of the newest onnxruntime-gpu (its CPU
 wheel: onnxruntime-gpu and Triton containers lag the CPU package). Each runs this checkout's
 runtime on the same builds as this venv's newest onnxruntime and must give the same greedy tokens
-and classifier logits. The exporter declares the lowest opset and IR version each graph needs
+and classifier logits (a float build's int8 prefill graph included: forced, on a prompt wide enough
+to run it). The exporter declares the lowest opset and IR version each graph needs
 (persimmon_export.onnx_versions); one opset lower must fail onnx.checker.
 """
 
@@ -35,7 +36,11 @@ VENVS = {"floors": os.path.join(ROOT, ".cache", "venv-floors"),
 PROMPTS = ["Hello world", "The capital of France is", "東京 🎉 and more"]
 TEXTS = ["I loved it.", "no", "The quick brown fox jumps over the lazy dog."]
 CAUSAL_BUILDS = {"float32": dict(dtype="float32"), "float16": dict(dtype="float16"),
-                 "int8": dict(dtype="float32", weights="int8"), "int4": dict(dtype="float16", weights="int4")}
+                 "int8": dict(dtype="float32", weights="int8"), "int4": dict(dtype="float16", weights="int4"),
+                 "prefill": dict(dtype="float32", prefill="int8")}
+# the builds whose int8 prefill graph runs (forced: whatever the CPU), on a prompt wide enough for it
+FORCED_PREFILL = {"prefill": "int8"}
+LONG_PROMPTS = [" ".join(PROMPTS)]
 
 # Run in the other venv with this checkout's runtime on its path: greedy tokens per causal build,
 # logits per classifier build, and the versions it ran with.
@@ -46,10 +51,15 @@ from persimmon_runtime.classifier import Classifier
 from persimmon_runtime.generator import Generator
 job = json.loads(sys.argv[1])
 out = {"versions": {"onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,
-                    "sentencepiece": sentencepiece.__version__}, "tokens": {}, "logits": {}}
+                    "sentencepiece": sentencepiece.__version__}, "tokens": {}, "logits": {},
+       "prefill_steps": {}}
 for name, path in job["causal"].items():
-    completions = Generator.load(path).generate(job["prompts"], max_new_tokens=12, ignore_eos=True)
+    prefill = job["prefill"].get(name, "auto")
+    prompts = job["prompts"] if prefill == "auto" else job["long_prompts"]
+    generator = Generator.load(path, prefill=prefill)
+    completions = generator.generate(prompts, max_new_tokens=12, ignore_eos=True)
     out["tokens"][name] = [c.token_ids for c in completions]
+    out["prefill_steps"][name] = generator.backend.prefill_steps
 for name, (path, ids) in job["classifiers"].items():
     out["logits"][name] = [row.tolist() for row in Classifier.load(path).logits(ids)]
 try:
@@ -96,8 +106,12 @@ def builds(tiny_checkpoint, tmp_path_factory):
 
 def reference(builds) -> dict:
     """What this venv's (newest) onnxruntime gives on the same builds."""
-    tokens = {name: [c.token_ids for c in Generator.load(path).generate(PROMPTS, max_new_tokens=12, ignore_eos=True)]
-              for name, path in builds["causal"].items()}
+    tokens = {}
+    for name, path in builds["causal"].items():
+        prefill = FORCED_PREFILL.get(name, "auto")
+        generator = Generator.load(path, prefill=prefill)
+        prompts = PROMPTS if prefill == "auto" else LONG_PROMPTS
+        tokens[name] = [c.token_ids for c in generator.generate(prompts, max_new_tokens=12, ignore_eos=True)]
     logits = {name: [row.tolist() for row in Classifier.load(path).logits(ids)]
               for name, (path, ids) in builds["classifiers"].items()}
     return {"tokens": tokens, "logits": logits}
@@ -105,7 +119,8 @@ def reference(builds) -> dict:
 
 @pytest.mark.parametrize("venv", VENVS)
 def test_builds_run_alike_on_older_onnxruntimes(builds, venv):
-    job = {"causal": builds["causal"], "classifiers": builds["classifiers"], "prompts": PROMPTS}
+    job = {"causal": builds["causal"], "classifiers": builds["classifiers"], "prompts": PROMPTS,
+           "prefill": FORCED_PREFILL, "long_prompts": LONG_PROMPTS}
     probe = run_in_venv(VENVS[venv], PROBE, json.dumps(job))
     assert probe.returncode == 0, probe.stderr[-3000:]
     got, expected = json.loads(probe.stdout), reference(builds)
@@ -115,6 +130,7 @@ def test_builds_run_alike_on_older_onnxruntimes(builds, venv):
                                    for p in ("onnxruntime", "numpy", "sentencepiece")}
     assert got["versions"]["onnxruntime"] != onnxruntime.__version__
     assert got["tokens"] == expected["tokens"]
+    assert all(got["prefill_steps"][name] > 0 for name in FORCED_PREFILL)  # the int8 graph ran there too
     for name, rows in expected["logits"].items():
         for row, want in zip(got["logits"][name], rows):
             np.testing.assert_allclose(row, want, rtol=1e-5, atol=1e-5)

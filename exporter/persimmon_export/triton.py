@@ -24,7 +24,7 @@ import shutil
 import stat
 
 from persimmon_runtime.backends import BACKEND_CHOICES
-from persimmon_runtime.cpu import PREFILL_CHOICES
+from persimmon_runtime.cpu import check_prefill_choice
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import CAUSAL_LM, MANIFEST_FILE, Manifest
 
@@ -174,8 +174,7 @@ def write_repository(build_dir: str, out_dir: str, name: str = "persimmon", kind
         raise PersimmonError(f"--kind {kind!r} is not one of {KINDS}")
     if backend not in BACKEND_CHOICES:
         raise PersimmonError(f"--backend {backend!r} is not one of {BACKEND_CHOICES}")
-    if prefill not in PREFILL_CHOICES:
-        raise PersimmonError(f"--prefill {prefill!r} is not one of {PREFILL_CHOICES}")
+    check_prefill_choice(prefill)
     if prefill == "int8" and manifest.prefill is None:
         raise PersimmonError(f"--prefill int8: {build_dir} has no prefill graph; rebuild it with `persimmon-export "
                              f"build --prefill int8`, or use --prefill auto")

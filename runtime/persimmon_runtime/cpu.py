@@ -28,28 +28,23 @@ RECORDED_FLAGS = ("amx_tile", "amx_int8", "amx_bf16", "avx512_vnni", "avx_vnni",
 PREFILL_CHOICES = ("auto", "int8", "off")
 
 
-def cpu_flags(path: str = CPUINFO) -> set[str]:
-    """The first processor's feature flags (empty where /proc/cpuinfo is missing or unreadable)."""
+def _first_field(key: str, path: str) -> str | None:
+    """The first processor's `key` line of /proc/cpuinfo (None where it or the file is missing)."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
+            return next((line.partition(":")[2].strip() for line in f if line.startswith(key)), None)
     except OSError:
-        pass
-    return set()
+        return None
+
+
+def cpu_flags(path: str = CPUINFO) -> set[str]:
+    """The first processor's feature flags (empty where /proc/cpuinfo is missing or unreadable)."""
+    return set((_first_field("flags", path) or "").split())
 
 
 def cpu_model(path: str = CPUINFO) -> str:
     """'AMD EPYC 9R14', or the platform's processor string where /proc/cpuinfo has no model name."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _first_field("model name", path) or platform.processor() or platform.machine()
 
 
 def int8_unit(flags: set[str]) -> str | None:
