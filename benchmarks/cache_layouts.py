@@ -26,6 +26,7 @@ sys.path.insert(0, HERE)
 from workload import CONFIGS, VOCAB, random_checkpoint  # noqa: E402
 
 from persimmon_export.build import build  # noqa: E402
+from persimmon_export.options import BuildOptions  # noqa: E402
 from persimmon_runtime.backends import decode, prefill  # noqa: E402
 from persimmon_runtime.generator import Generator  # noqa: E402
 
@@ -80,8 +81,8 @@ def run_config(name: str, work: str, prompt: int, steps: int, repeats: int) -> N
     del hf
     for layout in ("whole", "capacity"):
         out = os.path.join(work, f"{name}-{layout}")
-        build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=1,
-              kv_capacity=prompt + steps + 8, cache_layout=layout)
+        build(checkpoint, out, BuildOptions(dtype="float32", backend="onnxruntime", max_batch=1,
+                                            kv_capacity=prompt + steps + 8, cache_layout=layout))
         backend = Generator.load(out).backend
         seconds = best_of(lambda: prefill(backend, ids), repeats)
         print(f"{name} {layout:8s} prefill {prompt}: {prompt / seconds:8.1f} tok/s  load {os.getloadavg()[0]:.2f}",

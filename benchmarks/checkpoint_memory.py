@@ -22,7 +22,7 @@ import time
 LOADER = r"""
 import json, resource, sys, threading, time
 import torch
-from persimmon_export.checkpoint import load_model
+from persimmon_export.load.checkpoint import load_model
 
 peak_anon = 0
 def sample():
@@ -48,7 +48,7 @@ def write_checkpoint(directory: str, layers: int, extra_files: dict | None = Non
     import torch
 
     from persimmon_export import PersimmonConfig, PersimmonForCausalLM
-    from persimmon_export.checkpoint import save_checkpoint
+    from persimmon_export.load.checkpoint import save_checkpoint
 
     config = PersimmonConfig(num_hidden_layers=layers, torch_dtype="bfloat16")  # 8B shape by default
     with torch.device("meta"):

@@ -34,6 +34,7 @@ import time
 
 from machine import cpu_model
 from persimmon_runtime import verify
+from persimmon_runtime.manifest import FileEntry
 
 BUILD_8B_BYTES = 18.8e9  # Persimmon-8B's weights in fp16/bf16: 9.40e9 parameters x 2 bytes
 BLOCK = 1 << 24
@@ -90,7 +91,7 @@ def timed_verify(directory: str, files: dict, manifest_sha256: str) -> float:
 
 
 def measure(directory: str, files: dict, path: str, repeats: int) -> dict:
-    size = files[os.path.basename(path)]["bytes"]
+    size = files[os.path.basename(path)].bytes
     runs = {"cold": [], "warm": []}
     for repeat in range(repeats):
         still_cached = drop_from_page_cache(path)
@@ -142,7 +143,7 @@ def main() -> None:
         os.mkdir(build)
         path = os.path.join(build, "model.onnx.data")
         written = time.perf_counter()
-        files = {"model.onnx.data": {"bytes": size, "sha256": write_file(path, size)}}
+        files = {"model.onnx.data": FileEntry(size, write_file(path, size))}
         facts["write_seconds"] = time.perf_counter() - written
         time.sleep(max(0.0, verify.RACY_MARGIN_NS / 1e9 + 0.5 - facts["write_seconds"]))  # let a record be kept
         runs = measure(build, files, path, args.repeats)

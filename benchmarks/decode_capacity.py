@@ -18,12 +18,13 @@ import os
 import tempfile
 
 import numpy as np
-
 from machine import machine, timed
+
 from persimmon_export import PersimmonConfig
 from persimmon_export.build import build
-from persimmon_export.checkpoint import save_model, tokenizer_files
 from persimmon_export.demo import random_model, train_tokenizer
+from persimmon_export.load.checkpoint import save_model, tokenizer_files
+from persimmon_export.options import BuildOptions  # noqa: E402
 from persimmon_runtime import Tokenizer
 from persimmon_runtime.backends import decode, prefill
 from persimmon_runtime.generator import Generator
@@ -43,7 +44,8 @@ def measure_capacity(context: int, steps: int, capacities) -> dict:
                                 extra_files=tokenizer_files(tokenizer))
         for capacity in capacities:
             out = os.path.join(work, f"build-{capacity}")
-            build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=1, kv_capacity=capacity)
+            build(checkpoint, out, BuildOptions(dtype="float32", backend="onnxruntime", max_batch=1,
+                                                kv_capacity=capacity))
             generator = Generator.load(out)
             logits, positions = prefill(generator.backend, [prompt])
             token = logits.argmax(-1)

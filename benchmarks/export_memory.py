@@ -163,8 +163,8 @@ def main() -> None:
     check_disk(args.work, args.layers, args.backend)
     checkpoint, out = os.path.join(args.work, "checkpoint"), os.path.join(args.work, "build")
     try:
-        from persimmon_export.checkpoint import tokenizer_files
         from persimmon_export.demo import train_tokenizer
+        from persimmon_export.load.checkpoint import tokenizer_files
         from persimmon_runtime import Tokenizer
 
         os.makedirs(args.work, exist_ok=True)

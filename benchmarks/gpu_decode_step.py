@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_decode_step.py [--batches 1 8] [--context 1024]   # needs a CUDA GPU and torch
 
-The model is this project's torch reference (exporter/persimmon_export/model.py) with the real
+The model is this project's torch reference (exporter/persimmon_export/reference/model.py) with the real
 8B shape (36 layers, hidden 4096, vocabulary 262,144) and random fp16 weights, run eagerly with
 its static KV cache: no CUDA graphs and attention over every cache slot, so this is an upper
 bound on what the TensorRT engine takes per step. The point is the budget it sets: the runtime
@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "exporter"))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "runtime"))
 from persimmon_export.config import PersimmonConfig  # noqa: E402
-from persimmon_export.model import PersimmonForCausalLM  # noqa: E402
+from persimmon_export.reference.model import PersimmonForCausalLM  # noqa: E402
 from persimmon_runtime.sampling import Sampler, SamplingParams, sample  # noqa: E402
 
 SETTINGS = {"greedy": {}, "top-p 0.9": dict(temperature=0.8, top_p=0.9, seed=0),

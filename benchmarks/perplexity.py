@@ -36,10 +36,11 @@ sys.path.insert(0, HERE)
 from machine import cpu_features  # noqa: E402
 
 from persimmon_export.build import build  # noqa: E402
-from persimmon_export.checkpoint import save_model, tokenizer_files  # noqa: E402
 from persimmon_export.config import PersimmonConfig  # noqa: E402
 from persimmon_export.demo import train_tokenizer  # noqa: E402
-from persimmon_export.model import PersimmonForCausalLM  # noqa: E402
+from persimmon_export.load.checkpoint import save_model, tokenizer_files  # noqa: E402
+from persimmon_export.options import BuildOptions  # noqa: E402
+from persimmon_export.reference.model import PersimmonForCausalLM  # noqa: E402
 from persimmon_runtime import Tokenizer  # noqa: E402
 from persimmon_runtime.backends import decode, prefill  # noqa: E402
 from persimmon_runtime.generator import Generator  # noqa: E402
@@ -143,8 +144,9 @@ def main() -> None:
         rows = [summarize("transformers float32", "", reference, reference, targets)]
         for label, (options, settings) in BUILDS.items():
             out = os.path.join(work, f"build-{label}")
-            build(checkpoint, out, **{"dtype": "float32", **options}, backend="onnxruntime", max_batch=1,
-                  kv_capacity=args.prompt + args.scored)
+            build(checkpoint, out, BuildOptions(backend="onnxruntime", max_batch=1,
+                                                kv_capacity=args.prompt + args.scored,
+                                                **{"dtype": "float32", **options}))
             for setting in settings:
                 logits, kernels = ours(out, setting, sequences, args.prompt)
                 rows.append(summarize(f"persimmon {label}", kernels, logits, reference, targets))

@@ -35,8 +35,9 @@ from workload import CONFIGS, VOCAB  # noqa: E402
 
 from persimmon_export import PersimmonConfig  # noqa: E402
 from persimmon_export.build import build  # noqa: E402
-from persimmon_export.checkpoint import save_model, tokenizer_files  # noqa: E402
 from persimmon_export.demo import random_model, train_tokenizer  # noqa: E402
+from persimmon_export.load.checkpoint import save_model, tokenizer_files  # noqa: E402
+from persimmon_export.options import BuildOptions  # noqa: E402
 from persimmon_runtime import Tokenizer  # noqa: E402
 from persimmon_runtime.generator import Generator  # noqa: E402
 from persimmon_runtime.scheduler import PREFILL_CHUNK  # noqa: E402
@@ -50,7 +51,8 @@ def make_build(root: str, name: str, config: dict, kv_capacity: int, max_batch: 
     model = random_model(PersimmonConfig(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.bos_id, **config), 0)
     checkpoint = save_model(model, os.path.join(root, f"{name}-ckpt"), extra_files=tokenizer_files(tokenizer))
     out = os.path.join(root, f"{name}-build")
-    build(checkpoint, out, dtype="float32", max_batch=max_batch, kv_capacity=kv_capacity, backend="onnxruntime")
+    build(checkpoint, out, BuildOptions(dtype="float32", max_batch=max_batch, kv_capacity=kv_capacity,
+                                        backend="onnxruntime"))
     return out
 
 

@@ -1,5 +1,5 @@
 """Weight-only int8 / int4 builds against fp32: decode speed and accuracy, and the choices behind
-`persimmon_export.quantize` (whether lm_head is quantized, the block size).
+`persimmon_export.graph.quantize` (whether lm_head is quantized, the block size).
 
     .venv/bin/python benchmarks/quantized.py                       # 100M and 300M, every variant
     .venv/bin/python benchmarks/quantized.py --configs 100M --variants fp32 int8 int4
@@ -39,7 +39,8 @@ from workload import CONFIGS, prompt_texts, random_checkpoint  # noqa: E402
 
 from persimmon_export import quantize  # noqa: E402
 from persimmon_export.build import build  # noqa: E402
-from persimmon_export.parity import BOUNDS, check_parity  # noqa: E402
+from persimmon_export.options import BuildOptions  # noqa: E402
+from persimmon_export.validate.parity import BOUNDS, check_parity  # noqa: E402
 from persimmon_runtime import Tokenizer  # noqa: E402
 from persimmon_runtime.generator import Generator  # noqa: E402
 
@@ -68,8 +69,8 @@ def build_variant(checkpoint: str, work: str, label: str, steps: int) -> str:
     options = dict(VARIANTS[label])
     quantize.INT8_COMPUTE = options.pop("accuracy_level", INT8_COMPUTE)
     try:
-        build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=4,
-              kv_capacity=PROMPT_TOKENS + steps + 8, overwrite=True, **options)
+        build(checkpoint, out, BuildOptions(dtype="float32", backend="onnxruntime", max_batch=4,
+                                            kv_capacity=PROMPT_TOKENS + steps + 8, overwrite=True, **options))
     finally:
         quantize.INT8_COMPUTE = INT8_COMPUTE
     return out

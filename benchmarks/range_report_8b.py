@@ -3,7 +3,7 @@
     python benchmarks/range_report_8b.py    # needs about 80 GB of RAM (the fp32 model and its init)
 
 What `persimmon-export build --dtype float16` measures before it writes anything (see
-exporter/persimmon_export/ranges.py), run on the fp32 reference with the real 8B shape and random
+exporter/persimmon_export/graph/ranges.py), run on the fp32 reference with the real 8B shape and random
 weights (demo.random_model) on the six built-in calibration prompts, tokenized by the small demo
 tokenizer (its ids are valid 8B ids; a random model does not care about text). The relu^2 scales
 are the exporter's choice from each layer's W2 (export.relu2_scale); the weight part of the report
@@ -25,8 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(os.path.dirname(HERE), part) for part in ("exporter", "runtime")]
 from persimmon_export.config import PersimmonConfig  # noqa: E402
 from persimmon_export.demo import random_model, train_tokenizer  # noqa: E402
-from persimmon_export.export import relu2_scale  # noqa: E402
-from persimmon_export.ranges import BUILTIN_PROMPTS, calibration_ids, measure, report  # noqa: E402
+from persimmon_export.graph.export import relu2_scale  # noqa: E402
+from persimmon_export.graph.ranges import BUILTIN_PROMPTS, calibration_ids, measure, report  # noqa: E402
 from persimmon_runtime import Tokenizer  # noqa: E402
 
 

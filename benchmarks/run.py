@@ -41,6 +41,7 @@ from step_timing import median_run, summarize, time_generate  # noqa: E402
 from workload import CONFIGS, prompt_texts, random_checkpoint  # noqa: E402
 
 from persimmon_export.build import build  # noqa: E402
+from persimmon_export.options import BuildOptions  # noqa: E402
 from persimmon_runtime import Tokenizer  # noqa: E402
 from persimmon_runtime.generator import Generator  # noqa: E402
 
@@ -149,8 +150,8 @@ def run_config(name: str, work: str, batches, lengths, new_tokens: int, wait_idl
         weights = OURS[label]
         out = os.path.join(work, f"{name}-{label}")
         options = {} if weights is None else {"weights": weights, "block_size": block_size}
-        build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=MAX_BATCH,
-              kv_capacity=max(lengths) + new_tokens, prefill="int8", **options)
+        build(checkpoint, out, BuildOptions(dtype="float32", backend="onnxruntime", max_batch=MAX_BATCH,
+                                            kv_capacity=max(lengths) + new_tokens, prefill="int8", **options))
         for setting in prefills:
             generator = Generator.load(out, prefill=setting)
             kernels = generator.backend.prefill_kernels

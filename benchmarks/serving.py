@@ -21,7 +21,7 @@ generator: 100M config of benchmarks/run.py (random weights, fp32, onnxruntime C
   64 new tokens, ignore_eos; the median of `--repeats` runs.
 triton: the same config at vocabulary 32,000 (`--vocab`), `max_batch` 8, served by the
   tritonserver in .cache (examples/setup.sh) on 127.0.0.1 from a repository written by
-  `persimmon_export.triton.write_repository`; 1, 4, 16 and 32 concurrent clients, each sending
+  `persimmon_export.deploy.triton.write_repository`; 1, 4, 16 and 32 concurrent clients, each sending
   ceil(`--min-requests` / clients) streaming HTTP `generate_stream` requests one after another
   (by default 4 at 1 client, 1 from 4 clients up: one request of about a second is too short to
   time alone); 128-token prompts, 64 new tokens, greedy, ignore_eos. Aggregate tokens/s =
@@ -52,13 +52,14 @@ import onnxruntime
 
 import persimmon_runtime
 from persimmon_export.build import build
-from persimmon_export.triton import MODEL_PY, write_repository
+from persimmon_export.deploy.triton import MODEL_PY, write_repository
+from persimmon_export.options import BuildOptions  # noqa: E402
 from persimmon_runtime.generator import Generator
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import tritonserver  # noqa: E402 (tests/tritonserver.py: the bundled server, started as the tests start it)
 from machine import CpuShare, cpu_features, cpu_note, group_cpu_s, machine  # noqa: E402
 from workload import prompt_texts, random_checkpoint  # noqa: E402
-import tritonserver  # noqa: E402 (tests/tritonserver.py: the bundled server, started as the tests start it)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -75,8 +76,8 @@ def make_build(work: str, vocab: int, kv_capacity: int) -> tuple[str, int]:
     first added tokenizer piece)."""
     checkpoint, first_added = random_checkpoint(work, "100M", vocab)
     out = os.path.join(work, f"build-{vocab}")
-    build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=MAX_BATCH, kv_capacity=kv_capacity,
-          prefill="int8")
+    build(checkpoint, out, BuildOptions(dtype="float32", backend="onnxruntime", max_batch=MAX_BATCH,
+                                        kv_capacity=kv_capacity, prefill="int8"))
     shutil.rmtree(checkpoint)  # up to 2 GB at the real vocabulary; only the build is needed now
     return out, first_added
 

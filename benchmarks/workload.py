@@ -13,8 +13,8 @@ import os
 import numpy as np
 
 from persimmon_export import PersimmonConfig
-from persimmon_export.checkpoint import save_model, tokenizer_files
 from persimmon_export.demo import random_model, train_tokenizer
+from persimmon_export.load.checkpoint import save_model, tokenizer_files
 from persimmon_runtime import Tokenizer
 
 CONFIGS = {

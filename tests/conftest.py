@@ -10,8 +10,8 @@ import threading
 
 import pytest
 import torch
-
 from gpu_switch import pytest_runtest_makereport  # noqa: F401 (the hook: PERSIMMON_REQUIRE_GPU=1)
+
 from persimmon_export.demo import train_tokenizer
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -62,9 +62,10 @@ def tiny_checkpoint(tmp_path_factory):
 def tiny_build(tiny_checkpoint, tmp_path_factory):
     """Its float32 onnxruntime build (max_batch 2, kv_capacity 96); tests must not change it."""
     from persimmon_export.build import build
+    from persimmon_export.options import BuildOptions
 
     out = str(tmp_path_factory.mktemp("build") / "b")
-    build(tiny_checkpoint, out, dtype="float32", max_batch=2, kv_capacity=96, backend="onnxruntime")
+    build(tiny_checkpoint, out, BuildOptions(dtype="float32", max_batch=2, kv_capacity=96, backend="onnxruntime"))
     return out
 
 
@@ -113,12 +114,12 @@ def run_together(work, threads: int, timeout_s: float = 300) -> list[Exception]:
 def transformers_checkpoint(out_dir: str, tokenizer, hf_class=None, seed: int = 0, init=None, **fields):
     """A tiny checkpoint written by transformers itself: `hf_class` (default PersimmonForCausalLM)
     with its own initialisation under `seed` (then `init(model)`, if given, under no_grad), saved by
-    its save_pretrained, with `tokenizer`'s files (persimmon_export.checkpoint.tokenizer_files).
+    its save_pretrained, with `tokenizer`'s files (persimmon_export.load.checkpoint.tokenizer_files).
     `fields` override the tiny config's. Returns the model."""
     import torch
     import transformers
 
-    from persimmon_export.checkpoint import tokenizer_files
+    from persimmon_export.load.checkpoint import tokenizer_files
 
     config = dict(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=512, bos_token_id=tokenizer.bos_id,

@@ -1,4 +1,4 @@
-"""The `capacity` cache layout of onnxruntime builds (exporter/persimmon_export/attention.py):
+"""The `capacity` cache layout of onnxruntime builds (exporter/persimmon_export/graph/attention.py):
 GroupQueryAttention over caches allocated once at kv_capacity slots, never grown or copied,
 with outputs equal to transformers' across the slots where `whole`-layout caches used to grow."""
 
@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from persimmon_export.build import build
+from persimmon_export.options import BuildOptions
 from persimmon_runtime import PersimmonError
 from persimmon_runtime.generator import Generator
 from persimmon_runtime.sampling import SamplingParams
@@ -23,7 +24,7 @@ PROMPTS = ["human: hi\n\nadept:", "The quick brown fox jumps over the lazy dog",
 @pytest.fixture(scope="module")
 def build_dir(tiny_checkpoint, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("capacity") / "b")
-    build(tiny_checkpoint, out, dtype="float32", max_batch=4, kv_capacity=CAPACITY, backend="onnxruntime")
+    build(tiny_checkpoint, out, BuildOptions(dtype="float32", max_batch=4, kv_capacity=CAPACITY, backend="onnxruntime"))
     return out
 
 

@@ -11,19 +11,20 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import error_line
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import load_file
 
 from persimmon_export import cli as export_cli
 from persimmon_export.build import build
-from persimmon_export.emulate import EmulatedBackend, true_precision_evaluator
-from persimmon_export.engine import TENSORRT_RTX, parse_onnx
-from persimmon_export.parity import check_parity
+from persimmon_export.engine.tensorrt import TENSORRT_RTX, EngineOptions, parse_onnx
+from persimmon_export.options import BuildOptions
+from persimmon_export.validate.emulate import EmulatedBackend, true_precision_evaluator
+from persimmon_export.validate.parity import check_parity
 from persimmon_runtime import PersimmonError, Tokenizer
 from persimmon_runtime.backends import decode, prefill
 from persimmon_runtime.generator import Generator
 from persimmon_runtime.manifest import Manifest
-from conftest import error_line
 
 RTX_VERSION, RTX_MISSING = TENSORRT_RTX.installed()
 PROMPTS = ["human: What is the capital of France?\n\nadept:", "The quick brown"]
@@ -41,7 +42,8 @@ def bf16_build(tiny_checkpoint, tmp_path_factory):
     if RTX_VERSION is None:
         pytest.skip(f"TensorRT-RTX is not installed: {RTX_MISSING}")
     out = str(tmp_path_factory.mktemp("bf16") / "build")
-    build(tiny_checkpoint, out, dtype="bfloat16", backend="tensorrt-rtx", max_batch=2, kv_capacity=64, max_prefill=16)
+    build(tiny_checkpoint, out, BuildOptions(dtype="bfloat16", backend="tensorrt-rtx", max_batch=2, kv_capacity=64,
+                                             engine=EngineOptions(max_prefill=16)))
     return out
 
 
@@ -159,7 +161,8 @@ def test_bf16_needs_no_relu2_scale_where_fp16_overflows(tiny_checkpoint, tiny_bu
     prompts = prompt_ids(tiny_checkpoint)
     checkpoint = with_large_mlp_unit(tiny_checkpoint, str(tmp_path / "ckpt"), prompts, 4200.0)
     out = str(tmp_path / "build")
-    build(checkpoint, out, dtype="bfloat16", backend="tensorrt-rtx", max_batch=2, kv_capacity=64, max_prefill=16)
+    build(checkpoint, out, BuildOptions(dtype="bfloat16", backend="tensorrt-rtx", max_batch=2, kv_capacity=64,
+                                        engine=EngineOptions(max_prefill=16)))
     got, _ = prefill(EmulatedBackend(out), prompts)
     expected, _ = prefill(Generator.load(tiny_build, backend="onnxruntime").backend, prompts)
     assert np.isfinite(got).all()

@@ -9,11 +9,14 @@ import time
 
 import numpy as np
 import pytest
+from conftest import error_line
+from manifest_parts import engine_dict, engine_section
 from safetensors.torch import load_file, save_file
 
 from persimmon_export.build import build
 from persimmon_export.demo import make_demo_checkpoint
-from persimmon_export.export import ExportError
+from persimmon_export.graph.export import ExportError
+from persimmon_export.options import BuildOptions
 from persimmon_runtime import cli, verify
 from persimmon_runtime.backends import check_step
 from persimmon_runtime.backends.tensorrt import TensorRTBackend
@@ -21,9 +24,6 @@ from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.generator import Generator
 from persimmon_runtime.manifest import FORMAT_VERSION, Manifest, ManifestError, OutdatedBuildError
 from persimmon_runtime.verify import IntegrityError
-
-from manifest_parts import engine_dict, engine_section
-from conftest import error_line
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 CAPACITY = 64
@@ -44,7 +44,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def build_dir(checkpoint, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("build") / "fp16")
-    build(checkpoint, out, dtype="float16", max_batch=2, kv_capacity=CAPACITY, backend="onnxruntime")
+    build(checkpoint, out, BuildOptions(dtype="float16", max_batch=2, kv_capacity=CAPACITY, backend="onnxruntime"))
     return out
 
 
@@ -564,7 +564,7 @@ def test_build_refuses_non_finite_weights(checkpoint, tmp_path, value, dtype):
     poisoned = _poison(checkpoint, tmp_path, value)
     out = tmp_path / "out"
     with pytest.raises(ExportError, match=rf"checkpoint tensor '{TENSOR}' holds at least 1 NaN/inf value") as error:
-        build(poisoned, str(out), dtype=dtype, kv_capacity=CAPACITY, backend="onnxruntime")
+        build(poisoned, str(out), BuildOptions(dtype=dtype, kv_capacity=CAPACITY, backend="onnxruntime"))
     one_line(error)
     assert not out.exists()
 
@@ -573,18 +573,20 @@ def test_build_refuses_weights_that_overflow_float16(checkpoint, tmp_path, monke
     # 1e5 > 65504 even unscaled (a W2 of 300 lowers its layer's relu^2 scale instead: test_fp16_range.py)
     poisoned = _poison(checkpoint, tmp_path, 1e5)
     with pytest.raises(ExportError, match=r"mlp_output reaches .* past float16's largest value 65504"):
-        build(poisoned, str(tmp_path / "out"), dtype="float16", kv_capacity=CAPACITY, backend="onnxruntime")
+        build(poisoned, str(tmp_path / "out"), BuildOptions(dtype="float16", kv_capacity=CAPACITY,
+                                                            backend="onnxruntime"))
     # without the range report (an fp32 model too large for the machine's memory) the weight itself is refused
     from persimmon_export import ranges
 
     monkeypatch.setattr(ranges, "available_memory_bytes", lambda: 1)
     with pytest.raises(ExportError, match=rf"'{TENSOR}' has values up to 1e\+05, beyond torch.float16.*--dtype float32"):
-        build(poisoned, str(tmp_path / "out"), dtype="float16", kv_capacity=CAPACITY, backend="onnxruntime")
+        build(poisoned, str(tmp_path / "out"), BuildOptions(dtype="float16", kv_capacity=CAPACITY,
+                                                            backend="onnxruntime"))
 
 
 def test_values_that_round_to_the_float16_limit_are_built(checkpoint, tmp_path):
     poisoned = _poison(checkpoint, tmp_path, 65510 / 256)  # x256 = 65510: rounds to 65504, finite
-    build(poisoned, str(tmp_path / "out"), dtype="float16", kv_capacity=CAPACITY, backend="onnxruntime")
+    build(poisoned, str(tmp_path / "out"), BuildOptions(dtype="float16", kv_capacity=CAPACITY, backend="onnxruntime"))
 
 
 def test_nan_embedding_is_refused_through_the_cli(checkpoint, tmp_path, capsys):
@@ -721,7 +723,8 @@ def test_sizes_the_runtime_allocates_from_are_bounded_at_load(good_manifest, tmp
 
 def test_build_refuses_a_max_batch_past_the_bound(checkpoint, tmp_path):
     with pytest.raises(PersimmonError, match=r"--max-batch must be in 1\.\.1024 .*, got 1000000000"):
-        build(checkpoint, str(tmp_path / "b"), dtype="float32", max_batch=10**9, kv_capacity=32, backend="onnxruntime")
+        build(checkpoint, str(tmp_path / "b"), BuildOptions(dtype="float32", max_batch=10**9, kv_capacity=32,
+                                                            backend="onnxruntime"))
     assert not (tmp_path / "b").exists()
 
 

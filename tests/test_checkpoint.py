@@ -12,9 +12,9 @@ import transformers
 from safetensors.torch import save_file
 
 from persimmon_export import PersimmonConfig, PersimmonForCausalLM, PersimmonForSequenceClassification
-from persimmon_export.checkpoint import CheckpointError, load_model, save_checkpoint, save_model
 from persimmon_export.config import ConfigError
 from persimmon_export.demo import random_model
+from persimmon_export.load.checkpoint import CheckpointError, load_model, save_checkpoint, save_model
 
 CONFIG = PersimmonConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
@@ -116,7 +116,7 @@ def test_memory_is_about_one_copy_of_the_weights(tmp_path):
     save_file({k: torch.zeros(v.shape) for k, v in names.items()}, str(directory / "model.safetensors"))
     code = textwrap.dedent(f"""
         import resource, torch
-        from persimmon_export.checkpoint import load_model
+        from persimmon_export.load.checkpoint import load_model
         torch.zeros(1) + 1
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         model = load_model({str(directory)!r})

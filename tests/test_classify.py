@@ -12,16 +12,16 @@ import onnxruntime as ort
 import pytest
 import torch
 import transformers
+from conftest import run_without_torch, transformers_checkpoint
 
 from persimmon_export.build import build
 from persimmon_export.cli import main as export_main
-from persimmon_export.engine import TENSORRT_RTX, parse_onnx
-from persimmon_export.parity import check_parity
+from persimmon_export.engine.tensorrt import TENSORRT_RTX, parse_onnx
+from persimmon_export.options import BuildOptions
+from persimmon_export.validate.parity import check_parity
 from persimmon_runtime import Classifier, PersimmonError, Tokenizer
 from persimmon_runtime.generator import Generator
 from persimmon_runtime.manifest import Manifest, ManifestError
-
-from conftest import run_without_torch, transformers_checkpoint
 
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 TEXTS = ["I loved it.", "Hello world, this is a test of a longer sentence that pads the others", "東京 🎉",
@@ -50,7 +50,8 @@ def make(tmp_path_factory, tokenizer, name, hf_class, dtype="float32", backend="
     root = tmp_path_factory.mktemp(name)
     checkpoint, model = write_checkpoint(root, tokenizer, hf_class, **fields)
     out = str(root / "build")
-    build(checkpoint, out, dtype=dtype, max_batch=2, kv_capacity=64, backend=backend)  # task from architectures
+    build(checkpoint, out, BuildOptions(dtype=dtype, max_batch=2, max_text_tokens=64,
+                                        backend=backend))  # task from architectures
     return checkpoint, model, out
 
 
@@ -213,7 +214,7 @@ def test_build_task_flag_and_manifest(sequence, tmp_path):
     checkpoint, _, _ = sequence
     out = str(tmp_path / "cli")
     assert export_main(["build", "--checkpoint", checkpoint, "--out", out, "--task", "sequence-classification",
-                        "--dtype", "float32", "--max-batch", "3", "--kv-capacity", "32", "-q"]) == 0
+                        "--dtype", "float32", "--max-batch", "3", "--max-text-tokens", "32", "-q"]) == 0
     manifest = Manifest.load(out)
     assert (manifest.task, manifest.max_batch, manifest.kv_capacity) == ("sequence-classification", 3, 32)
     assert manifest.classifier.labels == list(LABELS.values()) and manifest.classifier.pad_token_id == 0
@@ -296,7 +297,8 @@ def test_duplicate_labels_are_refused_at_build_and_at_load(sequence, tmp_path, t
     checkpoint, _ = write_checkpoint(tmp_path, tokenizer, transformers.PersimmonForSequenceClassification,
                                      pad_token_id=0, id2label={0: "same", 1: "other", 2: "same"})
     with pytest.raises(PersimmonError, match=r"id2label names 'same' for more than one index"):
-        build(checkpoint, str(tmp_path / "b"), dtype="float32", max_batch=2, kv_capacity=64, backend="onnxruntime")
+        build(checkpoint, str(tmp_path / "b"), BuildOptions(dtype="float32", max_batch=2, max_text_tokens=64,
+                                                            backend="onnxruntime"))
     copy = tmp_path / "copy"
     shutil.copytree(sequence[2], copy)
     manifest = json.loads((copy / "manifest.json").read_text())

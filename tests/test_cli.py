@@ -13,9 +13,9 @@ import threading
 
 import pytest
 import torch
-
 from conftest import error_line, read_terminal
-from persimmon_export.checkpoint import load_model
+
+from persimmon_export.load.checkpoint import load_model
 from persimmon_runtime import IncrementalDetokenizer, Tokenizer, format_chat
 
 EXE = shutil.which("persimmon-export") or os.path.join(os.path.dirname(sys.executable), "persimmon-export")

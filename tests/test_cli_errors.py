@@ -11,7 +11,7 @@ import pytest
 from conftest import error_line, without_permission_override
 
 from persimmon_export import doctor
-from persimmon_export.parity import check_parity
+from persimmon_export.validate.parity import check_parity
 from persimmon_runtime import PersimmonError
 from persimmon_runtime.generator import Generator
 from persimmon_runtime.manifest import Manifest

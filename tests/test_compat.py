@@ -7,7 +7,7 @@ wheel: onnxruntime-gpu and Triton containers lag the CPU package). Each runs thi
 runtime on the same builds as this venv's newest onnxruntime and must give the same greedy tokens
 and classifier logits (a float build's int8 prefill graph included: forced, on a prompt wide enough
 to run it). The exporter declares the lowest opset and IR version each graph needs
-(persimmon_export.onnx_versions); one opset lower must fail onnx.checker.
+(persimmon_export.graph.onnx_versions); one opset lower must fail onnx.checker.
 """
 
 import json
@@ -18,12 +18,13 @@ import subprocess
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import transformers
-
-import onnxruntime
 from conftest import error_line, transformers_checkpoint
+
 from persimmon_export.build import build
+from persimmon_export.options import BuildOptions
 from persimmon_runtime.classifier import Classifier
 from persimmon_runtime.generator import Generator
 from persimmon_runtime.manifest import Manifest
@@ -90,16 +91,17 @@ def builds(tiny_checkpoint, tmp_path_factory):
     causal = {}
     for name, options in CAUSAL_BUILDS.items():
         causal[name] = str(root / name)
-        build(tiny_checkpoint, causal[name], max_batch=4, kv_capacity=64, backend="onnxruntime", **options)
+        build(tiny_checkpoint, causal[name], BuildOptions(max_batch=4, kv_capacity=64, backend="onnxruntime",
+                                                          **options))
     tokenizer = Tokenizer.from_dir(tiny_checkpoint)
     checkpoint = str(root / "classifier-checkpoint")
     transformers_checkpoint(checkpoint, tokenizer, transformers.PersimmonForSequenceClassification,
                             pad_token_id=0, id2label={0: "no", 1: "yes"})
     classifier = str(root / "classifier")
-    build(checkpoint, classifier, dtype="float32", max_batch=2, kv_capacity=64, backend="onnxruntime")
+    build(checkpoint, classifier, BuildOptions(dtype="float32", max_batch=2, max_text_tokens=64, backend="onnxruntime"))
     window = str(root / "window")  # the layout TensorRT engines are built from (opset 24)
-    build(tiny_checkpoint, window, dtype="float32", max_batch=2, kv_capacity=64, backend="onnxruntime",
-          cache_layout="window")
+    build(tiny_checkpoint, window, BuildOptions(dtype="float32", max_batch=2, kv_capacity=64, backend="onnxruntime",
+                                                cache_layout="window"))
     ids = [tokenizer.encode(text) for text in TEXTS]
     return {"causal": causal, "classifiers": {"sequence": (classifier, ids)}, "window": window}
 
@@ -201,11 +203,11 @@ def test_the_tensorrt_fallback_graph_declares_what_its_ops_need(tiny_checkpoint,
     """model.trt.onnx (TensorRT < 10.15: TensorScatter rewritten as ScatterElements) drops to the
     lowest opset its remaining ops need; with TensorRT's int8/int4 weights that is DequantizeLinear's
     (float16 scales: opset 19; int4, blocked: block_size and int4, opset 21 and IR 10), not 17."""
-    from persimmon_export.checkpoint import checked_tensors
     from persimmon_export.config import PersimmonConfig
-    from persimmon_export.engine import scatter_elements_fallback
-    from persimmon_export.export import export_onnx
-    from persimmon_export.quantize import weight_format
+    from persimmon_export.engine.tensorrt import scatter_elements_fallback
+    from persimmon_export.graph.export import export_onnx
+    from persimmon_export.graph.quantize import weight_format
+    from persimmon_export.load.checkpoint import checked_tensors
 
     config = PersimmonConfig.from_file(tiny_checkpoint)
     quantized = weight_format(weights, None, config, engine=True) if weights else None

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import error_line
 
 from persimmon_export import PersimmonConfig
-from persimmon_export.checkpoint import load_model
-from persimmon_export.convert import ConvertError, convert_megatron
 from persimmon_export.demo import random_model
+from persimmon_export.load.checkpoint import load_model
+from persimmon_export.load.convert import ConvertError, convert_megatron
 from persimmon_runtime import Tokenizer
-from conftest import error_line
 
 HIDDEN, HEADS, LAYERS, VOCAB = 96, 4, 2, 448  # head_dim 24, rotary 12 dims
 

@@ -13,13 +13,14 @@ from onnx import numpy_helper
 from safetensors.torch import load_file, save_file
 
 from persimmon_export.build import build
-from persimmon_export.emulate import EmulatedBackend, emulated_step
-from persimmon_export.export import ExportError
-from persimmon_export.parity import check_parity
+from persimmon_export.graph.export import ExportError
+from persimmon_export.options import BuildOptions
+from persimmon_export.validate.emulate import EmulatedBackend, emulated_step
+from persimmon_export.validate.parity import check_parity
 from persimmon_runtime import PersimmonError, Tokenizer
 from persimmon_runtime.backends import decode, prefill
 from persimmon_runtime.generator import Generator
-from persimmon_runtime.manifest import Manifest
+from persimmon_runtime.manifest import FileEntry, Manifest
 from persimmon_runtime.verify import sha256_file
 
 PROMPTS = ["human: What is the capital of France?\n\nadept:", "The quick brown"]
@@ -45,7 +46,7 @@ def onnxruntime_prefill(build_dir, prompts):
 def fp16_build(tiny_checkpoint, tmp_path_factory):
     """The tiny checkpoint's fp16 onnxruntime build, shaped like conftest's fp32 `tiny_build`."""
     out = str(tmp_path_factory.mktemp("emulate") / "fp16")
-    build(tiny_checkpoint, out, dtype="float16", max_batch=2, kv_capacity=96, backend="onnxruntime")
+    build(tiny_checkpoint, out, BuildOptions(dtype="float16", max_batch=2, kv_capacity=96, backend="onnxruntime"))
     return out
 
 
@@ -143,7 +144,7 @@ def without_relu2_scale(build_dir, checkpoint, out_dir):
     manifest = Manifest.load(out_dir, verify_checksums=False)
     for name in ("model.onnx", "model.onnx.data"):
         path = os.path.join(out_dir, name)
-        manifest.files[name] = {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+        manifest.files[name] = FileEntry(os.path.getsize(path), sha256_file(path))
     manifest.save(out_dir)
     return str(out_dir)
 
@@ -165,7 +166,8 @@ def large_unit(tiny_checkpoint, fp16_build, tmp_path_factory):
             assert pre.max() == pytest.approx(target, rel=1e-3)
             scaled = base = str(root / "scaled")
             try:
-                build(checkpoint, scaled, dtype="float16", max_batch=2, kv_capacity=96, backend="onnxruntime")
+                build(checkpoint, scaled, BuildOptions(dtype="float16", max_batch=2, kv_capacity=96,
+                                                       backend="onnxruntime"))
             except ExportError as refused:
                 scaled, base = refused, fp16_build
             made[target] = checkpoint, scaled, without_relu2_scale(base, checkpoint, root / "unscaled"), reference

@@ -20,21 +20,32 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import transformers_checkpoint
+from manifest_parts import engine_section
 from onnx import TensorProto, helper
 
 from persimmon_export.build import build
 from persimmon_export.demo import make_demo_checkpoint
-from persimmon_export.engine import (TENSORRT, TENSORRT_RTX, EngineError, builder_config, choose_targets,
-                                     optimization_profiles, parse_onnx, parse_version, polygraphy_command,
-                                     scatter_elements_fallback, trtexec_command)
+from persimmon_export.engine.tensorrt import (
+    TENSORRT,
+    TENSORRT_RTX,
+    EngineError,
+    EngineOptions,
+    builder_config,
+    choose_targets,
+    optimization_profiles,
+    parse_onnx,
+    parse_version,
+    polygraphy_command,
+    scatter_elements_fallback,
+    trtexec_command,
+)
+from persimmon_export.options import BuildOptions
 from persimmon_export.progress import build_monitor
 from persimmon_runtime import PersimmonError
 from persimmon_runtime.backends.cuda import compute_capability
-from persimmon_runtime.manifest import Manifest, ManifestError
+from persimmon_runtime.manifest import FileEntry, Manifest, ManifestError
 from persimmon_runtime.verify import IntegrityError
-
-from conftest import transformers_checkpoint
-from manifest_parts import engine_section
 
 TRT_VERSION, TRT_MISSING = TENSORRT.installed()
 RTX_VERSION, RTX_MISSING = TENSORRT_RTX.installed()
@@ -50,8 +61,8 @@ def built(tmp_path_factory):
     for dtype in ("float16", "float32"):
         out[dtype] = str(root / dtype)
         # the TensorRT graph (static cache length, sliced), exported without TensorRT
-        build(checkpoint, out[dtype], dtype=dtype, max_batch=4, kv_capacity=64, backend="onnxruntime",
-              cache_layout="window")
+        build(checkpoint, out[dtype], BuildOptions(dtype=dtype, max_batch=4, kv_capacity=64, backend="onnxruntime",
+                                                   cache_layout="window"))
     return checkpoint, out
 
 
@@ -228,14 +239,14 @@ def test_tensorrt_backend_errors_are_clear_without_tensorrt(built, tmp_path):
 @pytest.mark.skipif(TRT_VERSION is not None, reason="TensorRT is installed here")
 def test_build_for_tensorrt_without_it_is_one_clear_error(built, tmp_path):
     with pytest.raises(PersimmonError, match="--backend tensorrt: tensorrt is not importable"):
-        build(built[0], str(tmp_path / "trt"), backend="tensorrt")
+        build(built[0], str(tmp_path / "trt"), BuildOptions(backend="tensorrt"))
     assert not (tmp_path / "trt").exists()
 
 
 @pytest.mark.skipif(TRT_VERSION is not None, reason="NVIDIA TensorRT is installed here: auto builds with it")
 def test_auto_never_picks_tensorrt_rtx(built, tmp_path, caplog):
     caplog.set_level(logging.INFO, "persimmon_export")
-    manifest = build(built[0], str(tmp_path / "auto"), max_batch=2, kv_capacity=64)
+    manifest = build(built[0], str(tmp_path / "auto"), BuildOptions(max_batch=2, kv_capacity=64))
     assert manifest.tensorrt is None and manifest.onnx.cache_layout == "capacity"
     assert not (tmp_path / "auto" / "engine.plan").exists()
     if RTX_VERSION is not None:  # it is only pointed out
@@ -282,7 +293,7 @@ RTX_CONFIGS = {
     "full-rotary-fp32": (dict(hidden_size=80, num_attention_heads=4, intermediate_size=192, num_hidden_layers=3,
                               partial_rotary_factor=1.0), "float32"),
 }
-RTX_BUILD = dict(max_batch=2, kv_capacity=64, max_prefill=16)
+RTX_BUILD = dict(max_batch=2, kv_capacity=64, engine=EngineOptions(max_prefill=16))
 
 
 def save_pretrained_checkpoint(out_dir: str, seed: int, **config_fields) -> str:
@@ -310,7 +321,7 @@ def rtx_builds(tmp_path_factory):
         write = save_pretrained_checkpoint if name in SAVED_BY_TRANSFORMERS else make_demo_checkpoint
         checkpoint = write(str(root / f"{name}-ckpt"), seed=seed, **fields)
         out[name] = (checkpoint, str(root / name))
-        build(checkpoint, out[name][1], dtype=dtype, backend="tensorrt-rtx", **RTX_BUILD)
+        build(checkpoint, out[name][1], BuildOptions(dtype=dtype, backend="tensorrt-rtx", **RTX_BUILD))
     return out
 
 
@@ -374,7 +385,7 @@ def test_rtx_build_records_what_it_built(rtx_builds, name):
     assert (section.cache_update, section.plugin_ptx, section.version_compatible) == ("tensor_scatter", None, False)
     assert section.trtexec is None  # TensorRT-RTX's pip package has no trtexec
     # the profiles as TensorRT held them when building (read back from its profile objects), by role
-    intended = optimization_profiles(manifest, RTX_BUILD["max_prefill"])
+    intended = optimization_profiles(manifest, RTX_BUILD["engine"].max_prefill)
     assert [profile.role for profile in section.profiles] == ["prefill", "decode"]
     assert [profile.shapes for profile in section.profiles] == \
         [{name: [list(s) for s in shapes] for name, shapes in p.items()} for p in intended]
@@ -383,7 +394,7 @@ def test_rtx_build_records_what_it_built(rtx_builds, name):
     with open(engine, "rb") as f:
         data = f.read()
     assert len(data) > 100_000  # a serialized engine, not an empty or stub file
-    assert manifest.files[section.engine_file] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert manifest.files[section.engine_file] == FileEntry(len(data), hashlib.sha256(data).hexdigest())
 
 
 @needs_rtx
@@ -434,7 +445,7 @@ def test_the_scatter_elements_fallback_graph_builds(rtx_builds, tmp_path, termin
     config, _ = builder_config(trt, TENSORRT_RTX, parsed.builder, optimization_profiles(manifest, 16), ["8.9"])
     caplog.set_level(logging.INFO, "persimmon_export")
     shown = terminal()  # with the build's progress bars on it, as `persimmon-export build` shows them
-    config.progress_monitor = monitor = build_monitor(trt, logging.getLogger("persimmon_export.engine"))
+    config.progress_monitor = monitor = build_monitor(trt, logging.getLogger("persimmon_export.engine.tensorrt"))
     engine = parsed.builder.build_serialized_network(parsed.network, config)
     assert engine is not None and engine.nbytes > 100_000
     assert monitor.bars == {} and "Building engine:" in shown()  # every phase finished; the top one was shown
@@ -461,7 +472,7 @@ def test_parser_errors_name_each_node_in_one_line_without_the_temp_directory(rtx
     monkeypatch.setattr(build_module, "export_onnx", _break_tensor_scatter(build_module.export_onnx))
     out = tmp_path / "out"
     with pytest.raises(EngineError) as error:
-        build(rtx_builds["qkln-fp16"][0], str(out), backend="tensorrt-rtx", **RTX_BUILD)
+        build(rtx_builds["qkln-fp16"][0], str(out), BuildOptions(backend="tensorrt-rtx", **RTX_BUILD))
     message = str(error.value)
     assert message.startswith(f"{out}/model.onnx: the TensorRT-RTX {RTX_VERSION[0]}.")
     assert "ONNX parser rejects it: node " in message
@@ -483,9 +494,9 @@ def test_parser_errors_name_each_node_in_one_line_without_the_temp_directory(rtx
     (dict(backend="onnxruntime", compute_capabilities=["8.6"]), "is for --backend tensorrt-rtx"),
 ])
 def test_what_tensorrt_rtx_cannot_do_is_refused_before_exporting(built, tmp_path, options, refusal):
-    options = {"backend": "tensorrt-rtx", **options}
+    backend = options.pop("backend", "tensorrt-rtx")
     with pytest.raises(PersimmonError, match=refusal):
-        build(built[0], str(tmp_path / "out"), **options)
+        build(built[0], str(tmp_path / "out"), BuildOptions(backend=backend, engine=EngineOptions(**options)))
     assert os.listdir(tmp_path) == []
 
 
@@ -561,9 +572,10 @@ def test_tiny_rtx_engine_matches_torch_and_onnxruntime(built, tmp_path):
 
 
 def _check_engine_parity(checkpoint, out, backend):
-    from persimmon_export.parity import check_parity
+    from persimmon_export.validate.parity import check_parity
 
-    build(checkpoint, out, dtype="float16", max_batch=4, kv_capacity=64, backend=backend, max_prefill=32)
+    build(checkpoint, out, BuildOptions(dtype="float16", max_batch=4, kv_capacity=64, backend=backend,
+                                        engine=EngineOptions(max_prefill=32)))
     results = check_parity(checkpoint, out, decode_steps=16, backends=("tensorrt", "onnxruntime"), device="cuda")
     assert all(r.passed for r in results), [r.line() for r in results]
 
@@ -575,15 +587,15 @@ def test_a_bfloat16_build_refuses_plugins_on_and_auto_leaves_them_out(monkeypatc
     import sys
     import types
 
-    from persimmon_export.engine import TENSORRT, EngineError, _use_plugins, check_engine_options
+    from persimmon_export.engine.tensorrt import TENSORRT, EngineError, _use_plugins, check_engine_options
 
     monkeypatch.setitem(sys.modules, "stand_in_tensorrt", types.SimpleNamespace(__version__="10.15.1.29",
                                                                               Builder=object))
     flavor = dataclasses.replace(TENSORRT, module="stand_in_tensorrt")
     with pytest.raises(EngineError, match=r"--plugins on: the plugin kernels are float16 and float32 only, this "
                                           r"build is bfloat16; use --plugins off or auto"):
-        check_engine_options(flavor, "on", dtype="bfloat16")
-    assert check_engine_options(flavor, "on", dtype="float16")[0] == (10, 15, 1, 29)
+        check_engine_options(flavor, EngineOptions(plugins="on"), "bfloat16")
+    assert check_engine_options(flavor, EngineOptions(plugins="on"), "float16")[0] == (10, 15, 1, 29)
     assert _use_plugins(flavor, "auto", "bfloat16") is False
 
 
@@ -593,12 +605,13 @@ def test_a_bad_timing_cache_is_refused_before_the_export(monkeypatch, tmp_path, 
     import sys
     import types
 
-    from persimmon_export.engine import TENSORRT, EngineError, check_engine_options
+    from persimmon_export.engine.tensorrt import TENSORRT, EngineError, check_engine_options
 
     monkeypatch.setitem(sys.modules, "stand_in_tensorrt", types.SimpleNamespace(__version__="10.15.1.29",
                                                                               Builder=object))
     flavor = dataclasses.replace(TENSORRT, module="stand_in_tensorrt")
     path = str(tmp_path) if where == "a directory" else str(tmp_path / "missing-dir" / "timing.cache")
     with pytest.raises(EngineError, match=re.escape(f"--timing-cache {path}: ")):
-        check_engine_options(flavor, "off", timing_cache=path)
-    check_engine_options(flavor, "off", timing_cache=str(tmp_path / "new.cache"))  # a new file in a writable place
+        check_engine_options(flavor, EngineOptions(plugins="off", timing_cache=path))
+    # a new file in a writable place
+    check_engine_options(flavor, EngineOptions(plugins="off", timing_cache=str(tmp_path / "new.cache")))

@@ -14,12 +14,13 @@ from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 from polygraphy.comparator import Comparator, IterationResult, RunResults, SimpleCompareFunc
 
 from persimmon_export.build import build
-from persimmon_export.checkpoint import CheckpointError, load_model
-from persimmon_export.demo import make_demo_checkpoint
-from persimmon_export.engine import TENSORRT_RTX
 from persimmon_export.config import PersimmonConfig
-from persimmon_export.export import ExportError, export_onnx
-from persimmon_export.parity import check_parity
+from persimmon_export.demo import make_demo_checkpoint
+from persimmon_export.engine.tensorrt import TENSORRT_RTX
+from persimmon_export.graph.export import ExportError, export_onnx
+from persimmon_export.load.checkpoint import CheckpointError, load_model
+from persimmon_export.options import BuildOptions
+from persimmon_export.validate.parity import check_parity
 from persimmon_runtime import PersimmonError
 from persimmon_runtime.custom_ops import QK_LAYERNORM_OP, ROTARY_OP
 from persimmon_runtime.generator import Generator
@@ -61,10 +62,11 @@ def builds(checkpoints, tmp_path_factory):
     out = {}
     for name, checkpoint in checkpoints.items():
         out[name, "float32"] = str(root / f"{name}-fp32")
-        build(checkpoint, out[name, "float32"], dtype="float32", max_batch=4, kv_capacity=128, backend="onnxruntime")
+        build(checkpoint, out[name, "float32"], BuildOptions(dtype="float32", max_batch=4, kv_capacity=128,
+                                                             backend="onnxruntime"))
     out["base", "float16"] = str(root / "base-fp16")
-    build(checkpoints["base"], out["base", "float16"], dtype="float16", max_batch=4, kv_capacity=128,
-          backend="onnxruntime")
+    build(checkpoints["base"], out["base", "float16"], BuildOptions(dtype="float16", max_batch=4, kv_capacity=128,
+                                                                    backend="onnxruntime"))
     return out
 
 
@@ -78,7 +80,7 @@ def test_build_directory_is_self_describing(builds):
     assert manifest.cache_aliases["present_key_0"] == "past_key_0"
     assert [spec.name for spec in manifest.onnx.inputs[:4]] == ["input_ids", "first_slot", "token_count",
                                                                "attention_mask"]
-    assert manifest.files["model.onnx.data"]["bytes"] == os.path.getsize(os.path.join(directory, "model.onnx.data"))
+    assert manifest.files["model.onnx.data"].bytes == os.path.getsize(os.path.join(directory, "model.onnx.data"))
 
 
 def test_custom_domain_nodes_carry_function_bodies(builds):
@@ -215,7 +217,7 @@ def test_dynamic_rope_scaling_up_to_max_position_embeddings_matches_transformers
     ends there (kv_capacity 64 = max_position_embeddings) must equal transformers at every position."""
     checkpoint = make_demo_checkpoint(str(tmp_path / "dyn"), seed=5, **DYNAMIC)
     out = str(tmp_path / "build")
-    build(checkpoint, out, dtype="float32", max_batch=1, kv_capacity=64, backend="onnxruntime")
+    build(checkpoint, out, BuildOptions(dtype="float32", max_batch=1, kv_capacity=64, backend="onnxruntime"))
     manifest = Manifest.load(out)
     session = ort.InferenceSession(os.path.join(out, "model.onnx"), providers=["CPUExecutionProvider"])
     hf = transformers.PersimmonForCausalLM.from_pretrained(checkpoint).eval()
@@ -237,7 +239,7 @@ def test_dynamic_rope_scaling_up_to_max_position_embeddings_matches_transformers
 def test_dynamic_rope_scaling_past_max_position_embeddings_is_refused_in_one_line(tmp_path):
     checkpoint = make_demo_checkpoint(str(tmp_path / "dyn"), **DYNAMIC)
     with pytest.raises(ExportError, match=r"--kv-capacity must be in \[2, max_position_embeddings=64\], got 128"):
-        build(checkpoint, str(tmp_path / "out"), kv_capacity=128, backend="onnxruntime")
+        build(checkpoint, str(tmp_path / "out"), BuildOptions(kv_capacity=128, backend="onnxruntime"))
     assert not os.path.exists(tmp_path / "out")
     config = PersimmonConfig.from_file(checkpoint)  # export's own check, for callers of export_onnx
     with pytest.raises(ExportError) as error:
@@ -256,18 +258,19 @@ def test_failed_build_leaves_the_old_directory_and_no_temp(checkpoints, builds, 
     config["intermediate_size"] += 8
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="has shape"):
-        build(str(broken), str(out), dtype="float32", kv_capacity=128, backend="onnxruntime", overwrite=True)
+        build(str(broken), str(out), BuildOptions(dtype="float32", kv_capacity=128, backend="onnxruntime",
+                                                  overwrite=True))
     assert sorted(os.listdir(tmp_path)) == ["broken", "build"]
     Manifest.load(str(out), verify_checksums=True)  # the previous build is intact
 
 
 def test_bad_build_options(checkpoints, tmp_path):
     with pytest.raises(ExportError, match="--kv-capacity must be in"):
-        build(checkpoints["base"], str(tmp_path / "o"), kv_capacity=10**6, backend="onnxruntime")
+        build(checkpoints["base"], str(tmp_path / "o"), BuildOptions(kv_capacity=10**6, backend="onnxruntime"))
     with pytest.raises(ExportError, match="--max-batch must be in 1..1024"):
-        build(checkpoints["base"], str(tmp_path / "o"), max_batch=0, backend="onnxruntime")
+        build(checkpoints["base"], str(tmp_path / "o"), BuildOptions(max_batch=0, backend="onnxruntime"))
     with pytest.raises(PersimmonError, match="not a directory"):
-        build(str(tmp_path / "missing"), str(tmp_path / "o"), backend="onnxruntime")
+        build(str(tmp_path / "missing"), str(tmp_path / "o"), BuildOptions(backend="onnxruntime"))
 
 
 def test_truncated_or_missing_build_files_are_refused(builds, tmp_path):

@@ -14,7 +14,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from persimmon_export.build import build
-from persimmon_export.export import ExportError, relu2_scale
+from persimmon_export.graph.export import ExportError, relu2_scale
+from persimmon_export.options import BuildOptions
 from persimmon_runtime.generator import Generator
 from persimmon_runtime.manifest import Manifest
 
@@ -45,7 +46,7 @@ def large_w2(tiny_checkpoint, tmp_path_factory):
     checkpoint = with_w2_entry(tiny_checkpoint, str(root / "checkpoint"), 300.0)
     builds = {dtype: str(root / dtype) for dtype in ("float16", "float32")}
     for dtype, out in builds.items():
-        build(checkpoint, out, dtype=dtype, max_batch=len(PROMPTS), kv_capacity=96, backend="onnxruntime")
+        build(checkpoint, out, BuildOptions(dtype=dtype, max_batch=len(PROMPTS), kv_capacity=96, backend="onnxruntime"))
     return checkpoint, builds
 
 
@@ -110,7 +111,7 @@ def test_relu2_scale_keeps_w2_times_its_square_within_half_the_float16_range(lar
 def test_a_w2_entry_float16_cannot_hold_is_refused_in_one_line_naming_it(tiny_checkpoint, tmp_path):
     checkpoint = with_w2_entry(tiny_checkpoint, str(tmp_path / "checkpoint"), 1e5)
     with pytest.raises(ExportError) as error:
-        build(checkpoint, str(tmp_path / "out"), dtype="float16", kv_capacity=96, backend="onnxruntime")
+        build(checkpoint, str(tmp_path / "out"), BuildOptions(dtype="float16", kv_capacity=96, backend="onnxruntime"))
     assert str(error.value) == (f"checkpoint tensor '{W2}' has values up to 1e+05, beyond torch.float16 once stored; "
                                 f"build with --dtype bfloat16 (for TensorRT) or --dtype float32")
     assert sorted(os.listdir(tmp_path)) == ["checkpoint"]  # no build, no temporary directory

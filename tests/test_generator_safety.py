@@ -17,10 +17,11 @@ from conftest import TRICKY_TEXTS, run_together
 from test_generator import generator  # noqa: F401 (a fixture: the Generator of conftest's tiny_build)
 
 from persimmon_export.build import build
+from persimmon_export.options import BuildOptions
 from persimmon_runtime import PersimmonError, Tokenizer, format_chat
 from persimmon_runtime.generator import Generator
-from persimmon_runtime.scheduler import Request, Sequence
 from persimmon_runtime.sampling import MAX_STOP_CHARS, MAX_STOPS, Sampler, SamplingParams
+from persimmon_runtime.scheduler import Request, Sequence
 
 PROMPTS = ["human: hi\n\nadept:", "The quick brown fox", "東京", "a b c d e f", "Hello world, this is"]
 
@@ -66,7 +67,8 @@ def test_corrupt_weights_give_one_error_line_not_token_0(tiny_build, tmp_path, v
 
 
 def test_float16_overflow_is_named_with_the_float32_remedy(tiny_checkpoint, tiny_build, tmp_path):
-    build(tiny_checkpoint, str(tmp_path / "b16"), dtype="float16", max_batch=1, kv_capacity=32, backend="onnxruntime")
+    build(tiny_checkpoint, str(tmp_path / "b16"), BuildOptions(dtype="float16", max_batch=1, kv_capacity=32,
+                                                               backend="onnxruntime"))
     # A large but finite LayerNorm weight: the activations it scales pass float16's 65504 and
     # overflow to inf (then inf - inf = NaN downstream); in float32 the same weights are fine.
     tensor = "model.layers.0.input_layernorm.weight"

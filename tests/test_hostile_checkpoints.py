@@ -15,16 +15,16 @@ import zipfile
 
 import pytest
 import torch
+from conftest import error_line
 from test_convert import HEADS, HIDDEN, LAYERS, VOCAB, megatron_tree
 
 from persimmon_export import PersimmonConfig
-from persimmon_export.checkpoint import CheckpointError, iter_tensors
 from persimmon_export.cli import main
-from persimmon_export.convert import load_megatron
 from persimmon_export.demo import random_model
-from persimmon_export.safe_pickle import MAX_MEMO, Placeholder, load
+from persimmon_export.load.checkpoint import CheckpointError, iter_tensors
+from persimmon_export.load.convert import load_megatron
+from persimmon_export.load.safe_pickle import MAX_MEMO, Placeholder, load
 from persimmon_runtime.errors import PersimmonError
-from conftest import error_line
 
 P2 = b"\x80\x02"
 

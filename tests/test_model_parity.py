@@ -4,10 +4,14 @@ import pytest
 import torch
 import transformers
 
-from persimmon_export import (PersimmonConfig, PersimmonForCausalLM, PersimmonForSequenceClassification,
-                              PersimmonForTokenClassification)
+from persimmon_export import (
+    PersimmonConfig,
+    PersimmonForCausalLM,
+    PersimmonForSequenceClassification,
+    PersimmonForTokenClassification,
+)
 from persimmon_export.demo import random_model
-from persimmon_export.generate import greedy_generate
+from persimmon_export.reference.generate import greedy_generate
 
 CONFIGS = {
     # head_dim 16, the Persimmon defaults scaled down
@@ -152,7 +156,7 @@ def test_half_precision_error_against_fp32_is_bounded(dtype, bound):
 
 def test_fp16_layernorm_statistics_do_not_overflow():
     # Activations of a few hundred make x**2 overflow fp16 (max 65504); fp32 statistics don't care.
-    from persimmon_export.model import layer_norm_fp32
+    from persimmon_export.reference.model import layer_norm_fp32
 
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(0)) * 400
     weight, bias = torch.ones(256), torch.zeros(256)

@@ -6,6 +6,7 @@ import pytest
 
 from persimmon_export.build import build
 from persimmon_export.demo import make_demo_checkpoint
+from persimmon_export.options import BuildOptions
 from persimmon_runtime.generator import Generator
 
 BOUNDS = {"float32": 1e-3, "float16": 3e-2}  # max |cuda - cpu| relative to the largest CPU logit
@@ -39,7 +40,7 @@ def test_cuda_provider_matches_cpu(tmp_path, dtype):
     checkpoint = make_demo_checkpoint(str(tmp_path / "ckpt"), seed=11, max_position_embeddings=64, hidden_size=64,
                                       intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     out = str(tmp_path / "build")
-    build(checkpoint, out, dtype=dtype, backend="onnxruntime", max_batch=1, kv_capacity=64)
+    build(checkpoint, out, BuildOptions(dtype=dtype, backend="onnxruntime", max_batch=1, kv_capacity=64))
     on_gpu = Generator.load(out, backend="onnxruntime", device="cuda").backend
     # onnxruntime falls back to CPU, with only a log line, when the CUDA libraries do not load
     assert on_gpu.session.get_providers()[0] == "CUDAExecutionProvider"

@@ -24,10 +24,11 @@ from conftest import error_line, without_permission_override
 
 from persimmon_export import cli
 from persimmon_export.build import build
-from persimmon_export.checkpoint import CheckpointError, load_model, save_checkpoint, save_model
 from persimmon_export.config import PersimmonConfig
 from persimmon_export.demo import make_demo_checkpoint
 from persimmon_export.files import MARKER, OutputError, atomic_directory, check_output, read_marker
+from persimmon_export.load.checkpoint import CheckpointError, load_model, save_checkpoint, save_model
+from persimmon_export.options import BuildOptions
 from persimmon_runtime.manifest import Manifest
 
 SMALL_BUILD = dict(dtype="float32", kv_capacity=16, max_batch=1, backend="onnxruntime")
@@ -64,7 +65,7 @@ def workspace(tmp_path_factory):
     checkpoint = make_demo_checkpoint(str(root / "models" / "ck"))
     (root / "models" / "notes.txt").write_text("a sibling of the checkpoint")
     built = str(root / "builds" / "b")
-    build(checkpoint, built, **SMALL_BUILD)
+    build(checkpoint, built, BuildOptions(**SMALL_BUILD))
     adept = root / "adept"
     (adept / "iter_0001000" / "mp_rank_00").mkdir(parents=True)
     (adept / "iter_0001000" / "mp_rank_00" / "model_optim_rng.pt").write_bytes(b"weights")
@@ -156,14 +157,14 @@ def test_the_console_script_refuses_in_one_line(workspace):
 
 def test_an_empty_directory_may_be_used(workspace, tmp_path):
     (tmp_path / "empty").mkdir()
-    build(str(workspace / "models" / "ck"), str(tmp_path / "empty"), **SMALL_BUILD)
+    build(str(workspace / "models" / "ck"), str(tmp_path / "empty"), BuildOptions(**SMALL_BUILD))
     Manifest.load(str(tmp_path / "empty"))
     assert read_marker(str(tmp_path / "empty"))["kind"] == "build" and temps_in(tmp_path) == []
 
 
 def test_overwrite_replaces_our_previous_build(workspace, tmp_path, capsys):
     ck, out = str(workspace / "models" / "ck"), str(tmp_path / "b")
-    build(ck, out, **SMALL_BUILD)
+    build(ck, out, BuildOptions(**SMALL_BUILD))
     assert Manifest.load(out).max_batch == 1
     code, err = run_cli(capsys, "build", "--checkpoint", ck, "--out", out, "--dtype", "float32", "--kv-capacity", "16",
                         "--max-batch", "3", "--backend", "onnxruntime", "--overwrite")
@@ -210,7 +211,7 @@ def test_an_interrupted_write_removes_its_temp_and_keeps_the_old_output(tmp_path
 
 def test_sigterm_during_a_build_cleans_up_and_keeps_the_old_build(workspace, tmp_path):
     out = tmp_path / "b"
-    build(str(workspace / "models" / "ck"), str(out), **SMALL_BUILD)
+    build(str(workspace / "models" / "ck"), str(out), BuildOptions(**SMALL_BUILD))
     before = snapshot(tmp_path)
     process = subprocess.Popen([CONSOLE, "build", "--checkpoint", str(workspace / "models" / "ck"), "--out", str(out),
                                 "--overwrite", "--dtype", "float32", "--kv-capacity", "16", "--backend", "onnxruntime"],
@@ -397,15 +398,15 @@ def test_a_build_from_before_markers_can_be_overwritten_but_not_with_user_files(
     """Builds written before outputs carried a marker are recognised by their persimmon-build
     manifest and their file set; anything else in the directory keeps it foreign."""
     ck, out = str(workspace / "models" / "ck"), tmp_path / "b"
-    build(ck, str(out), **SMALL_BUILD)
+    build(ck, str(out), BuildOptions(**SMALL_BUILD))
     os.remove(out / MARKER)  # as an older persimmon-export wrote it
     with pytest.raises(OutputError, match="already holds a persimmon-export build; pass --overwrite"):
-        build(ck, str(out), **SMALL_BUILD)
+        build(ck, str(out), BuildOptions(**SMALL_BUILD))
     (out / "my-notes.txt").write_text("mine")
     before = snapshot(tmp_path)
     with pytest.raises(OutputError, match="non-empty directory that persimmon-export did not write"):
-        build(ck, str(out), overwrite=True, **SMALL_BUILD)
+        build(ck, str(out), BuildOptions(overwrite=True, **SMALL_BUILD))
     assert snapshot(tmp_path) == before
     os.remove(out / "my-notes.txt")
-    build(ck, str(out), overwrite=True, **SMALL_BUILD)
+    build(ck, str(out), BuildOptions(overwrite=True, **SMALL_BUILD))
     assert read_marker(str(out))["kind"] == "build"

@@ -17,14 +17,22 @@ import numpy as np
 import onnx
 import pytest
 
-from persimmon_export.config import PersimmonConfig
-from persimmon_export.export import build_graph, custom_op_functions
 import persimmon_plugins
+from persimmon_export.config import PersimmonConfig
+from persimmon_export.graph.export import build_graph, custom_op_functions
 from persimmon_plugins import KERNELS
+from persimmon_plugins.compile import (
+    ARCHITECTURES,
+    PTX_ISA_MIN_CUDA,
+    PTX_TARGET,
+    CompileError,
+    compile_kernel,
+    nvcc,
+    plugin_ptx_requirements,
+    ptx_isa_version,
+)
 from persimmon_runtime.custom_ops import CUSTOM_OP_DOMAIN as NAMESPACE
 from persimmon_runtime.custom_ops import QK_LAYERNORM_OP, ROTARY_OP
-from persimmon_plugins.compile import (ARCHITECTURES, PTX_ISA_MIN_CUDA, PTX_TARGET, CompileError, compile_kernel,
-                                       nvcc, plugin_ptx_requirements, ptx_isa_version)
 
 needs_nvcc = pytest.mark.skipif(nvcc() is None, reason="nvcc not found: the CUDA toolkit is needed to compile kernels")
 

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
 from conftest import error_line, transformers_checkpoint
+
 from persimmon_export.build import build
-from persimmon_export.bounds import BOUNDS, INT8_MAX_ABS, INT8_TOP1, PREFILL_INT8
-from persimmon_export.parity import check_parity
-from persimmon_export.quantize import PREFILL_MIN_TOKENS
+from persimmon_export.graph.quantize import PREFILL_MIN_TOKENS
+from persimmon_export.options import BuildOptions
+from persimmon_export.validate.bounds import BOUNDS, INT8_MAX_ABS, INT8_TOP1, PREFILL_INT8
+from persimmon_export.validate.parity import check_parity
 from persimmon_runtime import PersimmonError, Tokenizer, cpu
 from persimmon_runtime.backends import decode, prefill
 from persimmon_runtime.generator import Generator
@@ -41,8 +42,8 @@ def hf_checkpoint(tmp_path_factory, tiny_checkpoint):
 @pytest.fixture(scope="module", params=["float32", "float16"])
 def prefill_build(request, hf_checkpoint, tmp_path_factory):
     out = str(tmp_path_factory.mktemp(f"prefill-{request.param}") / "build")
-    build(hf_checkpoint, out, dtype=request.param, prefill="int8", backend="onnxruntime", max_batch=2,
-          kv_capacity=96)
+    build(hf_checkpoint, out, BuildOptions(dtype=request.param, prefill="int8", backend="onnxruntime", max_batch=2,
+                                           kv_capacity=96))
     return out
 
 
@@ -167,7 +168,7 @@ def test_build_defaults_int8_prefill_for_quantized_builds_only(tiny_checkpoint, 
     cases = {"fp32": ({}, None), "int4": ({"weights": "int4"}, "int8"),
              "int8-none": ({"weights": "int8", "prefill": "none"}, None), "fp32-int8": ({"prefill": "int8"}, "int8")}
     for name, (extra, expected) in cases.items():
-        manifest = build(tiny_checkpoint, str(tmp_path / name), dtype="float32", **options, **extra)
+        manifest = build(tiny_checkpoint, str(tmp_path / name), BuildOptions(dtype="float32", **options, **extra))
         assert (manifest.prefill and manifest.prefill.weights) == expected, name
         has_files = {"prefill.onnx", "prefill.onnx.data"} <= set(manifest.files)
         assert has_files == (expected is not None) == os.path.exists(tmp_path / name / "prefill.onnx")
@@ -186,7 +187,7 @@ def test_build_defaults_int8_prefill_for_quantized_builds_only(tiny_checkpoint, 
 def test_bad_prefill_options_are_one_line_errors_before_any_output(options, message, tiny_checkpoint, tmp_path):
     options = {"backend": "onnxruntime", "dtype": "float32", **options}
     with pytest.raises(PersimmonError, match=message) as error:
-        build(tiny_checkpoint, str(tmp_path / "out"), max_batch=1, kv_capacity=64, **options)
+        build(tiny_checkpoint, str(tmp_path / "out"), BuildOptions(max_batch=1, kv_capacity=64, **options))
     assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
 
 
@@ -222,7 +223,7 @@ def test_persimmon_run_refuses_int8_prefill_for_a_build_without_the_graph(tiny_b
 
 def test_a_build_without_the_graph_has_no_prefill_key_and_triton_refuses_int8(tiny_build, tmp_path):
     """Absent rather than null: a runtime from before the section still reads such a build."""
-    from persimmon_export.triton import write_repository
+    from persimmon_export.deploy.triton import write_repository
 
     assert "prefill" not in json.load(open(os.path.join(tiny_build, "manifest.json")))
     with pytest.raises(PersimmonError, match=r"--prefill int8: .* has no prefill graph; rebuild it") as error:

@@ -14,15 +14,16 @@ import onnxruntime as ort
 import pytest
 import torch
 import transformers
+from conftest import error_line, transformers_checkpoint
 from onnx import numpy_helper
 from safetensors.torch import load_file
 
-from conftest import error_line, transformers_checkpoint
 from persimmon_export.build import build
-from persimmon_export.engine import TENSORRT_RTX, parse_onnx
-from persimmon_export.bounds import BOUNDS
-from persimmon_export.parity import check_parity
-from persimmon_export.quantize import DEQUANTIZE, MATMUL_NBITS, WeightFormat, dequantize
+from persimmon_export.engine.tensorrt import TENSORRT_RTX, EngineOptions, parse_onnx
+from persimmon_export.graph.quantize import DEQUANTIZE, MATMUL_NBITS, WeightFormat, dequantize
+from persimmon_export.options import BuildOptions
+from persimmon_export.validate.bounds import BOUNDS
+from persimmon_export.validate.parity import check_parity
 from persimmon_runtime import PersimmonError, Tokenizer
 from persimmon_runtime.backends import prefill
 from persimmon_runtime.generator import Generator
@@ -47,7 +48,8 @@ def hf_checkpoint(tmp_path_factory, tiny_checkpoint):
 
 def quantized_build(checkpoint, tmp_path_factory, weights, dtype="float32"):
     out = str(tmp_path_factory.mktemp(weights) / "build")
-    build(checkpoint, out, dtype=dtype, weights=weights, backend="onnxruntime", max_batch=4, kv_capacity=96)
+    build(checkpoint, out, BuildOptions(dtype=dtype, weights=weights, backend="onnxruntime", max_batch=4,
+                                        kv_capacity=96))
     return out
 
 
@@ -183,8 +185,8 @@ def test_tensorrt_rtx_builds_the_weight_only_pattern(weights, dtype, tiny_checkp
     import tensorrt_rtx as trt
 
     out = str(tmp_path / "rtx")
-    build(tiny_checkpoint, out, dtype=dtype, weights=weights, backend="tensorrt-rtx", max_batch=2, kv_capacity=64,
-          max_prefill=16)
+    build(tiny_checkpoint, out, BuildOptions(dtype=dtype, weights=weights, backend="tensorrt-rtx", max_batch=2,
+                                             kv_capacity=64, engine=EngineOptions(max_prefill=16)))
     manifest = Manifest.load(out)
     assert manifest.weights.op == DEQUANTIZE
     assert manifest.weights.block_size == (None if weights == "int8" else 32)
@@ -218,7 +220,7 @@ def test_tensorrt_rtx_builds_the_weight_only_pattern(weights, dtype, tiny_checkp
 ])
 def test_bad_options_are_one_line_errors(options, message, tiny_checkpoint, tmp_path):
     with pytest.raises(PersimmonError, match=message) as error:
-        build(tiny_checkpoint, str(tmp_path / "out"), dtype="float32", backend="onnxruntime", **options)
+        build(tiny_checkpoint, str(tmp_path / "out"), BuildOptions(dtype="float32", backend="onnxruntime", **options))
     assert "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
 
@@ -226,7 +228,8 @@ def test_bad_options_are_one_line_errors(options, message, tiny_checkpoint, tmp_
 @pytest.mark.skipif(RTX_VERSION is None, reason=f"TensorRT-RTX is not installed: {RTX_MISSING}")
 def test_tensorrt_int8_has_no_blocks(tiny_checkpoint, tmp_path):
     with pytest.raises(PersimmonError, match=r"--block-size 64: TensorRT int8 weights have one scale per output"):
-        build(tiny_checkpoint, str(tmp_path / "out"), weights="int8", block_size=64, backend="tensorrt-rtx")
+        build(tiny_checkpoint, str(tmp_path / "out"), BuildOptions(weights="int8", block_size=64,
+                                                                   backend="tensorrt-rtx"))
 
 
 def test_the_cli_refuses_a_bad_weight_type_in_one_line(tiny_checkpoint, tmp_path):
@@ -244,8 +247,8 @@ def test_a_scale_that_overflows_float16_is_refused(fmt, tmp_path):
     """max |w| / qmax past fp16's 65504 would store an inf scale and all-zero codes (NaN at run
     time): refused with the tensor's name. The float16 range report usually refuses such a
     checkpoint first; this is the path where it was skipped (too little memory)."""
-    from persimmon_export.export import DataWriter
-    from persimmon_export.quantize import QuantizeError, write_quantized
+    from persimmon_export.graph.export import DataWriter
+    from persimmon_export.graph.quantize import QuantizeError, write_quantized
 
     weight = torch.zeros(64, 64)
     weight[3, 5] = 1e7  # / 127 or / 7: both beyond fp16

@@ -16,8 +16,9 @@ from transformers.models.persimmon import modeling_persimmon
 
 from persimmon_export import cli as export_cli
 from persimmon_export.build import build
-from persimmon_export.export import ExportError
-from persimmon_export.ranges import MAX_CALIBRATION_PROMPTS, MAX_PROMPT_CHARS
+from persimmon_export.graph.export import ExportError
+from persimmon_export.graph.ranges import MAX_CALIBRATION_PROMPTS, MAX_PROMPT_CHARS
+from persimmon_export.options import BuildOptions
 from persimmon_runtime import Tokenizer
 from persimmon_runtime.manifest import Manifest, ManifestError, RangeSection, WeightRange
 
@@ -34,8 +35,8 @@ def calibration_file(tmp_path_factory):
 
 
 def fp16_build(checkpoint, out, calibration_file):
-    return build(checkpoint, str(out), dtype="float16", max_batch=2, kv_capacity=96, backend="onnxruntime",
-                 calibration_file=calibration_file)
+    return build(checkpoint, str(out), BuildOptions(dtype="float16", max_batch=2, kv_capacity=96, backend="onnxruntime",
+                                                    calibration_file=calibration_file))
 
 
 def transformers_maxima(checkpoint) -> dict:
@@ -186,7 +187,8 @@ def test_no_scale_that_holds_the_measured_relu2_output_is_refused_in_one_line(ti
                               f"{scale} ")
     assert message.endswith("build with --dtype bfloat16 (for TensorRT) or --dtype float32")
     assert not os.path.exists(tmp_path / "b")
-    build(checkpoint, str(tmp_path / "b32"), dtype="float32", max_batch=2, kv_capacity=96, backend="onnxruntime")
+    build(checkpoint, str(tmp_path / "b32"), BuildOptions(dtype="float32", max_batch=2, kv_capacity=96,
+                                                          backend="onnxruntime"))
 
 
 def test_float32_builds_have_no_report(tiny_build):
@@ -200,8 +202,8 @@ def test_the_report_is_skipped_with_a_warning_when_the_fp32_model_would_not_fit(
 
     monkeypatch.setattr(ranges, "available_memory_bytes", lambda: 2**10)  # what /proc/meminfo would say
     with caplog.at_level("WARNING"):
-        build(tiny_checkpoint, str(tmp_path / "b"), dtype="float16", max_batch=1, kv_capacity=96,
-              backend="onnxruntime")
+        build(tiny_checkpoint, str(tmp_path / "b"), BuildOptions(dtype="float16", max_batch=1, kv_capacity=96,
+                                                                 backend="onnxruntime"))
     assert Manifest.load(str(tmp_path / "b")).ranges is None
     assert "range report skipped: the fp32 reference needs about" in caplog.text
 

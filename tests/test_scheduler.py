@@ -10,6 +10,7 @@ import pytest
 from conftest import run_together
 
 from persimmon_export.build import build
+from persimmon_export.options import BuildOptions
 from persimmon_runtime import PersimmonError
 from persimmon_runtime.generator import Generator
 
@@ -25,7 +26,8 @@ MAX_BATCH = 4
 @pytest.fixture(scope="module")
 def build_dir(tiny_checkpoint, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sched") / "b")
-    build(tiny_checkpoint, out, dtype="float32", max_batch=MAX_BATCH, kv_capacity=160, backend="onnxruntime")
+    build(tiny_checkpoint, out, BuildOptions(dtype="float32", max_batch=MAX_BATCH, kv_capacity=160,
+                                             backend="onnxruntime"))
     return out
 
 
@@ -103,7 +105,7 @@ def test_prefill_runs_on_the_newcomers_rows_alone(build_dir, solo):
 def long_build(tiny_checkpoint, tmp_path_factory):
     """Room for 500-token prompts: chunks cross slot 256, where `whole`-layout caches used to grow."""
     out = str(tmp_path_factory.mktemp("long") / "b")
-    build(tiny_checkpoint, out, dtype="float32", max_batch=2, kv_capacity=512, backend="onnxruntime")
+    build(tiny_checkpoint, out, BuildOptions(dtype="float32", max_batch=2, kv_capacity=512, backend="onnxruntime"))
     return out
 
 

@@ -13,11 +13,10 @@ import types
 
 import numpy as np
 import pytest
+from manifest_parts import engine_dict
 
 from persimmon_runtime.backends.tensorrt import TensorRTBackend, create_context, engine_reader
 from persimmon_runtime.errors import PersimmonError
-
-from manifest_parts import engine_dict
 
 INVALIDATED = 901  # cudaErrorStreamCaptureInvalidated
 
@@ -244,7 +243,7 @@ def test_the_engine_file_reader_on_the_real_bindings(engine_file, rtx):
 def test_rtx_builds_require_user_allocation_for_stream_capture(rtx):
     """TensorRT-RTX's release notes: BuilderFlag.REQUIRE_USER_ALLOCATION is required for CUDA
     stream capture (set on the real builder config here; the build itself needs no GPU)."""
-    from persimmon_export.engine import TENSORRT_RTX, builder_config
+    from persimmon_export.engine.tensorrt import TENSORRT_RTX, builder_config
 
     builder = rtx.Builder(rtx.Logger(rtx.Logger.ERROR))
     config, _ = builder_config(rtx, TENSORRT_RTX, builder, [], ["8.6"])
@@ -361,11 +360,13 @@ def raw_manifest(tmp_path_factory):
 
     from persimmon_export.build import build
     from persimmon_export.demo import make_demo_checkpoint
+    from persimmon_export.options import BuildOptions
 
     root = tmp_path_factory.mktemp("ptx-manifest")
     checkpoint = make_demo_checkpoint(str(root / "ckpt"), seed=3, max_position_embeddings=32, hidden_size=32,
                                       intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    build(checkpoint, str(root / "build"), dtype="float32", backend="onnxruntime", max_batch=1, kv_capacity=32)
+    build(checkpoint, str(root / "build"), BuildOptions(dtype="float32", backend="onnxruntime", max_batch=1,
+                                                        kv_capacity=32))
     with open(root / "build" / "manifest.json") as f:
         return json.load(f)
 

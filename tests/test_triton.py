@@ -20,19 +20,19 @@ import urllib.request
 
 import numpy as np
 import pytest
+import tritonserver
+from conftest import error_line, run_together
 from google.protobuf import text_format
+from manifest_parts import engine_section
 
 from persimmon_export.build import build
 from persimmon_export.demo import make_demo_checkpoint
-from persimmon_export.triton import MAX_INSTANCES, generation_config, write_repository
+from persimmon_export.deploy.triton import MAX_INSTANCES, generation_config, write_repository
+from persimmon_export.options import BuildOptions
 from persimmon_runtime import PersimmonError
 from persimmon_runtime.generator import Generator
-from persimmon_runtime.manifest import Manifest
+from persimmon_runtime.manifest import FileEntry, Manifest
 from persimmon_runtime.triton_model import RequestSettings, parse_parameters
-
-import tritonserver
-from conftest import error_line, run_together
-from manifest_parts import engine_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["human: What is the capital of France?\n\nadept:", "The quick brown fox", "東京", "1 2 3"]
@@ -51,7 +51,7 @@ def build_dir(tmp_path_factory):
     checkpoint = make_demo_checkpoint(str(root / "ckpt"), seed=5, max_position_embeddings=CAPACITY, hidden_size=256,
                                       intermediate_size=1024, num_hidden_layers=4)
     out = str(root / "build")
-    build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=2, kv_capacity=CAPACITY)
+    build(checkpoint, out, BuildOptions(dtype="float32", backend="onnxruntime", max_batch=2, kv_capacity=CAPACITY))
     return out
 
 
@@ -68,7 +68,7 @@ def overflow_build(tmp_path_factory):
     weights["lm_head.weight"] = np.full_like(weights["lm_head.weight"], 3e38)
     save_file(weights, weights_file, metadata={"format": "pt"})
     out = str(root / "build")
-    build(checkpoint, out, dtype="float32", backend="onnxruntime", max_batch=1, kv_capacity=64)
+    build(checkpoint, out, BuildOptions(dtype="float32", backend="onnxruntime", max_batch=1, kv_capacity=64))
     return out
 
 
@@ -96,7 +96,7 @@ def test_config_pbtxt_is_valid_for_triton(repository):
 
 def test_a_tensorrt_build_is_served_by_the_python_model_alone(build_dir, tmp_path):
     """No tensorrt_plan model: Triton's TensorRT backend cannot bind an engine whose cache outputs
-    alias its inputs (see persimmon_export.triton)."""
+    alias its inputs (see persimmon_export.deploy.triton)."""
     import hashlib
 
     from tritonclient.grpc import model_config_pb2
@@ -106,7 +106,7 @@ def test_a_tensorrt_build_is_served_by_the_python_model_alone(build_dir, tmp_pat
     engine = b"engine bytes: the repository writer never reads them"
     (trt_build / "engine.plan").write_bytes(engine)
     manifest = Manifest.load(str(trt_build))
-    manifest.files["engine.plan"] = {"bytes": len(engine), "sha256": hashlib.sha256(engine).hexdigest()}
+    manifest.files["engine.plan"] = FileEntry(len(engine), hashlib.sha256(engine).hexdigest())
     manifest.tensorrt = engine_section()
     manifest.save(str(trt_build))
     repo = tmp_path / "repo"

@@ -10,16 +10,16 @@ import urllib.request
 import numpy as np
 import pytest
 import transformers
-from google.protobuf import text_format
-
-from persimmon_export.build import build
-from persimmon_export.triton import write_repository
-from persimmon_runtime import Classifier, Tokenizer
-
 import tritonserver
 from conftest import run_together
-from test_triton import start_server, stop_server
+from google.protobuf import text_format
 from test_classify import LABELS, TEXTS, write_checkpoint
+from test_triton import start_server, stop_server
+
+from persimmon_export.build import build
+from persimmon_export.deploy.triton import write_repository
+from persimmon_export.options import BuildOptions
+from persimmon_runtime import Classifier, Tokenizer
 
 REQUESTS = 12
 MAX_BATCH = 4
@@ -33,7 +33,8 @@ def classifier_build(tmp_path_factory, tiny_checkpoint):
     checkpoint, _ = write_checkpoint(root, Tokenizer.from_dir(tiny_checkpoint),
                                      transformers.PersimmonForSequenceClassification, pad_token_id=0, id2label=LABELS)
     out = str(root / "build")
-    build(checkpoint, out, dtype="float32", max_batch=MAX_BATCH, kv_capacity=64, backend="onnxruntime")
+    build(checkpoint, out, BuildOptions(dtype="float32", max_batch=MAX_BATCH, max_text_tokens=64,
+                                        backend="onnxruntime"))
     return out
 
 

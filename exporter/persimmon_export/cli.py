@@ -12,7 +12,9 @@ from persimmon_runtime.backends import BACKEND_CHOICES
 from persimmon_runtime.console import add_verbosity_flags, configure_logging, print_json, run_command
 from persimmon_runtime.cpu import PREFILL_CHOICES
 from persimmon_runtime.errors import PersimmonError
-from persimmon_runtime.manifest import BUILD_TARGETS, DTYPES, TASKS
+from persimmon_runtime.manifest import BUILD_BACKENDS, DTYPES, TASKS
+
+from .engine.tensorrt import PLUGIN_CHOICES
 
 # What build, parity, convert and demo import: `pip install .` (a serving host) has none of them.
 EXPORT_MODULES = ("torch", "onnx", "safetensors", "ml_dtypes", "tqdm")
@@ -28,7 +30,7 @@ def _require_export_extra(command: str) -> None:
 
 def _convert(args) -> None:
     _require_export_extra("convert")
-    from .convert import convert_megatron
+    from .load.convert import convert_megatron
 
     if not (math.isfinite(args.max_shard_gb) and args.max_shard_gb * 2**30 >= 1):
         raise PersimmonError(f"--max-shard-gb must be a positive number of GiB (e.g. 2), got {args.max_shard_gb}")
@@ -41,22 +43,32 @@ def _build(args) -> None:
     _require_export_extra("build")
     from .build import build, summary, summary_line
 
-    if args.workspace_gb is not None and not (math.isfinite(args.workspace_gb) and args.workspace_gb * 1024 >= 1):
-        raise PersimmonError(f"--workspace-gb must be a positive number of GiB (e.g. 8), got {args.workspace_gb}")
-    manifest = build(
-        args.checkpoint, args.out, dtype=args.dtype, max_batch=args.max_batch, kv_capacity=args.kv_capacity,
-        backend=args.backend, max_prefill=args.max_prefill, plugins=args.plugins,
-        version_compatible=args.version_compatible, timing_cache=args.timing_cache, opt_level=args.opt_level,
-        workspace_mib=int(args.workspace_gb * 1024) if args.workspace_gb else None, overwrite=args.overwrite,
-        compute_capabilities=args.compute_capabilities, calibration_file=args.calibration_file,
-        weights=args.weights, block_size=args.block_size, task=args.task, prefill=args.prefill)
+    manifest = build(args.checkpoint, args.out, _build_options(args))
     result = summary(manifest, args.out)
     print_json(result) if args.json else print(summary_line(result))
 
 
+def _build_options(args):
+    """BuildOptions (with its EngineOptions) from the flags `_add_build_options` defines."""
+    from .engine.tensorrt import EngineOptions
+    from .options import BuildOptions
+
+    if args.workspace_gb is not None and not (math.isfinite(args.workspace_gb) and args.workspace_gb * 1024 >= 1):
+        raise PersimmonError(f"--workspace-gb must be a positive number of GiB (e.g. 8), got {args.workspace_gb}")
+    engine = _given(EngineOptions, args, workspace_mib=None if args.workspace_gb is None else
+                    int(args.workspace_gb * 1024))
+    return _given(BuildOptions, args, engine=engine)
+
+
+def _given(options_class, args, **computed):
+    """options_class from the flags named as its fields that were given (None: left out)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(options_class) if hasattr(args, f.name)}
+    return options_class(**{name: value for name, value in {**given, **computed}.items() if value is not None})
+
+
 def _parity(args) -> int:
     _require_export_extra("parity")
-    from .parity import DEFAULT_PROMPTS, check_parity
+    from .validate.parity import DEFAULT_PROMPTS, check_parity
 
     results = check_parity(args.checkpoint, args.build, prompts=args.prompt or DEFAULT_PROMPTS,
                            decode_steps=args.steps, backends=args.backend, device=args.device,
@@ -74,7 +86,7 @@ def _parity(args) -> int:
 
 
 def _triton(args) -> None:
-    from .triton import write_repository
+    from .deploy.triton import write_repository
 
     names = write_repository(args.build, args.out, name=args.name, kind=args.kind, instances=args.instances,
                      backend=args.backend, python_paths=args.python_path, overwrite=args.overwrite,
@@ -117,15 +129,7 @@ def _add_json(parser: argparse.ArgumentParser, what: str) -> None:
                         help=f"print one JSON document on stdout instead of text: {what}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="persimmon-export",
-        description="Turn Persimmon-8B checkpoints into deployable artifacts. Results go to stdout, logs and "
-                    "progress to stderr; bad input is one line on stderr and exit status 2 (parity: 1 when a "
-                    "bound breaks). build, parity, convert and demo need the exporter's extra (pip install "
-                    "'.[export]' in a checkout); doctor and triton run on a runtime-only install.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_convert(commands) -> None:
     convert = commands.add_parser(
         "convert", help="adept-inference (Megatron) checkpoint -> Hugging Face directory",
         description="Convert an original adept-inference checkpoint (iter_*/mp_rank_00/model_optim_rng.pt "
@@ -141,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size (default 2)")
     convert.set_defaults(run=_convert)
 
+
+def _add_build(commands) -> None:
     build = commands.add_parser(
         "build", help="checkpoint -> build directory (ONNX model, tokenizer, manifest)",
         description="Export a Hugging Face Persimmon checkpoint directory (with tokenizer files) into a "
@@ -149,22 +155,32 @@ def build_parser() -> argparse.ArgumentParser:
                     "and manifest.json. Weights are streamed, so the 8B model exports in a few GiB of RAM.")
     build.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint directory")
     _add_out(build, "build directory", "a build")
-    build.add_argument("--dtype", choices=DTYPES, default="float16",
+    _add_build_options(build)
+    _add_json(build, "the build's summary (task, dtype, capacity, ONNX versions, engine, bytes)")
+    build.set_defaults(run=_build)
+
+
+def _add_build_options(build: argparse.ArgumentParser) -> None:
+    """The flags `_build_options` turns into BuildOptions; left out, each is None and BuildOptions'
+    own default applies (the defaults the help texts name live there)."""
+    build.add_argument("--dtype", choices=DTYPES,
                        help="weights, activations and KV cache (default float16; LayerNorm, softmax and logits "
                             "stay fp32). bfloat16 (fp32's range, no relu^2 scale, 8-bit mantissa) is for TensorRT "
                             "engines only (--backend tensorrt or tensorrt-rtx): onnxruntime's CPU provider cannot "
                             "run it")
     build.add_argument("--task", choices=list(TASKS),
                        help="what the build computes (default: from config.json's architectures, else causal-lm): a "
-                            "classifier build has no KV cache and gives logits per text or per token; "
-                            "--kv-capacity is then the most tokens per text (docs/classification.md)")
-    build.add_argument("--max-batch", type=int, default=8, help="largest batch the runtime will run (default 8)")
+                            "classifier build has no KV cache and gives logits per text or per token, for texts of "
+                            "up to --max-text-tokens (docs/classification.md)")
+    build.add_argument("--max-batch", type=int, help="largest batch the runtime will run (default 8)")
     # --max-seq: the flag's first name, kept so that existing scripts still build
     build.add_argument("--kv-capacity", "--max-seq", dest="kv_capacity", type=int, metavar="SLOTS",
                        help="KV cache slots per sequence, prompt + generated tokens: the manifest's kv_capacity "
                             "(default: 4096, or the model's max_position_embeddings if smaller; --max-seq is an "
-                            "older name of this flag)")
-    build.add_argument("--backend", choices=BUILD_TARGETS, default="auto",
+                            "older name of this flag); causal-lm builds")
+    build.add_argument("--max-text-tokens", type=int, metavar="N",
+                       help="classifier builds (no cache): the most tokens per text (default: as --kv-capacity's)")
+    build.add_argument("--backend", choices=BUILD_BACKENDS,
                        help="tensorrt: also build an NVIDIA TensorRT engine (10.9 - 11.x; for the GPU it builds on); "
                             "tensorrt-rtx: a TensorRT-RTX engine (1.7 - 1.x; builds without a GPU, runs on the RTX "
                             "GPUs of --compute-capabilities); auto (default): tensorrt when NVIDIA TensorRT is "
@@ -190,20 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     trt = build.add_argument_group("TensorRT engine (--backend tensorrt or tensorrt-rtx)")
     trt.add_argument("--max-prefill", type=int,
                      help="most new tokens in one prefill step (profile 0; default min(kv-capacity, 2048))")
-    trt.add_argument("--plugins", choices=["auto", "on", "off"], default="auto",
+    trt.add_argument("--plugins", choices=PLUGIN_CHOICES,
                      help="custom ops as ahead-of-time plugin kernels (tensorrt only; needs nvcc at build time) or, "
-                          "off, as the ONNX function bodies; auto uses them when possible")
+                          "off, as the ONNX function bodies; auto (default) uses them when possible")
     trt.add_argument("--compute-capabilities", nargs="+", metavar="X.Y",
                      help="tensorrt-rtx only: the GPUs the engine runs on (default: every target TensorRT-RTX "
                           "offers except 7.5, e.g. 8.0 8.6 8.9 12.0 12.1)")
     trt.add_argument("--version-compatible", action="store_true",
                      help="tensorrt only: engine that also loads on newer TensorRT (e.g. in a Triton container)")
     trt.add_argument("--timing-cache", help="tensorrt only: timing cache file, read and updated (speeds up rebuilds)")
-    trt.add_argument("--opt-level", type=int, default=3, choices=range(6), help="builder optimization level (3)")
+    trt.add_argument("--opt-level", type=int, choices=range(6), help="builder optimization level (3)")
     trt.add_argument("--workspace-gb", type=float, help="builder workspace memory pool limit")
-    _add_json(build, "the build's summary (task, dtype, capacity, ONNX versions, engine, bytes)")
-    build.set_defaults(run=_build)
 
+
+def _add_parity(commands) -> None:
     parity = commands.add_parser(
         "parity", help="compare a build against the torch reference",
         description="Run the fp32 torch reference and the built artifact on sample prompts; print, per backend, "
@@ -228,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(parity, "every result (differences, bounds, agreement, passed) and the verdict; exit status as without")
     parity.set_defaults(run=_parity)
 
+
+def _add_triton(commands) -> None:
     triton = commands.add_parser(
         "triton", help="build directory -> Triton Inference Server model repository",
         description="Write a Triton model repository: a decoupled Python-backend model serving text through "
@@ -258,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "dependencies live on the server); repeatable")
     triton.set_defaults(run=_triton)
 
+
+def _add_doctor(commands) -> None:
     doctor = commands.add_parser(
         "doctor", help="what this machine can do (TensorRT, GPU, onnxruntime, plugins)",
         description="Print the versions and capabilities that builds depend on - TensorRT (or why it is "
@@ -266,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(doctor, "an object of item -> finding")
     doctor.set_defaults(run=_doctor)
 
+
+def _add_demo(commands) -> None:
     demo = commands.add_parser(
         "demo", help="make a tiny random Persimmon checkpoint + tokenizer and generate from it",
         description="Train a tiny sentencepiece tokenizer, write a tiny random-weight Persimmon checkpoint in "
@@ -276,9 +298,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="What is the capital of France?", help="the human turn")
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.set_defaults(run=_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="persimmon-export",
+        description="Turn Persimmon-8B checkpoints into deployable artifacts. Results go to stdout, logs and "
+                    "progress to stderr; bad input is one line on stderr and exit status 2 (parity: 1 when a "
+                    "bound breaks). build, parity, convert and demo need the exporter's extra (pip install "
+                    "'.[export]' in a checkout); doctor and triton run on a runtime-only install.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_convert(commands)
+    _add_build(commands)
+    _add_parity(commands)
+    _add_triton(commands)
+    _add_doctor(commands)
+    _add_demo(commands)
     for command in commands.choices.values():
         add_verbosity_flags(command)
     return parser
+
+
 
 
 def main(argv=None) -> int:

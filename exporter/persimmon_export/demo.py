@@ -19,10 +19,10 @@ import torch
 from persimmon_runtime import IncrementalDetokenizer, Tokenizer, format_chat
 from persimmon_runtime.tokenizer import DEFAULT_BOS
 
-from .checkpoint import load_model, save_model, tokenizer_files
 from .config import PersimmonConfig
-from .generate import greedy_generate
-from .model import PersimmonForCausalLM
+from .load.checkpoint import load_model, save_model, tokenizer_files
+from .reference.generate import greedy_generate
+from .reference.model import PersimmonForCausalLM
 
 log = logging.getLogger(__name__)
 

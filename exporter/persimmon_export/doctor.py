@@ -44,7 +44,7 @@ def _gpu() -> str:
 
 
 def _tensorrt() -> str:
-    from .engine import TENSORRT, dotted_version
+    from .engine.tensorrt import TENSORRT, dotted_version
 
     version, why = TENSORRT.installed()
     if version is None:
@@ -59,7 +59,7 @@ def _tensorrt() -> str:
 def _tensorrt_rtx() -> str:
     from persimmon_runtime.backends.cuda import compute_capability
 
-    from .engine import TENSORRT_RTX, dotted_version, choose_targets
+    from .engine.tensorrt import TENSORRT_RTX, choose_targets, dotted_version
 
     version, why = TENSORRT_RTX.installed()
     if version is None:
@@ -74,7 +74,7 @@ def _tensorrt_rtx() -> str:
 
 
 def _support(flavor, version) -> str:
-    from .engine import EngineError, dotted_version
+    from .engine.tensorrt import EngineError, dotted_version
 
     try:
         flavor.check_version(version)
@@ -110,7 +110,7 @@ def _plugin_registration() -> str:
     from persimmon_plugins import KERNELS
     from persimmon_runtime.custom_ops import CUSTOM_OP_DOMAIN, PLUGIN_VERSION
 
-    from .engine import TENSORRT, dotted_version
+    from .engine.tensorrt import TENSORRT, dotted_version
 
     version, why = TENSORRT.installed()
     if version is None:

@@ -111,18 +111,18 @@ class Classifier:
         for index, text in enumerate(texts):
             if not isinstance(text, str):
                 raise PersimmonError(f"text {index} is a {type(text).__name__}, not a str")
-            self.tokenizer.check_length(f"text {index}", text, self.manifest.kv_capacity,
-                                        "the build's kv_capacity, its most tokens per text")
+            self.tokenizer.check_length(f"text {index}", text, self.manifest.max_text_tokens,
+                                        "the build's most tokens per text")
             ids, spans = self.tokenizer.encode_with_offsets(text)
             self._check_length(index, len(ids))
             encoded.append((ids, spans))
         return encoded
 
     def _check_length(self, index: int, count: int) -> None:
-        capacity = self.manifest.kv_capacity
-        if not 1 <= count <= capacity:
-            raise PersimmonError(f"text {index} is {count} tokens; this build classifies texts of 1 to "
-                                 f"{capacity} tokens (kv_capacity): shorten it or rebuild with a larger --kv-capacity")
+        limit = self.manifest.max_text_tokens
+        if not 1 <= count <= limit:
+            raise PersimmonError(f"text {index} is {count} tokens; this build classifies texts of 1 to {limit} "
+                                 f"tokens: shorten it or rebuild with a larger --max-text-tokens")
 
     def _check_token_ids(self, token_ids) -> None:
         """`logits` takes ids from anyone: the same length and id bounds the graph needs, one line each."""

@@ -11,16 +11,19 @@ line naming the field) and, by default, the files' checksums (see `verify`).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 
+from . import verify
 from .custom_ops import CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION, CUSTOM_OPS
 from .errors import PersimmonError
-from . import verify
 from .regular_files import NotRegularError, read_regular
 
 FORMAT = "persimmon-build"
@@ -31,7 +34,7 @@ MANIFEST_FILE = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20  # real ones are a few KB; bounds what a hostile file makes us parse
 ENGINE_FLAVORS = ("tensorrt", "tensorrt-rtx")  # NVIDIA TensorRT, TensorRT-RTX
 # what `persimmon-export build --backend` takes: onnxruntime alone, or also an engine of a flavor
-BUILD_TARGETS = ("auto", "onnxruntime", *ENGINE_FLAVORS)
+BUILD_BACKENDS = ("auto", "onnxruntime", *ENGINE_FLAVORS)
 # a build's dtype: weights, activations and caches (bfloat16: TensorRT engines only, see
 # backends/onnxruntime.py); a new value needs no new format version, older readers refuse it
 DTYPES = ("float16", "bfloat16", "float32")
@@ -90,297 +93,7 @@ class OutdatedBuildError(ManifestError):
     """A build from an older persimmon-export: its manifest format is one this runtime no longer reads."""
 
 
-# ---- the sections ----
-# Each is written by one stage and checked field by field on load (see FIELDS and `_fields`).
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output."""
-    name: str
-    dtype: str         # "int64", "float16", "bfloat16" or "float32"
-    shape: list        # integers, or names of dimensions that vary ("batch", "seq", "kv_length")
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """Section `model`, written by build from the checkpoint's config: the shapes the runtime allocates."""
-    vocab_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    head_dim: int
-
-
-@dataclass(frozen=True)
-class TokenizerSection:
-    """Section `tokenizer`, written by build from the checkpoint's tokenizer files."""
-    file: str                # the sentencepiece model, in the build directory
-    add_bos: bool
-    bos_token: str | None
-    eos_token: str | None
-
-
-@dataclass(frozen=True)
-class CustomOps:
-    """The custom ops the graph uses (see `custom_ops`), each with a function body of standard ops."""
-    domain: str
-    version: int
-    ops: list
-
-
-@dataclass(frozen=True)
-class GraphSection:
-    """Section `onnx`, written by the exporter (`export.export_onnx`): the step graph and its contract."""
-    file: str                # model.onnx
-    data_file: str           # its external weights
-    cache_layout: str        # a key of CACHE_LAYOUTS
-    custom_ops: CustomOps
-    inputs: list             # [TensorSpec]: STEP_INPUTS, then past_{key,value}_{layer}
-    outputs: list            # [TensorSpec]: logits, then present_{key,value}_{layer}
-    cache_aliases: dict      # present_* output -> the past_* input it updates in place
-    # what an ONNX runtime must read (None: a build from before they were recorded)
-    ir_version: int | None = None      # the model's ONNX IR version
-    opset_imports: dict | None = None  # domain ("ai.onnx", "persimmon", "com.microsoft") -> opset version
-
-    def versions(self) -> str:
-        """'IR 8, opsets ai.onnx 17, persimmon 1, com.microsoft 1', for messages."""
-        if self.ir_version is None or not self.opset_imports:
-            return "IR version and opsets not recorded: a build from an older persimmon-export"
-        return f"IR {self.ir_version}, opsets " + ", ".join(f"{d} {v}" for d, v in self.opset_imports.items())
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "GraphSection":
-        return cls(**{**raw, "custom_ops": CustomOps(**raw["custom_ops"]),
-                      "inputs": [TensorSpec(**spec) for spec in raw["inputs"]],
-                      "outputs": [TensorSpec(**spec) for spec in raw["outputs"]]})
-
-
-@dataclass(frozen=True)
-class PluginPtx:
-    """What a driver needs to JIT-compile the plugins' PTX embedded in an engine."""
-    isa: str                 # PTX ISA version, '9.0'
-    min_driver_cuda: str     # the oldest CUDA release whose driver compiles it, '13.0'
-
-
-@dataclass(frozen=True)
-class Profile:
-    """One TensorRT optimization profile: the step it serves and, per input, [min, opt, max] shapes."""
-    role: str                # a PROFILE_ROLES entry
-    shapes: dict
-
-
-@dataclass(frozen=True)
-class EngineSection:
-    """Section `tensorrt`, written by `engine.build_engine` (absent: no engine)."""
-    flavor: str                      # an ENGINE_FLAVORS entry: which TensorRT runs the engine
-    version: str                     # the TensorRT (or TensorRT-RTX) version that built it
-    engine_file: str
-    onnx_file: str                   # the ONNX it was built from (model.onnx, or the fallback model.trt.onnx)
-    compute_capabilities: list       # GPUs it runs on ('8.6'); empty: the kind of GPU that built it
-    version_compatible: bool         # loads on newer TensorRT (embedded lean runtime)
-    cache_update: str                # a CACHE_UPDATES entry
-    plugin_ptx: PluginPtx | None     # None: no plugins (the custom ops run as their function bodies)
-    max_prefill: int                 # most new tokens per row in one step
-    profiles: list                   # [Profile], in the engine's profile order
-    polygraphy: str                  # the `polygraphy convert` line that rebuilds the same engine by hand
-    trtexec: str | None              # the same as a trtexec line (None: TensorRT-RTX, which has no trtexec)
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "EngineSection":
-        ptx = raw["plugin_ptx"]
-        return cls(**{**raw, "plugin_ptx": None if ptx is None else PluginPtx(**ptx),
-                      "profiles": [Profile(**profile) for profile in raw["profiles"]]})
-
-    def profile_index(self, role: str) -> int:
-        """The engine's optimization profile for `role` ('prefill' or 'decode')."""
-        return next(index for index, profile in enumerate(self.profiles) if profile.role == role)
-
-
-@dataclass(frozen=True)
-class WeightRange:
-    """max |W| of one tensor as the build stores it (after the relu^2 folding)."""
-    tensor: str
-    max_abs: float
-
-
-@dataclass(frozen=True)
-class RangeSection:
-    """Section `ranges`, written by build for float16 builds (`persimmon_export.ranges`; absent or
-    null: float32 builds and builds from before the report). Maxima of |x| on the calibration
-    prompts in the fp32 reference, scaled as the fp16 graph stores them; read by people only."""
-    calibration: str         # "built-in" or the --calibration-file's name
-    prompts: int
-    tokens: int
-    limit: float             # 65504, float16's largest finite value
-    relu2_scales: list       # per layer: s in W1/s, b1/s, W2*s^2
-    activations: dict        # RANGE_KINDS entry -> [max |x| per layer]
-    logits: float
-    weights: list            # [WeightRange] of every tensor stored in fp16
-    lowest_headroom: float   # limit / the largest of all the above (at least 1 below; >= 1 is what holds)
-    lowest_at: str           # where that largest value is
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "RangeSection":
-        return cls(**{**raw, "weights": [WeightRange(**w) for w in raw["weights"]]})
-
-
-@dataclass(frozen=True)
-class WeightsSection:
-    """Section `weights`, written by build (`persimmon_export.quantize`) for weight-only quantized
-    builds (absent or null: every weight is stored in `dtype`)."""
-    type: str                # a WEIGHT_TYPES entry: the linear weights' integer codes
-    block_size: int | None   # inputs (K) per scale; None: one scale per output channel
-    op: str                  # a WEIGHT_OPS entry
-    tensors: list            # name suffixes of the quantized weights ('dense.weight', 'lm_head.weight')
-
-
-@dataclass(frozen=True)
-class PrefillSection:
-    """Section `prefill`, written by `build --prefill int8` for onnxruntime builds (absent or null:
-    none): a second step graph with the inputs, outputs and caches of `onnx`, for steps of at least
-    `min_tokens` new tokens per row. Its linear layers multiply int8 weights by activations
-    quantized to 8 bits at run time (`op`), which CPUs with integer matrix units (AMX-INT8,
-    AVX512-VNNI, AVX-VNNI) run several times faster than float; the runtime uses it where the CPU
-    has them (see `persimmon_runtime.cpu`). Every other tensor is read from `onnx.data_file`."""
-    file: str                # prefill.onnx
-    data_file: str           # its int8 weights
-    weights: str             # "int8": the codes of `tensors`, one scale per output channel
-    op: str                  # a PREFILL_OPS entry
-    tensors: list            # name suffixes of the weights it holds ('dense.weight')
-    min_tokens: int          # steps with fewer new tokens per row run `onnx.file`
-
-
-@dataclass(frozen=True)
-class ClassifierSection:
-    """Section `classifier`, written by build for classifier tasks (`persimmon_export.classify`;
-    absent or null: causal-lm builds), from the checkpoint's config.json."""
-    labels: list               # label names by index: config.json's id2label
-    problem_type: str          # a PROBLEM_TYPES entry: softmax, sigmoid or raw scores
-    pad_token_id: int | None   # what the runtime pads with; sequence classification pools at the
-                               # rightmost token that is not this (None: one text per batch)
-
-
-@dataclass
-class Manifest:
-    dtype: str                     # "float16" | "bfloat16" | "float32": weights, activations and the cache
-    max_batch: int
-    kv_capacity: int               # cache slots per sequence (prompt + generated tokens)
-    model: ModelShape
-    tokenizer: TokenizerSection
-    eos_token_ids: list
-    onnx: GraphSection
-    files: dict = field(default_factory=dict)  # name -> {"bytes", "sha256"}: every file the runtime opens
-    tensorrt: EngineSection | None = None
-    exporter_version: str = ""
-    ranges: RangeSection | None = None
-    weights: WeightsSection | None = None
-    prefill: PrefillSection | None = None        # onnxruntime builds with an int8 prefill graph
-    task: str = CAUSAL_LM                        # a TASKS entry
-    classifier: ClassifierSection | None = None  # classifier tasks only
-    format: str = FORMAT
-    format_version: int = FORMAT_VERSION
-
-    @property
-    def cache_shape(self) -> tuple:
-        """(heads, kv_capacity, head_dim): the cache tensor shape after the batch dimension."""
-        return (self.model.num_attention_heads, self.kv_capacity, self.model.head_dim)
-
-    @property
-    def cache_aliases(self) -> dict:
-        return self.onnx.cache_aliases
-
-    @property
-    def cache_inputs(self) -> list[str]:
-        return list(self.onnx.cache_aliases.values())
-
-    def save(self, directory: str) -> str:
-        path = os.path.join(directory, MANIFEST_FILE)
-        raw = asdict(self)
-        if raw["prefill"] is None:  # absent, not null: runtimes from before the section still read the build
-            del raw["prefill"]
-        validate(path, raw)  # never write what load would refuse
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(raw, f, indent=2)
-            f.write("\n")
-        return path
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "Manifest":
-        """A Manifest from a dict that `validate` accepted."""
-        engine, ranges, weights = raw["tensorrt"], raw.get("ranges"), raw.get("weights")
-        classifier, prefill = raw.get("classifier"), raw.get("prefill")
-        return cls(**{**raw, "model": ModelShape(**raw["model"]), "tokenizer": TokenizerSection(**raw["tokenizer"]),
-                      "onnx": GraphSection.from_dict(raw["onnx"]),
-                      "tensorrt": None if engine is None else EngineSection.from_dict(engine),
-                      "ranges": None if ranges is None else RangeSection.from_dict(ranges),
-                      "weights": None if weights is None else WeightsSection(**weights),
-                      "prefill": None if prefill is None else PrefillSection(**prefill),
-                      "classifier": None if classifier is None else ClassifierSection(**classifier)})
-
-    @classmethod
-    def load(cls, directory: str, verify_checksums: bool = True) -> "Manifest":
-        """Read and check BUILD_DIR/manifest.json and the files it lists.
-
-        Every listed file must exist with its recorded size and (unless verify_checksums is
-        False) sha256; a file verified unchanged before is not hashed again (see `verify`).
-        """
-        if not isinstance(directory, (str, os.PathLike)):
-            raise ManifestError(f"build directory {directory!r} is not a path")
-        directory = os.fspath(directory)
-        path = os.path.join(directory, MANIFEST_FILE)
-        data = _read_manifest(path, directory)
-        raw = _parse(path, data, directory)
-        validate(path, raw)
-        manifest = cls.from_dict(raw)
-        verify.check_sizes(directory, manifest.files)
-        if verify_checksums:
-            verify.verify_checksums(directory, manifest.files, hashlib.sha256(data).hexdigest())
-        return manifest
-
-
-# ---- reading and validating manifest.json ----
-
-def _read_manifest(path: str, directory: str) -> bytes:
-    try:
-        return read_regular(path, MAX_MANIFEST_BYTES, "a manifest")  # (a FIFO or device: one line)
-    except FileNotFoundError:  # (a dangling link too)
-        raise ManifestError(f"{path}: not found; is {directory} a build directory from `persimmon-export build`?") \
-            from None
-    except NotRegularError as e:
-        raise ManifestError(str(e)) from None
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
-
-
-def _parse(path: str, data: bytes, directory: str) -> dict:
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ManifestError(f"{path}: not UTF-8 text (byte {e.start}); the file is corrupt, rebuild") from None
-    except (ValueError, RecursionError) as e:  # ValueError: bad JSON, or an integer with thousands of digits
-        raise ManifestError(f"{path}: not valid JSON ({str(e)[:120]}); the file is corrupt, rebuild") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise ManifestError(f"{path}: not a {FORMAT} manifest")
-    version = raw.get("format_version")
-    if type(version) is int and 1 <= version < FORMAT_VERSION:
-        raise OutdatedBuildError(f"{path}: format_version {version} is from an older persimmon-export; this "
-                                 f"runtime reads {FORMAT_VERSION}: rebuild with `persimmon-export build "
-                                 f"--checkpoint CHECKPOINT --out {directory} --overwrite`")
-    if version != FORMAT_VERSION or isinstance(version, bool):
-        raise ManifestError(f"{path}: format_version {_show(version)}, this runtime reads {FORMAT_VERSION}; "
-                            f"upgrade persimmon_runtime to match the persimmon-export that wrote it, or rebuild "
-                            f"with this one")
-    return raw
-
-
-def validate(path: str, raw: dict) -> None:
-    """Check each field the runtime and exporter read: its presence, type and range."""
-    # `ranges` and `weights` came after format version 2 (neither changes how the runtime runs a
-    # step: the graph carries the quantized ops): older builds lack them
-    # `task` and `classifier` likewise: a build without them is a causal LM, read as before
-    optional = ("ranges", "weights", "prefill", "task", "classifier")
-    _check(path, "", raw, _fields(_TOP_LEVEL, may_be_absent=optional))  # raw is a dict: only its fields can fail
-    _check_references(path, raw)
-
+# ---- checks of JSON values: each raises one line naming the field ----
 
 _REBUILD = "the manifest is corrupt or was edited, rebuild"
 
@@ -489,17 +202,10 @@ _COMPUTE_CAPABILITY = _kind("a compute capability such as '8.6'",
 _MAJOR_MINOR = _kind("a version such as '9.0'",
                      lambda v: isinstance(v, str) and re.fullmatch(r"[0-9]{1,2}\.[0-9]{1,2}", v))
 _SHAPE = _list_of(_count(0))  # a concrete tensor shape
-_TENSOR_SPEC = _fields({"name": _STR, "dtype": _one_of("int64", *DTYPES), "shape": _list_of(_DIM)})
-_MODEL = _fields({key: _count(1, SIZE_LIMITS[key])
-                  for key in ("vocab_size", "num_hidden_layers", "num_attention_heads", "head_dim")})
-_TOKENIZER = _fields({"file": _FILE_NAME, "add_bos": _BOOL, "bos_token": _optional(_STR), "eos_token": _optional(_STR)})
-_CUSTOM_OPS = _fields({"domain": _one_of(CUSTOM_OP_DOMAIN), "version": _count(CUSTOM_OP_VERSION, CUSTOM_OP_VERSION),
-                       "ops": _list_of(_one_of(*CUSTOM_OPS))})
-_GRAPH = _fields({
-    "file": _FILE_NAME, "data_file": _FILE_NAME, "cache_layout": _one_of(*CACHE_LAYOUTS, NO_CACHE),
-    "custom_ops": _CUSTOM_OPS, "inputs": _list_of(_TENSOR_SPEC), "outputs": _list_of(_TENSOR_SPEC),
-    "cache_aliases": _object_of(_STR), "ir_version": _count(3, 1000),
-    "opset_imports": _object_of(_count(1, 1000))}, may_be_absent=("ir_version", "opset_imports"))
+# a maximum |x|: finite (JSON has no inf) and >= 0
+_MAX_ABS = _kind("a finite number >= 0", lambda v: type(v) in (int, float) and math.isfinite(v) and v >= 0)
+_POWER_OF_TWO_SCALE = _kind("a power of two in 1..16", lambda v: v in (1, 2, 4, 8, 16) and type(v) is not bool)
+_BLOCK_SIZE = _kind("a power of two >= 16", lambda v: type(v) is int and v >= 16 and not v & (v - 1))
 
 
 def _min_opt_max(path, name, value):
@@ -510,51 +216,350 @@ def _min_opt_max(path, name, value):
         _check(path, f"{name}[{index}]", shape, _SHAPE)
 
 
-_PROFILE = _fields({"role": _one_of(*PROFILE_ROLES, CLASSIFY_ROLE), "shapes": _object_of(_min_opt_max)})
-_ENGINE = _fields({
-    "flavor": _one_of(*ENGINE_FLAVORS), "version": _STR, "engine_file": _FILE_NAME, "onnx_file": _FILE_NAME,
-    "compute_capabilities": _list_of(_COMPUTE_CAPABILITY), "version_compatible": _BOOL,
-    "cache_update": _one_of(*CACHE_UPDATES, NO_CACHE),
-    "plugin_ptx": _optional(_fields({"isa": _MAJOR_MINOR, "min_driver_cuda": _MAJOR_MINOR})),
-    "max_prefill": _count(1), "profiles": _list_of(_PROFILE), "polygraphy": _STR, "trtexec": _optional(_STR)})
-# a maximum |x|: finite (JSON has no inf) and >= 0
-_MAX_ABS = _kind("a finite number >= 0", lambda v: type(v) in (int, float) and math.isfinite(v) and v >= 0)
-# the tensor kinds a range report measures per layer (persimmon_export.ranges.KINDS)
+# the tensor kinds a range report measures per layer (persimmon_export.graph.ranges.KINDS)
 RANGE_KINDS = ("qkv", "query", "key", "attention_scores", "attention_output", "residual", "mlp_pre_activation",
                "mlp_activation", "mlp_output")
-_RANGES = _fields({
-    "calibration": _STR, "prompts": _count(1), "tokens": _count(1), "limit": _MAX_ABS,
-    "relu2_scales": _list_of(_kind("a power of two in 1..16", lambda v: v in (1, 2, 4, 8, 16) and type(v) is not bool)),
-    "activations": _fields({kind: _list_of(_MAX_ABS) for kind in RANGE_KINDS}), "logits": _MAX_ABS,
-    "weights": _list_of(_fields({"tensor": _STR, "max_abs": _MAX_ABS})), "lowest_headroom": _MAX_ABS,
-    "lowest_at": _STR})
-_WEIGHTS = _fields({
-    "type": _one_of(*WEIGHT_TYPES),
-    "block_size": _optional(_kind("a power of two >= 16", lambda v: type(v) is int and v >= 16 and not v & (v - 1))),
-    "op": _one_of(*WEIGHT_OPS), "tensors": _list_of(_STR)})
-_PREFILL = _fields({
-    "file": _FILE_NAME, "data_file": _FILE_NAME, "weights": _one_of("int8"), "op": _one_of(*PREFILL_OPS),
-    "tensors": _list_of(_STR), "min_tokens": _count(1, SIZE_LIMITS["kv_capacity"])})
-_TOP_LEVEL = {
-    "format": _STR,
-    "format_version": _count(1),
-    "dtype": _one_of(*DTYPES),
-    "max_batch": _count(1, SIZE_LIMITS["max_batch"]),
-    "kv_capacity": _count(1, SIZE_LIMITS["kv_capacity"]),
-    "model": _MODEL,
-    "tokenizer": _TOKENIZER,
-    "eos_token_ids": _list_of(_count(0)),
-    "onnx": _GRAPH,
-    "files": _object_of(_fields({"bytes": _count(0, 2**63 - 1), "sha256": _SHA256})),
-    "tensorrt": _optional(_ENGINE),
-    "exporter_version": _STR,
-    "ranges": _optional(_RANGES),
-    "weights": _optional(_WEIGHTS),
-    "prefill": _optional(_PREFILL),
-    "task": _one_of(*TASKS),
-    "classifier": _optional(_fields({
-        "labels": _list_of(_STR), "problem_type": _one_of(*PROBLEM_TYPES), "pad_token_id": _optional(_count(0))})),
-}
+
+
+def _spec(check=None, *, absent_ok: bool = False, **kwargs):
+    """A section field with its JSON check: `check` where its type does not say enough (a range, a
+    choice, a file name; None: derived from the type, see `_check_for`); absent_ok: a manifest may
+    lack it (a field added since the format version)."""
+    return field(metadata={"check": check, "absent_ok": absent_ok}, **kwargs)
+
+
+# ---- the sections ----
+# Each is written by one stage; its fields' types and `_spec` checks are the whole schema: load
+# checks every field from them (`_check_for`) and builds the section from them (`_from_json`).
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output."""
+    name: str
+    dtype: str = _spec(_one_of("int64", *DTYPES))
+    shape: list = _spec(_list_of(_DIM))  # integers, or names of dimensions that vary ("batch", "seq", "kv_length")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Section `model`, written by build from the checkpoint's config: the shapes the runtime allocates."""
+    vocab_size: int = _spec(_count(1, SIZE_LIMITS["vocab_size"]))
+    num_hidden_layers: int = _spec(_count(1, SIZE_LIMITS["num_hidden_layers"]))
+    num_attention_heads: int = _spec(_count(1, SIZE_LIMITS["num_attention_heads"]))
+    head_dim: int = _spec(_count(1, SIZE_LIMITS["head_dim"]))
+
+
+@dataclass(frozen=True)
+class TokenizerSection:
+    """Section `tokenizer`, written by build from the checkpoint's tokenizer files."""
+    file: str = _spec(_FILE_NAME)  # the sentencepiece model, in the build directory
+    add_bos: bool = _spec()
+    bos_token: str | None = _spec()
+    eos_token: str | None = _spec()
+
+
+@dataclass(frozen=True)
+class CustomOps:
+    """The custom ops the graph uses (see `custom_ops`), each with a function body of standard ops."""
+    domain: str = _spec(_one_of(CUSTOM_OP_DOMAIN))
+    version: int = _spec(_count(CUSTOM_OP_VERSION, CUSTOM_OP_VERSION))
+    ops: list = _spec(_list_of(_one_of(*CUSTOM_OPS)))
+
+
+@dataclass(frozen=True)
+class GraphSection:
+    """Section `onnx`, written by the exporter (`export.export_onnx`): the step graph and its contract."""
+    file: str = _spec(_FILE_NAME)              # model.onnx
+    data_file: str = _spec(_FILE_NAME)         # its external weights
+    cache_layout: str = _spec(_one_of(*CACHE_LAYOUTS, NO_CACHE))  # a key of CACHE_LAYOUTS
+    custom_ops: CustomOps = _spec()
+    inputs: list[TensorSpec] = _spec()         # STEP_INPUTS, then past_{key,value}_{layer}
+    outputs: list[TensorSpec] = _spec()        # logits, then present_{key,value}_{layer}
+    cache_aliases: dict[str, str] = _spec()    # present_* output -> the past_* input it updates in place
+    # what an ONNX runtime must read (absent: a build from before they were recorded)
+    ir_version: int | None = _spec(_count(3, 1000), absent_ok=True, default=None)  # the model's ONNX IR version
+    # domain ("ai.onnx", "persimmon", "com.microsoft") -> opset version
+    opset_imports: dict | None = _spec(_object_of(_count(1, 1000)), absent_ok=True, default=None)
+
+    def versions(self) -> str:
+        """'IR 8, opsets ai.onnx 17, persimmon 1, com.microsoft 1', for messages."""
+        if self.ir_version is None or not self.opset_imports:
+            return "IR version and opsets not recorded: a build from an older persimmon-export"
+        return f"IR {self.ir_version}, opsets " + ", ".join(f"{d} {v}" for d, v in self.opset_imports.items())
+
+
+@dataclass(frozen=True)
+class PluginPtx:
+    """What a driver needs to JIT-compile the plugins' PTX embedded in an engine."""
+    isa: str = _spec(_MAJOR_MINOR)              # PTX ISA version, '9.0'
+    min_driver_cuda: str = _spec(_MAJOR_MINOR)  # the oldest CUDA release whose driver compiles it, '13.0'
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One TensorRT optimization profile: the step it serves and, per input, [min, opt, max] shapes."""
+    role: str = _spec(_one_of(*PROFILE_ROLES, CLASSIFY_ROLE))
+    shapes: dict = _spec(_object_of(_min_opt_max))
+
+
+@dataclass(frozen=True)
+class EngineSection:
+    """Section `tensorrt`, written by `engine.build_engine` (absent: no engine)."""
+    flavor: str = _spec(_one_of(*ENGINE_FLAVORS))  # which TensorRT runs the engine
+    version: str = _spec()                   # the TensorRT (or TensorRT-RTX) version that built it
+    engine_file: str = _spec(_FILE_NAME)
+    onnx_file: str = _spec(_FILE_NAME)       # the ONNX it was built from (model.onnx, or the fallback model.trt.onnx)
+    # GPUs it runs on ('8.6'); empty: the kind of GPU that built it
+    compute_capabilities: list = _spec(_list_of(_COMPUTE_CAPABILITY))
+    version_compatible: bool = _spec()       # loads on newer TensorRT (embedded lean runtime)
+    cache_update: str = _spec(_one_of(*CACHE_UPDATES, NO_CACHE))
+    plugin_ptx: PluginPtx | None = _spec()   # None: no plugins (the custom ops run as their function bodies)
+    max_prefill: int = _spec(_count(1))      # most new tokens per row in one step
+    profiles: list[Profile] = _spec()        # in the engine's profile order
+    polygraphy: str = _spec()                # the `polygraphy convert` line that rebuilds the same engine by hand
+    trtexec: str | None = _spec()            # the same as a trtexec line (None: TensorRT-RTX, which has no trtexec)
+
+    def profile_index(self, role: str) -> int:
+        """The engine's optimization profile for `role` ('prefill' or 'decode')."""
+        return next(index for index, profile in enumerate(self.profiles) if profile.role == role)
+
+
+@dataclass(frozen=True)
+class WeightRange:
+    """max |W| of one tensor as the build stores it (after the relu^2 folding)."""
+    tensor: str
+    max_abs: float = _spec(_MAX_ABS)
+
+
+@dataclass(frozen=True)
+class RangeSection:
+    """Section `ranges`, written by build for float16 builds (`persimmon_export.graph.ranges`; absent or
+    null: float32 builds and builds from before the report). Maxima of |x| on the calibration
+    prompts in the fp32 reference, scaled as the fp16 graph stores them; read by people only."""
+    calibration: str                         # "built-in" or the --calibration-file's name
+    prompts: int = _spec(_count(1))
+    tokens: int = _spec(_count(1))
+    limit: float = _spec(_MAX_ABS)           # 65504, float16's largest finite value
+    relu2_scales: list = _spec(_list_of(_POWER_OF_TWO_SCALE))  # per layer: s in W1/s, b1/s, W2*s^2
+    # RANGE_KINDS entry -> [max |x| per layer]
+    activations: dict = _spec(_fields({kind: _list_of(_MAX_ABS) for kind in RANGE_KINDS}))
+    logits: float = _spec(_MAX_ABS)
+    weights: list[WeightRange] = _spec()     # every tensor stored in fp16
+    # limit / the largest of all the above (at least 1 below; >= 1 is what holds)
+    lowest_headroom: float = _spec(_MAX_ABS)
+    lowest_at: str = _spec()                 # where that largest value is
+
+
+@dataclass(frozen=True)
+class WeightsSection:
+    """Section `weights`, written by build (`persimmon_export.graph.quantize`) for weight-only quantized
+    builds (absent or null: every weight is stored in `dtype`)."""
+    type: str = _spec(_one_of(*WEIGHT_TYPES))      # the linear weights' integer codes
+    block_size: int | None = _spec(_optional(_BLOCK_SIZE))  # inputs (K) per scale; None: one per output channel
+    op: str = _spec(_one_of(*WEIGHT_OPS))
+    tensors: list[str] = _spec()  # name suffixes of the quantized weights ('dense.weight', 'lm_head.weight')
+
+
+@dataclass(frozen=True)
+class PrefillSection:
+    """Section `prefill`, written by `build --prefill int8` for onnxruntime builds (absent or null:
+    none): a second step graph with the inputs, outputs and caches of `onnx`, for steps of at least
+    `min_tokens` new tokens per row, whose linears multiply int8 weights by activations quantized
+    at run time (`op`); the runtime uses it on CPUs with integer matrix units (see
+    `persimmon_runtime.cpu`). Every other tensor is read from `onnx.data_file`."""
+    file: str = _spec(_FILE_NAME)            # prefill.onnx
+    data_file: str = _spec(_FILE_NAME)       # its int8 weights
+    weights: str = _spec(_one_of("int8"))    # the codes of `tensors`, one scale per output channel
+    op: str = _spec(_one_of(*PREFILL_OPS))
+    tensors: list[str] = _spec()             # name suffixes of the weights it holds ('dense.weight')
+    # steps with fewer new tokens per row run `onnx.file`
+    min_tokens: int = _spec(_count(1, SIZE_LIMITS["kv_capacity"]))
+
+
+@dataclass(frozen=True)
+class ClassifierSection:
+    """Section `classifier`, written by build for classifier tasks (`persimmon_export.graph.classify`;
+    absent or null: causal-lm builds), from the checkpoint's config.json."""
+    labels: list[str]                          # label names by index: config.json's id2label
+    problem_type: str = _spec(_one_of(*PROBLEM_TYPES))  # softmax, sigmoid or raw scores
+    # what the runtime pads with; sequence classification pools at the rightmost token that is
+    # not this (None: one text per batch)
+    pad_token_id: int | None = _spec(_optional(_count(0)))
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of the build (`files`): what the runtime checks before opening it."""
+    bytes: int = _spec(_count(0, 2**63 - 1))
+    sha256: str = _spec(_SHA256)
+
+
+@dataclass
+class Manifest:
+    dtype: str = _spec(_one_of(*DTYPES))   # weights, activations and the cache
+    max_batch: int = _spec(_count(1, SIZE_LIMITS["max_batch"]))
+    # cache slots per sequence (prompt + generated tokens); a classifier's max_text_tokens
+    kv_capacity: int = _spec(_count(1, SIZE_LIMITS["kv_capacity"]))
+    model: ModelShape = _spec()
+    tokenizer: TokenizerSection = _spec()
+    eos_token_ids: list = _spec(_list_of(_count(0)))
+    onnx: GraphSection = _spec()
+    files: dict[str, FileEntry] = _spec(default_factory=dict)  # every file the runtime opens
+    tensorrt: EngineSection | None = _spec(default=None)
+    exporter_version: str = _spec(default="")
+    # optional sections, added since format version 2 (none changes how the runtime runs a step)
+    ranges: RangeSection | None = _spec(absent_ok=True, default=None)
+    weights: WeightsSection | None = _spec(absent_ok=True, default=None)
+    prefill: PrefillSection | None = _spec(absent_ok=True, default=None)  # onnxruntime builds: int8 prefill graph
+    task: str = _spec(_one_of(*TASKS), absent_ok=True, default=CAUSAL_LM)  # absent: a causal LM
+    classifier: ClassifierSection | None = _spec(absent_ok=True, default=None)  # classifier tasks only
+    format: str = _spec(default=FORMAT)
+    format_version: int = _spec(_count(1), default=FORMAT_VERSION)
+
+    @property
+    def max_text_tokens(self) -> int:
+        """A classifier build's most tokens per text (`build --max-text-tokens`): it has no cache, and
+        the file keeps this limit in its `kv_capacity` field."""
+        return self.kv_capacity
+
+    @property
+    def cache_shape(self) -> tuple:
+        """(heads, kv_capacity, head_dim): the cache tensor shape after the batch dimension."""
+        return (self.model.num_attention_heads, self.kv_capacity, self.model.head_dim)
+
+    @property
+    def cache_aliases(self) -> dict:
+        return self.onnx.cache_aliases
+
+    @property
+    def cache_inputs(self) -> list[str]:
+        return list(self.onnx.cache_aliases.values())
+
+    def save(self, directory: str) -> str:
+        path = os.path.join(directory, MANIFEST_FILE)
+        raw = asdict(self)
+        if raw["prefill"] is None:  # absent, not null: runtimes from before the section still read the build
+            del raw["prefill"]
+        validate(path, raw)  # never write what load would refuse
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(raw, f, indent=2)
+            f.write("\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Manifest":
+        """A Manifest from a dict that `validate` accepted."""
+        return _from_json(cls, raw)
+
+    @classmethod
+    def load(cls, directory: str, verify_checksums: bool = True) -> "Manifest":
+        """Read and check BUILD_DIR/manifest.json and the files it lists.
+
+        Every listed file must exist with its recorded size and (unless verify_checksums is
+        False) sha256; a file verified unchanged before is not hashed again (see `verify`).
+        """
+        if not isinstance(directory, (str, os.PathLike)):
+            raise ManifestError(f"build directory {directory!r} is not a path")
+        directory = os.fspath(directory)
+        path = os.path.join(directory, MANIFEST_FILE)
+        data = _read_manifest(path, directory)
+        raw = _parse(path, data, directory)
+        validate(path, raw)
+        manifest = cls.from_dict(raw)
+        verify.check_sizes(directory, manifest.files)
+        if verify_checksums:
+            verify.verify_checksums(directory, manifest.files, hashlib.sha256(data).hexdigest())
+        return manifest
+
+
+# ---- the schema, derived from the sections ----
+
+def _check_for(hint):
+    """The JSON check of a value of type `hint`: a section checks each of its fields (`_spec`'s
+    check, else the field type's), lists and objects each element, `X | None` allows null."""
+    if dataclasses.is_dataclass(hint):
+        return _SCHEMAS.get(hint) or _SCHEMAS.setdefault(hint, _section_check(hint))
+    if hint is str:
+        return _STR
+    if hint is bool:
+        return _BOOL
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) and type(None) in args:
+        return _optional(_check_for(next(a for a in args if a is not type(None))))
+    if typing.get_origin(hint) is list:
+        return _list_of(_check_for(args[0]))
+    if typing.get_origin(hint) is dict:
+        return _object_of(_check_for(args[1]))
+    raise TypeError(f"no check for {hint!r}: give its field a _spec(check)")  # a new field without one
+
+
+def _section_check(cls):
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    return _fields({f.name: f.metadata.get("check") or _check_for(hints[f.name]) for f in fields},
+                   may_be_absent=tuple(f.name for f in fields if f.metadata.get("absent_ok")))
+
+
+_SCHEMAS: dict = {}
+
+
+def _from_json(hint, value):
+    """`value` (JSON that `_check_for(hint)` accepted) as `hint`: sections built field by field."""
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(hint):
+        hints = typing.get_type_hints(hint)
+        return hint(**{f.name: _from_json(hints[f.name], value[f.name])
+                       for f in dataclasses.fields(hint) if f.name in value})
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType):
+        return _from_json(next(a for a in args if a is not type(None)), value)
+    if typing.get_origin(hint) is list:
+        return [_from_json(args[0], element) for element in value]
+    if typing.get_origin(hint) is dict:
+        return {key: _from_json(args[1], element) for key, element in value.items()}
+    return value
+
+
+# ---- reading and validating manifest.json ----
+
+def _read_manifest(path: str, directory: str) -> bytes:
+    try:
+        return read_regular(path, MAX_MANIFEST_BYTES, "a manifest")  # (a FIFO or device: one line)
+    except FileNotFoundError:  # (a dangling link too)
+        raise ManifestError(f"{path}: not found; is {directory} a build directory from `persimmon-export build`?") \
+            from None
+    except NotRegularError as e:
+        raise ManifestError(str(e)) from None
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
+
+
+def _parse(path: str, data: bytes, directory: str) -> dict:
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {e.start}); the file is corrupt, rebuild") from None
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON, or an integer with thousands of digits
+        raise ManifestError(f"{path}: not valid JSON ({str(e)[:120]}); the file is corrupt, rebuild") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ManifestError(f"{path}: not a {FORMAT} manifest")
+    version = raw.get("format_version")
+    if type(version) is int and 1 <= version < FORMAT_VERSION:
+        raise OutdatedBuildError(f"{path}: format_version {version} is from an older persimmon-export; this "
+                                 f"runtime reads {FORMAT_VERSION}: rebuild with `persimmon-export build "
+                                 f"--checkpoint CHECKPOINT --out {directory} --overwrite`")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise ManifestError(f"{path}: format_version {_show(version)}, this runtime reads {FORMAT_VERSION}; "
+                            f"upgrade persimmon_runtime to match the persimmon-export that wrote it, or rebuild "
+                            f"with this one")
+    return raw
+
+
+def validate(path: str, raw: dict) -> None:
+    """Check each field the runtime and exporter read: its presence, type and range."""
+    _check(path, "", raw, _check_for(Manifest))  # raw is a dict: only its fields can fail
+    _check_references(path, raw)
 
 
 def _check_references(path: str, raw: dict) -> None:

@@ -70,7 +70,7 @@ class _Progress:
         log.info(f"verified {self.directory} in {time.perf_counter() - self.started:.1f} s")
 
 
-def check_sizes(directory: str, files: dict) -> None:
+def check_sizes(directory: str, files: dict) -> None:  # name -> manifest.FileEntry
     """Cheap checks done on every load: each listed file is a regular file of its recorded size."""
     for name, info in files.items():
         path = os.path.join(directory, name)
@@ -82,8 +82,8 @@ def check_sizes(directory: str, files: dict) -> None:
             raise IntegrityError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
         if not stat.S_ISREG(found.st_mode):
             raise IntegrityError(f"{path}: not a regular file; the build is damaged, rebuild it")
-        if found.st_size != info["bytes"]:
-            raise IntegrityError(f"{path}: {found.st_size} bytes, the manifest says {info['bytes']}; "
+        if found.st_size != info.bytes:
+            raise IntegrityError(f"{path}: {found.st_size} bytes, the manifest says {info.bytes}; "
                                  f"the file is truncated or from another build")
 
 
@@ -94,7 +94,7 @@ def verify_checksums(directory: str, files: dict, manifest_sha256: str) -> None:
     verified, pending = {}, {}
     for name, info in files.items():
         entry = _stat_entry(os.path.join(directory, name))
-        if known.get(name) == {**entry, "sha256": info["sha256"]}:
+        if known.get(name) == {**entry, "sha256": info.sha256}:
             verified[name] = known[name]
         else:
             pending[name] = entry
@@ -103,9 +103,9 @@ def verify_checksums(directory: str, files: dict, manifest_sha256: str) -> None:
         path, info = os.path.join(directory, name), files[name]
         started = time.time_ns()
         digest = _hash_unchanging(path, entry, progress)
-        if digest != info["sha256"]:
+        if digest != info.sha256:
             raise IntegrityError(f"{path}: sha256 {digest[:16]}... differs from the manifest's "
-                                 f"{info['sha256'][:16]}...; the file is corrupt or from another build: rebuild "
+                                 f"{info.sha256[:16]}...; the file is corrupt or from another build: rebuild "
                                  f"or copy the build again")
         if entry["ctime_ns"] < started - RACY_MARGIN_NS:
             verified[name] = {**entry, "sha256": digest}

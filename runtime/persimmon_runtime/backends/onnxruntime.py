@@ -5,7 +5,7 @@ output. TensorScatter sees the same buffer on both sides and skips its copy. A s
 the rows binds that block of rows by address (see `backends`). With the `capacity` cache layout
 (onnxruntime builds) the caches hold all kv_capacity slots from `start` on and are never grown or
 copied: GroupQueryAttention reads each row's slots up to its last new token, so a step costs what
-its context needs, not what the capacity is (`persimmon_export.attention`). np.zeros takes its
+its context needs, not what the capacity is (`persimmon_export.graph.attention`). np.zeros takes its
 pages from the OS lazily, so slots no row has reached cost no memory. Builds with the older
 `whole` layout get caches only as long as the context needs, grown in steps of CACHE_STEP slots
 by copying every row, which stalls the step that crosses a step boundary: rebuild them.

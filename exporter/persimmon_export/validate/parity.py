@@ -17,20 +17,20 @@ import math
 import numpy as np
 import torch
 
+from persimmon_runtime.backends import BACKENDS, decode, parse_device, prefill
 from persimmon_runtime.chat import format_chat
 from persimmon_runtime.errors import PersimmonError
-from persimmon_runtime.backends import BACKENDS, decode, parse_device, prefill
 from persimmon_runtime.generator import Generator
-from persimmon_runtime.tokenizer import build_tokenizer
 from persimmon_runtime.manifest import CAUSAL_LM, Manifest, ModelShape
+from persimmon_runtime.tokenizer import build_tokenizer
 
+from ..config import PersimmonConfig
+from ..load.checkpoint import check_directory, load_model
+from ..progress import Steps
+from ..reference.generate import greedy_generate
 from .bounds import BOUNDS, PREFILL_INT8, ParityResult
-from .checkpoint import check_directory, load_model
 from .classify_parity import check_classifier_parity
-from .config import PersimmonConfig
 from .emulate import DESCRIPTION, EmulatedBackend
-from .generate import greedy_generate
-from .progress import Steps
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from persimmon_runtime.classifier import Classifier
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import Manifest
 
-from .checkpoint import load_model
-from .classify import MODEL_CLASSES
+from ..graph.classify import MODEL_CLASSES
+from ..load.checkpoint import load_model
 from .bounds import BOUNDS, ParityResult
 
 log = logging.getLogger(__name__)

@@ -19,10 +19,10 @@ import torch
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.tokenizer import DEFAULT_BOS, Tokenizer
 
+from ..config import PersimmonConfig
+from ..files import check_output
+from ..progress import Steps
 from .checkpoint import parse_dtype, save_checkpoint, tokenizer_files
-from .config import PersimmonConfig
-from .files import check_output
-from .progress import Steps
 from .safe_pickle import load as safe_load
 
 log = logging.getLogger(__name__)

@@ -1,31 +1,11 @@
-"""TensorRT float16 engines from the exported ONNX, with NVIDIA TensorRT or TensorRT-RTX.
+"""TensorRT engines from the exported ONNX, with NVIDIA TensorRT (10.9 - 11.x) or TensorRT-RTX (1.7 - 1.x).
 
 Both share one Python API (Builder, OnnxParser, optimization profiles, the KV-cache-update layer),
-so one code path builds with either; a `Flavor` holds what differs:
-
-- NVIDIA TensorRT 10.9 - 11.x (`--backend tensorrt`, module `tensorrt`): builds for the GPU it
-  runs on (the manifest records that GPU's compute capability); Python-defined AOT plugins;
-  version-compatible engines with an embedded lean runtime; timing caches.
-- TensorRT-RTX 1.7 - 1.x (`--backend tensorrt-rtx`, module `tensorrt_rtx`, PyPI
-  `tensorrt-rtx-cu12`): builds without a GPU ("CPU-only AOT": the serialized engine is compiled
-  for its GPU just in time, when loaded) for a list of target compute capabilities, by default
-  every RTX target it names except Turing (7.5), which must be asked for; engines run on those
-  GPUs only (RTX 30xx/40xx/50xx, A-series workstation cards, not Hopper). It has no
-  `tensorrt.plugin` (so no Python AOT plugins: the custom ops build from their function bodies),
-  no lean runtime (no --version-compatible), its own version numbers (1.x), and a timing cache
-  would make the build need a GPU (NVIDIA's release notes) while changing nothing in the engine.
-
-What depends on the version:
-- networks are strongly typed (the flag on TensorRT 10.x; the only kind on 11.x and on RTX): the
-  fp16 ONNX, with its explicit fp32 casts, fixes every type, and no precision flag is set;
-- the KV cache update: TensorRT >= 10.15 and TensorRT-RTX >= 1.7 parse `TensorScatter` into the
-  KV-cache-update layer, whose output aliases the cache input (in place). Older TensorRT gets a
-  documented fallback: the nodes are rewritten to `ScatterElements` (`model.trt.onnx`, same
-  weights file), and the runtime alternates two buffers per cache tensor instead;
-- plugins: the custom ops become Python-defined plugins with ahead-of-time kernels (TensorRT
-  >= 10.9); without them (`--plugins off`, no nvcc, or RTX) the parser inlines the function bodies.
-
-`build_engine` and `parse_onnx` need the flavor's module; the rest is plain Python.
+so one code path builds with either; a `Flavor` holds what differs (targets, plugins, lean runtime,
+timing caches: docs/tensorrt.md). Networks are strongly typed from the graph's own types; the KV
+cache is updated in place where the version parses `TensorScatter` into the KV-cache-update layer,
+else through the documented ScatterElements fallback (`scatter_elements_fallback`). `build_engine`
+and `parse_onnx` need the flavor's module; the rest is plain Python.
 """
 
 from __future__ import annotations
@@ -35,16 +15,25 @@ import logging
 import os
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from persimmon_plugins import KERNELS
 from persimmon_runtime.backends.cuda import compute_capability
 from persimmon_runtime.backends.tensorrt import parse_version
 from persimmon_runtime.errors import PersimmonError
-from persimmon_runtime.manifest import (CAUSAL_LM, CLASSIFIER_INPUTS, CLASSIFY_ROLE, NO_CACHE, PROFILE_ROLES,
-                                        EngineSection, Manifest, PluginPtx, Profile)
+from persimmon_runtime.manifest import (
+    CAUSAL_LM,
+    CLASSIFIER_INPUTS,
+    CLASSIFY_ROLE,
+    NO_CACHE,
+    PROFILE_ROLES,
+    EngineSection,
+    Manifest,
+    PluginPtx,
+    Profile,
+)
 
-from .progress import build_monitor
+from ..progress import build_monitor
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +54,8 @@ def postprocess_config(builder, network, config):
     config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
 '''
 MAX_REPORTED_ERRORS = 5  # parser errors quoted in the one-line message
+PLUGIN_CHOICES = ("auto", "on", "off")  # --plugins: auto uses the plugin kernels where possible
+DEFAULT_MAX_PREFILL = 2048  # or the build's capacity if smaller
 
 
 class EngineError(PersimmonError):
@@ -73,6 +64,39 @@ class EngineError(PersimmonError):
 
 def dotted_version(version: tuple[int, ...]) -> str:
     return ".".join(map(str, version))
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine is built (the `--backend tensorrt` / `tensorrt-rtx` flags of build)."""
+    max_prefill: int | None = None          # most new tokens in one step; None: min(capacity, 2048)
+    plugins: str = "auto"                   # PLUGIN_CHOICES: custom ops as plugin kernels or function bodies
+    compute_capabilities: tuple[str, ...] | None = None  # TensorRT-RTX's target GPUs; None: its defaults
+    version_compatible: bool = False        # TensorRT: embed the lean runtime
+    timing_cache: str | None = None         # TensorRT: a timing cache file, read and updated
+    opt_level: int = 3                      # builder optimization level, 0..5
+    workspace_mib: int | None = None        # builder workspace pool limit
+
+    def __post_init__(self):
+        if self.plugins not in PLUGIN_CHOICES:
+            raise EngineError(f"--plugins {self.plugins!r} is not one of {PLUGIN_CHOICES}")
+        if not 0 <= self.opt_level <= 5:
+            raise EngineError(f"--opt-level must be in 0..5, got {self.opt_level}")
+        if self.workspace_mib is not None and self.workspace_mib < 1:
+            raise EngineError(f"the workspace limit must be at least 1 MiB, got {self.workspace_mib}")
+        if self.compute_capabilities is not None:  # a caller's list, kept as a tuple (frozen)
+            object.__setattr__(self, "compute_capabilities", tuple(self.compute_capabilities))
+
+    def for_capacity(self, capacity: int) -> EngineOptions:
+        """These options with max_prefill filled in and checked against the build's capacity."""
+        max_prefill = self.max_prefill or min(capacity, DEFAULT_MAX_PREFILL)
+        _check_max_prefill(max_prefill, capacity)
+        return replace(self, max_prefill=max_prefill)
+
+
+def _check_max_prefill(max_prefill: int, capacity: int) -> None:
+    if not 1 <= max_prefill <= capacity:
+        raise EngineError(f"--max-prefill must be in [1, kv_capacity={capacity}], got {max_prefill}")
 
 
 @dataclass(frozen=True)
@@ -176,8 +200,7 @@ def optimization_profiles(manifest: Manifest, max_prefill: int) -> list[dict[str
     A classifier has one profile (CLASSIFY_ROLE): texts of 1..kv_capacity tokens, opt max_prefill.
     """
     batch, capacity = manifest.max_batch, manifest.kv_capacity
-    if not 1 <= max_prefill <= capacity:
-        raise EngineError(f"--max-prefill must be in [1, kv_capacity={capacity}], got {max_prefill}")
+    _check_max_prefill(max_prefill, capacity)
     if manifest.task != CAUSAL_LM:
         return [{name: ((1, 1), (batch, max_prefill), (batch, capacity)) for name in CLASSIFIER_INPUTS}]
     cache = manifest.cache_shape
@@ -207,7 +230,7 @@ def scatter_elements_fallback(model: "onnx.ModelProto") -> "onnx.ModelProto":
     import onnx  # here: doctor imports this module on serving hosts, which have no onnx
     from onnx import TensorProto, helper
 
-    from .onnx_versions import declare_versions
+    from ..graph.onnx_versions import declare_versions
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     nodes = []
@@ -380,19 +403,19 @@ def builder_config(trt, flavor: Flavor, builder, profiles: list[dict], targets: 
     return config, built
 
 
-def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: str = "auto",
-                 version_compatible: bool = False, timing_cache: str | None = None, opt_level: int = 3,
-                 workspace_mib: int | None = None, flavor: Flavor = TENSORRT,
-                 compute_capabilities: list[str] | None = None, shown_as: str | None = None) -> EngineSection:
+def build_engine(directory: str, manifest: Manifest, flavor: Flavor, options: EngineOptions = EngineOptions(),
+                 shown_as: str | None = None) -> EngineSection:
     """Build `directory`/engine.plan from the exported ONNX; return the manifest's `tensorrt` section.
 
     Messages name `shown_as` (the build's final place) instead of `directory` (where it is written).
     """
     shown_as = shown_as or directory
-    version, targets = check_engine_options(flavor, plugins, version_compatible, timing_cache, compute_capabilities,
-                                            manifest.dtype)
+    options = options.for_capacity(manifest.kv_capacity)
+    version, targets = check_engine_options(flavor, options, manifest.dtype)
+    max_prefill, timing_cache, opt_level = options.max_prefill, options.timing_cache, options.opt_level
+    workspace_mib, version_compatible = options.workspace_mib, options.version_compatible
     trt = importlib.import_module(flavor.module)
-    use_plugins = _use_plugins(flavor, plugins, manifest.dtype)
+    use_plugins = _use_plugins(flavor, options.plugins, manifest.dtype)
     onnx_path = os.path.join(directory, manifest.onnx.file)
     path = flavor.cache_update_path(version) if manifest.task == CAUSAL_LM else NO_CACHE
     if path == "scatter_elements":
@@ -442,16 +465,16 @@ def build_engine(directory: str, manifest: Manifest, max_prefill: int, plugins: 
         trtexec=trtexec)
 
 
-def check_engine_options(flavor: Flavor, plugins: str = "auto", version_compatible: bool = False,
-                         timing_cache: str | None = None, compute_capabilities: list[str] | None = None,
+def check_engine_options(flavor: Flavor, options: EngineOptions,
                          dtype: str = "float16") -> tuple[tuple[int, ...], list[str]]:
-    """Refuse what `flavor` (as installed) cannot do, before anything is exported; return its
-    version and the target compute capabilities."""
+    """Refuse what `flavor` (as installed) cannot do with `options`, before anything is exported;
+    return its version and the target compute capabilities."""
+    plugins, timing_cache = options.plugins, options.timing_cache
     version, why = flavor.installed()
     if version is None:
         raise EngineError(f"cannot build a {flavor.product} engine: {why}")
     flavor.check_version(version)
-    if version_compatible and not flavor.lean_runtime:
+    if options.version_compatible and not flavor.lean_runtime:
         raise EngineError(f"--version-compatible: {flavor.product} has no lean runtime to embed; its engines load "
                           f"on the {flavor.product} version that built them")
     if timing_cache and not flavor.timing_cache:
@@ -465,7 +488,8 @@ def check_engine_options(flavor: Flavor, plugins: str = "auto", version_compatib
     if plugins == "on" and dtype not in PLUGIN_DTYPES:
         raise EngineError(f"--plugins on: the plugin kernels are {' and '.join(PLUGIN_DTYPES)} only, this build is "
                           f"{dtype}; use --plugins off or auto (the custom ops then build from their function bodies)")
-    return version, choose_targets(flavor, importlib.import_module(flavor.module), compute_capabilities)
+    targets = choose_targets(flavor, importlib.import_module(flavor.module), options.compute_capabilities)
+    return version, targets
 
 
 def _build_to_file(trt, parsed: ParsedNetwork, config, path: str) -> bool:

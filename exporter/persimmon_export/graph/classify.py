@@ -31,14 +31,33 @@ import torch
 from onnx import TensorProto, helper
 
 from persimmon_runtime.custom_ops import CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION, QK_LAYERNORM_OP, ROTARY_OP
-from persimmon_runtime.manifest import (CAUSAL_LM, CLASSIFIER_INPUTS, NO_CACHE, PROBLEM_TYPES, TASKS,
-                                        ClassifierSection, CustomOps, GraphSection, TensorSpec)
+from persimmon_runtime.manifest import (
+    CAUSAL_LM,
+    CLASSIFIER_INPUTS,
+    NO_CACHE,
+    PROBLEM_TYPES,
+    TASKS,
+    ClassifierSection,
+    CustomOps,
+    GraphSection,
+    TensorSpec,
+)
 
-from .config import PersimmonConfig
-from .export import (DATA_FILE, MODEL_FILE, ONNX_DTYPES, DataWriter, ExportError, Relu2Scales, build_graph,
-                     save_model, value_info, write_tensors)
-from .model import PersimmonForSequenceClassification, PersimmonForTokenClassification
-from .progress import Steps
+from ..config import PersimmonConfig
+from ..progress import Steps
+from ..reference.model import PersimmonForSequenceClassification, PersimmonForTokenClassification
+from .export import (
+    DATA_FILE,
+    MODEL_FILE,
+    ONNX_DTYPES,
+    DataWriter,
+    ExportError,
+    Relu2Scales,
+    build_graph,
+    save_model,
+    value_info,
+    write_tensors,
+)
 
 log = logging.getLogger(__name__)
 SEQUENCE, TOKEN = "sequence-classification", "token-classification"
@@ -106,11 +125,11 @@ def classifier_graph_section(config: PersimmonConfig, dtype: str, task: str) -> 
                         cache_aliases={})
 
 
-def build_classifier_graph(config: PersimmonConfig, dtype: str, max_length: int, task: str,
+def build_classifier_graph(config: PersimmonConfig, dtype: str, max_text_tokens: int, task: str,
                            pad_token_id: int | None) -> onnx.GraphProto:
     """The classifier graph (initializers left out): the step graph's decoder over an empty cache,
     then the task's head."""
-    step = build_graph(config, dtype, max_length, cache_layout="whole")
+    step = build_graph(config, dtype, max_text_tokens, cache_layout="whole")
     # the LM's own `logits` (its head) is replaced by the classifier's
     nodes = [_without_cache_write(node) for node in step.node if "logits" not in node.output]
     final = next((n for n in nodes if n.op_type == "LayerNormalization" and "model.final_layernorm.weight" in n.input),
@@ -196,14 +215,14 @@ def _needed(nodes: list, output: str) -> list:
 
 
 def export_classifier(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str, task: str,
-                      dtype: str = "float16", max_length: int = 4096, pad_token_id: int | None = None
+                      dtype: str = "float16", max_text_tokens: int = 4096, pad_token_id: int | None = None
                       ) -> tuple[GraphSection, dict]:
     """Write out_dir/model.onnx + model.onnx.data for a classifier; return the manifest's `onnx`
     section and the files written. The decoder's weights are stored as the LM build stores them
     (relu^2 scales in float16, chosen from the weights alone), the head's `score` as [in, out]."""
     if dtype not in ONNX_DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of {sorted(ONNX_DTYPES)}")
-    graph = build_classifier_graph(config, dtype, max_length, task, pad_token_id)
+    graph = build_classifier_graph(config, dtype, max_text_tokens, task, pad_token_id)
     writer = DataWriter(os.path.join(out_dir, DATA_FILE))
     per_layer = 16 if config.qk_layernorm else 12
     step = Steps(log, "weights", 3 + (1 if task == SEQUENCE else 2) + per_layer * config.num_hidden_layers,

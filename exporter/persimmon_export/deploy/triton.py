@@ -28,7 +28,7 @@ from persimmon_runtime.cpu import check_prefill_choice
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import CAUSAL_LM, MANIFEST_FILE, Manifest
 
-from .files import atomic_directory
+from ..files import atomic_directory
 
 log = logging.getLogger(__name__)
 KINDS = ("auto", "cpu", "gpu")

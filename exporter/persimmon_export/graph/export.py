@@ -1,33 +1,12 @@
 """ONNX export: one Persimmon model step over a fixed-capacity, in-place KV cache.
 
-The graph is written directly from the config (it mirrors `model.py` op for op), and the
-weights are streamed from the checkpoint into the external data file one tensor at a time, in
-chunks, so exporting the 8B model needs about one tensor of memory, not the model. (torch.onnx
-would need the whole model materialised and inlines the custom-op functions.)
-
-One graph serves prefill and decode. Per row b of the batch:
-- `input_ids[b, :token_count[b]]` are the row's new tokens (right-padded to `seq`);
-- they are written into the cache at slots `first_slot[b] ...` (opset-24 `TensorScatter`,
-  which onnxruntime does in place when the cache output is bound to the input's buffer and
-  which TensorRT maps to its KV-cache-update layer); position = slot;
-- attention reads the first `kv_length` slots (the width of `attention_mask`), causally, skipping
-  slots whose mask is 0. The cache layouts (`manifest.CACHE_LAYOUTS`) keep the decode cost
-  following the context, not the capacity: `window` (for TensorRT) has caches of static length
-  kv_capacity and slices the first kv_length slots; `capacity` (for onnxruntime) has caches of
-  kv_capacity slots that GroupQueryAttention writes and reads up to each row's last new token
-  (see `attention`: it ignores the mask's values, the backend refuses zeros); `whole` (older
-  onnxruntime builds) has caches whose length is a graph dimension, `kv_length`, which the
-  runtime grows in steps by copying, and reads them whole;
-- `logits[b]` (fp32) are those of the row's last new token.
-
-fp16 graphs keep LayerNorm statistics, rotary tables, softmax and logits in fp32 with explicit
-casts (TensorRT builds strongly typed networks from exactly these types). relu(x)^2 overflows
-fp16 once x > 256; the exporter folds a power-of-two scale s into each layer's MLP weights
-(W1/s, b1/s, W2*s^2), which is exact and moves the overflow point to x > 256*s. s is chosen per
-layer from its W2 (`relu2_scale`): at most 16, and small enough that W2*s^2 stays finite; in
-float16 builds the pre-activations the range report measured (`ranges`) must fit at that s too.
-bfloat16 graphs are the same graph in bf16 with the same fp32 islands and no relu^2 scale (bf16
-has fp32's exponent range); onnxruntime's CPU provider cannot run them (no bf16 MatMul).
+The graph is written directly from the config (it mirrors `reference/model.py` op for op), and
+the weights stream from the checkpoint into the external data file one tensor at a time, so
+exporting the 8B model needs about one tensor of memory (torch.onnx would need the whole model
+materialised, and inlines the custom-op functions). One graph serves prefill and decode; its
+inputs, cache layouts and fp32 islands are described in docs/design.md ("The graph"), its
+contract in docs/manifest.md. fp16 graphs fold a power-of-two scale into each MLP so that relu^2
+stays finite (`relu2_scale`).
 """
 
 from __future__ import annotations
@@ -46,14 +25,14 @@ from onnx import AttributeProto, TensorProto, helper
 
 from persimmon_runtime.custom_ops import CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION, PLUGIN_VERSION, QK_LAYERNORM_OP, ROTARY_OP
 from persimmon_runtime.errors import PersimmonError
-from persimmon_runtime.manifest import CACHE_LAYOUTS, CustomOps, GraphSection, TensorSpec
+from persimmon_runtime.manifest import CACHE_LAYOUTS, CustomOps, FileEntry, GraphSection, TensorSpec
 from persimmon_runtime.verify import sha256_file
 
+from ..config import PersimmonConfig
+from ..progress import Steps
+from ..reference.model import rope_inv_freq
 from .attention import HEAD_DIM_MULTIPLE, add_contrib_opset, gqa_lengths, grouped_query_attention
-from .config import PersimmonConfig
-from .model import rope_inv_freq
 from .onnx_versions import BASE_OPSET, declare_versions
-from .progress import Steps
 from .quantize import PREFILL_DATA_FILE, PREFILL_FILE, WeightFormat, emit_matmul, linear_shapes, write_quantized
 
 log = logging.getLogger(__name__)
@@ -187,6 +166,20 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_lay
     """The step graph, with initializers left out (the caller adds them as external data).
     `weights`: the int8/int4 format of the linear weights it names (None: stored in dtype);
     `prefill`: the prefill graph's format, which takes precedence for the weights it names."""
+    _check_layout(config, kv_capacity, cache_layout)
+    step = _StepGraph(config, dtype, kv_capacity, cache_layout, weights, prefill)
+    x = step.g.op("Gather", "model.embed_tokens.weight", "input_ids", name="embed")
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}"
+        h = step.g.op("Add", x, step.attention(step.layer_norm(x, f"{p}.input_layernorm"), layer))
+        x = step.g.op("Add", h, step.mlp(step.layer_norm(h, f"{p}.post_attention_layernorm"), p), name=f"{p}.out")
+    step.logits(x)
+    section = graph_section(config, dtype, kv_capacity, cache_layout)
+    return helper.make_graph(step.g.nodes, "persimmon_step", [value_info(s) for s in section.inputs],
+                             [value_info(s) for s in section.outputs])
+
+
+def _check_layout(config: PersimmonConfig, kv_capacity: int, cache_layout: str) -> None:
     if cache_layout not in CACHE_LAYOUTS:
         raise ExportError(f"cache layout {cache_layout!r} is not one of {tuple(CACHE_LAYOUTS)}")
     if cache_layout == "capacity" and config.head_dim % HEAD_DIM_MULTIPLE:
@@ -198,59 +191,108 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_lay
         raise ExportError(f"rope_scaling 'dynamic' is exported only with --kv-capacity <= max_position_embeddings "
                           f"({config.max_position_embeddings}), got --kv-capacity {kv_capacity}: past it the "
                           f"frequencies change with the sequence length")
-    g = _GraphBuilder()
-    f32, act = TensorProto.FLOAT, ONNX_DTYPES[dtype]
-    half = dtype != "float32"
-    heads, head_dim, hidden = config.num_attention_heads, config.head_dim, config.hidden_size
 
-    # Positions, mask and rotary tables, shared by all layers.
-    # dims via Shape + Gather: the opset-15 start/end attributes of Shape are not relied upon
-    one, zero = g.const("one", np.array(1, np.int64)), g.const("zero", np.array(0, np.int64))
-    axes = {k: g.const(f"axes_{k}", np.array(v, np.int64)) for k, v in
-            {"0": [0], "1": [1], "2": [2], "01": [0, 1]}.items()}
-    seq = g.op("Gather", g.op("Shape", "input_ids"), one, axis=0, name="seq_len")  # scalar
-    positions = g.op("Add", g.op("Unsqueeze", "first_slot", axes["1"]),
-                     g.op("Unsqueeze", g.op("Range", zero, seq, one), axes["0"]), name="positions")  # [B, T]
-    if cache_layout == "capacity":  # GroupQueryAttention reads each row's slots causally, no mask
-        lengths = gqa_lengths(g, seq, one)
-    else:
-        kv_length = g.op("Gather", g.op("Shape", "attention_mask"), axes["1"], axis=0, name="kv_length")  # [1]
-        slots = g.op("Range", zero, g.op("Squeeze", kv_length), one, name="slots")  # [kv]
-        causal = g.op("LessOrEqual", g.op("Unsqueeze", slots, axes["01"]), g.op("Unsqueeze", positions, axes["2"]))
-        filled = g.op("Cast", g.op("Unsqueeze", "attention_mask", axes["1"]), to=TensorProto.BOOL)
-        allowed = g.op("Unsqueeze", g.op("And", causal, filled), axes["1"], name="allowed")  # [B, 1, T, kv]
-        masked_score = g.const("masked_score", np.array(np.finfo(np.float32).min, np.float32))
-        q_scale = g.const("q_scale", np.array(head_dim ** -0.5, dtype=NUMPY_DTYPES[dtype]))
-    # the longest sequence this build holds is kv_capacity: for dynamic scaling, the unscaled frequencies
-    inv_freq = g.const("inv_freq", rope_inv_freq(config, kv_capacity).numpy().astype(np.float32))
-    freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", positions, to=f32), axes["2"]), inv_freq)
-    angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), axes["2"], name="angles")  # [B, T, 1, rot]
-    cos, sin = g.op("Cos", angles, name="cos"), g.op("Sin", angles, name="sin")
-    head_shape = g.const("head_shape", np.array([0, 0, heads, 3, head_dim], np.int64))
-    hidden_shape = g.const("hidden_shape", np.array([0, 0, hidden], np.int64))
-    qkv_index = [g.const(f"qkv_{i}", np.array(i, np.int64)) for i in range(3)]
 
-    def layer_norm(x, prefix):
-        x32 = g.op("Cast", x, to=f32) if half else x
+class _StepGraph:
+    """The step graph's parts, in the order `build_graph` appends them: positions and rotary tables
+    (shared by every layer, made here), then per layer attention and MLP, then the logits."""
+
+    def __init__(self, config: PersimmonConfig, dtype: str, kv_capacity: int, cache_layout: str,
+                 weights: WeightFormat | None, prefill: WeightFormat | None):
+        self.g = g = _GraphBuilder()
+        self.config, self.cache_layout, self.formats = config, cache_layout, (prefill, weights)
+        self.f32, self.act, self.half = TensorProto.FLOAT, ONNX_DTYPES[dtype], dtype != "float32"
+        self.quantized_shapes = linear_shapes(config)
+        heads, head_dim = config.num_attention_heads, config.head_dim
+        # dims via Shape + Gather: the opset-15 start/end attributes of Shape are not relied upon
+        self.one, zero = g.const("one", np.array(1, np.int64)), g.const("zero", np.array(0, np.int64))
+        self.axes = axes = {k: g.const(f"axes_{k}", np.array(v, np.int64)) for k, v in
+                            {"0": [0], "1": [1], "2": [2], "01": [0, 1]}.items()}
+        seq = g.op("Gather", g.op("Shape", "input_ids"), self.one, axis=0, name="seq_len")  # scalar
+        positions = g.op("Add", g.op("Unsqueeze", "first_slot", axes["1"]),
+                         g.op("Unsqueeze", g.op("Range", zero, seq, self.one), axes["0"]), name="positions")  # [B, T]
+        if cache_layout == "capacity":  # GroupQueryAttention reads each row's slots causally, no mask
+            self.lengths = gqa_lengths(g, seq, self.one)
+        else:
+            self.kv_length = g.op("Gather", g.op("Shape", "attention_mask"), axes["1"], axis=0, name="kv_length")
+            slots = g.op("Range", zero, g.op("Squeeze", self.kv_length), self.one, name="slots")  # [kv]
+            causal = g.op("LessOrEqual", g.op("Unsqueeze", slots, axes["01"]),
+                          g.op("Unsqueeze", positions, axes["2"]))
+            filled = g.op("Cast", g.op("Unsqueeze", "attention_mask", axes["1"]), to=TensorProto.BOOL)
+            self.allowed = g.op("Unsqueeze", g.op("And", causal, filled), axes["1"], name="allowed")  # [B, 1, T, kv]
+            self.masked_score = g.const("masked_score", np.array(np.finfo(np.float32).min, np.float32))
+            self.q_scale = g.const("q_scale", np.array(head_dim ** -0.5, dtype=NUMPY_DTYPES[dtype]))
+        # the longest sequence this build holds is kv_capacity: for dynamic scaling, the unscaled frequencies
+        inv_freq = g.const("inv_freq", rope_inv_freq(config, kv_capacity).numpy().astype(np.float32))
+        freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", positions, to=self.f32), axes["2"]), inv_freq)
+        angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), axes["2"], name="angles")  # [B, T, 1, rot]
+        self.cos, self.sin = g.op("Cos", angles, name="cos"), g.op("Sin", angles, name="sin")
+        self.head_shape = g.const("head_shape", np.array([0, 0, heads, 3, head_dim], np.int64))
+        self.hidden_shape = g.const("hidden_shape", np.array([0, 0, config.hidden_size], np.int64))
+        self.qkv_index = [g.const(f"qkv_{i}", np.array(i, np.int64)) for i in range(3)]
+
+    def layer_norm(self, x: str, prefix: str) -> str:
+        """LayerNorm with fp32 statistics, whatever the activations' dtype."""
+        g = self.g
+        x32 = g.op("Cast", x, to=self.f32) if self.half else x
         y = g.op("LayerNormalization", x32, f"{prefix}.weight", f"{prefix}.bias", axis=-1,
-                 epsilon=config.layer_norm_eps)
-        return g.op("Cast", y, to=act) if half else y
+                 epsilon=self.config.layer_norm_eps)
+        return g.op("Cast", y, to=self.act) if self.half else y
 
-    quantized_shapes = linear_shapes(config)
-
-    def matmul(x, weight):
-        fmt = next((f for f in (prefill, weights) if f is not None and f.quantizes(weight)), None)
+    def matmul(self, x: str, weight: str) -> str:
+        fmt = next((f for f in self.formats if f is not None and f.quantizes(weight)), None)
         if fmt is not None:
-            suffix = next(s for s in quantized_shapes if weight.endswith(s))
-            return emit_matmul(g, x, weight, fmt, *quantized_shapes[suffix], half=half)
-        return g.op("MatMul", x, weight)
+            suffix = next(s for s in self.quantized_shapes if weight.endswith(s))
+            return emit_matmul(self.g, x, weight, fmt, *self.quantized_shapes[suffix], half=self.half)
+        return self.g.op("MatMul", x, weight)
 
-    def linear(x, prefix, bias=True):
-        y = matmul(x, f"{prefix}.weight")
-        return g.op("Add", y, f"{prefix}.bias") if bias else y
+    def linear(self, x: str, prefix: str) -> str:
+        return self.g.op("Add", self.matmul(x, f"{prefix}.weight"), f"{prefix}.bias")
 
-    def activation(x):
-        kind = config.hidden_act
+    def attention(self, x: str, layer: int) -> str:
+        """Fused QKV, QK-LayerNorm, partial rotary, the cache update and attention, the output dense."""
+        g, config, p = self.g, self.config, f"model.layers.{layer}"
+        # [B, T, heads, (q, k, v), head_dim]: the fused output is interleaved per head
+        qkv = g.op("Reshape", self.linear(x, f"{p}.self_attn.query_key_value"), self.head_shape)
+        q, k, v = (g.op("Gather", qkv, index, axis=3) for index in self.qkv_index)
+        if config.qk_layernorm:
+            q, k = g.op(QK_LAYERNORM_OP, q, k, f"{p}.self_attn.q_layernorm.weight", f"{p}.self_attn.q_layernorm.bias",
+                        f"{p}.self_attn.k_layernorm.weight", f"{p}.self_attn.k_layernorm.bias",
+                        outputs=2, domain=CUSTOM_OP_DOMAIN, name=f"{p}.qk_layernorm", epsilon=config.layer_norm_eps,
+                        plugin_version=PLUGIN_VERSION, plugin_namespace=CUSTOM_OP_DOMAIN)
+        q, k = (g.op(ROTARY_OP, t, self.cos, self.sin, domain=CUSTOM_OP_DOMAIN, name=f"{p}.rotary_{n}",
+                     plugin_version=PLUGIN_VERSION, plugin_namespace=CUSTOM_OP_DOMAIN) for t, n in ((q, "q"), (k, "k")))
+        if self.cache_layout == "capacity":  # onnxruntime: one fused op writes the caches and attends
+            attn = grouped_query_attention(g, q, k, v, layer, self.lengths, self.hidden_shape,
+                                           config.num_attention_heads, config.head_dim)
+        else:
+            attn = self._masked_attention(q, k, v, layer)
+        return self.linear(attn, f"{p}.self_attn.dense")
+
+    def _masked_attention(self, q: str, k: str, v: str, layer: int) -> str:
+        """TensorScatter writes the new keys and values into the caches; softmax over the allowed slots."""
+        g, axes, p = self.g, self.axes, f"model.layers.{layer}"
+        q, k, v = (g.op("Transpose", t, perm=[0, 2, 1, 3]) for t in (q, k, v))  # [B, heads, T, head_dim]
+        caches = []
+        for kind, new in (("key", k), ("value", v)):
+            present = g.op("TensorScatter", f"past_{kind}_{layer}", new, "first_slot", axis=-2,
+                           outputs=[f"present_{kind}_{layer}"], name=f"{p}.cache_update_{kind}")
+            caches.append(g.op("Slice", present, axes["0"], self.kv_length, axes["2"])
+                          if self.cache_layout == "window" else present)
+        scores = g.op("MatMul", g.op("Mul", q, self.q_scale), g.op("Transpose", caches[0], perm=[0, 1, 3, 2]))
+        scores = g.op("Where", self.allowed, g.op("Cast", scores, to=self.f32) if self.half else scores,
+                      self.masked_score)
+        probs = g.op("Softmax", scores, axis=-1)
+        probs = g.op("Cast", probs, to=self.act) if self.half else probs
+        return g.op("Reshape", g.op("Transpose", g.op("MatMul", probs, caches[1]), perm=[0, 2, 1, 3]),
+                    self.hidden_shape)
+
+    def mlp(self, x: str, prefix: str) -> str:
+        hidden = self._activation(self.linear(x, f"{prefix}.mlp.dense_h_to_4h"))
+        return self.linear(hidden, f"{prefix}.mlp.dense_4h_to_h")
+
+    def _activation(self, x: str) -> str:
+        g, kind = self.g, self.config.hidden_act
         if kind == "relu2":
             relu = g.op("Relu", x)
             return g.op("Mul", relu, relu)
@@ -260,48 +302,16 @@ def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_lay
             return g.op("Mul", x, g.op("Sigmoid", x))
         return g.op("Gelu", x, approximate="tanh" if kind == "gelu_pytorch_tanh" else "none")
 
-    x = g.op("Gather", "model.embed_tokens.weight", "input_ids", name="embed")
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}"
-        qkv = g.op("Reshape", linear(layer_norm(x, f"{p}.input_layernorm"), f"{p}.self_attn.query_key_value"),
-                   head_shape)  # [B, T, heads, (q, k, v), head_dim]: the fused output is interleaved per head
-        q, k, v = (g.op("Gather", qkv, index, axis=3) for index in qkv_index)
-        if config.qk_layernorm:
-            q, k = g.op(QK_LAYERNORM_OP, q, k, f"{p}.self_attn.q_layernorm.weight", f"{p}.self_attn.q_layernorm.bias",
-                        f"{p}.self_attn.k_layernorm.weight", f"{p}.self_attn.k_layernorm.bias",
-                        outputs=2, domain=CUSTOM_OP_DOMAIN, name=f"{p}.qk_layernorm", epsilon=config.layer_norm_eps,
-                        plugin_version=PLUGIN_VERSION, plugin_namespace=CUSTOM_OP_DOMAIN)
-        q, k = (g.op(ROTARY_OP, t, cos, sin, domain=CUSTOM_OP_DOMAIN, name=f"{p}.rotary_{n}",
-                     plugin_version=PLUGIN_VERSION, plugin_namespace=CUSTOM_OP_DOMAIN) for t, n in ((q, "q"), (k, "k")))
-        if cache_layout == "capacity":  # onnxruntime: one fused op writes the caches and attends
-            attn = grouped_query_attention(g, q, k, v, i, lengths, hidden_shape, heads, head_dim)
+    def logits(self, x: str) -> None:
+        """fp32 logits of each row's last new token (`token_count` - 1), after the final LayerNorm."""
+        g = self.g
+        last = g.op("Unsqueeze", g.op("Sub", "token_count", self.one), self.axes["1"])  # [B, 1]
+        final = g.op("GatherND", self.layer_norm(x, "model.final_layernorm"), last, batch_dims=1)  # [B, hidden]
+        logits = self.matmul(final, "lm_head.weight")
+        if self.half:
+            g.op("Cast", logits, to=self.f32, outputs=["logits"])
         else:
-            q, k, v = (g.op("Transpose", t, perm=[0, 2, 1, 3]) for t in (q, k, v))  # [B, heads, T, head_dim]
-            caches = []
-            for kind, new in (("key", k), ("value", v)):
-                present = g.op("TensorScatter", f"past_{kind}_{i}", new, "first_slot", axis=-2,
-                               outputs=[f"present_{kind}_{i}"], name=f"{p}.cache_update_{kind}")
-                caches.append(g.op("Slice", present, axes["0"], kv_length, axes["2"])
-                              if cache_layout == "window" else present)
-            scores = g.op("MatMul", g.op("Mul", q, q_scale), g.op("Transpose", caches[0], perm=[0, 1, 3, 2]))
-            scores = g.op("Where", allowed, g.op("Cast", scores, to=f32) if half else scores, masked_score)
-            probs = g.op("Softmax", scores, axis=-1)
-            probs = g.op("Cast", probs, to=act) if half else probs
-            attn = g.op("Reshape", g.op("Transpose", g.op("MatMul", probs, caches[1]), perm=[0, 2, 1, 3]),
-                        hidden_shape)
-        h = g.op("Add", x, linear(attn, f"{p}.self_attn.dense"))
-        mlp = linear(activation(linear(layer_norm(h, f"{p}.post_attention_layernorm"), f"{p}.mlp.dense_h_to_4h")),
-                     f"{p}.mlp.dense_4h_to_h")
-        x = g.op("Add", h, mlp, name=f"{p}.out")
-
-    last = g.op("Unsqueeze", g.op("Sub", "token_count", one), axes["1"])  # [B, 1]: the last new token
-    final = g.op("GatherND", layer_norm(x, "model.final_layernorm"), last, batch_dims=1)  # [B, hidden]
-    logits = matmul(final, "lm_head.weight")
-    g.op("Cast", logits, to=f32, outputs=["logits"]) if half else g.op("Identity", logits, outputs=["logits"])
-
-    section = graph_section(config, dtype, kv_capacity, cache_layout)
-    return helper.make_graph(g.nodes, "persimmon_step", [value_info(s) for s in section.inputs],
-                             [value_info(s) for s in section.outputs])
+            g.op("Identity", logits, outputs=["logits"])
 
 
 def onnx_layout(name: str, dtype: str) -> tuple[torch.dtype, bool]:
@@ -506,7 +516,7 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
                 measured=None, weights: WeightFormat | None = None,
                 prefill: WeightFormat | None = None) -> tuple[GraphSection, dict]:
     """Write out_dir/model.onnx + model.onnx.data; return the manifest's `onnx` section and the
-    files written ({name: {"bytes", "sha256"}}).
+    files written ({name: FileEntry}).
 
     `tensors` streams (name, tensor) in checkpoint names, e.g. `checked_tensors(...)`. `measured`
     (a `ranges.Measured`, float16 only) also bounds each layer's relu^2 scale and receives what was
@@ -555,7 +565,7 @@ def save_model(graph: onnx.GraphProto, out_dir: str, writer: DataWriter, section
                model_file: str = MODEL_FILE) -> tuple[GraphSection, dict]:
     """Save out_dir/`model_file` (with the custom ops' functions, the lowest opsets and IR version
     its ops need), check it with onnx.checker; return `section` with those versions recorded and the
-    files written with `writer`'s data ({name: {"bytes", "sha256"}})."""
+    files written with `writer`'s data ({name: FileEntry})."""
     model = helper.make_model(graph, functions=custom_op_functions(), producer_name="persimmon-export",
                               opset_imports=[helper.make_opsetid("", BASE_OPSET),
                                              helper.make_opsetid(CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION)])
@@ -569,5 +579,5 @@ def save_model(graph: onnx.GraphProto, out_dir: str, writer: DataWriter, section
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"{model_path}: the exported graph fails onnx.checker: {e}") from None
     data_path = os.path.join(out_dir, writer.location)
-    return section, {model_file: {"bytes": os.path.getsize(model_path), "sha256": sha256_file(model_path)},
-                     writer.location: {"bytes": os.path.getsize(data_path), "sha256": writer.sha256.hexdigest()}}
+    return section, {model_file: FileEntry(os.path.getsize(model_path), sha256_file(model_path)),
+                     writer.location: FileEntry(os.path.getsize(data_path), writer.sha256.hexdigest())}

@@ -20,11 +20,11 @@ from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.regular_files import check_regular
 from persimmon_runtime.tokenizer import Tokenizer
 
+from ..config import PersimmonConfig
+from ..files import atomic_directory
+from ..progress import Steps
+from ..reference.model import PersimmonForCausalLM
 from . import safe_pickle
-from .config import PersimmonConfig
-from .files import atomic_directory
-from .model import PersimmonForCausalLM
-from .progress import Steps
 
 log = logging.getLogger(__name__)
 

@@ -1,30 +1,12 @@
-"""Weight-only int8 / int4 builds (`persimmon-export build --weights int8|int4`).
+"""Weight-only int8 / int4 builds (`build --weights int8|int4`) and the int8 prefill graph.
 
-Each quantized linear weight W (the checkpoint's [out, in] = [N, K]) is stored as signed integer
-codes and scales, symmetric (no zero point): W ~ code * scale with code in [-qmax, qmax], qmax =
-127 (int8) or 7 (int4), one scale per `block_size` consecutive inputs (K) of one output, the
-block's max |W| / qmax. Activations, the KV cache, LayerNorm parameters and the embedding stay in
-the build's dtype; only the MatMul weights shrink.
-
-Two graph forms, one per runtime, each the form its fast kernel is documented to take:
-- onnxruntime: `com.microsoft.MatMulNBits` (bits 8 or 4, B packed uint8 [N, K/block, block*bits/8]
-  with 4-bit codes low nibble first, scales [N, K/block] in A's type, no zero_points input: the
-  default zero point 2^(bits-1) is added to the stored codes), accuracy_level 4: activations are
-  quantized to int8 per block inside the kernel and multiplied with integer dot products where
-  the CPU has them (AVX2 / AVX512-VNNI on x86);
-- TensorRT: `DequantizeLinear` of a constant weight straight into the MatMul, TensorRT's
-  weight-only pattern: int4 blocked along K (weight [K, N], scales [K/block, N], axis 0,
-  block_size), int8 per output channel (scales [N], axis 1: what TensorRT's INT8 weight-only
-  GEMM takes; a blocked one is dequantized to float constants, docs/quantization.md).
-
-Prefill graphs (`build --prefill int8`, onnxruntime builds; see `prefill_format`) multiply by
-int8 weights per output channel (codes [K, N], fp32 scales [N]) with `com.microsoft.
-DynamicQuantizeMatMul`, which quantizes the activations to uint8 at run time and runs MLAS's
-u8 x s8 integer GEMM: the AMX-INT8 / AVX512-VNNI / AVX-VNNI kernels where the CPU has them.
-
-The codes are computed in chunks of rows as the weights stream through the export (a chunk at
-a time in memory, not a copy of the model). What is quantized and the default block size were
-chosen by measurement (docs/quantization.md, docs/benchmarks.md).
+Each quantized linear weight is stored as symmetric integer codes and one scale per `block_size`
+inputs of an output (docs/quantization.md), in the form each runtime's fast kernel takes:
+onnxruntime's `com.microsoft.MatMulNBits` (int8 activations inside the kernel), TensorRT's
+`DequantizeLinear` into the MatMul. The prefill graph (`build --prefill int8`) multiplies int8
+weights per output channel by activations quantized per token, with `com.microsoft.
+DynamicQuantizeMatMul` (MLAS's u8 x s8 GEMM: AMX-INT8 / AVX512-VNNI / AVX-VNNI kernels). Codes are
+computed in chunks as the weights stream through the export, never a copy of the model.
 """
 
 from __future__ import annotations

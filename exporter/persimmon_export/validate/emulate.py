@@ -1,31 +1,12 @@
 """True-fp16 (and bf16) evaluation of a build's step graph on CPU: what a TensorRT engine computes.
 
-onnxruntime's CPU provider does not run an fp16 graph in fp16: it inserts casts so MatMul, Add,
-Relu, Mul and the residual stream compute in fp32 (only weights and caches stay fp16), so an
-fp16 overflow never shows on CPU. A strongly typed TensorRT engine computes in the graph's
-types. This module evaluates the graph the way the engine does: every tensor the graph declares
-fp16 is stored in fp16 and every op rounds its result to fp16; the fp32 islands the graph itself
-declares (LayerNorm statistics, the rotary arithmetic, softmax, the logits after their cast) stay
-fp32.
-
-The evaluator is onnx's reference evaluator (`onnx.reference`): its kernels are numpy, and
-numpy keeps fp16 dtypes: an fp16 ufunc (add, mul, maximum, ...) computes each element in fp32 and
-rounds it to fp16, which is the correctly rounded fp16 result. The custom `persimmon` ops run
-their ONNX function bodies (the graph carries them), and opset-24 `TensorScatter` (the in-place
-cache update) has a reference kernel. One kernel is replaced, MatMul (see `MatMul`), and one is
-added: onnxruntime's GroupQueryAttention, which `capacity`-layout builds use (see `attention`).
-
-What differs from a GPU, knowingly: the order of the fp32 accumulation inside a matmul (BLAS
-blocks here; tensor-core tiles and split-K there), so an output can differ by one fp16 ulp where
-the fp32 sum lies near a rounding boundary; a fused bias add (GEMM epilogue, one rounding) is two
-roundings here; a TensorRT plugin that replaces a custom op, or a fused attention kernel, may
-keep intermediates the graph stores in fp16 in fp32. None of these moves the point where a tensor
-the graph stores in fp16 overflows 65504, which is what this evaluation is for.
-
-bfloat16 graphs are evaluated the same way: onnx represents numpy bf16 with `ml_dtypes.bfloat16`,
-whose ufuncs compute in fp32 and round each result to bf16 (round to nearest even), as numpy's
-fp16 ones do; the reference Cast rounds the same way. onnxruntime's CPU provider has no bf16
-MatMul at all (1.32: NOT_IMPLEMENTED), so for bf16 this is the only CPU evaluation there is.
+onnxruntime's CPU provider computes an fp16 graph in fp32 (it inserts casts), so an fp16
+overflow never shows on CPU; a strongly typed TensorRT engine computes in the graph's types. This
+module evaluates the graph with onnx's reference evaluator, whose numpy kernels store every fp16
+(bf16: ml_dtypes) tensor in its type and round every op's result to it, keeping the graph's own
+fp32 islands; MatMul is replaced and GroupQueryAttention added (see both). What differs from a GPU
+(accumulation order, fused epilogues, plugins) is listed in docs/validation.md; none of it moves
+the point where a stored fp16 tensor overflows, which is what this evaluation is for.
 """
 
 from __future__ import annotations
@@ -41,8 +22,8 @@ from persimmon_runtime.backends import check_step
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import Manifest
 
-from .attention import GroupQueryAttention
-from .export import NUMPY_DTYPES
+from ..graph.attention import GroupQueryAttention
+from ..graph.export import NUMPY_DTYPES
 
 DESCRIPTION = ("storage and arithmetic in the graph's own types (fp16/bf16 tensors rounded after every op; "
                "fp32 only where the graph casts to it), onnx reference evaluator, matmuls accumulated in fp32")

@@ -21,11 +21,11 @@ import torch
 from persimmon_runtime.manifest import RANGE_KINDS, RangeSection, WeightRange
 from persimmon_runtime.regular_files import check_regular
 
-from .checkpoint import load_model
-from .config import PersimmonConfig
+from ..config import PersimmonConfig
+from ..load.checkpoint import load_model
+from ..progress import Steps
+from ..reference.model import PersimmonForCausalLM, partial_rotary, qk_layernorm
 from .export import RELU2_WEIGHT_LIMIT, ExportError
-from .model import PersimmonForCausalLM, partial_rotary, qk_layernorm
-from .progress import Steps
 
 log = logging.getLogger(__name__)
 FP16_MAX = float(np.finfo(np.float16).max)

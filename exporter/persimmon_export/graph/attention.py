@@ -1,25 +1,12 @@
 """Attention for onnxruntime builds: com.microsoft.GroupQueryAttention over caches allocated once.
 
-The `capacity` cache layout (`manifest.CACHE_LAYOUTS`): every cache holds all kv_capacity slots,
-from the backend's start to its end, and onnxruntime's GroupQueryAttention (GQA) both writes the
-step's new keys/values into it and attends, per row, to the first `first_slot + seq` slots only.
-So the cache is never grown or copied, and a step's cost follows each row's context, not the
-capacity. Chosen by measurement (benchmarks/attention.py, docs/benchmarks.md): on onnxruntime
-1.32's CPU provider, at 12 heads x 64, GQA prefills 1024 tokens ~2.4x faster than MatMul/Softmax
-(it never materialises the scores above the causal diagonal) and a decode step costs the same at
-capacity 1280 and 4096; ONNX `Attention` (opset 24) with a mask costs what the capacity costs.
-
-How the graph drives GQA (its CPU kernel, onnxruntime 1.32):
-- the cache tensor is bound as both `past_*` and `present_*` (one buffer: GQA writes in place);
-- `seqlens_k[b] = first_slot[b] + seq - 1`: every one of the `seq` new tokens counts, right
-  padding included, so GQA writes them at first_slot[b] ... as TensorScatter does; padding lies
-  causally after the row's real tokens, which never see it, and the row overwrites it later;
-- `total_sequence_length = max(first_slot) + seq`;
-- a step of several new tokens on rows that already hold some (a chunked prefill) must be one
-  row at a time: the kernel refuses batch > 1 there; the onnxruntime backend splits such steps.
-The scores are fp32 (GQA converts fp16 q/k to fp32 before its GEMM and softmax); the
-attention_mask's values are not read (each row attends to all its slots so far, causally): the
-backend refuses a mask with zeros for this layout.
+The `capacity` cache layout: every cache holds all kv_capacity slots, and GroupQueryAttention
+(GQA) both writes the step's new keys/values into it (the cache is bound as `past_*` and
+`present_*`: one buffer, written in place) and attends, per row, to its first `first_slot + seq`
+slots only, so a step's cost follows each row's context, not the capacity (chosen by
+measurement: docs/benchmarks.md, "Decode cost follows the context"). GQA reads no mask values and
+its CPU kernel refuses a multi-token step on several rows that already hold tokens: the
+onnxruntime backend refuses masks with zeros and splits such steps row by row.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ docs/compatibility.md lists who loads what.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 
 import onnx
 from onnx import helper

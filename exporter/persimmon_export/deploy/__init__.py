@@ -1,0 +1,1 @@
+"""Deployments written from a build directory: the Triton model repository."""

@@ -1,0 +1,1 @@
+"""TensorRT (NVIDIA TensorRT or TensorRT-RTX) engines built from the step graph."""

@@ -1,0 +1,1 @@
+"""Reading checkpoints: config.json, safetensors / torch files (never run), adept-inference conversion."""
