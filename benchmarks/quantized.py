@@ -37,7 +37,7 @@ from cache_layouts import decode_times  # noqa: E402
 from machine import CpuShare, cpu_note, machine  # noqa: E402
 from workload import CONFIGS, prompt_texts, random_checkpoint  # noqa: E402
 
-from persimmon_export import quantize  # noqa: E402
+from persimmon_export.graph import quantize  # noqa: E402
 from persimmon_export.build import build  # noqa: E402
 from persimmon_export.options import BuildOptions  # noqa: E402
 from persimmon_export.validate.parity import BOUNDS, check_parity  # noqa: E402

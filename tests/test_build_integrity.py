@@ -18,7 +18,7 @@ from persimmon_export.demo import make_demo_checkpoint
 from persimmon_export.graph.export import ExportError
 from persimmon_export.options import BuildOptions
 from persimmon_runtime import cli, verify
-from persimmon_runtime.backends import check_step
+from persimmon_runtime.backends.step import check_step
 from persimmon_runtime.backends.tensorrt import TensorRTBackend
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.generator import Generator
@@ -576,7 +576,7 @@ def test_build_refuses_weights_that_overflow_float16(checkpoint, tmp_path, monke
         build(poisoned, str(tmp_path / "out"), BuildOptions(dtype="float16", kv_capacity=CAPACITY,
                                                             backend="onnxruntime"))
     # without the range report (an fp32 model too large for the machine's memory) the weight itself is refused
-    from persimmon_export import ranges
+    from persimmon_export.graph import ranges
 
     monkeypatch.setattr(ranges, "available_memory_bytes", lambda: 1)
     with pytest.raises(ExportError, match=rf"'{TENSOR}' has values up to 1e\+05, beyond torch.float16.*--dtype float32"):

@@ -198,7 +198,7 @@ def test_float32_builds_have_no_report(tiny_build):
 def test_the_report_is_skipped_with_a_warning_when_the_fp32_model_would_not_fit(tiny_checkpoint, tmp_path, caplog,
                                                                                monkeypatch):
     """An 8B float16 build must still run where its fp32 reference (about 35 GiB) does not fit."""
-    from persimmon_export import ranges
+    from persimmon_export.graph import ranges
 
     monkeypatch.setattr(ranges, "available_memory_bytes", lambda: 2**10)  # what /proc/meminfo would say
     with caplog.at_level("WARNING"):

@@ -3,9 +3,9 @@ pip install '.[export]'). `doctor` and `triton` run without it, so the model
 classes are imported on first use, not with the package."""
 
 __version__ = "0.1.0"
-_LAZY = {"PersimmonConfig": "config", "ConfigError": "config", "PersimmonModel": "model",
-         "PersimmonForCausalLM": "model", "PersimmonForSequenceClassification": "model",
-         "PersimmonForTokenClassification": "model"}
+_LAZY = {"PersimmonConfig": "config", "ConfigError": "config", "PersimmonModel": "reference.model",
+         "PersimmonForCausalLM": "reference.model", "PersimmonForSequenceClassification": "reference.model",
+         "PersimmonForTokenClassification": "reference.model"}
 __all__ = list(_LAZY)
 
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backends import check_token_ids
 from .backends.onnxruntime import open_session
+from .backends.step import check_token_ids
 from .errors import PersimmonError
 from .manifest import CAUSAL_LM, Manifest
 from .tokenizer import Tokenizer, build_tokenizer

@@ -18,7 +18,7 @@ import onnx
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
-from persimmon_runtime.backends import check_step
+from persimmon_runtime.backends.step import check_step
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import Manifest
 

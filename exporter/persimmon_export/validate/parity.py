@@ -17,7 +17,8 @@ import math
 import numpy as np
 import torch
 
-from persimmon_runtime.backends import BACKENDS, decode, parse_device, prefill
+from persimmon_runtime.backends import BACKENDS, decode, prefill
+from persimmon_runtime.backends.step import parse_device
 from persimmon_runtime.chat import format_chat
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.generator import Generator

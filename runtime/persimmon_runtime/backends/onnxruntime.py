@@ -25,7 +25,7 @@ import numpy as np
 from ..cpu import choose_prefill
 from ..errors import PersimmonError
 from ..manifest import Manifest
-from . import check_step, parse_device
+from .step import check_step, parse_device
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 CACHE_STEP = 256

@@ -31,8 +31,8 @@ import numpy as np
 
 from ..errors import PersimmonError
 from ..manifest import EngineSection, Manifest, PluginPtx
-from . import check_step, parse_device
 from .cuda import check, compute_capability, cudart
+from .step import check_step, parse_device
 
 log = logging.getLogger(__name__)
 KV_BUCKET = 64
