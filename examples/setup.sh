@@ -41,14 +41,14 @@ if [ "$(uname -sm)" = "Linux x86_64" ] && [ ! -x .cache/triton-backends/python/t
     cp .cache/tritonserver/pytriton/tritonserver/python_backend_stubs/"$stub_python"/triton_python_backend_stub \
         .cache/triton-backends/python/
 fi
-if [ "$(uname -sm)" = "Linux x86_64" ] && [ ! -d .cache/triton-python/numpy ]; then
+if [ "$(uname -sm)" = "Linux x86_64" ] && [ ! -d .cache/triton-python/jinja2 ]; then
     echo "installing the Triton model's Python dependencies into .cache/triton-python ..."
-    .venv/bin/pip install -q --target .cache/triton-python "numpy<2" onnxruntime sentencepiece
+    .venv/bin/pip install -q --target .cache/triton-python "numpy<2" onnxruntime sentencepiece "jinja2>=3.1"
 fi
 
 # Two small runtime-only venvs for tests/test_compat.py: builds must load and generate the same
-# tokens on the runtime's declared floors (pyproject.toml's onnxruntime, numpy and sentencepiece
-# minimums, read from it here) and on the newest onnxruntime-gpu's version number (its CPU wheel:
+# tokens on the runtime's declared floors (pyproject.toml's minimums of onnxruntime, numpy,
+# sentencepiece and jinja2, and of the serve extra's starlette and uvicorn, read from it here) and on the newest onnxruntime-gpu's version number (its CPU wheel:
 # onnxruntime-gpu and the onnxruntime in Triton containers lag the CPU package). Remade when the
 # versions change.
 ORT_GPU_NEWEST=1.31.1  # the newest onnxruntime-gpu release on PyPI (2026-12); move it when that does
@@ -64,5 +64,6 @@ runtime_venv() {
     fi
 }
 runtime_venv .cache/venv-floors "onnxruntime==$(floor onnxruntime)" "numpy==$(floor numpy)" \
-    "sentencepiece==$(floor sentencepiece)"
+    "sentencepiece==$(floor sentencepiece)" "jinja2==$(floor jinja2)" "starlette==$(floor starlette)" \
+    "uvicorn==$(floor uvicorn)"
 runtime_venv .cache/venv-ort-gpu-newest "onnxruntime==$ORT_GPU_NEWEST" numpy sentencepiece

@@ -73,7 +73,7 @@ def builds(checkpoints, tmp_path_factory):
 def test_build_directory_is_self_describing(builds):
     directory = builds["base", "float16"]
     assert sorted(os.listdir(directory)) == [".persimmon-export", "manifest.json", "model.onnx", "model.onnx.data",
-                                             "tokenizer.model"]
+                                             "tokenizer.model", "tokenizer_config.json"]
     manifest = Manifest.load(directory, verify_checksums=True)
     assert (manifest.dtype, manifest.kv_capacity, manifest.max_batch) == ("float16", 128, 4)
     assert manifest.onnx.custom_ops == CustomOps("persimmon", 1, [QK_LAYERNORM_OP, ROTARY_OP])

@@ -6,11 +6,13 @@ the runtime reads. The directory appears complete or not at all.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import time
 
+from persimmon_runtime.chat import CHAT_TEMPLATE
 from persimmon_runtime.manifest import FileEntry, GraphSection, Manifest, ModelShape, TokenizerSection
 from persimmon_runtime.tokenizer import Tokenizer
 from persimmon_runtime.verify import sha256_file
@@ -23,11 +25,13 @@ from .graph.classify import MODEL_CLASSES, export_classifier
 from .graph.export import export_onnx
 from .graph.quantize import prefill_section
 from .graph.ranges import calibrate, log_summary, report
-from .load.checkpoint import check_directory, checked_tensors
+from .load.checkpoint import check_directory, checked_tensors, tokenizer_config
 from .options import BuildOptions, BuildPlan
 
 log = logging.getLogger(__name__)
 TOKENIZER_FILE = "tokenizer.model"
+# what transformers, vLLM and onnxruntime-genai read beside it: the settings and the chat template
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
 def build(checkpoint: str, out_dir: str, options: BuildOptions = BuildOptions()) -> Manifest:
@@ -55,8 +59,7 @@ def build(checkpoint: str, out_dir: str, options: BuildOptions = BuildOptions())
         log.info(f"exporting {checkpoint} -> {out_dir} ({config.num_hidden_layers} layers, {options.dtype}, "
                  f"kv_capacity {plan.kv_capacity}, max_batch {options.max_batch})")
         graph, files = _export_graph(plan, config, checkpoint, tmp, measured)
-        shutil.copyfile(tokenizer.model_file, os.path.join(tmp, TOKENIZER_FILE))
-        files[TOKENIZER_FILE] = _file_entry(os.path.join(tmp, TOKENIZER_FILE))
+        files.update(_write_tokenizer_files(tokenizer, tmp))
         manifest = _manifest(plan, config, tokenizer, graph, files, measured)
         if plan.flavor is not None:
             manifest.tensorrt = build_engine(tmp, manifest, plan.flavor, options.engine, shown_as=out_dir)
@@ -89,7 +92,8 @@ def _manifest(plan: BuildPlan, config: PersimmonConfig, tokenizer: Tokenizer, gr
     return Manifest(
         dtype=options.dtype, max_batch=options.max_batch, kv_capacity=plan.kv_capacity,
         model=ModelShape(config.vocab_size, config.num_hidden_layers, config.num_attention_heads, config.head_dim),
-        tokenizer=TokenizerSection(TOKENIZER_FILE, tokenizer.add_bos, tokenizer.bos_token, tokenizer.eos_token),
+        tokenizer=TokenizerSection(TOKENIZER_FILE, tokenizer.add_bos, tokenizer.bos_token, tokenizer.eos_token,
+                                   chat_template=CHAT_TEMPLATE),
         eos_token_ids=[] if eos is None else list(eos) if isinstance(eos, list) else [eos],
         onnx=graph, files=files, exporter_version=__version__, ranges=None if measured is None else report(measured),
         weights=None if plan.weights is None else plan.weights.section(), task=options.task,
@@ -121,6 +125,17 @@ def summary_line(summary: dict) -> str:
     runs_on = "onnxruntime" if engine is None else f"{engine['flavor']} {engine['version']} engine + onnxruntime"
     return (f"built {summary['build']}: {summary['task']} {summary['dtype']}{weights}, kv_capacity "
             f"{summary['kv_capacity']}, max_batch {summary['max_batch']}, {runs_on}, {summary['bytes'] / 1e6:.1f} MB")
+
+
+def _write_tokenizer_files(tokenizer: Tokenizer, out_dir: str) -> dict[str, FileEntry]:
+    """The sentencepiece model and tokenizer_config.json (LlamaTokenizer's settings as this build
+    tokenizes, and the chat template the manifest carries)."""
+    shutil.copyfile(tokenizer.model_file, os.path.join(out_dir, TOKENIZER_FILE))
+    settings = {**tokenizer_config(tokenizer), "add_bos_token": tokenizer.add_bos, "bos_token": tokenizer.bos_token,
+                "eos_token": tokenizer.eos_token, "chat_template": CHAT_TEMPLATE}
+    with open(os.path.join(out_dir, TOKENIZER_CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2)
+    return {name: _file_entry(os.path.join(out_dir, name)) for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)}
 
 
 def _file_entry(path: str) -> FileEntry:

@@ -14,6 +14,7 @@ from persimmon_runtime.cpu import PREFILL_CHOICES
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import BUILD_BACKENDS, DTYPES, TASKS
 
+from .deploy.triton import KINDS
 from .engine.tensorrt import PLUGIN_CHOICES
 
 # What build, parity, convert and demo import: `pip install .` (a serving host) has none of them.
@@ -256,7 +257,7 @@ def _add_triton(commands) -> None:
     triton.add_argument("--build", required=True, help="build directory (from `persimmon-export build`)")
     _add_out(triton, "model repository directory", "a model repository")
     triton.add_argument("--name", default="persimmon", help="model name (default persimmon)")
-    triton.add_argument("--kind", choices=["auto", "cpu", "gpu"], default="auto",
+    triton.add_argument("--kind", choices=KINDS, default="auto",
                         help="instance_group kind; auto: GPU when the build has a TensorRT engine")
     triton.add_argument("--instances", type=int, default=1, help="model instances (per GPU for GPU kind), 1-64")
     triton.add_argument("--generate-timeout", type=float, default=300.0,

@@ -68,7 +68,7 @@ def _run(args) -> None:
     generator = Generator.load(args.build, backend=args.backend, device=args.device,
                                verify_checksums=not args.no_verify, prefill=args.prefill)
     log.debug(f"{generator.backend.name}: prefill {generator.backend.prefill_kernels}")
-    prompt = format_chat(prompt) if args.chat else prompt
+    prompt = format_chat(prompt, generator.manifest.tokenizer.chat_template) if args.chat else prompt
     started, finished = time.perf_counter(), []
     if args.no_stream:
         finished.append(generator.generate(prompt, **sampling))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .backends import load_backend
+from .backends import Backend, load_backend
 from .chat import format_chat
 from .errors import PersimmonError
 from .manifest import Manifest
@@ -29,7 +29,8 @@ class Completion:
 
 
 class Generator:
-    def __init__(self, backend, tokenizer: Tokenizer, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, prefill_chunk: int = PREFILL_CHUNK):
+        """Generate over a loaded `backend` (`Generator.load` takes a backend's name and loads it)."""
         self.backend = backend
         self.manifest: Manifest = backend.manifest
         self.tokenizer = tokenizer
@@ -93,8 +94,9 @@ class Generator:
         return pieces()
 
     def chat(self, messages, stream: bool = False, **sampling):
-        """Answer a conversation (see `format_chat`): a Completion, or text pieces with stream=True."""
-        prompt = format_chat(messages)
+        """Answer a conversation (see `format_chat`; rendered with the build's chat template): a
+        Completion, or text pieces with stream=True."""
+        prompt = format_chat(messages, self.manifest.tokenizer.chat_template)
         return self.stream(prompt, **sampling) if stream else self.generate(prompt, **sampling)
 
     def close(self, timeout: float | None = None) -> None:

@@ -256,6 +256,9 @@ class TokenizerSection:
     add_bos: bool = _spec()
     bos_token: str | None = _spec()
     eos_token: str | None = _spec()
+    # the chat format as a Jinja chat template (`chat.CHAT_TEMPLATE`); absent: an older build, which
+    # chats in that same format
+    chat_template: str | None = _spec(absent_ok=True, default=None)
 
 
 @dataclass(frozen=True)
