@@ -72,9 +72,14 @@ class Server:
         lines = [line for line in self.get("/metrics")[1].splitlines() if line.startswith(name + " ")]
         return float(lines[0].split()[1])
 
+    def terminate(self) -> None:
+        self.terminated = True
+        self.process.send_signal(signal.SIGTERM)
+
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+        """SIGTERM (once: a second one while it shuts down would kill it) and its exit status."""
+        if self.process.poll() is None and not getattr(self, "terminated", False):
+            self.terminate()
         try:
             return self.process.wait(timeout=60)
         finally:
@@ -141,8 +146,9 @@ def test_chat_goes_through_the_builds_template_as_transformers_renders_it(server
     assert reply.choices[0].message.role == "assistant" and reply.object == "chat.completion"
     # no max_tokens: the rest of the build's context, as vLLM does
     rest = server.client().chat.completions.create(model=MODEL, messages=messages[1:2], temperature=0)
+    room = 96 - rest.usage.prompt_tokens  # the tiny build's kv_capacity, less the prompt
     assert rest.usage.completion_tokens == len(generator.generate(format_chat(messages[1:2]),
-                                                                  max_new_tokens=96 - rest.usage.prompt_tokens).token_ids)
+                                                                  max_new_tokens=room).token_ids)
 
 
 def test_eight_concurrent_clients_each_get_their_own_text(server, generator):
@@ -275,7 +281,7 @@ def test_a_full_queue_is_503_and_sigterm_finishes_what_is_in_flight(long_build):
             running.client(max_retries=0).completions.create(model=MODEL, prompt="y", max_tokens=2)
         assert raised.value.status_code == 503 and "busy" in raised.value.body["message"]
         assert running.metric("persimmon_generation_tokens_total") == 0  # neither has finished yet
-        running.process.send_signal(signal.SIGTERM)  # while both are generating
+        running.terminate()  # while both are generating
         for thread in threads:
             thread.join(60)
         assert [r.usage.completion_tokens for r in replies] == [1000, 1000]

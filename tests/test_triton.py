@@ -89,7 +89,9 @@ def test_config_pbtxt_is_valid_for_triton(repository):
     config = text_format.Parse(open(os.path.join(repository, "persimmon", "config.pbtxt")).read(),
                                model_config_pb2.ModelConfig())
     assert config.backend == "python" and config.model_transaction_policy.decoupled
-    assert [i.name for i in config.input] == ["text_input"] and [o.name for o in config.output] == ["text_output"]
+    assert [(i.name, i.optional) for i in config.input] == [("text_input", False), ("stop", True),
+                                                            ("stop_words", True), ("bad_words", True)]
+    assert [o.name for o in config.output] == ["text_output", "finish_reason", "prompt_tokens", "completion_tokens"]
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     assert os.path.isfile(os.path.join(repository, "persimmon", "1", "build", "manifest.json"))
 
@@ -409,7 +411,8 @@ _ten_thousand_stops = json.dumps([f"s{i}" for i in range(10_000)])
     ({"text_input": "hi", "stop": "[unclosed"}, "not a JSON list"),
     ({"text_input": "hi", "stop": "[1, 2]"}, "stop="),
     ({"text_input": "hi", "stop": "[[\"a\"]]"}, "stop="),
-    ({"text_input": "hi", "stop": 123}, "stop=123"),
+    # stop is an optional input (so that it takes a real list): Triton itself refuses a number for it
+    ({"text_input": "hi", "stop": 123}, "Unable to parse JSON bytes array"),
     ({"text_input": "hi", "stop": ""}, "stop="),
     ({"text_input": "x " * 20_000}, "kv_capacity"),
     ({"text_input": "hi", "parameters": {"max_new_tokens": -1}}, "max_new_tokens=-1"),
@@ -663,3 +666,76 @@ def test_overwrite_takes_the_bytecode_cache_tritons_python_backend_leaves(build_
     (cache / "model.cpython-311.pyc").write_bytes(b"\x00")
     write_repository(build_dir, str(repo), overwrite=True)
     assert not cache.exists() and (repo / "persimmon" / "1" / "model.py").is_file()
+
+
+def test_tensorrt_llms_documented_generate_body_works_as_written(server, local):
+    """TensorRT-LLM's Triton docs: curl -X POST localhost:8000/v2/models/ensemble/generate -d
+    '{"text_input": "What is machine learning?", "max_tokens": 20, "bad_words": "", "stop_words": ""}'"""
+    body = {"text_input": "What is machine learning?", "max_tokens": 20, "bad_words": "", "stop_words": ""}
+    status, [reply] = post(server, "generate", body)
+    expected = local.generate("What is machine learning?", max_new_tokens=20)
+    assert status == 200, reply
+    assert reply["text_output"] == expected.text
+    assert (reply["finish_reason"], reply["prompt_tokens"], reply["completion_tokens"]) == (
+        "length" if expected.finish_reason == "length" else "stop", expected.prompt_tokens, len(expected.token_ids))
+    seeded = {"text_input": PROMPTS[2], "max_tokens": 12, "temperature": 0.9, "top_k": 40, "top_p": 0.9,
+              "random_seed": 5, "end_id": local.manifest.eos_token_ids[0], "pad_id": 0}
+    status, [reply] = post(server, "generate", seeded)
+    assert status == 200 and reply["text_output"] == local.generate(
+        PROMPTS[2], max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.9, seed=5).text
+
+
+def test_stop_takes_a_real_json_list_and_streams_end_with_the_finish_reason(server, local):
+    full = local.generate(PROMPTS[1], max_new_tokens=30, ignore_eos=True).text
+    stop = full.strip()[3:5]
+    expected = local.generate(PROMPTS[1], max_new_tokens=30, ignore_eos=True, stop=[stop, "never"])
+    for key in ("stop", "stop_words"):
+        status, [reply] = post(server, "generate", {"text_input": PROMPTS[1], "max_new_tokens": 30,
+                                                    "ignore_eos": True, key: [stop, "never"]})
+        assert status == 200 and (reply["text_output"], reply["finish_reason"]) == (expected.text, "stop"), reply
+    status, events = post(server, "generate_stream", {"text_input": PROMPTS[1], "max_tokens": 30, "ignore_eos": True,
+                                                      "stream": True, "stop_words": [stop]})
+    assert status == 200 and "".join(e["text_output"] for e in events) == expected.text
+    assert events[-1]["finish_reason"] == "stop" and events[-1]["completion_tokens"] == len(expected.token_ids)
+    assert all("finish_reason" not in e for e in events[:-1])
+
+
+def test_chat_requests_are_rendered_with_the_builds_template(server, local):
+    status, [reply] = post(server, "generate", {"text_input": "Hi there", "chat": True, "max_tokens": 8})
+    assert status == 200 and reply["text_output"] == local.chat("Hi there", max_new_tokens=8).text
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"text_input": "hi", "bad_words": ["darn"]}, "bad_words is not supported"),
+    ({"text_input": "hi", "end_id": 123456}, "end_id=123456 is not this model's end token"),
+    ({"text_input": "hi", "max_tokens": 4, "max_new_tokens": 4}, "sets max_new_tokens a second time"),
+    ({"text_input": "hi", "chat": "yes"}, "chat='yes' must be true or false"),
+    ({"text_input": "hi", "stop": ["x"] * 100}, "stop has 100 strings"),
+    ({"text_input": "hi", "stop": ["a"], "parameters": {"stop": "b"}}, "input 'stop' already exists in request"),
+])
+def test_bad_tensorrt_llm_style_requests_get_an_error(server, local, body, message):
+    status, [reply] = post(server, "generate", body)
+    assert status >= 400 and message in reply["error"], reply
+    assert_still_serving(server, local)
+
+
+def test_the_example_clients_command_line(server, local):
+    script = os.path.join(ROOT, "examples", "triton_client.py")
+    url = server["http"].removeprefix("http://")
+    done = subprocess.run([sys.executable, script, "--url", url, "--chat", "Hi there", "--max-new-tokens", "12",
+                           "--temperature", "0.7", "--top-p", "0.9", "--seed", "3", "--stop", "zzz"],
+                          capture_output=True, text=True, timeout=120)
+    expected = local.chat("Hi there", max_new_tokens=12, temperature=0.7, top_p=0.9, seed=3, stop=["zzz"]).text
+    assert done.returncode == 0 and done.stdout == expected + "\n", done.stderr
+    bad = subprocess.run([sys.executable, script, "--url", url, "hi", "--temperature", "-1"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: HTTP 400: temperature=-1")
+
+
+def test_list_inputs_and_parameters_cannot_both_set_a_field():
+    """Over gRPC an input tensor and a request parameter of one name could both arrive."""
+    with pytest.raises(PersimmonError, match="stop is given both as an input and as a parameter"):
+        parse_parameters('{"stop": "a"}', {"stop": ["b"]})
+    settings = parse_parameters('{"max_tokens": 5, "random_seed": 2}', {"stop_words": ["", "end"]})
+    assert settings.sampling == {"max_new_tokens": 5, "seed": 2, "stop": ["end"]}

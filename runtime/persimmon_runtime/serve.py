@@ -53,7 +53,8 @@ class Metrics:
                 ("requests_in_flight", "gauge", self.in_flight, "Requests generating or waiting for a row."),
                 ("requests_cancelled_total", "counter", self.cancelled,
                  "Requests stopped before their end: the client left or the server shut down.")):
-            lines += [f"# HELP persimmon_{name} {meaning}", f"# TYPE persimmon_{name} {kind}", f"persimmon_{name} {value}"]
+            name = f"persimmon_{name}"
+            lines += [f"# HELP {name} {meaning}", f"# TYPE {name} {kind}", f"{name} {value}"]
         return "\n".join(lines) + "\n"
 
 

@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .chat import format_chat
 from .errors import PersimmonError, brief
 from .generator import Generator
 from .sampling import MAX_STOP_CHARS, MAX_STOPS
@@ -47,18 +48,31 @@ MAX_STOP_JSON_CHARS = MAX_STOPS * (6 * MAX_STOP_CHARS + 4) + 2
 
 SAMPLING = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
             "repetition_penalty": float, "seed": int, "ignore_eos": bool}
-CONTROL = ("stream", "stop", "timeout_s")
+CONTROL = ("stream", "stop", "timeout_s", "chat")
+# TensorRT-LLM's names for the same settings (its Triton `generate` body: max_tokens, stop_words, ...)
+ALIASES = {"max_tokens": "max_new_tokens", "random_seed": "seed", "stop_words": "stop"}
+# TensorRT-LLM fields taken as they are: end_id must be one of the build's end tokens (checked at
+# generation), pad_id is unused (rows are never padded), bad_words must be empty
+ACCEPTED = {"end_id": int, "pad_id": int}
+# optional input tensors, so that `generate` takes real JSON lists for them (Triton turns a body key
+# naming an input into a tensor, any other into a scalar parameter)
+LIST_INPUTS = ("stop", "stop_words", "bad_words")
+# the finish reasons the final response reports, OpenAI's: "stop" (end token or stop string) or "length"
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
 class RequestSettings(NamedTuple):
     stream: bool
     timeout_s: float | None   # None: the client set no deadline
     sampling: dict            # keyword arguments for Generator.stream
+    chat: bool = False        # text_input is a user turn, rendered with the build's chat template
+    end_id: int | None = None
 
 
 
-def parse_parameters(raw: str | dict | None) -> RequestSettings:
-    """Request parameters (Triton's JSON text, or a dict) -> RequestSettings; PersimmonError names a bad one."""
+def parse_parameters(raw: str | dict | None, lists: dict | None = None) -> RequestSettings:
+    """Request parameters (Triton's JSON text, or a dict) and the LIST_INPUTS tensors given (name ->
+    list of strings) -> RequestSettings; PersimmonError names a bad one."""
     try:
         params = json.loads(raw) if isinstance(raw, str) and raw else raw or {}
     except json.JSONDecodeError as e:
@@ -68,6 +82,10 @@ def parse_parameters(raw: str | dict | None) -> RequestSettings:
     if not isinstance(params, dict):
         raise PersimmonError(f"request parameters {brief(params)} must be an object of settings")
     params = dict(params)
+    for name, values in (lists or {}).items():
+        if name in params:
+            raise PersimmonError(f"{name} is given both as an input and as a parameter; send it once")
+        params[name] = values[0] if len(values) == 1 else values  # one string: as a parameter would be
     stream = params.pop("stream", False)
     if not isinstance(stream, bool):
         raise PersimmonError(f"parameter stream={brief(stream)} must be true or false")
@@ -75,15 +93,33 @@ def parse_parameters(raw: str | dict | None) -> RequestSettings:
     if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
                                   or not 0 < timeout_s < math.inf):
         raise PersimmonError(f"parameter timeout_s={brief(timeout_s)} must be a number of seconds > 0")
-    sampling = {}
-    for name, value in params.items():
-        if name == "stop":
+    chat = params.pop("chat", False)
+    if not isinstance(chat, bool):
+        raise PersimmonError(f"parameter chat={brief(chat)} must be true or false")
+    sampling, accepted = {}, {}
+    for given, value in params.items():
+        name = ALIASES.get(given, given)
+        if name in sampling:
+            raise PersimmonError(f"parameter {given} sets {name} a second time; send one of them")
+        if given == "stop_words":  # TensorRT-LLM's: "" (or a list of them) means none
+            stops = _stop_list(value)
+            stops = [stop for stop in stops if stop != ""] if isinstance(stops, list) else stops
+            if stops not in ("", []):
+                sampling["stop"] = stops
+        elif name == "stop":
             sampling["stop"] = _stop_list(value)
+        elif name == "bad_words":
+            if _stop_list(value) not in ("", []):
+                raise PersimmonError("parameter bad_words is not supported; send it empty or leave it out")
         elif name in SAMPLING:
-            sampling[name] = _typed(name, value, SAMPLING[name])
+            sampling[name] = _typed(given, value, SAMPLING[name])
+        elif name in ACCEPTED:
+            accepted[name] = _typed(given, value, ACCEPTED[name])
         else:
-            raise PersimmonError(f"unknown parameter {brief(name)}; known: {', '.join(CONTROL + tuple(SAMPLING))}")
-    return RequestSettings(stream, None if timeout_s is None else float(timeout_s), sampling)
+            known = CONTROL + tuple(SAMPLING) + tuple(ALIASES) + tuple(ACCEPTED) + ("bad_words",)
+            raise PersimmonError(f"unknown parameter {brief(given)}; known: {', '.join(known)}")
+    return RequestSettings(stream, None if timeout_s is None else float(timeout_s), sampling, chat,
+                           accepted.get("end_id"))
 
 
 def _stop_list(value):
@@ -109,6 +145,19 @@ def _typed(name: str, value, kind: type):
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise PersimmonError(f"parameter {name}={brief(value)} must be {kind.__name__}")
     return value
+
+
+def string_list(name: str, values) -> list[str]:
+    """An optional list input's strings (BYTES elements, UTF-8)."""
+    if len(values) > 4 * MAX_STOPS:  # a few empty ones are fine (TensorRT-LLM's "" for none), thousands are not
+        raise PersimmonError(f"{name} has {len(values)} strings; stops are at most {MAX_STOPS}")
+    strings = []
+    for value in values:
+        try:
+            strings.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+        except UnicodeDecodeError:
+            raise PersimmonError(f"{name} holds a string that is not UTF-8; send UTF-8 text") from None
+    return strings
 
 
 def text_input(values) -> str:
@@ -252,7 +301,15 @@ class TritonPythonModel:
     def _generate(self, request, sender) -> None:
         tensor = self.pb.get_input_tensor_by_name(request, "text_input")
         text = text_input(tensor.as_numpy().reshape(-1) if tensor is not None else [])
-        settings = parse_parameters(request.parameters())
+        lists = {name: string_list(name, tensor.as_numpy().reshape(-1)) for name in LIST_INPUTS
+                 if (tensor := self.pb.get_input_tensor_by_name(request, name)) is not None}
+        settings = parse_parameters(request.parameters(), lists)
+        manifest = self.generator.manifest
+        if settings.end_id is not None and settings.end_id not in manifest.eos_token_ids:
+            raise PersimmonError(f"parameter end_id={settings.end_id} is not this model's end token "
+                                 f"({', '.join(map(str, manifest.eos_token_ids)) or 'none'}); leave it out")
+        if settings.chat:
+            text = format_chat(text, manifest.tokenizer.chat_template)
         deadline = _Deadline(settings, self.generate_timeout_s)
         if sender.is_cancelled():
             return
@@ -264,7 +321,8 @@ class TritonPythonModel:
             return bool(stopped)
 
         # checks the request before any compute
-        pieces = self.generator.stream(text, should_stop=should_stop, **settings.sampling)
+        finished = []
+        pieces = self.generator.stream(text, should_stop=should_stop, on_finish=finished.append, **settings.sampling)
         collected, characters = [], 0
         try:
             for piece in pieces:
@@ -279,11 +337,17 @@ class TritonPythonModel:
             return
         if stopped:
             raise deadline.error(f"generated {characters} characters")
-        if not settings.stream:
-            sender.send(self._response("".join(collected)))
+        # the whole text (generate), or the end of the pieces (a stream): with why it ended and the counts
+        sender.send(self._response("" if settings.stream else "".join(collected), finished[0] if finished else None))
 
-    def _response(self, text: str):
-        return self.pb.InferenceResponse([self.pb.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object))])
+    def _response(self, text: str, completion=None):
+        tensors = [self.pb.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object))]
+        if completion is not None:
+            reason = FINISH_REASONS.get(completion.finish_reason, completion.finish_reason or "")
+            tensors += [self.pb.Tensor("finish_reason", np.array([reason.encode()], dtype=object)),
+                        self.pb.Tensor("prompt_tokens", np.array([completion.prompt_tokens], dtype=np.int32)),
+                        self.pb.Tensor("completion_tokens", np.array([len(completion.token_ids)], dtype=np.int32))]
+        return self.pb.InferenceResponse(tensors)
 
     def finalize(self):
         self.generator.close(timeout=30)  # in-flight requests end as cancelled; the step running finishes

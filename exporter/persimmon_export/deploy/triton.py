@@ -111,8 +111,14 @@ def generation_config(name: str, kind: str, instances: int, backend: str,
 backend: "python"
 max_batch_size: 0
 model_transaction_policy {{ decoupled: true }}
-input [ {{ name: "text_input" data_type: TYPE_STRING dims: [ 1 ] }} ]
-output [ {{ name: "text_output" data_type: TYPE_STRING dims: [ 1 ] }} ]
+input [ {{ name: "text_input" data_type: TYPE_STRING dims: [ 1 ] }},
+        {{ name: "stop" data_type: TYPE_STRING dims: [ -1 ] optional: true }},
+        {{ name: "stop_words" data_type: TYPE_STRING dims: [ -1 ] optional: true }},
+        {{ name: "bad_words" data_type: TYPE_STRING dims: [ -1 ] optional: true }} ]
+output [ {{ name: "text_output" data_type: TYPE_STRING dims: [ 1 ] }},
+         {{ name: "finish_reason" data_type: TYPE_STRING dims: [ 1 ] }},
+         {{ name: "prompt_tokens" data_type: TYPE_INT32 dims: [ 1 ] }},
+         {{ name: "completion_tokens" data_type: TYPE_INT32 dims: [ 1 ] }} ]
 instance_group [ {{ kind: {kind} count: {int(instances)} }} ]
 ''' + "".join(f"parameters {{ key: {pbtxt_string(key)} value: {{ string_value: {pbtxt_string(value)} }} }}\n"
               for key, value in parameters.items())
