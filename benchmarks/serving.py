@@ -1,8 +1,9 @@
-"""Serving benchmarks for issue 12: the Generator at the real vocabulary, and a real tritonserver
-under concurrent streaming clients. Results go to benchmarks/results/serving_<label>.json.
+"""Serving benchmarks: the Generator at the real vocabulary, and a real tritonserver and
+persimmon-serve under concurrent streaming clients. Results go to benchmarks/results/serving_<label>.json.
 
-    .venv/bin/python benchmarks/serving.py --label after --wait-idle 300   # both parts (~6 min idle)
+    .venv/bin/python benchmarks/serving.py --label after --wait-idle 300   # every part (~8 min idle)
     .venv/bin/python benchmarks/serving.py --label after --part triton --quick   # a smoke run
+    .venv/bin/python benchmarks/serving.py --label after --part openai --clients 1 16
     # another commit's runtime (here the one before the change), from a git worktree:
     git worktree add /tmp/before 44ba788
     PYTHONPATH=/tmp/before/runtime:/tmp/before/exporter .venv/bin/python benchmarks/serving.py --label before
@@ -28,6 +29,8 @@ triton: the same config at vocabulary 32,000 (`--vocab`), `max_batch` 8, served 
   requests x 64 / the round's wall time; p50/p95 of request latency and of time to first token
   (the first streamed piece). Targets (PASS/FAIL): 16-client tokens/s >= 3x the 1-client
   figure; p50 TTFT at 16 clients < 1 s.
+openai: the same build and rounds served by `persimmon-serve` (the OpenAI-compatible server) on
+  127.0.0.1, each request a streaming /v1/completions (greedy, ignore_eos).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -73,13 +77,19 @@ TOP_P = {"temperature": 0.8, "top_p": 0.9, "seed": 1}
 def make_build(work: str, vocab: int, kv_capacity: int) -> tuple[str, int]:
     """The 100M config of benchmarks/run.py at `vocab`, built for onnxruntime (fp32, max_batch 8,
     with the int8 prefill graph, which --prefill off leaves unused); returns (build directory,
-    first added tokenizer piece)."""
+    first added tokenizer piece). Made once per run: the Triton and OpenAI parts serve the same build."""
+    if (vocab, kv_capacity) in _BUILDS:
+        return _BUILDS[vocab, kv_capacity]
     checkpoint, first_added = random_checkpoint(work, "100M", vocab)
     out = os.path.join(work, f"build-{vocab}")
     build(checkpoint, out, BuildOptions(dtype="float32", backend="onnxruntime", max_batch=MAX_BATCH,
                                         kv_capacity=kv_capacity, prefill="int8"))
     shutil.rmtree(checkpoint)  # up to 2 GB at the real vocabulary; only the build is needed now
+    _BUILDS[vocab, kv_capacity] = out, first_added
     return out, first_added
+
+
+_BUILDS: dict = {}
 
 
 # ---- part 1: the Generator in process ----
@@ -180,21 +190,35 @@ def server_runtime(server: dict) -> str:
     return lines[-1].split("runtime_probe: ", 1)[1].strip().rstrip('"')
 
 
-def stream_request(url: str, prompt: str, new_tokens: int) -> dict:
-    """One streaming generate_stream request; times of its start, first piece and end."""
-    body = json.dumps({"text_input": prompt, "max_new_tokens": new_tokens, "ignore_eos": True, "stream": True})
+# the streaming request of each server: (path, body) for a prompt and a number of new tokens
+STREAMS = {
+    "triton": lambda prompt, new_tokens: ("/v2/models/persimmon/generate_stream", {
+        "text_input": prompt, "max_new_tokens": new_tokens, "ignore_eos": True, "stream": True}),
+    "openai": lambda prompt, new_tokens: ("/v1/completions", {
+        "model": OPENAI_MODEL, "prompt": prompt, "max_tokens": new_tokens, "ignore_eos": True, "temperature": 0,
+        "stream": True}),
+}
+OPENAI_MODEL = "bench"
+
+
+def stream_request(url: str, prompt: str, new_tokens: int, api: str = "triton") -> dict:
+    """One streaming request (Triton's generate_stream, or OpenAI's /v1/completions with stream true);
+    times of its start, first piece and end."""
+    path, body = STREAMS[api](prompt, new_tokens)
     started = time.perf_counter()
     connection = http.client.HTTPConnection(url, timeout=900)
     try:
-        connection.request("POST", "/v2/models/persimmon/generate_stream", body, {"Content-Type": "application/json"})
+        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
         response = connection.getresponse()
         first, pieces = None, 0
-        for line in response:  # server-sent events: "data: {...}"
-            if not line.startswith(b"data: "):
+        for line in response:  # server-sent events: "data: {...}" (OpenAI's end with "data: [DONE]")
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
                 continue
             event = json.loads(line[len(b"data: "):])
             if "error" in event:
                 raise RuntimeError(f"request failed: {event['error']}")
+            if api == "openai" and not (event.get("choices") and event["choices"][0]["text"]):
+                continue  # the last chunk carries only the finish reason
             first = first or time.perf_counter()
             pieces += 1
         if response.status != 200 or not pieces:
@@ -204,7 +228,8 @@ def stream_request(url: str, prompt: str, new_tokens: int) -> dict:
     return {"start": started, "first": first, "end": time.perf_counter(), "pieces": pieces}
 
 
-def client_round(url: str, prompts: list[str], clients: int, per_client: int, new_tokens: int) -> dict:
+def client_round(url: str, prompts: list[str], clients: int, per_client: int, new_tokens: int,
+                 api: str = "triton") -> dict:
     """`clients` threads start together; each sends `per_client` requests one after another."""
     results, errors = [], []
     barrier = threading.Barrier(clients)
@@ -213,7 +238,7 @@ def client_round(url: str, prompts: list[str], clients: int, per_client: int, ne
         barrier.wait()
         for k in range(per_client):
             try:
-                results.append(stream_request(url, prompts[(index * per_client + k) % len(prompts)], new_tokens))
+                results.append(stream_request(url, prompts[(index * per_client + k) % len(prompts)], new_tokens, api))
             except Exception as e:  # reported below, with the round's numbers
                 errors.append(f"{type(e).__name__}: {e}")
 
@@ -268,6 +293,56 @@ def bench_triton(work: str, vocab: int, prompt_tokens: int, new_tokens: int, cli
             "rounds": rounds}
 
 
+def start_openai_server(build_dir: str, prefill: str) -> tuple[subprocess.Popen, str]:
+    """persimmon-serve (next to this Python) on a free port of 127.0.0.1, once /health answers."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [os.path.join(os.path.dirname(sys.executable), "persimmon-serve"), build_dir, "--port", str(port),
+               "--served-model-name", OPENAI_MODEL, "--prefill", prefill, "-q"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([RUNTIME_DIR, os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(command, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            return process, f"127.0.0.1:{port}"
+        except OSError:
+            if process.poll() is not None:
+                raise SystemExit(f"persimmon-serve exited {process.returncode}")
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit("persimmon-serve did not answer /health in 120 s")
+
+
+def bench_openai(work: str, vocab: int, prompt_tokens: int, new_tokens: int, clients: list[int],
+                 min_requests: int, wait_idle_s: float, prefill: str) -> dict:
+    """The Triton part's build and rounds, served by persimmon-serve (streaming /v1/completions)."""
+    build_dir, first_added = make_build(work, vocab, kv_capacity=prompt_tokens + new_tokens)
+    per_client = {count: -(-min_requests // count) for count in clients}
+    prompts = prompt_texts(os.path.join(build_dir, "tokenizer.model"), first_added,
+                           max(c * n for c, n in per_client.items()), prompt_tokens, seed=2)
+    process, url = start_openai_server(build_dir, prefill)
+    try:
+        stream_request(url, prompts[0], 4, "openai")  # warm-up, not counted
+        rounds = []
+        for count in clients:
+            cpu = CpuShare(own_extra=lambda: group_cpu_s(process.pid), wait_idle_s=wait_idle_s)
+            r = {**client_round(url, prompts, count, per_client[count], new_tokens, "openai"), "cpu": cpu.result()}
+            rounds.append(r)
+            print(f"openai {count:2d} clients, {r['requests']:2d} requests: {r['tokens_s']:6.1f} tok/s, "
+                  f"latency p50 {r['latency_p50_s']:.2f} s p95 {r['latency_p95_s']:.2f} s, "
+                  f"TTFT p50 {r['ttft_p50_s']:.2f} s p95 {r['ttft_p95_s']:.2f} s {cpu_note(r['cpu'])}", flush=True)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+    return {"vocab": vocab, "config": "100M", "max_batch": MAX_BATCH, "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens, "min_requests": min_requests, "sampling": "greedy, ignore_eos",
+            "endpoint": "persimmon-serve /v1/completions, stream true", "rounds": rounds}
+
+
 def targets(triton: dict) -> list[dict]:
     by_clients = {r["clients"]: r for r in triton["rounds"]}
     if 1 not in by_clients or 16 not in by_clients:
@@ -308,7 +383,7 @@ def main() -> None:
     parser.add_argument("--prefill", default="auto", choices=["auto", "off"],
                         help="the model's prompt steps: auto (the build's int8 prefill graph where the CPU has "
                              "AMX-INT8/VNNI) or off (its fp32 graph)")
-    parser.add_argument("--part", default="all", choices=["generator", "triton", "all"])
+    parser.add_argument("--part", default="all", choices=["generator", "triton", "openai", "all"])
     parser.add_argument("--quick", action="store_true", help="16 new tokens, 1 repeat, 1 and 4 clients")
     parser.add_argument("--vocab", type=int, default=32000, help="the Triton build's vocabulary (default 32000)")
     parser.add_argument("--generator-vocab", type=int, default=262144, help="the Generator build's vocabulary")
@@ -333,6 +408,10 @@ def main() -> None:
         if args.part in ("triton", "all"):
             report["triton"] = {**context(), "quick": args.quick, "note": args.note,
                                 **bench_triton(work, args.vocab, 128, new_tokens, clients, args.min_requests,
+                                               args.wait_idle, args.prefill)}
+        if args.part in ("openai", "all"):
+            report["openai"] = {**context(), "quick": args.quick, "note": args.note,
+                                **bench_openai(work, args.vocab, 128, new_tokens, clients, args.min_requests,
                                                args.wait_idle, args.prefill)}
     if "triton" in report:
         report["targets"] = targets(report["triton"])
