@@ -303,7 +303,7 @@ def start_openai_server(build_dir: str, prefill: str) -> tuple[subprocess.Popen,
     command = [os.path.join(os.path.dirname(sys.executable), "persimmon-serve"), build_dir, "--port", str(port),
                "--served-model-name", OPENAI_MODEL, "--prefill", prefill, "-q"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([RUNTIME_DIR, os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen(command, env=env)
+    process = subprocess.Popen(command, env=env, start_new_session=True)  # its own group: its CPU is counted
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
