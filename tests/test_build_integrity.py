@@ -320,6 +320,8 @@ HOSTILE = [
     ("file name with a slash", _set(["files", "../../etc/passwd"], {"bytes": 1, "sha256": "0" * 64}),
      "files lists '../../etc/passwd', which is not a file name"),
     ("file name '..'", _set(["files", ".."], {"bytes": 1, "sha256": "0" * 64}), "files lists '..'"),
+    ("file name not valid Unicode", _set(["files", "\ud800x"], {"bytes": 1, "sha256": "0" * 64}),
+     r"files lists '\\ud800x'"),
     ("kv_capacity missing", _delete(["kv_capacity"]), "field kv_capacity is missing"),
     ("kv_capacity a string", _set(["kv_capacity"], "128"), "field kv_capacity must be an integer in 1.."),
     ("kv_capacity a bool", _set(["kv_capacity"], True), "field kv_capacity must be an integer"),

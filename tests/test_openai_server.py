@@ -202,8 +202,10 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, gene
     big = json.dumps({"model": MODEL, "prompt": "x" * (2 << 20)}).encode()
     status, reply = server.post("/v1/completions", big)
     assert status == 413 and "larger than 1048576 bytes" in reply["error"]["message"]
-    status, reply = server.post("/v1/completions", b"{}", headers={"Content-Length": "99999999999"})
-    assert status == 413
+    with socket.create_connection(("127.0.0.1", server.port)) as connection:  # a length it never sends
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 99999999999\r\n\r\n{}")
+        assert connection.recv(65536).startswith(b"HTTP/1.1 413")
     after = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=6, temperature=0)
     assert after.choices[0].text == generator.generate(PROMPTS[3], max_new_tokens=6).text
     metrics = server.get("/metrics")[1]
@@ -291,7 +293,7 @@ def test_a_full_queue_is_503_and_sigterm_finishes_what_is_in_flight(long_build):
 
 def test_bad_command_lines_are_one_line(tiny_build, tmp_path):
     for argv, message in (([str(tmp_path / "missing")], "manifest.json: not found"),
-                          ([tiny_build, "--max-queue", "-1"], "--max-queue must be at least 0")):
+                          ([tiny_build, "--max-queue", "-1"], "--max-queue must be in 0..")):
         result = subprocess.run([SERVE, *argv], capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
@@ -326,5 +328,84 @@ def test_the_server_runs_on_the_declared_floors(tiny_build, generator):
         assert reply.choices[0].message.content == generator.generate(format_chat("Hi"), max_new_tokens=8).text
         pieces = client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=8, temperature=0, stream=True)
         assert "".join(c.choices[0].text for c in pieces) == generator.generate(PROMPTS[5], max_new_tokens=8).text
+    finally:
+        assert running.stop() == 0
+
+
+def _raw_request(port: int, body: dict) -> socket.socket:
+    """A request sent over a socket the test holds (and can close: a client leaving)."""
+    data = json.dumps(body).encode()
+    connection = socket.create_connection(("127.0.0.1", port))
+    connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(data) + data)
+    return connection
+
+
+def _wait_for(condition, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def test_a_queued_stream_whose_client_leaves_frees_its_place_at_once(long_build):
+    running = Server(long_build)  # max_batch 2
+    long = {"model": MODEL, "prompt": "x", "max_tokens": 2000, "ignore_eos": True}
+    try:
+        busy = [_raw_request(running.port, long) for _ in range(2)]  # both rows, for seconds
+        assert _wait_for(lambda: running.metric("persimmon_requests_in_flight") == 2)
+        queued = _raw_request(running.port, {**long, "stream": True})
+        assert _wait_for(lambda: running.metric("persimmon_requests_in_flight") == 3)
+        queued.close()  # it never got a row
+        assert _wait_for(lambda: running.metric("persimmon_requests_in_flight") == 2, seconds=2)
+        for connection in busy:
+            connection.close()
+        assert _wait_for(lambda: running.metric("persimmon_requests_in_flight") == 0)
+    finally:
+        assert running.stop() == 0
+
+
+def test_concurrent_arrivals_cannot_pass_the_queue_limit_together(long_build):
+    running = Server(long_build, "--max-queue", "0")  # room for 2
+    try:
+        connections = [_raw_request(running.port, {"model": MODEL, "prompt": "x", "max_tokens": 2000,
+                                                   "ignore_eos": True, "stream": True}) for _ in range(8)]
+        statuses = sorted(int(c.recv(65536).split(b" ")[1]) for c in connections)
+        assert statuses == [200, 200] + [503] * 6
+        for connection in connections:
+            connection.close()
+        assert _wait_for(lambda: running.metric("persimmon_requests_in_flight") == 0)
+    finally:
+        assert running.stop() == 0
+
+
+def test_a_model_that_fails_mid_request_is_a_server_error(tmp_path_factory):
+    """Finite weights whose logits overflow float32: the generator refuses the non-finite logits."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from persimmon_export.build import build
+    from persimmon_export.demo import make_demo_checkpoint
+    from persimmon_export.options import BuildOptions
+
+    root = tmp_path_factory.mktemp("overflow")
+    checkpoint = make_demo_checkpoint(str(root / "ckpt"), seed=6)
+    weights_file = os.path.join(checkpoint, "model.safetensors")
+    weights = load_file(weights_file)
+    weights["lm_head.weight"] = np.full_like(weights["lm_head.weight"], 3e38)
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    build(checkpoint, str(root / "build"), BuildOptions(dtype="float32", backend="onnxruntime", max_batch=1,
+                                                        kv_capacity=64))
+    running = Server(str(root / "build"))
+    try:
+        with pytest.raises(openai.InternalServerError) as raised:
+            running.client(max_retries=0).completions.create(model=MODEL, prompt="hi", max_tokens=4)
+        assert "NaN/inf logits" in raised.value.body["message"] and raised.value.body["type"] == "server_error"
+        events = [line for line in urllib.request.urlopen(urllib.request.Request(
+            running.url + "/v1/completions", data=json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 4,
+                                                              "stream": True}).encode(),
+            headers={"Content-Type": "application/json"}), timeout=30).read().decode().splitlines() if line]
+        assert "NaN/inf logits" in json.loads(events[-1].removeprefix("data: "))["error"]["message"]
+        assert "data: [DONE]" not in events  # a failed stream does not look complete
     finally:
         assert running.stop() == 0

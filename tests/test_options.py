@@ -75,7 +75,8 @@ def test_the_plan_fills_every_default_from_the_checkpoint(tiny_checkpoint):
     options = plan.options
     assert (options.task, options.kv_capacity, options.max_text_tokens) == (
         "causal-lm", min(4096, config.max_position_embeddings), None)
-    assert options.cache_layout == "capacity" and options.engine == EngineOptions() and plan.flavor is None
+    assert options.cache_layout == "capacity" and plan.flavor is None
+    assert options.engine == EngineOptions(max_prefill=min(2048, options.kv_capacity))  # checked, unused
     assert (plan.weights, plan.prefill, plan.classifier) == (None, None, None)
     quantized = BuildOptions(backend="onnxruntime", weights="int4").plan(tiny_checkpoint, config)
     assert (quantized.weights.type, quantized.weights.block_size, quantized.prefill.type) == ("int4", 32, "int8")
@@ -93,3 +94,10 @@ def test_each_task_refuses_the_other_tasks_limit(tiny_checkpoint, tmp_path):
     plan = dataclasses.replace(classifier, max_text_tokens=32).plan(tiny_checkpoint, config)
     assert (plan.kv_capacity, plan.options.cache_layout, plan.classifier.labels) == (32, "none", ["LABEL_0", "LABEL_1"])
     assert os.listdir(tmp_path) == []  # planning writes nothing
+
+
+def test_max_prefill_is_checked_whatever_the_backend(tiny_checkpoint):
+    config = PersimmonConfig.from_file(tiny_checkpoint)
+    with pytest.raises(PersimmonError, match=r"--max-prefill must be in \[1, kv_capacity=64\], got -5"):
+        BuildOptions(backend="onnxruntime", kv_capacity=64, engine=EngineOptions(max_prefill=-5)).plan(
+            tiny_checkpoint, config)

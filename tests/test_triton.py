@@ -32,6 +32,7 @@ from persimmon_export.options import BuildOptions
 from persimmon_runtime import PersimmonError
 from persimmon_runtime.generator import Generator
 from persimmon_runtime.manifest import FileEntry, Manifest
+from persimmon_runtime.sampling import SamplingParams
 from persimmon_runtime.triton_model import RequestSettings, parse_parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -408,9 +409,6 @@ _ten_thousand_stops = json.dumps([f"s{i}" for i in range(10_000)])
     ({"text_input": "hi", "x" * 10_000: 1}, "unknown parameter 'xxxx"),
     ({"text_input": "hi", "stop": _ten_thousand_stops}, "-character JSON list; stops are at most 16"),
     ({"text_input": "hi", "stop": "z" * 100_000}, "100000 characters"),
-    ({"text_input": "hi", "stop": "[unclosed"}, "not a JSON list"),
-    ({"text_input": "hi", "stop": "[1, 2]"}, "stop="),
-    ({"text_input": "hi", "stop": "[[\"a\"]]"}, "stop="),
     # stop is an optional input (so that it takes a real list): Triton itself refuses a number for it
     ({"text_input": "hi", "stop": 123}, "Unable to parse JSON bytes array"),
     ({"text_input": "hi", "stop": ""}, "stop="),
@@ -739,3 +737,14 @@ def test_list_inputs_and_parameters_cannot_both_set_a_field():
         parse_parameters('{"stop": "a"}', {"stop": ["b"]})
     settings = parse_parameters('{"max_tokens": 5, "random_seed": 2}', {"stop_words": ["", "end"]})
     assert settings.sampling == {"max_new_tokens": 5, "seed": 2, "stop": ["end"]}
+    # list inputs are taken as given: a stop that looks like JSON stays a stop...
+    for stops in (["[INST]"], ["[1]"], ["[/INST]", "x"]):
+        assert parse_parameters("{}", {"stop": stops}).sampling["stop"] == stops
+    # ...except one string holding a JSON list of strings, the way lists were sent before
+    assert parse_parameters("{}", {"stop": ['["a", "b"]']}).sampling["stop"] == ["a", "b"]
+    assert parse_parameters("{}", {"bad_words": ["", ""]}).sampling == {}
+    # a request parameter (a scalar: gRPC) holding what is not a JSON list of strings is refused, by
+    # parse_parameters (not JSON) or by the sampling settings (not strings)
+    for raw, message in (('{"stop": "[unclosed"}', "not a JSON list"), ('{"stop": "[1, 2]"}', "stop=")):
+        with pytest.raises(PersimmonError, match=re.escape(message)):
+            SamplingParams(**parse_parameters(raw).sampling)

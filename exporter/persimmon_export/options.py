@@ -119,11 +119,11 @@ class BuildOptions:
     def _engine_options(self, flavor: Flavor | None, limit: int) -> EngineOptions:
         """The engine's options with max_prefill filled in, checked against the installed TensorRT
         (before the export: what it cannot do is refused first); as given without an engine."""
+        engine = self.engine.for_capacity(limit)  # --max-prefill is checked whatever the backend, as before
         if flavor is None:
             if self.engine.compute_capabilities:
                 raise ExportError("--compute-capabilities is for --backend tensorrt-rtx")
-            return self.engine
-        engine = self.engine.for_capacity(limit)
+            return engine
         check_engine_options(flavor, engine, self.dtype)
         return engine
 

@@ -579,7 +579,7 @@ def _check_references(path: str, raw: dict) -> None:
         if raw.get("task", CAUSAL_LM) != CAUSAL_LM or graph["cache_layout"] != "capacity":
             raise ManifestError(f"{path}: a prefill graph belongs to a {CAUSAL_LM} build with cache layout "
                                 f"'capacity'; {_REBUILD}")
-    bad_names = [name for name in raw["files"] if not _is_file_name(name)]
+    bad_names = [name for name in raw["files"] if not (_is_file_name(name) and _is_text(name))]
     if bad_names:
         raise ManifestError(f"{path}: files lists {bad_names[0]!r}, which is not a file name in the build "
                             f"directory; {_REBUILD}")

@@ -29,9 +29,10 @@ COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 class RequestError(PersimmonError):
     """A request the server refuses: its HTTP status and the parameter at fault."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 kind: str = "invalid_request_error"):
         super().__init__(message)
-        self.status, self.param = status, param
+        self.status, self.param, self.kind = status, param, kind
 
 
 def completion_prompt(body: dict) -> str:

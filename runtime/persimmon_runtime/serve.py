@@ -42,6 +42,9 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = {}
         self.prompt_tokens = self.completion_tokens = self.in_flight = self.cancelled = 0
 
+    def count(self, endpoint: str, status: int) -> None:
+        self.requests[endpoint, status] = self.requests.get((endpoint, status), 0) + 1
+
     def text(self) -> str:
         lines = ["# HELP persimmon_requests_total Requests answered, by endpoint and HTTP status.",
                  "# TYPE persimmon_requests_total counter"]
@@ -58,6 +61,19 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+class Slot:
+    """One request's place in the in-flight count, released once (whichever path ends it)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics, self.held = metrics, True
+        metrics.in_flight += 1
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.metrics.in_flight -= 1
+
+
 def create_app(generator: Generator, model_name: str, max_queue: int = 64, max_body_bytes: int = 1 << 20):
     """The ASGI app (Starlette). The generator is closed when the app shuts down."""
     from anyio import CapacityLimiter, to_thread
@@ -65,6 +81,21 @@ def create_app(generator: Generator, model_name: str, max_queue: int = 64, max_b
     from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.routing import Route
 
+    class OwnedStream(StreamingResponse):
+        """A streamed reply that releases its request's slot when the response ends, however it
+        ends (finished, client gone before or during the stream, server shutdown)."""
+
+        def __init__(self, content, slot: Slot, **kwargs):
+            super().__init__(content, **kwargs)
+            self.slot = slot
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.slot.release()
+
+    abandon_on_cancel = _abandon_on_cancel(to_thread.run_sync)
     metrics = Metrics()
     most_in_flight = generator.manifest.max_batch + max_queue
     threads = CapacityLimiter(most_in_flight + 4)  # each request waits for its tokens on a thread
@@ -93,13 +124,14 @@ def create_app(generator: Generator, model_name: str, max_queue: int = 64, max_b
         return parsed
 
     async def generate(request, chat: bool):
-        endpoint = request.url.path
-        response = None
+        endpoint, response = request.url.path, None
+        if metrics.in_flight >= most_in_flight:
+            response = error(503, f"the server is busy ({metrics.in_flight} requests in flight); retry later",
+                             kind="server_busy")
+            metrics.count(endpoint, 503)
+            return response
+        slot = Slot(metrics)  # taken before any await: concurrent arrivals cannot all pass the check
         try:
-            if metrics.in_flight >= most_in_flight:
-                response = error(503, f"the server is busy ({metrics.in_flight} requests in flight); retry later",
-                                 kind="server_busy")
-                return response
             body = await read_json(request)
             if body.get("model", model_name) != model_name:
                 response = error(404, f"the model {body.get('model')!r} does not exist; this server serves "
@@ -107,45 +139,45 @@ def create_app(generator: Generator, model_name: str, max_queue: int = 64, max_b
                 return response
             prompt = chat_prompt(body, generator.manifest) if chat else completion_prompt(body)
             settings, stream, include_usage = sampling_settings(body, chat, generator, prompt)
-            pieces, finished, gone = await start(prompt, settings)
+            gone, finished = threading.Event(), []
+            # checks the request (bad input raises here); it is queued at the first piece asked for
+            pieces = generator.stream(prompt, should_stop=gone.is_set, on_finish=finished.append, **settings)
             if stream:
-                response = StreamingResponse(
-                    events(pieces, finished, gone, chat, include_usage),
-                    media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                response = OwnedStream(events(pieces, finished, gone, chat, include_usage), slot,
+                                       media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             else:
                 response = JSONResponse(await whole(request, pieces, finished, gone, chat))
             return response
         except RequestError as e:
-            response = error(e.status, str(e), param=e.param)
+            response = error(e.status, str(e), kind=e.kind, param=e.param)
             return response
-        except PersimmonError as e:
+        except PersimmonError as e:  # the request's own values, refused before any compute
             response = error(400, str(e))
             return response
         finally:
-            status = 500 if response is None else response.status_code
-            metrics.requests[endpoint, status] = metrics.requests.get((endpoint, status), 0) + 1
-
-    async def start(prompt: str, settings: dict):
-        """The request checked (bad input raises here); (its text pieces - it is queued at the first
-        one -, its Completion once finished, a flag that cancels it)."""
-        gone, finished = threading.Event(), []
-        iterator = generator.stream(prompt, should_stop=gone.is_set, on_finish=finished.append, **settings)
-        return iterator, finished, gone
+            metrics.count(endpoint, 500 if response is None else response.status_code)
+            if not isinstance(response, OwnedStream):
+                slot.release()  # a stream's slot is released when its response ends
 
     async def next_piece(pieces):
-        return await to_thread.run_sync(next, pieces, None, limiter=threads)
+        """The next text piece (None at the end), waited for on a worker thread. A cancelled wait
+        (the client left) returns at once; the thread sees `gone` within 50 ms and frees the row."""
+        return await to_thread.run_sync(next, pieces, None, limiter=threads, **abandon_on_cancel)
 
     async def whole(request, pieces, finished, gone, chat: bool) -> dict:
-        metrics.in_flight += 1
         watcher = asyncio.ensure_future(watch_disconnect(request, gone))
         try:
             while await next_piece(pieces) is not None:
                 pass
+        except PersimmonError as e:  # the model failed mid-request: not the client's fault
+            raise RequestError(f"generation failed: {e}", status=500, kind="server_error") from None
         finally:
             watcher.cancel()
+            gone.set()
             done(finished)
         if not finished or finished[0].finish_reason not in FINISH_REASONS:
-            raise RequestError("the request was cancelled (the server is shutting down)", status=503)
+            raise RequestError("the request was cancelled (the server is shutting down)", status=503,
+                               kind="server_error")
         return response_object(finished[0], chat)
 
     async def events(pieces, finished, gone, chat: bool, include_usage: bool):
@@ -157,29 +189,35 @@ def create_app(generator: Generator, model_name: str, max_queue: int = 64, max_b
                         "choices": [] if choice is None else [{"index": 0, **choice}], **extra}
             return f"data: {json.dumps(document, ensure_ascii=False)}\n\n"
 
-        metrics.in_flight += 1
+        def failure(message: str) -> str:  # what OpenAI streams when a request fails after its first chunk
+            document = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+            return f"data: {json.dumps(document)}\n\n"
+
         try:
             if chat:
                 yield chunk({"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
             while (piece := await next_piece(pieces)) is not None:
                 text = {"delta": {"content": piece}} if chat else {"text": piece}
                 yield chunk({**text, "logprobs": None, "finish_reason": None})
-            if finished and finished[0].finish_reason in FINISH_REASONS:
-                reason = FINISH_REASONS[finished[0].finish_reason]
-                last = {"delta": {}} if chat else {"text": ""}
-                yield chunk({**last, "logprobs": None, "finish_reason": reason})
-                if include_usage:
-                    yield chunk(None, usage=usage(finished[0]))
-            yield "data: [DONE]\n\n"
-        finally:  # the client left (the response is cancelled) or the stream ended: free the row
+        except PersimmonError as e:
+            yield failure(f"generation failed: {e}")
+            return
+        finally:  # the client left (this generator is cancelled) or the stream ended: free the row
             gone.set()
             done(finished)
+        if not finished or finished[0].finish_reason not in FINISH_REASONS:  # cancelled by a shutdown
+            yield failure("the request was cancelled (the server is shutting down)")
+            return
+        last = {"delta": {}} if chat else {"text": ""}
+        yield chunk({**last, "logprobs": None, "finish_reason": FINISH_REASONS[finished[0].finish_reason]})
+        if include_usage:
+            yield chunk(None, usage=usage(finished[0]))
+        yield "data: [DONE]\n\n"
 
     def done(finished: list) -> None:
-        metrics.in_flight -= 1
         if not finished or finished[0].finish_reason not in FINISH_REASONS:
             metrics.cancelled += 1
-        elif finished:
+        else:
             metrics.prompt_tokens += finished[0].prompt_tokens
             metrics.completion_tokens += len(finished[0].token_ids)
 
@@ -212,6 +250,15 @@ def create_app(generator: Generator, model_name: str, max_queue: int = 64, max_b
               Route("/v1/models", models, methods=["GET"]), Route("/health", health, methods=["GET"]),
               Route("/metrics", prometheus, methods=["GET"])]
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _abandon_on_cancel(run_sync) -> dict:
+    """The keyword that lets a cancelled `anyio.to_thread.run_sync` return at once: anyio >= 4.1
+    calls it abandon_on_cancel, older releases cancellable."""
+    import inspect
+
+    parameters = inspect.signature(run_sync).parameters
+    return {"abandon_on_cancel": True} if "abandon_on_cancel" in parameters else {"cancellable": True}
 
 
 async def watch_disconnect(request, gone: threading.Event, poll_s: float = 0.1) -> None:
@@ -248,7 +295,10 @@ def serve(args) -> None:
     server = _server(config)
     log.info(f"serving {args.build} as model {name!r} at http://{args.host}:{args.port}/v1 "
              f"({generator.backend.name}; SIGTERM or Ctrl-C stops)")
-    stop = lambda signum, frame: setattr(server, "should_exit", True)  # noqa: E731
+    def stop(signum, frame):  # the first signal: finish what is in flight; a second: stop waiting for it
+        server.force_exit = server.should_exit
+        server.should_exit = True
+
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run()
@@ -304,10 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbosity)
-    for flag, value, low in (("--max-queue", args.max_queue, 0), ("--max-body-bytes", args.max_body_bytes, 1024),
-                             ("--port", args.port, 0)):
-        if value < low:
-            return run_command("persimmon-serve", lambda: _refuse(f"{flag} must be at least {low}, got {value}"))
+    for flag, value, low, high in (("--max-queue", args.max_queue, 0, 1 << 20),
+                                   ("--max-body-bytes", args.max_body_bytes, 1024, 1 << 40),
+                                   ("--port", args.port, 0, 65535)):
+        if not low <= value <= high:
+            return run_command("persimmon-serve", lambda: _refuse(f"{flag} must be in {low}..{high}, got {value}"))
     return run_command("persimmon-serve", lambda: serve(args))
 
 

@@ -85,7 +85,7 @@ def parse_parameters(raw: str | dict | None, lists: dict | None = None) -> Reque
     for name, values in (lists or {}).items():
         if name in params:
             raise PersimmonError(f"{name} is given both as an input and as a parameter; send it once")
-        params[name] = values[0] if len(values) == 1 else values  # one string: as a parameter would be
+        params[name] = _list_input(values)
     stream = params.pop("stream", False)
     if not isinstance(stream, bool):
         raise PersimmonError(f"parameter stream={brief(stream)} must be true or false")
@@ -109,7 +109,8 @@ def parse_parameters(raw: str | dict | None, lists: dict | None = None) -> Reque
         elif name == "stop":
             sampling["stop"] = _stop_list(value)
         elif name == "bad_words":
-            if _stop_list(value) not in ("", []):
+            words = _stop_list(value)
+            if [word for word in words if word != ""] if isinstance(words, list) else words != "":
                 raise PersimmonError("parameter bad_words is not supported; send it empty or leave it out")
         elif name in SAMPLING:
             sampling[name] = _typed(given, value, SAMPLING[name])
@@ -120,6 +121,21 @@ def parse_parameters(raw: str | dict | None, lists: dict | None = None) -> Reque
             raise PersimmonError(f"unknown parameter {brief(given)}; known: {', '.join(known)}")
     return RequestSettings(stream, None if timeout_s is None else float(timeout_s), sampling, chat,
                            accepted.get("end_id"))
+
+
+def _list_input(values: list[str]):
+    """A list input's strings as given, except one string holding a JSON list of strings, which is
+    that list (how lists were sent before they could be inputs: `"stop": "[\\"a\\", \\"b\\"]"`)."""
+    if len(values) == 1 and values[0].startswith("["):
+        if len(values[0]) > MAX_STOP_JSON_CHARS:
+            return values[0]  # refused in one line by _stop_list, as a parameter would be
+        try:
+            parsed = json.loads(values[0])
+        except (ValueError, RecursionError):
+            return values
+        if isinstance(parsed, list) and all(isinstance(item, str) for item in parsed):
+            return parsed
+    return values
 
 
 def _stop_list(value):
