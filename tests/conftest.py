@@ -198,3 +198,23 @@ def read_terminal(fd: int) -> bytes:
         return os.read(fd, 4096)
     except OSError:  # EIO: every writer has closed the terminal
         return b""
+
+
+def make_overflow_build(root: str) -> str:
+    """A float32 build of finite weights whose logits overflow float32 (an lm_head near float32's
+    largest value): the generator must refuse the non-finite logits, and servers answer that error."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from persimmon_export.build import build
+    from persimmon_export.demo import make_demo_checkpoint
+    from persimmon_export.options import BuildOptions
+
+    checkpoint = make_demo_checkpoint(os.path.join(root, "ckpt"), seed=6)
+    weights_file = os.path.join(checkpoint, "model.safetensors")
+    weights = load_file(weights_file)
+    weights["lm_head.weight"] = np.full_like(weights["lm_head.weight"], 3e38)
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    out = os.path.join(root, "build")
+    build(checkpoint, out, BuildOptions(dtype="float32", backend="onnxruntime", max_batch=1, kv_capacity=64))
+    return out

@@ -17,6 +17,7 @@ import urllib.request
 
 import openai
 import pytest
+from conftest import make_overflow_build
 
 from persimmon_runtime.chat import format_chat
 from persimmon_runtime.generator import Generator
@@ -76,8 +77,14 @@ class Server:
         self.terminated = True
         self.process.send_signal(signal.SIGTERM)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        assert self.stop() == 0
+
     def stop(self) -> int:
-        """SIGTERM (once: a second one while it shuts down would kill it) and its exit status."""
+        """SIGTERM (once: a second one would stop the wait for requests in flight) and its exit status."""
         if self.process.poll() is None and not getattr(self, "terminated", False):
             self.terminate()
         try:
@@ -199,17 +206,21 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, gene
     assert server.post("/v1/completions", b"{not json")[0] == 400
     assert server.post("/v1/completions", b"[1, 2]") == (400, {"error": {
         "message": "the body must be a JSON object", "type": "invalid_request_error", "param": None, "code": None}})
-    big = json.dumps({"model": MODEL, "prompt": "x" * (2 << 20)}).encode()
-    status, reply = server.post("/v1/completions", big)
-    assert status == 413 and "larger than 1048576 bytes" in reply["error"]["message"]
-    with socket.create_connection(("127.0.0.1", server.port)) as connection:  # a length it never sends
-        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                           b"Content-Length: 99999999999\r\n\r\n{}")
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    for length in (2 << 20, 99999999999):  # refused from Content-Length, before a byte of the body
+        with socket.create_connection(("127.0.0.1", server.port)) as connection:
+            connection.sendall(head + b"Content-Length: %d\r\n\r\n" % length)
+            reply = _reply(connection)
+            assert reply.startswith(b"HTTP/1.1 413") and b"larger than 1048576 bytes" in reply
+    with socket.create_connection(("127.0.0.1", server.port)) as connection:  # no length: counted as it comes
+        connection.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        for _ in range(17):  # 17 x 64 KiB: past 1 MiB at the 17th chunk (the test stops sending there)
+            connection.sendall(b"10000\r\n" + b"x" * 65536 + b"\r\n")
         assert connection.recv(65536).startswith(b"HTTP/1.1 413")
     after = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=6, temperature=0)
     assert after.choices[0].text == generator.generate(PROMPTS[3], max_new_tokens=6).text
     metrics = server.get("/metrics")[1]
-    assert 'persimmon_requests_total{endpoint="/v1/completions",status="413"} 2' in metrics
+    assert 'persimmon_requests_total{endpoint="/v1/completions",status="413"} 3' in metrics
     assert 'persimmon_requests_total{endpoint="/v1/completions",status="404"} 1' in metrics
 
 
@@ -341,6 +352,18 @@ def _raw_request(port: int, body: dict) -> socket.socket:
     return connection
 
 
+def _reply(connection: socket.socket) -> bytes:
+    """A whole HTTP reply with a Content-Length (its head and body may come in separate packets)."""
+    reply = b""
+    while b"\r\n\r\n" not in reply or len(reply.partition(b"\r\n\r\n")[2]) < int(
+            reply.lower().partition(b"content-length: ")[2].split(b"\r\n")[0] or 0):
+        piece = connection.recv(65536)
+        if not piece:
+            break
+        reply += piece
+    return reply
+
+
 def _wait_for(condition, seconds: float = 10) -> bool:
     deadline = time.monotonic() + seconds
     while not condition() and time.monotonic() < deadline:
@@ -349,55 +372,33 @@ def _wait_for(condition, seconds: float = 10) -> bool:
 
 
 def test_a_queued_stream_whose_client_leaves_frees_its_place_at_once(long_build):
-    running = Server(long_build)  # max_batch 2
     long = {"model": MODEL, "prompt": "x", "max_tokens": 2000, "ignore_eos": True}
-    try:
+    with Server(long_build) as running:  # max_batch 2
+        in_flight = lambda count: lambda: running.metric("persimmon_requests_in_flight") == count  # noqa: E731
         busy = [_raw_request(running.port, long) for _ in range(2)]  # both rows, for seconds
-        assert _wait_for(lambda: running.metric("persimmon_requests_in_flight") == 2)
+        assert _wait_for(in_flight(2))
         queued = _raw_request(running.port, {**long, "stream": True})
-        assert _wait_for(lambda: running.metric("persimmon_requests_in_flight") == 3)
+        assert _wait_for(in_flight(3))
         queued.close()  # it never got a row
-        assert _wait_for(lambda: running.metric("persimmon_requests_in_flight") == 2, seconds=2)
+        assert _wait_for(in_flight(2), seconds=2)
         for connection in busy:
             connection.close()
-        assert _wait_for(lambda: running.metric("persimmon_requests_in_flight") == 0)
-    finally:
-        assert running.stop() == 0
+        assert _wait_for(in_flight(0))
 
 
 def test_concurrent_arrivals_cannot_pass_the_queue_limit_together(long_build):
-    running = Server(long_build, "--max-queue", "0")  # room for 2
-    try:
-        connections = [_raw_request(running.port, {"model": MODEL, "prompt": "x", "max_tokens": 2000,
-                                                   "ignore_eos": True, "stream": True}) for _ in range(8)]
-        statuses = sorted(int(c.recv(65536).split(b" ")[1]) for c in connections)
-        assert statuses == [200, 200] + [503] * 6
+    request = {"model": MODEL, "prompt": "x", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with Server(long_build, "--max-queue", "0") as running:  # room for 2
+        connections = [_raw_request(running.port, request) for _ in range(8)]
+        assert sorted(int(c.recv(65536).split(b" ")[1]) for c in connections) == [200, 200] + [503] * 6
         for connection in connections:
             connection.close()
         assert _wait_for(lambda: running.metric("persimmon_requests_in_flight") == 0)
-    finally:
-        assert running.stop() == 0
 
 
 def test_a_model_that_fails_mid_request_is_a_server_error(tmp_path_factory):
-    """Finite weights whose logits overflow float32: the generator refuses the non-finite logits."""
-    import numpy as np
-    from safetensors.numpy import load_file, save_file
-
-    from persimmon_export.build import build
-    from persimmon_export.demo import make_demo_checkpoint
-    from persimmon_export.options import BuildOptions
-
-    root = tmp_path_factory.mktemp("overflow")
-    checkpoint = make_demo_checkpoint(str(root / "ckpt"), seed=6)
-    weights_file = os.path.join(checkpoint, "model.safetensors")
-    weights = load_file(weights_file)
-    weights["lm_head.weight"] = np.full_like(weights["lm_head.weight"], 3e38)
-    save_file(weights, weights_file, metadata={"format": "pt"})
-    build(checkpoint, str(root / "build"), BuildOptions(dtype="float32", backend="onnxruntime", max_batch=1,
-                                                        kv_capacity=64))
-    running = Server(str(root / "build"))
-    try:
+    """Logits that overflow float32: the generator refuses them mid-request."""
+    with Server(make_overflow_build(str(tmp_path_factory.mktemp("overflow")))) as running:
         with pytest.raises(openai.InternalServerError) as raised:
             running.client(max_retries=0).completions.create(model=MODEL, prompt="hi", max_tokens=4)
         assert "NaN/inf logits" in raised.value.body["message"] and raised.value.body["type"] == "server_error"
@@ -407,5 +408,3 @@ def test_a_model_that_fails_mid_request_is_a_server_error(tmp_path_factory):
             headers={"Content-Type": "application/json"}), timeout=30).read().decode().splitlines() if line]
         assert "NaN/inf logits" in json.loads(events[-1].removeprefix("data: "))["error"]["message"]
         assert "data: [DONE]" not in events  # a failed stream does not look complete
-    finally:
-        assert running.stop() == 0

@@ -21,7 +21,7 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonserver
-from conftest import error_line, run_together
+from conftest import error_line, make_overflow_build, run_together
 from google.protobuf import text_format
 from manifest_parts import engine_section
 
@@ -58,19 +58,7 @@ def build_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def overflow_build(tmp_path_factory):
-    """Finite weights whose logits overflow float32 (an lm_head near float32's largest value):
-    the generator must refuse the non-finite logits, and Triton must answer with that error."""
-    from safetensors.numpy import load_file, save_file
-
-    root = tmp_path_factory.mktemp("overflow")
-    checkpoint = make_demo_checkpoint(str(root / "ckpt"), seed=6)
-    weights_file = os.path.join(checkpoint, "model.safetensors")
-    weights = load_file(weights_file)
-    weights["lm_head.weight"] = np.full_like(weights["lm_head.weight"], 3e38)
-    save_file(weights, weights_file, metadata={"format": "pt"})
-    out = str(root / "build")
-    build(checkpoint, out, BuildOptions(dtype="float32", backend="onnxruntime", max_batch=1, kv_capacity=64))
-    return out
+    return make_overflow_build(str(tmp_path_factory.mktemp("overflow")))
 
 
 @pytest.fixture(scope="module")
