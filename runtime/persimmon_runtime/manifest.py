@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -497,13 +498,15 @@ def _check_for(hint):
 
 
 def _section_check(cls):
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     fields = dataclasses.fields(cls)
     return _fields({f.name: f.metadata.get("check") or _check_for(hints[f.name]) for f in fields},
                    may_be_absent=tuple(f.name for f in fields if f.metadata.get("absent_ok")))
 
 
 _SCHEMAS: dict = {}
+# a section's field types, resolved once (every load builds many sections: a TensorSpec per cache)
+_type_hints = functools.cache(typing.get_type_hints)
 
 
 def _from_json(hint, value):
@@ -511,7 +514,7 @@ def _from_json(hint, value):
     if value is None:
         return None
     if dataclasses.is_dataclass(hint):
-        hints = typing.get_type_hints(hint)
+        hints = _type_hints(hint)
         return hint(**{f.name: _from_json(hints[f.name], value[f.name])
                        for f in dataclasses.fields(hint) if f.name in value})
     args = typing.get_args(hint)

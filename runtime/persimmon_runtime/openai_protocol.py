@@ -24,6 +24,9 @@ FIELDS = {False: COMMON | {"prompt", "echo", "best_of", "suffix"},
 NEUTRAL = {"n": (1,), "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "logprobs": (False, 0),
            "echo": (False,), "suffix": (), "top_logprobs": (0,), "logit_bias": ({},)}
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# the Generator's finish reasons as OpenAI reports them ("stop": an end token or a stop string);
+# a cancelled request has none (also what Triton's last response reports)
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
 class RequestError(PersimmonError):

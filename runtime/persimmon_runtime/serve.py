@@ -28,11 +28,10 @@ from .console import add_verbosity_flags, configure_logging, run_command
 from .cpu import PREFILL_CHOICES
 from .errors import PersimmonError
 from .generator import Completion, Generator
-from .openai_protocol import RequestError, chat_prompt, completion_prompt, sampling_settings
+from .openai_protocol import FINISH_REASONS, RequestError, chat_prompt, completion_prompt, sampling_settings
 
 log = logging.getLogger(__name__)
 SERVE_EXTRA = "pip install '.[serve]' in a persimmon-deploy checkout (starlette and uvicorn)"
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # ours -> OpenAI's
 
 
 class Metrics:
@@ -107,14 +106,15 @@ def create_app(generator: Generator, model_name: str, max_queue: int = 64, max_b
                             status_code=status, headers=headers)
 
     async def read_json(request) -> dict:
+        too_large = RequestError(f"the request body is larger than {max_body_bytes} bytes", status=413)
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > max_body_bytes):
-            raise RequestError(f"the request body is larger than {max_body_bytes} bytes", status=413)
+            raise too_large
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > max_body_bytes:
-                raise RequestError(f"the request body is larger than {max_body_bytes} bytes", status=413)
+                raise too_large
         try:
             parsed = json.loads(body)
         except (ValueError, RecursionError) as e:
@@ -175,7 +175,7 @@ def create_app(generator: Generator, model_name: str, max_queue: int = 64, max_b
             watcher.cancel()
             gone.set()
             done(finished)
-        if not finished or finished[0].finish_reason not in FINISH_REASONS:
+        if _ended(finished) is None:
             raise RequestError("the request was cancelled (the server is shutting down)", status=503,
                                kind="server_error")
         return response_object(finished[0], chat)
@@ -205,21 +205,21 @@ def create_app(generator: Generator, model_name: str, max_queue: int = 64, max_b
         finally:  # the client left (this generator is cancelled) or the stream ended: free the row
             gone.set()
             done(finished)
-        if not finished or finished[0].finish_reason not in FINISH_REASONS:  # cancelled by a shutdown
+        if (completion := _ended(finished)) is None:  # cancelled by a shutdown
             yield failure("the request was cancelled (the server is shutting down)")
             return
         last = {"delta": {}} if chat else {"text": ""}
-        yield chunk({**last, "logprobs": None, "finish_reason": FINISH_REASONS[finished[0].finish_reason]})
+        yield chunk({**last, "logprobs": None, "finish_reason": FINISH_REASONS[completion.finish_reason]})
         if include_usage:
-            yield chunk(None, usage=usage(finished[0]))
+            yield chunk(None, usage=usage(completion))
         yield "data: [DONE]\n\n"
 
     def done(finished: list) -> None:
-        if not finished or finished[0].finish_reason not in FINISH_REASONS:
+        if (completion := _ended(finished)) is None:
             metrics.cancelled += 1
         else:
-            metrics.prompt_tokens += finished[0].prompt_tokens
-            metrics.completion_tokens += len(finished[0].token_ids)
+            metrics.prompt_tokens += completion.prompt_tokens
+            metrics.completion_tokens += len(completion.token_ids)
 
     def response_object(completion: Completion, chat: bool) -> dict:
         reason = FINISH_REASONS[completion.finish_reason]
@@ -268,6 +268,12 @@ async def watch_disconnect(request, gone: threading.Event, poll_s: float = 0.1) 
             gone.set()
             return
         await asyncio.sleep(poll_s)
+
+
+def _ended(finished: list) -> Completion | None:
+    """The request's Completion if it ran to its end (an end token, a stop string, max_tokens);
+    None if it was cancelled (its client left, the server shut down) before it finished."""
+    return finished[0] if finished and finished[0].finish_reason in FINISH_REASONS else None
 
 
 def usage(completion: Completion) -> dict:

@@ -41,6 +41,7 @@ import numpy as np
 from .chat import format_chat
 from .errors import PersimmonError, brief
 from .generator import Generator
+from .openai_protocol import FINISH_REASONS
 from .sampling import MAX_STOP_CHARS, MAX_STOPS
 
 # the longest JSON list of allowed stops: each string escaped at most 6 characters a character
@@ -57,8 +58,6 @@ ACCEPTED = {"end_id": int, "pad_id": int}
 # optional input tensors, so that `generate` takes real JSON lists for them (Triton turns a body key
 # naming an input into a tensor, any other into a scalar parameter)
 LIST_INPUTS = ("stop", "stop_words", "bad_words")
-# the finish reasons the final response reports, OpenAI's: "stop" (end token or stop string) or "length"
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
 class RequestSettings(NamedTuple):
@@ -101,16 +100,13 @@ def parse_parameters(raw: str | dict | None, lists: dict | None = None) -> Reque
         name = ALIASES.get(given, given)
         if name in sampling:
             raise PersimmonError(f"parameter {given} sets {name} a second time; send one of them")
-        if given == "stop_words":  # TensorRT-LLM's: "" (or a list of them) means none
-            stops = _stop_list(value)
-            stops = [stop for stop in stops if stop != ""] if isinstance(stops, list) else stops
-            if stops not in ("", []):
+        if given == "stop_words":
+            if stops := _non_empty(value):
                 sampling["stop"] = stops
         elif name == "stop":
             sampling["stop"] = _stop_list(value)
         elif name == "bad_words":
-            words = _stop_list(value)
-            if [word for word in words if word != ""] if isinstance(words, list) else words != "":
+            if _non_empty(value):
                 raise PersimmonError("parameter bad_words is not supported; send it empty or leave it out")
         elif name in SAMPLING:
             sampling[name] = _typed(given, value, SAMPLING[name])
@@ -121,6 +117,12 @@ def parse_parameters(raw: str | dict | None, lists: dict | None = None) -> Reque
             raise PersimmonError(f"unknown parameter {brief(given)}; known: {', '.join(known)}")
     return RequestSettings(stream, None if timeout_s is None else float(timeout_s), sampling, chat,
                            accepted.get("end_id"))
+
+
+def _non_empty(value):
+    """A TensorRT-LLM word list (stop_words, bad_words) without its "" entries, which mean none."""
+    words = _stop_list(value)
+    return [word for word in words if word != ""] if isinstance(words, list) else words
 
 
 def _list_input(values: list[str]):
@@ -167,26 +169,24 @@ def string_list(name: str, values) -> list[str]:
     """An optional list input's strings (BYTES elements, UTF-8)."""
     if len(values) > 4 * MAX_STOPS:  # a few empty ones are fine (TensorRT-LLM's "" for none), thousands are not
         raise PersimmonError(f"{name} has {len(values)} strings; stops are at most {MAX_STOPS}")
-    strings = []
-    for value in values:
-        try:
-            strings.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
-        except UnicodeDecodeError:
-            raise PersimmonError(f"{name} holds a string that is not UTF-8; send UTF-8 text") from None
-    return strings
+    return [_utf8(name, value, "strings") for value in values]
 
 
 def text_input(values) -> str:
     if len(values) != 1:
         raise PersimmonError(f"text_input must hold exactly one string, got {len(values)}")
-    value = values[0]
+    return _utf8("text_input", values[0], "prompt")
+
+
+def _utf8(name: str, value, what: str) -> str:
+    """One BYTES element as text; not UTF-8 is one line naming the input and the bad byte."""
     if not isinstance(value, bytes):
         return str(value)
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise PersimmonError(f"text_input is not UTF-8 (byte 0x{value[e.start]:02x} at offset {e.start}); "
-                             f"send the prompt as UTF-8 text") from None
+        raise PersimmonError(f"{name} is not UTF-8 (byte 0x{value[e.start]:02x} at offset {e.start}); "
+                             f"send the {what} as UTF-8 text") from None
 
 
 class _Deadline:
