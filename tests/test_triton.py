@@ -343,9 +343,7 @@ def test_sixteen_concurrent_requests_all_complete_correctly(server, local):
 
 def _step_counters(server) -> tuple[float, float]:
     """(persimmon_steps_total, persimmon_step_requests_total) of the persimmon model, from /metrics."""
-    with urllib.request.urlopen(server["metrics"], timeout=10) as response:
-        text = response.read().decode()
-    values = dict(re.findall(r'^(persimmon_\w+)\{model="persimmon"\} (\S+)$', text, re.MULTILINE))
+    values = dict(re.findall(r'^(persimmon_\w+)\{model="persimmon"\} (\S+)$', _metrics(server), re.MULTILINE))
     return float(values["persimmon_steps_total"]), float(values["persimmon_step_requests_total"])
 
 
@@ -368,6 +366,53 @@ def test_concurrent_streams_share_model_steps(server, local):
         assert status == 200, events
         settings = {k: v for k, v in body.items() if k not in ("text_input", "stream")}
         assert "".join(e["text_output"] for e in events) == local.generate(body["text_input"], **settings).text
+
+
+def _metrics(server) -> str:
+    with urllib.request.urlopen(server["metrics"], timeout=10) as response:
+        return response.read().decode()
+
+
+def _outcomes(server, model: str = "persimmon") -> dict[str, float]:
+    """persimmon_requests_total by outcome, from /metrics."""
+    found = re.findall(rf'^persimmon_requests_total\{{(?=[^}}]*model="{model}")[^}}]*outcome="(\w+)"[^}}]*\}} (\S+)$',
+                       _metrics(server), re.MULTILINE)
+    return {outcome: float(value) for outcome, value in found}
+
+
+def _inference_counts(server, model: str = "persimmon") -> tuple[int, int]:
+    """(success, fail) request counts from Triton's own statistics extension."""
+    with urllib.request.urlopen(f"{server['http']}/v2/models/{model}/stats", timeout=10) as response:
+        stats = json.loads(response.read())["model_stats"][0]["inference_stats"]
+    return stats["success"]["count"], stats["fail"]["count"]
+
+
+def test_refused_requests_count_as_failures_in_tritons_statistics(server, local):
+    """Triton's nv_inference_request_failure (and /stats) count a request the model refuses as a
+    failure, and our persimmon_requests_total says how every request that reached the model ended.
+    (Only the status's class is checked: Triton's generate frontend reads an error's code after
+    freeing it, in GenerateRequestClass::InferResponseComplete, so 400/500/503 are not reliable.)"""
+    success, fail = _inference_counts(server)
+    outcomes = _outcomes(server)
+    for body in ({"text_input": "hi", "max_new_tokens": -1}, {"text_input": "hi", "oops": 1},
+                 {"text_input": "hi", "stop": ["x"] * 100}):
+        assert post(server, "generate", body)[0] >= 400
+    assert_still_serving(server, local)
+    assert _inference_counts(server) == (success + 1, fail + 3)
+    after = _outcomes(server)
+    assert after["refused"] == outcomes["refused"] + 3 and after["success"] == outcomes["success"] + 1
+    failures = re.findall(r'^nv_inference_request_failure\{(?=[^}]*model="persimmon")[^}]*\} (\S+)$',
+                          _metrics(server), re.MULTILINE)
+    assert sum(map(float, failures)) >= 3, failures
+
+
+def test_stream_true_on_generate_is_tritons_one_response_error(server, local):
+    """The model cannot see which endpoint a request came through: asked to stream on `generate`, it
+    sends several responses and Triton's HTTP frontend answers with its own error (see docs/triton.md)."""
+    status, [reply] = post(server, "generate", {"text_input": "hi", "max_new_tokens": 4, "ignore_eos": True,
+                                                "stream": True})
+    assert "text_output" not in reply and "use generate stream" in reply["error"], (status, reply)
+    assert_still_serving(server, local)
 
 
 def assert_still_serving(server, local):
@@ -450,8 +495,10 @@ def test_invalid_utf8_and_wrong_shapes_over_grpc_get_an_error(server, local):
 def test_non_finite_logits_are_an_error_response(server, local):
     """A model whose logits overflow: the generator's PersimmonError, not token 0 forever."""
     for endpoint in ("generate", "generate_stream"):
+        failed = _outcomes(server, "overflow")["failed"]
         status, events = post(server, endpoint, {"text_input": "hi", "max_new_tokens": 4, "ignore_eos": True,
                                                  "stream": endpoint == "generate_stream"}, model="overflow")
+        assert status >= 400 and _outcomes(server, "overflow")["failed"] == failed + 1
         errors = [e["error"] for e in events if "error" in e]
         assert errors and "NaN/inf logits" in errors[-1] and "internal error" not in errors[-1], events
         assert not [e for e in events if e.get("text_output")]  # no garbage text before the error

@@ -20,7 +20,7 @@ import numpy as np
 
 from .classifier import Classifier
 from .errors import PersimmonError
-from .triton_model import text_input, log_to_triton, model_parameters
+from .triton_model import log_to_triton, model_parameters, text_input, triton_error
 
 
 class TritonPythonModel:
@@ -69,9 +69,8 @@ class TritonPythonModel:
 
     def _error(self, message: str, bad_input: bool = True):
         """An error response; bad input is INVALID_ARG (HTTP 400) where the backend has error codes."""
-        code = getattr(self.pb.TritonError, "INVALID_ARG" if bad_input else "INTERNAL", None)
-        error = self.pb.TritonError(message) if code is None else self.pb.TritonError(message, code)
-        return self.pb.InferenceResponse(error=error)
+        code = "INVALID_ARG" if bad_input else "INTERNAL"
+        return self.pb.InferenceResponse(error=triton_error(self.pb, message, code))
 
     def finalize(self):
         self.classifier = None

@@ -7,11 +7,12 @@ top-level keys or a "parameters" object; in gRPC, request parameters):
   stop (a string, or a JSON list of strings), stream (true: one response per text piece;
   false, the default: one response with the whole text, as `generate` requires),
   timeout_s (seconds after which the client no longer wants the answer).
-An unknown parameter, a bad value, a missing or non-UTF-8 text, or a generation error (such as
-non-finite logits) gets one error response, and the model goes on serving. Requests run on their
-own threads (the model returns from `execute` at once) and join the generator's scheduler: every
-request in flight shares each model step (continuous batching, up to the build's max_batch rows;
-the rest wait for a free row).
+Errors: an unknown parameter, a bad value, or a missing, non-UTF-8 or too long text is refused in
+`execute` with INVALID_ARG (HTTP 400); a generation error (such as non-finite logits) is INTERNAL
+(500) and a passed deadline UNAVAILABLE (503), as Triton's own request timeout is. Each gets one
+error response and the model goes on serving. Checked requests run on their own threads (the model
+returns from `execute` at once) and join the generator's scheduler: every request in flight shares
+each model step (continuous batching, up to the build's max_batch rows; the rest wait for a free row).
 
 Leaving clients: a cancelled gRPC request or a closed `generate_stream` connection is seen at
 the next text piece (or within 50 ms while none comes) and its row is freed. A non-streaming
@@ -22,7 +23,11 @@ request whose deadline passes while it waits for a row is dropped without comput
 
 Metrics (with tritonserver --allow-metrics): counters persimmon_steps_total (model steps) and
 persimmon_step_requests_total (requests advanced, summed over steps); their ratio is the mean
-number of requests per step.
+number of requests per step. persimmon_requests_total{outcome=...} counts how requests ended
+(success, refused, timeout, failed, cancelled). Triton's own nv_inference_request_failure counts
+the refused ones only: its Python backend fixes a decoupled request's statistics when `execute`
+returns, so `execute` raises (RequestsRefused) when it refused every request it got, and a request
+that fails later, or is refused beside an accepted one, counts there as a success.
 """
 
 from __future__ import annotations
@@ -250,24 +255,61 @@ def log_to_triton(pb_utils) -> None:
         logger.setLevel(logging.INFO)
 
 
-class _StepCounters:
-    """The scheduler's on_step: two Prometheus counters through Triton's custom-metrics API."""
+def triton_error(pb_utils, message: str, code: str = "INTERNAL"):
+    """A TritonError with Triton's error code by name (INVALID_ARG: HTTP 400, UNAVAILABLE: 503,
+    INTERNAL: 500), where the backend has codes; older ones take the message alone."""
+    code_value = getattr(pb_utils.TritonError, code, None)
+    return pb_utils.TritonError(message) if code_value is None else pb_utils.TritonError(message, code_value)
+
+
+class RequestsRefused(Exception):
+    """Raised by execute when it answered every request it got with an error: Triton's Python backend
+    reports a decoupled model's request statistics when execute returns, as successes unless it
+    raised (python_backend src/pb_metric_reporter.cc), and sends no second error to a request whose
+    response sender already sent its final response (src/python_be.cc, closed requests)."""
+
+
+# how a request ended, for the persimmon_requests_total counter and the error's code
+OUTCOMES = {"success": None, "refused": "INVALID_ARG", "timeout": "UNAVAILABLE", "failed": "INTERNAL",
+            "cancelled": None}
+
+
+class _Metrics:
+    """Prometheus counters through Triton's custom-metrics API: the scheduler's steps (its on_step) and
+    how each request ended."""
 
     def __init__(self, family, model: str):
         labels = {"model": model}
         self.families = [
             family(name="persimmon_steps_total", description="Model steps run by the scheduler", kind=family.COUNTER),
             family(name="persimmon_step_requests_total", kind=family.COUNTER,
-                   description="Requests advanced by model steps, summed over steps (/ steps = mean batch)")]
-        self.steps, self.requests = (f.Metric(labels=labels) for f in self.families)
+                   description="Requests advanced by model steps, summed over steps (/ steps = mean batch)"),
+            family(name="persimmon_requests_total", kind=family.COUNTER,
+                   description="Requests by how they ended: " + ", ".join(OUTCOMES))]
+        self.steps, self.requests = (f.Metric(labels=labels) for f in self.families[:2])
+        self.outcomes = {outcome: self.families[2].Metric(labels={**labels, "outcome": outcome})
+                         for outcome in OUTCOMES}
 
     def __call__(self, request_count: int) -> None:
         self.steps.increment(1)
         self.requests.increment(request_count)
 
+    def ended(self, outcome: str) -> None:
+        self.outcomes[outcome].increment(1)
+
     def close(self) -> None:
-        self.steps = self.requests = None  # a Metric must go before its MetricFamily
+        self.steps = self.requests = self.outcomes = None  # a Metric must go before its MetricFamily
         self.families = []
+
+
+class _Request(NamedTuple):
+    """A checked request, ready to generate."""
+    sender: object
+    settings: RequestSettings
+    deadline: _Deadline
+    pieces: object        # Generator.stream's iterator (generation starts at its first item)
+    finished: list        # the Completion, once the stream has ended
+    stopped: list         # "cancelled" or "timeout", once should_stop has said yes
 
 
 class TritonPythonModel:
@@ -284,37 +326,30 @@ class TritonPythonModel:
         self.generator = Generator.load(build_dir, backend=backend, device=device,
                                         prefill=params.get("prefill", "auto"))
         family = getattr(pb_utils, "MetricFamily", None)  # Tritons before 23.03 have no custom metrics
-        self.counters = _StepCounters(family, args["model_name"]) if family else None
-        self.generator.scheduler.on_step = self.counters
+        self.metrics = _Metrics(family, args["model_name"]) if family else None
+        self.generator.scheduler.on_step = self.metrics
         pb_utils.Logger.log_info(f"persimmon: {build_dir} on {self.generator.backend.name} ({device}), prefill "
                                  f"{self.generator.backend.prefill_kernels}")
 
     def execute(self, requests):
+        """Check each request here (a bad one is answered at once), then generate on its own thread."""
+        refused = 0
         for request in requests:
-            threading.Thread(target=self._serve, args=(request,), daemon=True).start()
+            sender = request.get_response_sender()
+            try:
+                accepted = self._accept(request, sender)
+            except Exception as e:
+                refused += 1
+                self._end(sender, *self._outcome(e, "refused"))
+                continue
+            threading.Thread(target=self._serve, args=(accepted,), daemon=True).start()
+        if requests and refused == len(requests):
+            raise RequestsRefused(f"{refused} request(s) refused, each answered with its error; raised so that "
+                                  f"Triton counts them as failures")
         return None
 
-    def _serve(self, request) -> None:
-        """Answer one request; whatever goes wrong becomes its error response, never a dead model."""
-        sender = request.get_response_sender()
-        try:
-            self._generate(request, sender)
-            error = None
-        except PersimmonError as e:
-            error = str(e)
-        except Exception as e:  # a bug of ours: report it, log where, keep serving
-            error = f"internal error: {e.__class__.__name__}: {e}"
-            self.pb.Logger.log_error(f"persimmon: {traceback.format_exc()}")
-        try:
-            if error is None:
-                sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            else:
-                sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(error)),
-                            flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except Exception as e:  # the client is gone or the request already ended: nobody to tell
-            self.pb.Logger.log_warn(f"persimmon: could not send the final response ({e}); request error: {error}")
-
-    def _generate(self, request, sender) -> None:
+    def _accept(self, request, sender) -> _Request:
+        """Inputs, parameters and prompt checked and tokenized; PersimmonError names what is wrong."""
         tensor = self.pb.get_input_tensor_by_name(request, "text_input")
         text = text_input(tensor.as_numpy().reshape(-1) if tensor is not None else [])
         lists = {name: string_list(name, tensor.as_numpy().reshape(-1)) for name in LIST_INPUTS
@@ -327,34 +362,68 @@ class TritonPythonModel:
         if settings.chat:
             text = format_chat(text, manifest.tokenizer.chat_template)
         deadline = _Deadline(settings, self.generate_timeout_s)
-        if sender.is_cancelled():
-            return
         stopped = []  # why should_stop said yes, if it did
 
         def should_stop() -> bool:  # asked between pieces and every 50 ms while waiting for one
-            if sender.is_cancelled() or deadline.remaining() <= 0:
-                stopped.append("cancelled" if sender.is_cancelled() else "deadline")
+            if not stopped and (sender.is_cancelled() or deadline.remaining() <= 0):
+                stopped.append("cancelled" if sender.is_cancelled() else "timeout")
             return bool(stopped)
 
-        # checks the request before any compute
         finished = []
         pieces = self.generator.stream(text, should_stop=should_stop, on_finish=finished.append, **settings.sampling)
+        return _Request(sender, settings, deadline, pieces, finished, stopped)
+
+    def _serve(self, accepted: _Request) -> None:
+        """Generate one accepted request; whatever goes wrong becomes its error response, never a dead model."""
+        try:
+            outcome, error = self._generate(accepted), None
+        except Exception as e:
+            outcome, error = self._outcome(e, "timeout" if accepted.stopped else "failed")
+        self._end(accepted.sender, outcome, error)
+
+    def _outcome(self, e: Exception, outcome: str) -> tuple[str, str]:
+        """(outcome, error line) for an exception: ours (PersimmonError) as it is, a bug logged with its trace."""
+        if isinstance(e, PersimmonError):
+            return outcome, str(e)
+        self.pb.Logger.log_error(f"persimmon: {traceback.format_exc()}")
+        return "failed", f"internal error: {e.__class__.__name__}: {e}"
+
+    def _end(self, sender, outcome: str, error: str | None = None) -> None:
+        """The request's final response (its error, if any), counted by how it ended."""
+        if self.metrics is not None:
+            self.metrics.ended(outcome)
+        final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            if error is None:
+                sender.send(flags=final)
+            else:
+                sender.send(self.pb.InferenceResponse(error=triton_error(self.pb, error, OUTCOMES[outcome])),
+                            flags=final)
+        except Exception as e:  # the client is gone or the request already ended: nobody to tell
+            self.pb.Logger.log_warn(f"persimmon: could not send the final response ({e}); request error: {error}")
+
+    def _generate(self, accepted: _Request) -> str:
+        """Stream or collect the text pieces and send them; the outcome ("success" or "cancelled")."""
+        sender, settings, pieces = accepted.sender, accepted.settings, accepted.pieces
         collected, characters = [], 0
         try:
-            for piece in pieces:
-                characters += len(piece)
-                if settings.stream:
-                    sender.send(self._response(piece))
-                else:
-                    collected.append(piece)
+            if not sender.is_cancelled():
+                for piece in pieces:
+                    characters += len(piece)
+                    if settings.stream:
+                        sender.send(self._response(piece))
+                    else:
+                        collected.append(piece)
         finally:
             pieces.close()  # cancels the request now (freeing its row) unless it finished
-        if stopped == ["cancelled"]:
-            return
-        if stopped:
-            raise deadline.error(f"generated {characters} characters")
+        if sender.is_cancelled() or accepted.stopped == ["cancelled"]:
+            return "cancelled"
+        if accepted.stopped:
+            raise accepted.deadline.error(f"generated {characters} characters")
         # the whole text (generate), or the end of the pieces (a stream): with why it ended and the counts
+        finished = accepted.finished
         sender.send(self._response("" if settings.stream else "".join(collected), finished[0] if finished else None))
+        return "success"
 
     def _response(self, text: str, completion=None):
         tensors = [self.pb.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object))]
@@ -368,5 +437,5 @@ class TritonPythonModel:
     def finalize(self):
         self.generator.close(timeout=30)  # in-flight requests end as cancelled; the step running finishes
         self.generator = None
-        if self.counters is not None:
-            self.counters.close()
+        if self.metrics is not None:
+            self.metrics.close()
