@@ -11,6 +11,8 @@ it (tokens/s, p50 and p99 step time). The runtimes:
   - this project through its Generator (scheduler, cache allocation, sampling included): fp32, and
     the weight-only int8 / int4 builds (`build --weights`);
   - transformers `generate` (fp32, SDPA attention; it computes logits for the last position only);
+  - onnxruntime-genai (where installed) running each of those builds as written, through its own
+    search loop (`--genai off` skips it);
   - OpenVINO through optimum-intel (benchmarks/openvino_peer.py, its own venv): fp32 exact, its
     defaults, int8 and int4 weights; its lm_head is sliced to the last position so prefill compares
     the same work. Skipped, with a note, when .venv-openvino is missing.
@@ -67,6 +69,25 @@ def time_ours(generator: Generator, texts: list[str], new_tokens: int) -> tuple[
     return figures, completions[0].token_ids
 
 
+def time_genai(model, ids: list[list[int]], new_tokens: int) -> tuple[dict, list[int]]:
+    """onnxruntime-genai's own loop over the same build (its genai_config.json): greedy, EOS held
+    off by min_length, a timestamp as each token is ready (the first one includes the prefill)."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    total = len(ids[0]) + new_tokens
+    params.set_search_options(max_length=total, min_length=total, do_sample=False, batch_size=len(ids))
+    generator = og.Generator(model, params)
+    started = time.perf_counter()
+    generator.append_tokens(np.array(ids, np.int32))
+    stamps, first_row = [], []
+    for _ in range(new_tokens):
+        generator.generate_next_token()
+        first_row.append(int(generator.get_next_tokens()[0]))
+        stamps.append(time.perf_counter())
+    return summarize(started, stamps, len(ids), len(ids[0])), first_row
+
+
 def jitter_note(figures: dict) -> str:
     """The machine's own p99/p50 taken next to a measurement (machine.fixed_work_jitter), if it was."""
     jitter = figures.get("machine_jitter")
@@ -109,7 +130,9 @@ def run_openvino(checkpoint: str, cases: list[dict], new_tokens: int, work: str,
 
 
 def run_config(name: str, work: str, batches, lengths, new_tokens: int, wait_idle_s: float, block_size: int,
-               precisions: list[str], openvino_variants: list[str], repeats: int, prefills: list[str]) -> dict:
+               precisions: list[str], openvino_variants: list[str], repeats: int, prefills: list[str],
+               genai=None) -> dict:
+    """`genai`: the onnxruntime_genai module, to time each of our builds through it too (or None)."""
     import transformers
 
     checkpoint, first_added = random_checkpoint(work, name)
@@ -166,6 +189,14 @@ def run_config(name: str, work: str, batches, lengths, new_tokens: int, wait_idl
                 record(f"persimmon {label}{PREFILL_SETTINGS[setting]}", case, figures, cpu, greedy)
             generator.close()
             del generator
+        if genai:  # the same build through onnxruntime-genai (its own search loop, the build's graph)
+            model = genai.Model(out)
+            time_genai(model, cases[0]["ids"][:1], 4)  # warm-up
+            for case in cases:
+                cpu = CpuShare(wait_idle_s=wait_idle_s)
+                figures, greedy = median_run(partial(time_genai, model, case["ids"], new_tokens), repeats)
+                record(f"onnxruntime-genai {label}", case, figures, cpu.result(), greedy)
+            del model
     peer = run_openvino(checkpoint, cases, new_tokens, work, block_size, openvino_variants, wait_idle_s, repeats)
     for variant, result in peer.get("variants", {}).items():
         for row in result["rows"]:
@@ -296,6 +327,8 @@ def main() -> None:
     parser.add_argument("--prefill", nargs="+", default=list(PREFILL_SETTINGS), choices=list(PREFILL_SETTINGS),
                         help="how our builds run prompt steps: off (the build's graph) and/or auto (its int8 prefill "
                              "graph where the CPU has AMX-INT8/VNNI); default both")
+    parser.add_argument("--genai", choices=["auto", "off"], default="auto",
+                        help="also run each build through onnxruntime-genai (auto: where it is installed)")
     parser.add_argument("--json", default=os.path.join(HERE, "results", "latest.json"),
                         help="where to write the results (default benchmarks/results/latest.json; the chart goes "
                              "next to it as .png)")
@@ -310,11 +343,17 @@ def main() -> None:
     new_tokens = args.new_tokens
     bandwidth = measure_bandwidth()
     print("memory read bandwidth: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bandwidth.items()), flush=True)
+    genai = None
+    if args.genai == "auto":
+        try:
+            import onnxruntime_genai as genai
+        except ImportError:
+            print("onnxruntime-genai not installed (pip install onnxruntime-genai): not measured", flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as work:
         for name in args.configs:
             results[name] = run_config(name, work, batches, lengths, new_tokens, args.wait_idle, args.block_size,
-                                       args.precisions, args.openvino, args.repeats, args.prefill)
+                                       args.precisions, args.openvino, args.repeats, args.prefill, genai)
             add_roofline(results[name], bandwidth["best"], max(lengths), new_tokens)
     report = {"label": args.label, "machine": machine(), "cpu": cpu_features(), "bandwidth_bytes_s": bandwidth,
               "new_tokens": new_tokens,

@@ -29,7 +29,7 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_atten
 CAPACITY = 64
 DATA = "model.onnx.data"
 # every file a float build lists in its manifest (each is hashed once, until it changes)
-LISTED = ["model.onnx", DATA, "tokenizer.model", "tokenizer_config.json"]
+LISTED = ["model.onnx", DATA, "tokenizer.model", "tokenizer_config.json", "genai_config.json"]
 
 
 @pytest.fixture(autouse=True)
@@ -368,8 +368,8 @@ HOSTILE = [
      r"field onnx.inputs\[1\].shape\[0\] must be"),
     ("input shape negative", _set(["onnx", "inputs", 1, "shape"], [-2]),
      r"onnx.inputs\[1\].shape\[0\] must be a dimension"),
-    ("no attention_mask", _set(["onnx", "inputs", 3, "name"], "mask"), "onnx.inputs lacks 'attention_mask'"),
-    ("old input name", _set(["onnx", "inputs", 1, "name"], "cache_position"), "onnx.inputs lacks 'first_slot'"),
+    ("no attention_mask", _set(["onnx", "inputs", 1, "name"], "mask"), "onnx.inputs lacks 'attention_mask'"),
+    ("no input_ids", _set(["onnx", "inputs", 0, "name"], "tokens"), "onnx.inputs lacks 'input_ids'"),
     ("outputs a string", _set(["onnx", "outputs"], "logits"), "field onnx.outputs must be a list"),
     ("cache aliases a list", _set(["onnx", "cache_aliases"], []),
      "field onnx.cache_aliases must be an object, got list"),
@@ -466,7 +466,7 @@ def test_an_older_build_is_refused_with_the_rebuild_command(good_manifest, tmp_p
 
 def test_a_loaded_manifest_is_typed_and_saves_back_unchanged(build_dir, good_manifest, tmp_path):
     manifest = Manifest.load(build_dir)
-    assert manifest.onnx.inputs[1].name == "first_slot" and manifest.onnx.cache_layout == "capacity"
+    assert manifest.onnx.inputs[1].name == "attention_mask" and manifest.onnx.cache_layout == "capacity"
     assert manifest.model.vocab_size == good_manifest["model"]["vocab_size"] and manifest.tensorrt is None
     manifest.save(str(tmp_path))
     assert json.loads((tmp_path / "manifest.json").read_text()) == good_manifest

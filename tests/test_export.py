@@ -22,6 +22,7 @@ from persimmon_export.load.checkpoint import CheckpointError, load_model
 from persimmon_export.options import BuildOptions
 from persimmon_export.validate.parity import check_parity
 from persimmon_runtime import PersimmonError
+from persimmon_runtime.backends.step import step_feeds as graph_feeds
 from persimmon_runtime.custom_ops import QK_LAYERNORM_OP, ROTARY_OP
 from persimmon_runtime.generator import Generator
 from persimmon_runtime.manifest import CustomOps, Manifest
@@ -43,8 +44,8 @@ def step_feeds(manifest, ids, slots):
     heads, capacity, head_dim = manifest.cache_shape
     cache_slots = slots if manifest.onnx.cache_layout == "whole" else capacity
     dtype = np.float16 if manifest.dtype == "float16" else np.float32
-    feeds = {"input_ids": ids, "first_slot": np.zeros(1, np.int64),
-             "token_count": np.array([ids.shape[1]], np.int64), "attention_mask": np.ones((1, slots), np.int64)}
+    feeds = graph_feeds(manifest.step_inputs, ids, np.zeros(1, np.int64), np.array([ids.shape[1]], np.int64),
+                        np.ones((1, slots), np.int64))
     feeds.update({name: np.zeros((1, heads, cache_slots, head_dim), dtype) for name in manifest.cache_inputs})
     return feeds
 
@@ -72,14 +73,15 @@ def builds(checkpoints, tmp_path_factory):
 
 def test_build_directory_is_self_describing(builds):
     directory = builds["base", "float16"]
-    assert sorted(os.listdir(directory)) == [".persimmon-export", "manifest.json", "model.onnx", "model.onnx.data",
-                                             "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(os.listdir(directory)) == [".persimmon-export", "genai_config.json", "manifest.json", "model.onnx",
+                                             "model.onnx.data", "tokenizer.model", "tokenizer_config.json"]
     manifest = Manifest.load(directory, verify_checksums=True)
     assert (manifest.dtype, manifest.kv_capacity, manifest.max_batch) == ("float16", 128, 4)
     assert manifest.onnx.custom_ops == CustomOps("persimmon", 1, [QK_LAYERNORM_OP, ROTARY_OP])
     assert manifest.cache_aliases["present_key_0"] == "past_key_0"
-    assert [spec.name for spec in manifest.onnx.inputs[:4]] == ["input_ids", "first_slot", "token_count",
-                                                               "attention_mask"]
+    # what onnxruntime-genai feeds an onnxruntime (`capacity`) build, and the logits shape it reads
+    assert manifest.step_inputs == ["input_ids", "attention_mask"]
+    assert manifest.logits_shape == ["batch", 1, manifest.model.vocab_size]
     assert manifest.files["model.onnx.data"].bytes == os.path.getsize(os.path.join(directory, "model.onnx.data"))
 
 
@@ -167,7 +169,8 @@ def test_polygraphy_comparison_of_a_prefill_step_against_torch(checkpoints, buil
     reference.append(("torch-reference", [IterationResult(outputs={"logits": expected}, runner_name="torch-reference")]))
     onnxrt_logits = RunResults()
     name, iterations = onnxrt[0]
-    onnxrt_logits.append((name, [IterationResult(outputs={"logits": iterations[0]["logits"]}, runner_name=name)]))
+    logits = iterations[0]["logits"].reshape(expected.shape)  # [1, 1, vocab]: the last position's
+    onnxrt_logits.append((name, [IterationResult(outputs={"logits": logits}, runner_name=name)]))
     onnxrt_logits.extend(reference)
     accuracy = Comparator.compare_accuracy(onnxrt_logits, compare_func=SimpleCompareFunc(atol=1e-4, rtol=0))
     assert bool(accuracy)
@@ -192,7 +195,7 @@ def test_model_runs_in_a_fresh_onnxruntime_session_without_custom_op_library(bui
     assert manifest.onnx.cache_layout == "capacity"  # onnxruntime builds: GroupQueryAttention over kv_capacity slots
     feeds = step_feeds(manifest, np.array([[1, 2, 3]], np.int64), slots=8)
     logits, present_key_0 = session.run(["logits", "present_key_0"], feeds)
-    assert logits.shape == (1, manifest.model.vocab_size) and logits.dtype == np.float32
+    assert logits.shape == (1, 1, manifest.model.vocab_size) and logits.dtype == np.float32
     assert np.isfinite(logits).all()
     assert np.abs(present_key_0[0, :, :3]).sum() > 0 and not present_key_0[0, :, 3:].any()  # written at slots 0..2
 
@@ -202,7 +205,7 @@ def test_cache_is_updated_in_place_through_io_binding(builds):
     backend = generator.backend
     backend.start(2)
     before = [value.data_ptr() for value in backend.caches]
-    backend.step(np.array([[5, 6, 7], [8, 9, 0]]), np.zeros(2, np.int64), np.array([3, 2]), np.ones((2, 3), np.int64))
+    backend.step(np.array([[5, 6, 7], [8, 9, 4]]), np.zeros(2, np.int64), np.array([3, 3]), np.ones((2, 3), np.int64))
     host = backend._host_caches[0]  # the numpy array the first cache OrtValue borrows
     assert np.abs(host[:, :, :3]).sum() > 0 and not host[:, :, 3:].any()  # the step wrote into our buffer
     outputs = [o.data_ptr() for o in backend._bindings[backend.session].binding.get_outputs()]

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from persimmon_export.build import build
 from persimmon_export.graph.export import ExportError, relu2_scale
 from persimmon_export.options import BuildOptions
+from persimmon_runtime.backends.step import step_feeds
 from persimmon_runtime.generator import Generator
 from persimmon_runtime.manifest import Manifest
 
@@ -57,10 +58,10 @@ def prefill_logits(directory: str, ids: list[int]) -> np.ndarray:
     heads, capacity, head_dim = manifest.cache_shape
     slots = len(ids) if manifest.onnx.cache_layout == "whole" else capacity  # `whole`: cache length = mask width
     cache = np.zeros((1, heads, slots, head_dim), np.float16 if manifest.dtype == "float16" else np.float32)
-    feeds = {"input_ids": np.array([ids], np.int64), "first_slot": np.zeros(1, np.int64),
-             "token_count": np.array([len(ids)], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64),
+    feeds = {**step_feeds(manifest.step_inputs, np.array([ids], np.int64), np.zeros(1, np.int64),
+                          np.array([len(ids)], np.int64), np.ones((1, len(ids)), np.int64)),
              **{name: cache for name in manifest.cache_inputs}}
-    return session.run(["logits"], feeds)[0][0]
+    return session.run(["logits"], feeds)[0].reshape(-1)
 
 
 def test_a_w2_entry_of_300_builds_in_float16_with_the_float32_builds_greedy_tokens(large_w2):

@@ -399,7 +399,7 @@ def test_a_build_from_before_markers_can_be_overwritten_but_not_with_user_files(
     manifest and their file set; anything else in the directory keeps it foreign."""
     ck, out = str(workspace / "models" / "ck"), tmp_path / "b"
     build(ck, str(out), BuildOptions(**SMALL_BUILD))
-    for name in (MARKER, "tokenizer_config.json"):  # as an older persimmon-export wrote it
+    for name in (MARKER, "tokenizer_config.json", "genai_config.json"):  # as an older persimmon-export wrote it
         os.remove(out / name)
     with pytest.raises(OutputError, match="already holds a persimmon-export build; pass --overwrite"):
         build(ck, str(out), BuildOptions(**SMALL_BUILD))

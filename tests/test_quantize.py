@@ -26,6 +26,7 @@ from persimmon_export.validate.bounds import BOUNDS
 from persimmon_export.validate.parity import check_parity
 from persimmon_runtime import PersimmonError, Tokenizer
 from persimmon_runtime.backends import prefill
+from persimmon_runtime.backends.step import step_feeds
 from persimmon_runtime.generator import Generator
 from persimmon_runtime.manifest import Manifest, ManifestError
 
@@ -136,12 +137,12 @@ def _last_logits_at_accuracy_level_0(build_dir, ids, tmp_path):
     caches = [spec for spec in manifest.onnx.inputs if spec.name in manifest.cache_inputs]
     rows = []
     for row in ids:
-        feeds = {"input_ids": np.array([row]), "first_slot": np.zeros(1, np.int64),
-                 "token_count": np.array([len(row)]), "attention_mask": np.ones((1, len(row)), np.int64)}
+        feeds = step_feeds(manifest.step_inputs, np.array([row]), np.zeros(1, np.int64), np.array([len(row)]),
+                           np.ones((1, len(row)), np.int64))
         # a cache is kv_capacity slots (window layout) or as long as the mask (whole layout)
         feeds.update({spec.name: np.zeros([1] + [d if type(d) is int else len(row) for d in spec.shape[1:]],
                                           np.float32) for spec in caches})
-        rows.append(session.run(["logits"], feeds)[0][0])
+        rows.append(session.run(["logits"], feeds)[0].reshape(-1))
     return np.stack(rows)
 
 

@@ -19,6 +19,7 @@ from persimmon_runtime.verify import sha256_file
 
 from . import __version__
 from .config import PersimmonConfig
+from .deploy.genai import write_genai_config
 from .engine.tensorrt import POLYGRAPHY_SCRIPT, build_engine
 from .files import atomic_directory, check_output
 from .graph.classify import MODEL_CLASSES, export_classifier
@@ -61,6 +62,7 @@ def build(checkpoint: str, out_dir: str, options: BuildOptions = BuildOptions())
         graph, files = _export_graph(plan, config, checkpoint, tmp, measured)
         files.update(_write_tokenizer_files(tokenizer, tmp))
         manifest = _manifest(plan, config, tokenizer, graph, files, measured)
+        manifest.files.update(write_genai_config(tmp, manifest, tokenizer))
         if plan.flavor is not None:
             manifest.tensorrt = build_engine(tmp, manifest, plan.flavor, options.engine, shown_as=out_dir)
             written = {manifest.tensorrt.engine_file, manifest.tensorrt.onnx_file, POLYGRAPHY_SCRIPT}

@@ -30,7 +30,9 @@ from .regular_files import NotRegularError, read_regular
 FORMAT = "persimmon-build"
 # 2: typed sections; graph I/O, aliases and layout inside `onnx`; `first_slot` (was
 # cache_position); engine profiles recorded by role
-FORMAT_VERSION = 2
+# 3: `capacity` graphs take input_ids and attention_mask only (what onnxruntime-genai feeds) and
+# give logits [batch, 1, vocab]; onnxruntime-genai's genai_config.json and tokenizer.json
+FORMAT_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20  # real ones are a few KB; bounds what a hostile file makes us parse
 ENGINE_FLAVORS = ("tensorrt", "tensorrt-rtx")  # NVIDIA TensorRT, TensorRT-RTX
@@ -39,10 +41,17 @@ BUILD_BACKENDS = ("auto", "onnxruntime", *ENGINE_FLAVORS)
 # a build's dtype: weights, activations and caches (bfloat16: TensorRT engines only, see
 # backends/onnxruntime.py); a new value needs no new format version, older readers refuse it
 DTYPES = ("float16", "bfloat16", "float32")
-# The step inputs every graph has, besides its caches: a row's new tokens (right-padded to seq),
-# the cache slot its first new token is written to (= tokens already cached), how many of the
-# seq tokens are real, and which of the first kv_length slots attention may read.
-STEP_INPUTS = ("input_ids", "first_slot", "token_count", "attention_mask")
+# The step inputs of a graph, besides its caches, by cache layout. `window` and `whole`: a row's
+# new tokens (right-padded to seq), the cache slot its first new token is written to (= tokens
+# already cached), how many of the seq tokens are real, and which of the first kv_length slots
+# attention may read. `capacity`: the new tokens and the mask alone, as onnxruntime-genai feeds
+# them; a row's tokens fill the last seq slots up to its mask's last 1, and its 0s (left padding)
+# are kept out of attention (backends/step.py `step_feeds` makes them from the four).
+STEP_INPUTS = {"window": ("input_ids", "first_slot", "token_count", "attention_mask"),
+               "whole": ("input_ids", "first_slot", "token_count", "attention_mask"),
+               "capacity": ("input_ids", "attention_mask")}
+STEP_INPUT_SHAPES = {"input_ids": ["batch", "seq"], "first_slot": ["batch"], "token_count": ["batch"],
+                     "attention_mask": ["batch", "kv_length"]}
 # How a graph's cache tensors span the slot axis (onnx.cache_layout):
 CACHE_LAYOUTS = {
     "window": "caches always hold all kv_capacity slots (the static shape TensorRT's KV-cache update needs); "
@@ -439,6 +448,17 @@ class Manifest:
     def cache_inputs(self) -> list[str]:
         return list(self.onnx.cache_aliases.values())
 
+    @property
+    def step_inputs(self) -> list[str]:
+        """The graph's inputs besides its caches (manifest.STEP_INPUTS of its layout)."""
+        caches = set(self.onnx.cache_aliases.values())
+        return [spec.name for spec in self.onnx.inputs if spec.name not in caches]
+
+    @property
+    def logits_shape(self) -> list:
+        """The step graph's logits shape: ["batch", vocab], or ["batch", 1, vocab] (`capacity`)."""
+        return next(spec.shape for spec in self.onnx.outputs if spec.name == "logits")
+
     def save(self, directory: str) -> str:
         path = os.path.join(directory, MANIFEST_FILE)
         raw = asdict(self)
@@ -614,7 +634,7 @@ def _check_step_graph(path: str, raw: dict) -> None:
                             f"{NO_CACHE!r}; {_REBUILD}")
     input_names = {spec["name"] for spec in graph["inputs"]}
     output_names = {spec["name"] for spec in graph["outputs"]}
-    missing = [name for name in STEP_INPUTS if name not in input_names]
+    missing = [name for name in STEP_INPUTS.get(graph["cache_layout"], ()) if name not in input_names]
     if missing:
         raise ManifestError(f"{path}: onnx.inputs lacks {missing[0]!r}; {_REBUILD}")
     for present, past in graph["cache_aliases"].items():
@@ -629,7 +649,9 @@ def _check_step_graph(path: str, raw: dict) -> None:
         if shapes.get(name) != cache_shape:
             raise ManifestError(f"{path}: onnx cache {name!r} has shape {shapes.get(name)}, but model and kv_capacity "
                                 f"give {cache_shape}; {_REBUILD}")
-    if shapes.get("logits") != ["batch", model["vocab_size"]]:
+    vocab = model["vocab_size"]
+    logits = ["batch", 1, vocab] if graph["cache_layout"] == "capacity" else ["batch", vocab]
+    if shapes.get("logits") != logits:
         raise ManifestError(f"{path}: onnx logits shape {shapes.get('logits')} does not end in model.vocab_size "
                             f"{model['vocab_size']}; {_REBUILD}")
     if len(graph["cache_aliases"]) != 2 * layers:  # a key and a value cache per layer

@@ -25,7 +25,15 @@ from onnx import AttributeProto, TensorProto, helper
 
 from persimmon_runtime.custom_ops import CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION, PLUGIN_VERSION, QK_LAYERNORM_OP, ROTARY_OP
 from persimmon_runtime.errors import PersimmonError
-from persimmon_runtime.manifest import CACHE_LAYOUTS, CustomOps, FileEntry, GraphSection, TensorSpec
+from persimmon_runtime.manifest import (
+    CACHE_LAYOUTS,
+    STEP_INPUT_SHAPES,
+    STEP_INPUTS,
+    CustomOps,
+    FileEntry,
+    GraphSection,
+    TensorSpec,
+)
 from persimmon_runtime.verify import sha256_file
 
 from ..config import PersimmonConfig
@@ -139,11 +147,10 @@ def graph_section(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_l
     """The manifest's `onnx` section for this graph: files, I/O, cache aliases, layout, custom ops."""
     length = "kv_length" if cache_layout == "whole" else kv_capacity
     cache_shape = ["batch", config.num_attention_heads, length, config.head_dim]
-    inputs = [TensorSpec("input_ids", "int64", ["batch", "seq"]),
-              TensorSpec("first_slot", "int64", ["batch"]),
-              TensorSpec("token_count", "int64", ["batch"]),
-              TensorSpec("attention_mask", "int64", ["batch", "kv_length"])]
-    outputs = [TensorSpec("logits", "float32", ["batch", config.vocab_size])]
+    names = STEP_INPUTS[cache_layout]
+    inputs = [TensorSpec(name, "int64", STEP_INPUT_SHAPES[name]) for name in names]
+    logits_shape = ["batch", 1, config.vocab_size] if "first_slot" not in names else ["batch", config.vocab_size]
+    outputs = [TensorSpec("logits", "float32", logits_shape)]
     aliases = {}
     for layer in range(config.num_hidden_layers):
         for kind in ("key", "value"):
@@ -200,20 +207,21 @@ class _StepGraph:
     def __init__(self, config: PersimmonConfig, dtype: str, kv_capacity: int, cache_layout: str,
                  weights: WeightFormat | None, prefill: WeightFormat | None):
         self.g = g = _GraphBuilder()
-        self.config, self.cache_layout, self.formats = config, cache_layout, (prefill, weights)
+        self.config, self.cache_layout, self.formats, self.dtype = config, cache_layout, (prefill, weights), dtype
         self.f32, self.act, self.half = TensorProto.FLOAT, ONNX_DTYPES[dtype], dtype != "float32"
         self.quantized_shapes = linear_shapes(config)
         heads, head_dim = config.num_attention_heads, config.head_dim
         # dims via Shape + Gather: the opset-15 start/end attributes of Shape are not relied upon
         self.one, zero = g.const("one", np.array(1, np.int64)), g.const("zero", np.array(0, np.int64))
         self.axes = axes = {k: g.const(f"axes_{k}", np.array(v, np.int64)) for k, v in
-                            {"0": [0], "1": [1], "2": [2], "01": [0, 1]}.items()}
+                            {"0": [0], "1": [1], "2": [2], "01": [0, 1], "12": [1, 2]}.items()}
         seq = g.op("Gather", g.op("Shape", "input_ids"), self.one, axis=0, name="seq_len")  # scalar
-        positions = g.op("Add", g.op("Unsqueeze", "first_slot", axes["1"]),
-                         g.op("Unsqueeze", g.op("Range", zero, seq, self.one), axes["0"]), name="positions")  # [B, T]
-        if cache_layout == "capacity":  # GroupQueryAttention reads each row's slots causally, no mask
-            self.lengths = gqa_lengths(g, seq, self.one)
+        steps = g.op("Unsqueeze", g.op("Range", zero, seq, self.one), axes["0"])  # [1, T]: 0 .. T-1
+        if cache_layout == "capacity":  # the mask places each row's tokens: see _mask_places_tokens
+            positions, kv_length, self.bias = self._mask_places_tokens(seq, steps)
+            self.lengths = gqa_lengths(g, self.reach, kv_length, self.one)
         else:
+            positions = g.op("Add", g.op("Unsqueeze", "first_slot", axes["1"]), steps, name="positions")  # [B, T]
             self.kv_length = g.op("Gather", g.op("Shape", "attention_mask"), axes["1"], axis=0, name="kv_length")
             slots = g.op("Range", zero, g.op("Squeeze", self.kv_length), self.one, name="slots")  # [kv]
             causal = g.op("LessOrEqual", g.op("Unsqueeze", slots, axes["01"]),
@@ -230,6 +238,37 @@ class _StepGraph:
         self.head_shape = g.const("head_shape", np.array([0, 0, heads, 3, head_dim], np.int64))
         self.hidden_shape = g.const("hidden_shape", np.array([0, 0, config.hidden_size], np.int64))
         self.qkv_index = [g.const(f"qkv_{i}", np.array(i, np.int64)) for i in range(3)]
+
+    def _mask_places_tokens(self, seq: str, steps: str) -> tuple[str, str, str]:
+        """(positions [B, T], kv_length scalar, attention bias [B, 1, T, kv]) from attention_mask
+        alone, as onnxruntime-genai feeds it; also each row's reach (self.reach [B]) and last real
+        token (self.last_token [B], in 0..T-1).
+
+        A row's reach is its mask's last 1, plus one: its new tokens fill the T slots before it, or
+        slots 0 .. T-1 when it holds fewer (a right-padded first step). A token's position is the
+        count of 1s up to its slot, minus one, and slots whose mask is 0 (left padding, or the gap a
+        right-padded row leaves) get a large negative attention bias. Our runtime's masks (1s up to
+        each row's reach) give positions = slots and a bias of zeros."""
+        g, axes = self.g, self.axes
+        mask = "attention_mask"
+        kv_length = g.op("Gather", g.op("Shape", mask), axes["1"], axis=0, name="kv_length")  # [1]
+        slot_ends = g.op("Range", self.one, g.op("Add", g.op("Squeeze", kv_length), self.one), self.one)  # 1 .. kv
+        self.reach = g.op("ReduceMax", g.op("Mul", mask, g.op("Unsqueeze", slot_ends, axes["0"])), axes=[1],
+                          keepdims=0, name="row_reach")  # [B]
+        zero = g.const("zero", np.array(0, np.int64))
+        first = g.op("Max", g.op("Sub", self.reach, seq), zero, name="row_first_slot")  # [B]
+        self.last_token = g.op("Sub", g.op("Sub", self.reach, first), self.one, name="row_last_token")  # [B]
+        new_slots = g.op("Add", g.op("Unsqueeze", first, axes["1"]), steps)  # [B, T]
+        counted = g.op("CumSum", mask, self.one)  # [B, kv]: 1s up to and including each slot
+        positions = g.op("Sub", g.op("GatherElements", counted, new_slots, axis=1), self.one, name="positions")
+        masked = g.const("masked_bias", np.array(np.finfo(NUMPY_DTYPES[self.dtype]).min, NUMPY_DTYPES[self.dtype]))
+        open_ = g.const("open_bias", np.array(0, NUMPY_DTYPES[self.dtype]))
+        closed = g.op("Equal", g.op("Unsqueeze", mask, axes["12"]), zero)  # [B, 1, 1, kv]
+        one_1 = g.const("one_1", np.array([1], np.int64))
+        shape = g.op("Concat", g.op("Gather", g.op("Shape", mask), axes["0"], axis=0), one_1,
+                     g.op("Reshape", seq, one_1), kv_length, axis=0)
+        bias = g.op("Expand", g.op("Where", closed, masked, open_), shape, name="attention_bias")  # [B, 1, T, kv]
+        return positions, g.op("Squeeze", kv_length), bias
 
     def layer_norm(self, x: str, prefix: str) -> str:
         """LayerNorm with fp32 statistics, whatever the activations' dtype."""
@@ -263,7 +302,7 @@ class _StepGraph:
         q, k = (g.op(ROTARY_OP, t, self.cos, self.sin, domain=CUSTOM_OP_DOMAIN, name=f"{p}.rotary_{n}",
                      plugin_version=PLUGIN_VERSION, plugin_namespace=CUSTOM_OP_DOMAIN) for t, n in ((q, "q"), (k, "k")))
         if self.cache_layout == "capacity":  # onnxruntime: one fused op writes the caches and attends
-            attn = grouped_query_attention(g, q, k, v, layer, self.lengths, self.hidden_shape,
+            attn = grouped_query_attention(g, q, k, v, layer, self.lengths, self.bias, self.hidden_shape,
                                            config.num_attention_heads, config.head_dim)
         else:
             attn = self._masked_attention(q, k, v, layer)
@@ -303,10 +342,16 @@ class _StepGraph:
         return g.op("Gelu", x, approximate="tanh" if kind == "gelu_pytorch_tanh" else "none")
 
     def logits(self, x: str) -> None:
-        """fp32 logits of each row's last new token (`token_count` - 1), after the final LayerNorm."""
+        """fp32 logits of each row's last new token, after the final LayerNorm: [B, 1, vocab] for a
+        `capacity` graph (what onnxruntime-genai reads as last-token logits), else [B, vocab]."""
         g = self.g
-        last = g.op("Unsqueeze", g.op("Sub", "token_count", self.one), self.axes["1"])  # [B, 1]
-        final = g.op("GatherND", self.layer_norm(x, "model.final_layernorm"), last, batch_dims=1)  # [B, hidden]
+        capacity = self.cache_layout == "capacity"
+        index = self.last_token if capacity else g.op("Sub", "token_count", self.one)  # [B]
+        # the final LayerNorm over every token: classify.py's heads read it whole
+        final = g.op("GatherND", self.layer_norm(x, "model.final_layernorm"), g.op("Unsqueeze", index, self.axes["1"]),
+                     batch_dims=1)  # [B, hidden]
+        if capacity:
+            final = g.op("Unsqueeze", final, self.axes["1"])  # [B, 1, hidden]
         logits = self.matmul(final, "lm_head.weight")
         if self.half:
             g.op("Cast", logits, to=self.f32, outputs=["logits"])

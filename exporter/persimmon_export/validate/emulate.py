@@ -18,7 +18,7 @@ import onnx
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
-from persimmon_runtime.backends.step import check_step
+from persimmon_runtime.backends.step import check_step, run_rows, step_feeds
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import Manifest
 
@@ -87,20 +87,22 @@ class EmulatedBackend:
         """One graph step on rows first_row.. of the caches; returns fp32 logits [rows, vocab]
         (NaN/inf where the emulated arithmetic overflowed)."""
         check_step(self.manifest, self.batch, input_ids, first_slot, token_count, attention_mask, first_row)
+        return run_rows(self._run, self.manifest.onnx.cache_layout, input_ids, first_slot, token_count,
+                        attention_mask, first_row)
+
+    def _run(self, input_ids, first_slot, token_count, attention_mask, first_row: int) -> np.ndarray:
         rows = slice(first_row, first_row + input_ids.shape[0])
         if self.manifest.onnx.cache_layout == "whole":
             padded = np.zeros((attention_mask.shape[0], self.manifest.kv_capacity), np.int64)
             padded[:, :attention_mask.shape[1]] = attention_mask
             attention_mask = padded
-        feeds = {"input_ids": input_ids, "first_slot": first_slot, "token_count": token_count,
-                 "attention_mask": attention_mask}
-        feeds = {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in feeds.items()}
+        feeds = step_feeds(self.manifest.step_inputs, input_ids, first_slot, token_count, attention_mask)
         feeds.update({name: cache[rows] for name, cache in self.caches.items()})
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is the finding, reported by the values
             outputs = dict(zip(self.output_names, self.evaluator.run(None, feeds)))
         for present, past in self.manifest.cache_aliases.items():
             self.caches[past][rows] = outputs[present]
-        return outputs["logits"]
+        return outputs["logits"].reshape(len(input_ids), -1)
 
 
 def emulated_step(build_dir: str, input_ids, first_slot, token_count, attention_mask) -> np.ndarray:

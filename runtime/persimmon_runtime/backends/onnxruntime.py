@@ -25,7 +25,7 @@ import numpy as np
 from ..cpu import choose_prefill
 from ..errors import PersimmonError
 from ..manifest import Manifest
-from .step import check_step, parse_device
+from .step import check_step, parse_device, run_rows, step_feeds
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 CACHE_STEP = 256
@@ -62,7 +62,7 @@ class OnnxRuntimeBackend:
         if not 1 <= batch <= self.manifest.max_batch:
             raise PersimmonError(f"batch {batch} is outside 1..max_batch={self.manifest.max_batch} of this build")
         self._logits = np.empty((batch, self.manifest.model.vocab_size), np.float32)  # see _Binding.logits_rows
-        self._bindings = {session: _Binding(session.io_binding(), self._logits)
+        self._bindings = {session: _Binding(session.io_binding(), self._logits, self.manifest.logits_shape[1:])
                           for session in (self.session, self.prefill_session) if session is not None}
         self.batch, self.slots = batch, 0
         self.caches = []
@@ -105,13 +105,6 @@ class OnnxRuntimeBackend:
 
     def step(self, input_ids, first_slot, token_count, attention_mask, first_row: int = 0) -> np.ndarray:
         check_step(self.manifest, self.batch, input_ids, first_slot, token_count, attention_mask, first_row)
-        if self.layout == "capacity":
-            _refuse_padding(attention_mask)
-            if input_ids.shape[1] > 1 and len(input_ids) > 1 and first_slot.any():
-                # GroupQueryAttention runs new tokens over cached ones for one row at a time
-                return np.concatenate([self._run(input_ids[r:r + 1], first_slot[r:r + 1], token_count[r:r + 1],
-                                                 attention_mask[r:r + 1], first_row + r)
-                                       for r in range(len(input_ids))])
         if self.layout == "whole":  # reads whole caches (mask width = cache length), writes seq slots per row
             needed = max(attention_mask.shape[1], int(first_slot.max()) + input_ids.shape[1])
             if needed > self.slots:
@@ -119,7 +112,7 @@ class OnnxRuntimeBackend:
             padded = np.ones((attention_mask.shape[0], self.slots), np.int64)  # later slots: causally masked
             padded[:, :attention_mask.shape[1]] = attention_mask
             attention_mask = padded
-        return self._run(input_ids, first_slot, token_count, attention_mask, first_row)
+        return run_rows(self._run, self.layout, input_ids, first_slot, token_count, attention_mask, first_row)
 
     def _run(self, input_ids, first_slot, token_count, attention_mask, first_row: int) -> np.ndarray:
         """One session run over cache rows first_row .. first_row + len(input_ids) - 1: the prefill
@@ -131,9 +124,7 @@ class OnnxRuntimeBackend:
         bound = self._bindings[session]
         self._bind_rows(bound, int(first_row), input_ids.shape[0])
         # held in a local until the run ends: the binding borrows their memory
-        arrays = {"input_ids": input_ids, "first_slot": first_slot, "token_count": token_count,
-                  "attention_mask": attention_mask}
-        arrays = {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in arrays.items()}
+        arrays = step_feeds(self.manifest.step_inputs, input_ids, first_slot, token_count, attention_mask)
         for name, value in arrays.items():
             bound.binding.bind_cpu_input(name, value)
         logits = bound.logits_rows(input_ids.shape[0])
@@ -144,8 +135,8 @@ class OnnxRuntimeBackend:
 class _Binding:
     """One session's IO binding and what is bound in it now (bound again only on a change)."""
 
-    def __init__(self, binding, logits: np.ndarray):
-        self.binding, self.logits = binding, logits
+    def __init__(self, binding, logits: np.ndarray, row_shape: list):
+        self.binding, self.logits, self.row_shape = binding, logits, tuple(row_shape)  # a row: [vocab] or [1, vocab]
         self.rows = None          # (first_row, rows, slots) of the cache blocks bound now
         self.logits_bound = 0     # rows of `logits` bound as the output now
 
@@ -154,22 +145,10 @@ class _Binding:
         step (what ORT allocates otherwise; 8 MB at 8 rows of vocabulary 262,144) costs its page
         faults every step. Bound again only when the step's row count changes."""
         if rows != self.logits_bound:
-            self.binding.bind_output("logits", "cpu", 0, np.float32, (rows, self.logits.shape[1]),
+            self.binding.bind_output("logits", "cpu", 0, np.float32, (rows, *self.row_shape),
                                      self.logits.ctypes.data)
             self.logits_bound = rows
         return self.logits[:rows]
-
-
-def _refuse_padding(attention_mask) -> None:
-    """The `capacity` layout attends to every slot a row holds (GroupQueryAttention has no mask), so a
-    0 in the mask would be ignored: refuse it rather than attend to what the caller masked."""
-    if attention_mask.all():  # what the scheduler always sends: no scan, no allocation per step
-        return
-    zeros = np.argwhere(attention_mask == 0)
-    if len(zeros):
-        row, slot = zeros[0]
-        raise PersimmonError(f"attention_mask is 0 at row {row}, slot {slot}: this build (cache layout 'capacity') "
-                             f"attends to every slot a row holds; send each prompt unpadded in its own row")
 
 
 def open_session(build_dir: str, manifest: Manifest, device: str = "cpu", graph_file: str | None = None,

@@ -91,4 +91,45 @@ def _check_slots(capacity: int, seq: int, first_slot, token_count, width: int) -
                              f"{reach[row] - 1}")
 
 
+def run_rows(run, layout: str, input_ids, first_slot, token_count, attention_mask, first_row: int) -> np.ndarray:
+    """`run(input_ids, first_slot, token_count, attention_mask, first_row)` for the step, or, where a
+    `capacity` graph needs it, for each row alone, cut to its tokens: a multi-token step over rows
+    that already hold tokens (GroupQueryAttention's CPU kernel runs new tokens over cached ones for
+    one row at a time, and such a row's tokens must fill the step: see `step_feeds`)."""
+    seq = input_ids.shape[1]
+    if layout == "capacity" and seq > 1 and first_slot.any() and (len(input_ids) > 1 or (token_count != seq).any()):
+        return np.concatenate([run(input_ids[r:r + 1, :token_count[r]], first_slot[r:r + 1], token_count[r:r + 1],
+                                   attention_mask[r:r + 1], first_row + r) for r in range(len(input_ids))])
+    return run(input_ids, first_slot, token_count, attention_mask, first_row)
+
+
+def step_feeds(input_names, input_ids, first_slot, token_count, attention_mask) -> dict[str, np.ndarray]:
+    """The graph's step inputs (int64, contiguous) from the backends' four, for a checked step.
+
+    A graph that takes input_ids and attention_mask alone (the `capacity` layout: see
+    manifest.STEP_INPUTS) reads each row's place from its mask: the row's tokens end at its mask's
+    last 1 and fill the step, or start at slot 0 (right padding). So the mask is 1s up to
+    first_slot + token_count (the caller's 0s kept: slots left out of attention, except the last
+    token's own), then 0s, and at least seq wide; a row that holds tokens must fill the step (run
+    it alone, cut to its tokens: `run_rows`)."""
+    arrays = {"input_ids": input_ids, "first_slot": first_slot, "token_count": token_count,
+              "attention_mask": attention_mask}
+    if "first_slot" not in input_names:
+        seq = input_ids.shape[1]
+        short = (first_slot > 0) & (token_count != seq)
+        if short.any():
+            row = int(np.flatnonzero(short)[0])
+            raise PersimmonError(f"row {row} holds {first_slot[row]} tokens and has {token_count[row]} of the step's "
+                                 f"{seq} new ones: this graph takes such a row's tokens filling the step "
+                                 f"(run it alone)")
+        reach = first_slot + token_count
+        width = max(int(reach.max()), seq)
+        mask = np.zeros((len(input_ids), width), np.int64)
+        mask[:, :attention_mask.shape[1]] = attention_mask[:, :width]
+        mask[np.arange(width)[None, :] >= reach[:, None]] = 0
+        mask[np.arange(len(input_ids)), reach - 1] = 1
+        arrays = {"input_ids": input_ids, "attention_mask": mask}
+    return {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in arrays.items()}
+
+
 # ---- the plain step loop, for tools that want every step's logits (parity, benchmarks) ----
