@@ -129,29 +129,32 @@ def test_a_request_past_the_capacity_is_still_refused_in_one_line(build_dir):
     assert "\n" not in str(error.value)
 
 
-def test_slots_the_mask_leaves_out_are_not_attended_and_positions_follow_the_mask(build_dir):
-    """Left padding, as onnxruntime-genai sends batches: a row [pad, pad, a, b, c, d] with mask
-    [0, 0, 1, 1, 1, 1] computes what [a, b, c, d] computes alone, at its prompt and at the decode
-    steps after it (positions count the mask's 1s; the padded slots get no attention)."""
+def test_a_mask_with_zeros_is_refused_rather_than_ignored(build_dir):
+    """GroupQueryAttention reads no mask values: a caller's left padding would be attended to."""
     backend = Generator.load(build_dir).backend
-    prompt, pads = np.array([[5, 6, 7, 8]]), 2
-
-    def run(padded: bool) -> list[np.ndarray]:
-        backend.start(1)
-        ids = np.concatenate([np.full((1, pads), 9), prompt], axis=1) if padded else prompt
-        mask = np.ones_like(ids)
-        mask[:, :pads if padded else 0] = 0
-        logits = [backend.step(ids, np.zeros(1, np.int64), np.array([ids.shape[1]]), mask)]
-        for token in (11, 12, 13):
-            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-            logits.append(backend.step(np.array([[token]]), np.array([mask.shape[1] - 1]), np.ones(1, np.int64),
-                                       mask))
-        return logits
-
-    alone = run(False)
-    for padded, expected in zip(run(True), alone):
-        assert np.abs(padded - expected).max() < 1e-5, np.abs(padded - expected).max()
     backend.start(1)
-    attended = backend.step(np.array([[9, 9, 5, 6, 7, 8]]), np.zeros(1, np.int64), np.array([6]),
-                            np.ones((1, 6), np.int64))
-    assert np.abs(attended - alone[0]).max() > 1e-3  # the padding changes the answer where it is attended
+    with pytest.raises(PersimmonError, match="attention_mask is 0 at row 0, slot 1"):
+        backend.step(np.array([[5, 6, 7]]), np.zeros(1, np.int64), np.array([3]), np.array([[1, 0, 1]]))
+
+
+def test_right_padded_rows_of_a_first_step_compute_what_they_compute_alone(build_dir):
+    """A fresh batch whose shorter rows are right-padded (as onnxruntime-genai sends one, and as the
+    scheduler's prompt steps are): each row's logits, and the decode steps after, equal the row alone."""
+    backend = Generator.load(build_dir).backend
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+
+    def run(prompts):
+        backend.start(len(prompts))
+        width = max(map(len, prompts))
+        ids = np.array([p + [0] * (width - len(p)) for p in prompts])
+        counts = np.array([len(p) for p in prompts])
+        logits = [backend.step(ids, np.zeros(len(prompts), np.int64), counts, np.ones((len(prompts), width), np.int64))]
+        for token in (20, 21, 22):
+            logits.append(backend.step(np.full((len(prompts), 1), token), counts, np.ones(len(prompts), np.int64),
+                                       np.ones((len(prompts), int(counts.max()) + 1), np.int64)))
+            counts = counts + 1
+        return np.stack(logits, axis=1)  # [rows, steps, vocab]
+
+    together = run(rows)
+    for r, row in enumerate(rows):
+        assert np.abs(together[r] - run([row])[0]).max() < 1e-5

@@ -2,12 +2,12 @@
 
 The `capacity` cache layout: every cache holds all kv_capacity slots, and GroupQueryAttention
 (GQA) both writes the step's new keys/values into it (the cache is bound as `past_*` and
-`present_*`: one buffer, written in place) and attends, per row, to the slots up to its reach
-(the last 1 of its attention_mask) only, so a step's cost follows each row's context, not the capacity (chosen by
-measurement: docs/benchmarks.md, "Decode cost follows the context"). Slots whose attention_mask is
-0 (left padding, as onnxruntime-genai sends batches) get a large negative attention bias. GQA's CPU
-kernel refuses a multi-token step on several rows that already hold tokens: the onnxruntime
-backend runs such steps row by row.
+`present_*`: one buffer, written in place) and attends, per row, to its first `reach` slots
+only (reach: the 1s of its attention_mask), so a step's cost follows each row's context, not the
+capacity (chosen by measurement: docs/benchmarks.md, "Decode cost follows the context"). GQA reads no mask values
+(a row's tokens are its first slots; onnxruntime's CUDA kernel takes no attention bias either),
+and its CPU kernel refuses a multi-token step on several rows that already hold tokens: the
+onnxruntime backend runs such steps row by row.
 """
 
 from __future__ import annotations
@@ -39,15 +39,14 @@ def gqa_lengths(g, reach: str, kv_length: str, one: str) -> tuple[str, str]:
     return seqlens, total
 
 
-def grouped_query_attention(g, q: str, k: str, v: str, layer: int, lengths: tuple[str, str], bias: str,
-                            hidden_shape: str, heads: int, head_dim: int) -> str:
+def grouped_query_attention(g, q: str, k: str, v: str, layer: int, lengths: tuple[str, str], hidden_shape: str,
+                            heads: int, head_dim: int) -> str:
     """One layer's attention: q/k/v [B, T, heads, head_dim] -> [B, T, hidden]; writes the layer's caches.
-    `bias` [B, 1, T, kv]: added to the scores (the masked slots' large negative value)."""
+    No attention_bias input: onnxruntime's CUDA kernel refuses one."""
     query, key, value = (g.op("Reshape", t, hidden_shape) for t in (q, k, v))  # GQA takes [B, T, heads*head_dim]
     outputs = [f"model.layers.{layer}.attention_out", f"present_key_{layer}", f"present_value_{layer}"]
-    # inputs 7-9 (cos_cache, sin_cache, position_ids) are left out: rotary is our own op
     return g.op("GroupQueryAttention", query, key, value, f"past_key_{layer}", f"past_value_{layer}", *lengths,
-                "", "", "", bias, outputs=outputs, domain=CONTRIB_DOMAIN, name=f"model.layers.{layer}.attention",
+                outputs=outputs, domain=CONTRIB_DOMAIN, name=f"model.layers.{layer}.attention",
                 num_heads=heads, kv_num_heads=heads, scale=head_dim ** -0.5)[0]
 
 
@@ -61,15 +60,14 @@ def add_contrib_opset(model: onnx.ModelProto) -> None:
 class GroupQueryAttention(OpRun):
     """The GQA kernel for onnx's reference evaluator (`emulate`), for the inputs our graph gives it
     (no rotary, no local window, kv_num_heads = num_heads): new keys/values written at
-    seqlens_k + 1 - seq (at 0 in a first step), the attention bias added, scores and softmax in
-    fp32, the output rounded once to the input's type (as onnxruntime's kernel, and fused GPU
-    kernels, compute it)."""
+    seqlens_k + 1 - seq (at 0 in a first step, whose rows may hold fewer: right padding), scores
+    and softmax in fp32, the output rounded once to the input's type (as onnxruntime's kernel, and
+    fused GPU kernels, compute it)."""
 
     op_domain = CONTRIB_DOMAIN
 
-    def _run(self, query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache=None,
-             sin_cache=None, position_ids=None, attention_bias=None, num_heads=None, kv_num_heads=None, scale=None,
-             **_):
+    def _run(self, query, key, value, past_key, past_value, seqlens_k, total_sequence_length, num_heads=None,
+             kv_num_heads=None, scale=None, **_):
         batch, seq, hidden = query.shape
         head_dim = hidden // num_heads
         present_key, present_value = past_key.copy(), past_value.copy()
@@ -82,8 +80,6 @@ class GroupQueryAttention(OpRun):
             present_value[b, :, first:first + seq] = value[b].reshape(seq, num_heads, head_dim).transpose(1, 0, 2)
             q = query[b].reshape(seq, num_heads, head_dim).transpose(1, 0, 2).astype(np.float32)
             scores = q @ present_key[b, :, :reach].astype(np.float32).transpose(0, 2, 1) * np.float32(scale)
-            if attention_bias is not None:
-                scores = scores + attention_bias[b if len(attention_bias) > 1 else 0, :, :, :reach].astype(np.float32)
             allowed = np.arange(reach)[None, :] <= first + np.arange(seq)[:, None]
             scores = np.where(allowed, scores, -np.inf)
             probs = np.exp(scores - scores.max(-1, keepdims=True))

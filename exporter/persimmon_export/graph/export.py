@@ -207,18 +207,18 @@ class _StepGraph:
     def __init__(self, config: PersimmonConfig, dtype: str, kv_capacity: int, cache_layout: str,
                  weights: WeightFormat | None, prefill: WeightFormat | None):
         self.g = g = _GraphBuilder()
-        self.config, self.cache_layout, self.formats, self.dtype = config, cache_layout, (prefill, weights), dtype
+        self.config, self.cache_layout, self.formats = config, cache_layout, (prefill, weights)
         self.f32, self.act, self.half = TensorProto.FLOAT, ONNX_DTYPES[dtype], dtype != "float32"
         self.quantized_shapes = linear_shapes(config)
         heads, head_dim = config.num_attention_heads, config.head_dim
         # dims via Shape + Gather: the opset-15 start/end attributes of Shape are not relied upon
         self.one, zero = g.const("one", np.array(1, np.int64)), g.const("zero", np.array(0, np.int64))
         self.axes = axes = {k: g.const(f"axes_{k}", np.array(v, np.int64)) for k, v in
-                            {"0": [0], "1": [1], "2": [2], "01": [0, 1], "12": [1, 2]}.items()}
+                            {"0": [0], "1": [1], "2": [2], "01": [0, 1]}.items()}
         seq = g.op("Gather", g.op("Shape", "input_ids"), self.one, axis=0, name="seq_len")  # scalar
         steps = g.op("Unsqueeze", g.op("Range", zero, seq, self.one), axes["0"])  # [1, T]: 0 .. T-1
         if cache_layout == "capacity":  # the mask places each row's tokens: see _mask_places_tokens
-            positions, kv_length, self.bias = self._mask_places_tokens(seq, steps)
+            positions, kv_length = self._mask_places_tokens(seq, steps)
             self.lengths = gqa_lengths(g, self.reach, kv_length, self.one)
         else:
             positions = g.op("Add", g.op("Unsqueeze", "first_slot", axes["1"]), steps, name="positions")  # [B, T]
@@ -239,36 +239,25 @@ class _StepGraph:
         self.hidden_shape = g.const("hidden_shape", np.array([0, 0, config.hidden_size], np.int64))
         self.qkv_index = [g.const(f"qkv_{i}", np.array(i, np.int64)) for i in range(3)]
 
-    def _mask_places_tokens(self, seq: str, steps: str) -> tuple[str, str, str]:
-        """(positions [B, T], kv_length scalar, attention bias [B, 1, T, kv]) from attention_mask
-        alone, as onnxruntime-genai feeds it; also each row's reach (self.reach [B]) and last real
-        token (self.last_token [B], in 0..T-1).
+    def _mask_places_tokens(self, seq: str, steps: str) -> tuple[str, str]:
+        """(positions [B, T], kv_length scalar) from attention_mask alone, as onnxruntime-genai feeds
+        it (and as its own model builder reads it); also each row's reach (self.reach [B]) and last
+        real token (self.last_token [B], in 0..T-1).
 
-        A row's reach is its mask's last 1, plus one: its new tokens fill the T slots before it, or
-        slots 0 .. T-1 when it holds fewer (a right-padded first step). A token's position is the
-        count of 1s up to its slot, minus one, and slots whose mask is 0 (left padding, or the gap a
-        right-padded row leaves) get a large negative attention bias. Our runtime's masks (1s up to
-        each row's reach) give positions = slots and a bias of zeros."""
+        A row holds as many tokens as its mask has 1s (its reach), in slots 0 .. reach - 1: its new
+        tokens fill the T slots before its reach, or slots 0 .. T-1 when it holds fewer (a first
+        step right-padded, whose padding the next tokens overwrite). A position is its slot.
+        GroupQueryAttention reads each row's first `reach` slots and no mask values, so the mask's
+        0s count only as absent tokens: a row is right-padded, never left-padded."""
         g, axes = self.g, self.axes
         mask = "attention_mask"
-        kv_length = g.op("Gather", g.op("Shape", mask), axes["1"], axis=0, name="kv_length")  # [1]
-        slot_ends = g.op("Range", self.one, g.op("Add", g.op("Squeeze", kv_length), self.one), self.one)  # 1 .. kv
-        self.reach = g.op("ReduceMax", g.op("Mul", mask, g.op("Unsqueeze", slot_ends, axes["0"])), axes=[1],
-                          keepdims=0, name="row_reach")  # [B]
-        zero = g.const("zero", np.array(0, np.int64))
-        first = g.op("Max", g.op("Sub", self.reach, seq), zero, name="row_first_slot")  # [B]
+        self.reach = g.op("ReduceSum", mask, axes["1"], keepdims=0, name="row_reach")  # [B]
+        first = g.op("Max", g.op("Sub", self.reach, seq), g.const("zero", np.array(0, np.int64)),
+                     name="row_first_slot")  # [B]
         self.last_token = g.op("Sub", g.op("Sub", self.reach, first), self.one, name="row_last_token")  # [B]
-        new_slots = g.op("Add", g.op("Unsqueeze", first, axes["1"]), steps)  # [B, T]
-        counted = g.op("CumSum", mask, self.one)  # [B, kv]: 1s up to and including each slot
-        positions = g.op("Sub", g.op("GatherElements", counted, new_slots, axis=1), self.one, name="positions")
-        masked = g.const("masked_bias", np.array(np.finfo(NUMPY_DTYPES[self.dtype]).min, NUMPY_DTYPES[self.dtype]))
-        open_ = g.const("open_bias", np.array(0, NUMPY_DTYPES[self.dtype]))
-        closed = g.op("Equal", g.op("Unsqueeze", mask, axes["12"]), zero)  # [B, 1, 1, kv]
-        one_1 = g.const("one_1", np.array([1], np.int64))
-        shape = g.op("Concat", g.op("Gather", g.op("Shape", mask), axes["0"], axis=0), one_1,
-                     g.op("Reshape", seq, one_1), kv_length, axis=0)
-        bias = g.op("Expand", g.op("Where", closed, masked, open_), shape, name="attention_bias")  # [B, 1, T, kv]
-        return positions, g.op("Squeeze", kv_length), bias
+        positions = g.op("Add", g.op("Unsqueeze", first, axes["1"]), steps, name="positions")  # [B, T]
+        kv_length = g.op("Gather", g.op("Shape", mask), self.one, axis=0, name="kv_length")  # scalar
+        return positions, kv_length
 
     def layer_norm(self, x: str, prefix: str) -> str:
         """LayerNorm with fp32 statistics, whatever the activations' dtype."""
@@ -302,7 +291,7 @@ class _StepGraph:
         q, k = (g.op(ROTARY_OP, t, self.cos, self.sin, domain=CUSTOM_OP_DOMAIN, name=f"{p}.rotary_{n}",
                      plugin_version=PLUGIN_VERSION, plugin_namespace=CUSTOM_OP_DOMAIN) for t, n in ((q, "q"), (k, "k")))
         if self.cache_layout == "capacity":  # onnxruntime: one fused op writes the caches and attends
-            attn = grouped_query_attention(g, q, k, v, layer, self.lengths, self.bias, self.hidden_shape,
+            attn = grouped_query_attention(g, q, k, v, layer, self.lengths, self.hidden_shape,
                                            config.num_attention_heads, config.head_dim)
         else:
             attn = self._masked_attention(q, k, v, layer)

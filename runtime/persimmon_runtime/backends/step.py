@@ -107,11 +107,11 @@ def step_feeds(input_names, input_ids, first_slot, token_count, attention_mask) 
     """The graph's step inputs (int64, contiguous) from the backends' four, for a checked step.
 
     A graph that takes input_ids and attention_mask alone (the `capacity` layout: see
-    manifest.STEP_INPUTS) reads each row's place from its mask: the row's tokens end at its mask's
-    last 1 and fill the step, or start at slot 0 (right padding). So the mask is 1s up to
-    first_slot + token_count (the caller's 0s kept: slots left out of attention, except the last
-    token's own), then 0s, and at least seq wide; a row that holds tokens must fill the step (run
-    it alone, cut to its tokens: `run_rows`)."""
+    manifest.STEP_INPUTS) holds a row's tokens in its first slots, as many as its mask's 1s: its new
+    tokens fill the step up to there, or start at slot 0 (right padding). So the mask is 1s up to
+    first_slot + token_count, then 0s, at least seq wide. Such a graph reads no mask values (its
+    GroupQueryAttention cannot skip a slot): a caller's 0 below that is refused, and a row that
+    holds tokens must fill the step (`run_rows` runs it alone, cut to its tokens)."""
     arrays = {"input_ids": input_ids, "first_slot": first_slot, "token_count": token_count,
               "attention_mask": attention_mask}
     if "first_slot" not in input_names:
@@ -123,12 +123,16 @@ def step_feeds(input_names, input_ids, first_slot, token_count, attention_mask) 
                                  f"{seq} new ones: this graph takes such a row's tokens filling the step "
                                  f"(run it alone)")
         reach = first_slot + token_count
-        width = max(int(reach.max()), seq)
-        mask = np.zeros((len(input_ids), width), np.int64)
-        mask[:, :attention_mask.shape[1]] = attention_mask[:, :width]
-        mask[np.arange(width)[None, :] >= reach[:, None]] = 0
-        mask[np.arange(len(input_ids)), reach - 1] = 1
-        arrays = {"input_ids": input_ids, "attention_mask": mask}
+        slots = np.arange(max(int(reach.max()), seq))[None, :]
+        # what the scheduler always sends is all 1s: no scan, no allocation per step
+        zeros = np.empty((0, 2), int) if attention_mask.all() else np.argwhere(attention_mask[:, :slots.shape[1]] == 0)
+        zeros = zeros[zeros[:, 1] < reach[zeros[:, 0]]]
+        if len(zeros):
+            row, slot = zeros[0]
+            raise PersimmonError(f"attention_mask is 0 at row {row}, slot {slot}: this build (cache layout 'capacity') "
+                                 f"attends to every slot a row holds and cannot leave one out; send rows without "
+                                 f"padding (the runtime's scheduler never pads)")
+        arrays = {"input_ids": input_ids, "attention_mask": (slots < reach[:, None]).astype(np.int64)}
     return {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in arrays.items()}
 
 
