@@ -27,6 +27,7 @@ from persimmon_export.load.checkpoint import save_model, tokenizer_files
 from persimmon_export.options import BuildOptions  # noqa: E402
 from persimmon_runtime import Tokenizer
 from persimmon_runtime.backends import decode, prefill
+from persimmon_runtime.backends.step import step_feeds
 from persimmon_runtime.generator import Generator
 
 CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -62,8 +63,8 @@ def measure_capacity(context: int, steps: int, capacities) -> dict:
         # copied in and out every step (what a naive runtime does)
         session, manifest = generator.backend.session, generator.manifest
         cache = np.zeros((1, *manifest.cache_shape), np.float32)
-        feeds = {"input_ids": np.array([[int(token[0])]]), "first_slot": positions_at_start,
-                 "token_count": np.ones(1, np.int64), "attention_mask": np.ones((1, capacity), np.int64),
+        feeds = {**step_feeds(manifest.step_inputs, np.array([[int(token[0])]]), positions_at_start,
+                              np.ones(1, np.int64), np.ones((1, capacity), np.int64)),
                  **{name: cache for name in manifest.cache_inputs}}
         results[f"session_run_capacity_{capacity}"] = timed(lambda: session.run(["logits"], feeds), steps)
         print(f"capacity {capacity:5d}: {results[f'session_run_capacity_{capacity}'] * 1e3:.1f} ms/step "
