@@ -31,7 +31,7 @@ FORMAT = "persimmon-build"
 # 2: typed sections; graph I/O, aliases and layout inside `onnx`; `first_slot` (was
 # cache_position); engine profiles recorded by role
 # 3: `capacity` graphs take input_ids and attention_mask only (what onnxruntime-genai feeds) and
-# give logits [batch, 1, vocab]; onnxruntime-genai's genai_config.json and tokenizer.json
+# give logits [batch, 1, vocab]; such builds list onnxruntime-genai's genai_config.json
 FORMAT_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20  # real ones are a few KB; bounds what a hostile file makes us parse
@@ -45,8 +45,8 @@ DTYPES = ("float16", "bfloat16", "float32")
 # new tokens (right-padded to seq), the cache slot its first new token is written to (= tokens
 # already cached), how many of the seq tokens are real, and which of the first kv_length slots
 # attention may read. `capacity`: the new tokens and the mask alone, as onnxruntime-genai feeds
-# them; a row's tokens fill the last seq slots up to its mask's last 1, and its 0s (left padding)
-# are kept out of attention (backends/step.py `step_feeds` makes them from the four).
+# them; a row holds as many tokens as its mask has 1s, in its first slots, the new ones last (or
+# from slot 0: a right-padded first step) (backends/step.py `step_feeds` makes them from the four).
 STEP_INPUTS = {"window": ("input_ids", "first_slot", "token_count", "attention_mask"),
                "whole": ("input_ids", "first_slot", "token_count", "attention_mask"),
                "capacity": ("input_ids", "attention_mask")}

@@ -295,7 +295,8 @@ class _Metrics:
         self.requests.increment(request_count)
 
     def ended(self, outcome: str) -> None:
-        self.outcomes[outcome].increment(1)
+        if self.outcomes is not None:  # a request thread may end after finalize closed the metrics
+            self.outcomes[outcome].increment(1)
 
     def close(self) -> None:
         self.steps = self.requests = self.outcomes = None  # a Metric must go before its MetricFamily
@@ -378,7 +379,7 @@ class TritonPythonModel:
         try:
             outcome, error = self._generate(accepted), None
         except Exception as e:
-            outcome, error = self._outcome(e, "timeout" if accepted.stopped else "failed")
+            outcome, error = self._outcome(e, "timeout" if accepted.stopped[:1] == ["timeout"] else "failed")
         self._end(accepted.sender, outcome, error)
 
     def _outcome(self, e: Exception, outcome: str) -> tuple[str, str]:
@@ -390,10 +391,11 @@ class TritonPythonModel:
 
     def _end(self, sender, outcome: str, error: str | None = None) -> None:
         """The request's final response (its error, if any), counted by how it ended."""
-        if self.metrics is not None:
-            self.metrics.ended(outcome)
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
+            metrics = self.metrics
+            if metrics is not None:
+                metrics.ended(outcome)
             if error is None:
                 sender.send(flags=final)
             else:
@@ -423,7 +425,8 @@ class TritonPythonModel:
         # the whole text (generate), or the end of the pieces (a stream): with why it ended and the counts
         finished = accepted.finished
         sender.send(self._response("" if settings.stream else "".join(collected), finished[0] if finished else None))
-        return "success"
+        # the model unloading (finalize) cancels what is in flight: the text so far is sent, counted as cancelled
+        return "cancelled" if finished and finished[0].finish_reason == "cancelled" else "success"
 
     def _response(self, text: str, completion=None):
         tensors = [self.pb.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object))]
@@ -437,5 +440,6 @@ class TritonPythonModel:
     def finalize(self):
         self.generator.close(timeout=30)  # in-flight requests end as cancelled; the step running finishes
         self.generator = None
-        if self.metrics is not None:
-            self.metrics.close()
+        metrics, self.metrics = self.metrics, None
+        if metrics is not None:
+            metrics.close()

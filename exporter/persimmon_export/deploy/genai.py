@@ -11,12 +11,14 @@ matter: see docs/onnxruntime-genai.md.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from persimmon_runtime.manifest import CAUSAL_LM, FileEntry, Manifest
 from persimmon_runtime.tokenizer import Tokenizer
 from persimmon_runtime.verify import sha256_file
 
+log = logging.getLogger(__name__)
 GENAI_CONFIG_FILE = "genai_config.json"
 # onnxruntime-genai's generic decoder-only model type (it also lists llama, mistral, phi, ...)
 MODEL_TYPE = "decoder"
@@ -30,8 +32,13 @@ def serves(manifest: Manifest) -> bool:
 def genai_config(manifest: Manifest, tokenizer: Tokenizer) -> dict:
     """genai_config.json for `manifest`'s graph. Greedy search by default, up to kv_capacity tokens
     (prompt included); pad_token_id is the sentencepiece unknown piece, which byte fallback keeps
-    out of every encoding (onnxruntime-genai pads batches with it and finds each row's end by it)."""
+    out of every encoding (onnxruntime-genai pads batches with it and finds each row's end by it;
+    without byte fallback a prompt ending in unknown characters would look padded: said in the log)."""
     model, graph = manifest.model, manifest.onnx
+    sp = tokenizer.sp
+    if not any(sp.is_byte(i) for i in range(sp.get_piece_size())):
+        log.warning(f"{GENAI_CONFIG_FILE}: the tokenizer has no byte fallback, so text can encode to its unknown "
+                    f"piece {sp.unk_id()}, which onnxruntime-genai takes for padding (pad_token_id) at a batch row's end")
     eos = manifest.eos_token_ids
     return {
         "model": {
@@ -40,7 +47,7 @@ def genai_config(manifest: Manifest, tokenizer: Tokenizer) -> dict:
             "context_length": manifest.kv_capacity,
             "bos_token_id": tokenizer.bos_id if tokenizer.bos_id is not None else -1,
             "eos_token_id": eos[0] if len(eos) == 1 else eos,
-            "pad_token_id": tokenizer.sp.unk_id(),
+            "pad_token_id": sp.unk_id(),
             "decoder": {
                 "filename": graph.file,
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
