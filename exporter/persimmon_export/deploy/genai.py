@@ -38,7 +38,8 @@ def genai_config(manifest: Manifest, tokenizer: Tokenizer) -> dict:
     sp = tokenizer.sp
     if not any(sp.is_byte(i) for i in range(sp.get_piece_size())):
         log.warning(f"{GENAI_CONFIG_FILE}: the tokenizer has no byte fallback, so text can encode to its unknown "
-                    f"piece {sp.unk_id()}, which onnxruntime-genai takes for padding (pad_token_id) at a batch row's end")
+                    f"piece {sp.unk_id()}, which onnxruntime-genai takes for padding (pad_token_id) at a batch "
+                    f"row's end")
     eos = manifest.eos_token_ids
     return {
         "model": {
