@@ -337,6 +337,24 @@ def test_a_checkpoint_transformers_wrote_builds_an_engine(rtx_builds):
     assert Manifest.load(directory).tensorrt.engine_file in os.listdir(directory)
 
 
+@needs_rtx
+def test_a_batch_of_one_builds(rtx_builds, tmp_path):
+    """--max-batch 1: TensorRT-RTX 1.7's CPU builder killed the process (SIGSEGV) on profiles fixed
+    at batch 1, so those span batch 1..2; the build completes (run in a child: a crash fails the test
+    instead of the run) and its engine's profiles say so."""
+    checkpoint, _ = rtx_builds["qkln-fp16"]
+    out = str(tmp_path / "b1")
+    code = ("import sys; from persimmon_export.build import build; from persimmon_export.options import BuildOptions; "
+            "from persimmon_export.engine.tensorrt import EngineOptions; "
+            "build(sys.argv[1], sys.argv[2], BuildOptions(backend='tensorrt-rtx', max_batch=1, kv_capacity=64, "
+            "engine=EngineOptions(max_prefill=16)))")
+    done = subprocess.run([sys.executable, "-c", code, checkpoint, out], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    manifest = Manifest.load(out)
+    assert manifest.max_batch == 1
+    assert all(profile.shapes["input_ids"][2][0] == 2 for profile in manifest.tensorrt.profiles)
+
+
 def _layers(network):
     return [network.get_layer(i) for i in range(network.num_layers)]
 

@@ -196,10 +196,12 @@ def optimization_profiles(manifest: Manifest, max_prefill: int) -> list[dict[str
     """One profile per PROFILE_ROLES entry, in that order: prefill (up to max_prefill new tokens
     per row), then decode (one new token per row).
 
-    Each maps every input to (min, opt, max) shapes; batch spans 1..max_batch in both.
+    Each maps every input to (min, opt, max) shapes; batch spans 1..max_batch in both, and 1..2
+    for max_batch 1: TensorRT-RTX 1.7's CPU-only builder crashes the process (SIGSEGV) on profiles
+    whose batch is fixed at 1 (tests/test_engine.py); the runtime never runs more than max_batch.
     A classifier has one profile (CLASSIFY_ROLE): texts of 1..kv_capacity tokens, opt max_prefill.
     """
-    batch, capacity = manifest.max_batch, manifest.kv_capacity
+    batch, capacity = max(manifest.max_batch, 2), manifest.kv_capacity
     _check_max_prefill(max_prefill, capacity)
     if manifest.task != CAUSAL_LM:
         return [{name: ((1, 1), (batch, max_prefill), (batch, capacity)) for name in CLASSIFIER_INPUTS}]
