@@ -50,7 +50,10 @@ MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, interm
 VOCAB = 2048
 # build label -> (build options, prefill settings to measure)
 BUILDS = {"float32": ({"prefill": "int8"}, ("off", "int8")), "int8": ({"weights": "int8"}, ("off", "int8")),
-          "int4": ({"weights": "int4"}, ("off", "int8")), "float16": ({"dtype": "float16"}, ("off",))}
+          "int4": ({"weights": "int4"}, ("off", "int8")), "float16": ({"dtype": "float16"}, ("off",)),
+          # the int8 KV cache (issue 28), alone and with int4 weights
+          "float32 kv-int8": ({"kv_cache": "int8"}, ("off",)),
+          "int4 kv-int8": ({"weights": "int4", "kv_cache": "int8"}, ("off",))}
 
 
 def corpus() -> tuple[list[str], list[str]]:

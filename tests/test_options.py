@@ -28,11 +28,11 @@ def test_every_flag_reaches_its_field():
                   "--backend", "tensorrt-rtx", "--weights", "int4", "--block-size", "64", "--prefill", "none",
                   "--calibration-file", "prompts.txt", "--overwrite", "--max-prefill", "16", "--plugins", "off",
                   "--compute-capabilities", "8.6", "8.9", "--version-compatible", "--timing-cache", "t.cache",
-                  "--opt-level", "2", "--workspace-gb", "0.5")
+                  "--opt-level", "2", "--workspace-gb", "0.5", "--kv-cache", "int8")
     options = options_from_args(args)
     assert options == BuildOptions(
         dtype="float32", task="causal-lm", max_batch=3, kv_capacity=80, backend="tensorrt-rtx", weights="int4",
-        block_size=64, prefill="none", calibration_file="prompts.txt", overwrite=True,
+        block_size=64, prefill="none", calibration_file="prompts.txt", overwrite=True, kv_cache="int8",
         engine=EngineOptions(max_prefill=16, plugins="off", compute_capabilities=("8.6", "8.9"),
                              version_compatible=True, timing_cache="t.cache", opt_level=2, workspace_mib=512))
     # every field but the library-only ones differs from its default here: none is unreachable from the CLI

@@ -237,7 +237,8 @@ def test_calibration_file_is_refused_for_float32(tiny_checkpoint, calibration_fi
     code, err = run_build(capsys, tiny_checkpoint, tmp_path / "b", "--dtype", "float32",
                           "--calibration-file", calibration_file)
     assert code == 2 and err.count("\n") == 1
-    assert "--calibration-file is for --dtype float16 builds (the range report); this build is float32" in err
+    assert "--calibration-file is for --dtype float16 builds (the range report) and --kv-cache int8 (its scales); " \
+           "this build is float32" in err
 
 
 def test_the_build_prints_the_lowest_headroom(tiny_checkpoint, calibration_file, tmp_path, capsys):

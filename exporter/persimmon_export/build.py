@@ -23,7 +23,7 @@ from .deploy.genai import write_genai_config
 from .engine.tensorrt import POLYGRAPHY_SCRIPT, build_engine
 from .files import atomic_directory, check_output
 from .graph.classify import MODEL_CLASSES, export_classifier
-from .graph.export import export_onnx
+from .graph.export import ExportError, export_onnx
 from .graph.quantize import prefill_section
 from .graph.ranges import calibrate, log_summary, report
 from .load.checkpoint import check_directory, checked_tensors, tokenizer_config
@@ -53,8 +53,12 @@ def build(checkpoint: str, out_dir: str, options: BuildOptions = BuildOptions())
     inputs = (checkpoint, tokenizer.model_file, options.engine.timing_cache, options.calibration_file)
     check_output(out_dir, "build", overwrite=options.overwrite, inputs=inputs)  # before the slow calibration
     # before the output directory exists: a bad calibration file or an overflow is refused first
-    measured = calibrate(checkpoint, config, tokenizer, options.calibration_file, plan.kv_capacity) \
-        if plan.calibrated else None
+    measured = calibrate(checkpoint, config, tokenizer, options.calibration_file, plan.kv_capacity,
+                         fp16=options.dtype == "float16") if plan.calibrated else None
+    if options.kv_cache is not None and measured is None:
+        raise ExportError(f"--kv-cache {options.kv_cache} takes its scales from the fp32 reference run on the "
+                          f"calibration prompts, which this machine has not the memory for (see the warning above); "
+                          f"build on a machine with more memory, or leave --kv-cache out")
     started = time.perf_counter()
     with atomic_directory(out_dir, "build", overwrite=options.overwrite, inputs=inputs) as tmp:
         log.info(f"exporting {checkpoint} -> {out_dir} ({config.num_hidden_layers} layers, {options.dtype}, "
@@ -83,7 +87,7 @@ def _export_graph(plan: BuildPlan, config: PersimmonConfig, checkpoint: str, out
     if plan.classifier is None:
         return export_onnx(config, checked_tensors(checkpoint, config), out_dir, dtype=options.dtype,
                            kv_capacity=options.kv_capacity, cache_layout=options.cache_layout, measured=measured,
-                           weights=plan.weights, prefill=plan.prefill)
+                           weights=plan.weights, prefill=plan.prefill, kv_cache=options.kv_cache)
     return export_classifier(config, checked_tensors(checkpoint, config, MODEL_CLASSES[options.task]), out_dir,
                              options.task, options.dtype, options.max_text_tokens, plan.classifier.pad_token_id)
 
@@ -97,7 +101,8 @@ def _manifest(plan: BuildPlan, config: PersimmonConfig, tokenizer: Tokenizer, gr
         tokenizer=TokenizerSection(TOKENIZER_FILE, tokenizer.add_bos, tokenizer.bos_token, tokenizer.eos_token,
                                    chat_template=CHAT_TEMPLATE),
         eos_token_ids=[] if eos is None else list(eos) if isinstance(eos, list) else [eos],
-        onnx=graph, files=files, exporter_version=__version__, ranges=None if measured is None else report(measured),
+        onnx=graph, files=files, exporter_version=__version__,
+        ranges=None if measured is None or options.dtype != "float16" else report(measured),
         weights=None if plan.weights is None else plan.weights.section(), task=options.task,
         classifier=plan.classifier, prefill=None if plan.prefill is None else prefill_section(plan.prefill))
 

@@ -204,6 +204,12 @@ def _add_build_options(build: argparse.ArgumentParser) -> None:
                             "that way; the runtime uses it where the CPU has them, for steps of 16+ tokens per row. "
                             "Costs 1 byte per linear weight of disk and memory; onnxruntime builds only. Default: "
                             "int8 with --weights, none without (a float build stays exact; docs/quantization.md)")
+    build.add_argument("--kv-cache", metavar="{int8}",
+                       help="int8: keep the KV cache as int8, one scale per (head, channel) of each layer's keys and "
+                            "values, chosen from the fp32 reference's largest values on the calibration prompts (x1.25 "
+                            "headroom): a quarter of the cache memory and faster long-context decode. onnxruntime "
+                            "builds of --dtype float32 only; needs onnxruntime 1.31 or newer at run time "
+                            "(docs/quantization.md). Default: the cache in --dtype")
     trt = build.add_argument_group("TensorRT engine (--backend tensorrt or tensorrt-rtx)")
     trt.add_argument("--max-prefill", type=int,
                      help="most new tokens in one prefill step (profile 0; default min(kv-capacity, 2048))")

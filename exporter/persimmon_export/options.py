@@ -13,7 +13,15 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 
-from persimmon_runtime.manifest import BUILD_BACKENDS, CAUSAL_LM, DTYPES, NO_CACHE, SIZE_LIMITS, ClassifierSection
+from persimmon_runtime.manifest import (
+    BUILD_BACKENDS,
+    CAUSAL_LM,
+    DTYPES,
+    KV_CACHE_INT8,
+    NO_CACHE,
+    SIZE_LIMITS,
+    ClassifierSection,
+)
 
 from .config import PersimmonConfig
 from .engine.tensorrt import FLAVORS, TENSORRT, TENSORRT_RTX, EngineOptions, Flavor, check_engine_options
@@ -40,6 +48,7 @@ class BuildOptions:
     block_size: int | None = None           # inputs per scale of quantized weights; None: 32
     quantize_lm_head: bool | None = None    # None: the measured default per weight type
     prefill: str | None = None              # "int8" / "none": the int8 prefill graph; None: int8 with --weights
+    kv_cache: str | None = None             # "int8": the KV cache as int8, calibrated per channel; None: in dtype
     calibration_file: str | None = None     # float16: prompts for the range report
     overwrite: bool = False                 # replace an earlier build of ours at the output
     engine: EngineOptions = field(default_factory=EngineOptions)
@@ -89,13 +98,28 @@ class BuildOptions:
         why_not = ("has a TensorRT engine" if flavor is not None else f"is a {task}" if classifier is not None else
                    None if cache_layout == "capacity" else f"has cache layout {cache_layout!r}")
         prefill = prefill_format(self.prefill, self.weights, why_not)
-        if self.calibration_file and self.dtype != "float16":
-            raise ExportError(f"--calibration-file is for --dtype float16 builds (the range report); this build "
-                              f"is {self.dtype}")
+        self._check_kv_cache(why_not, cache_layout)
+        if self.calibration_file and self.dtype != "float16" and self.kv_cache is None:
+            raise ExportError(f"--calibration-file is for --dtype float16 builds (the range report) and --kv-cache "
+                              f"int8 (its scales); this build is {self.dtype}")
         return BuildPlan(options=dataclasses.replace(self, task=task, kv_capacity=limit if classifier is None else None,
                                                      max_text_tokens=None if classifier is None else limit,
                                                      cache_layout=cache_layout, engine=engine),
                          flavor=flavor, classifier=classifier, weights=quantized, prefill=prefill)
+
+    def _check_kv_cache(self, why_not: str | None, cache_layout: str) -> None:
+        """--kv-cache int8: onnxruntime's GroupQueryAttention keeps an int8 cache (per-channel scales)
+        for float32 activations only, in the `capacity` layout; TensorRT keeps its caches in --dtype."""
+        if self.kv_cache is None:
+            return
+        if self.kv_cache != KV_CACHE_INT8:
+            raise ExportError(f"--kv-cache {self.kv_cache!r}: the choice is int8 (or leave it out: the cache in "
+                              f"--dtype)")
+        if why_not is not None or self.dtype != "float32":
+            reason = why_not or f"is --dtype {self.dtype}"
+            raise ExportError(f"--kv-cache int8 is for onnxruntime builds of --dtype float32 (onnxruntime's "
+                              f"GroupQueryAttention quantizes the cache of float32 attention only); this build {reason}"
+                              + ("" if why_not else ": add --dtype float32"))
 
     def _flavor(self) -> Flavor | None:
         """The TensorRT that builds the engine (None: an onnxruntime build, no engine)."""
@@ -154,5 +178,6 @@ class BuildPlan:
 
     @property
     def calibrated(self) -> bool:
-        """Whether the build first measures fp16 ranges with the fp32 reference (`graph.ranges`)."""
-        return self.options.dtype == "float16" and self.classifier is None
+        """Whether the build first measures ranges with the fp32 reference (`graph.ranges`): for the
+        fp16 range report, or the int8 cache's per-channel scales."""
+        return self.classifier is None and (self.options.dtype == "float16" or self.options.kv_cache is not None)

@@ -41,6 +41,9 @@ BUILD_BACKENDS = ("auto", "onnxruntime", *ENGINE_FLAVORS)
 # a build's dtype: weights, activations and caches (bfloat16: TensorRT engines only, see
 # backends/onnxruntime.py); a new value needs no new format version, older readers refuse it
 DTYPES = ("float16", "bfloat16", "float32")
+# the one cache dtype other than the build's: int8 with per-channel scales in the graph (onnxruntime
+# `capacity` builds of dtype float32, `build --kv-cache int8`; GroupQueryAttention's quantized cache)
+KV_CACHE_INT8 = "int8"
 # The step inputs of a graph, besides its caches, by cache layout. `window` and `whole`: a row's
 # new tokens (right-padded to seq), the cache slot its first new token is written to (= tokens
 # already cached), how many of the seq tokens are real, and which of the first kv_length slots
@@ -246,7 +249,7 @@ def _spec(check=None, *, absent_ok: bool = False, **kwargs):
 class TensorSpec:
     """One graph input or output."""
     name: str
-    dtype: str = _spec(_one_of("int64", *DTYPES))
+    dtype: str = _spec(_one_of("int64", *DTYPES, KV_CACHE_INT8))
     shape: list = _spec(_list_of(_DIM))  # integers, or names of dimensions that vary ("batch", "seq", "kv_length")
 
 
@@ -449,6 +452,12 @@ class Manifest:
         return list(self.onnx.cache_aliases.values())
 
     @property
+    def cache_dtype(self) -> str:
+        """The caches' dtype: the build's, or int8 (`build --kv-cache int8`)."""
+        caches = set(self.onnx.cache_aliases.values())
+        return next((spec.dtype for spec in self.onnx.inputs if spec.name in caches), self.dtype)
+
+    @property
     def step_inputs(self) -> list[str]:
         """The graph's inputs besides its caches (manifest.STEP_INPUTS of its layout)."""
         caches = set(self.onnx.cache_aliases.values())
@@ -645,7 +654,12 @@ def _check_step_graph(path: str, raw: dict) -> None:
     slots = "kv_length" if graph["cache_layout"] == "whole" else raw["kv_capacity"]
     cache_shape = ["batch", model["num_attention_heads"], slots, model["head_dim"]]
     shapes = {spec["name"]: spec["shape"] for spec in graph["inputs"] + graph["outputs"]}
+    dtypes = {spec["name"]: spec["dtype"] for spec in graph["inputs"] + graph["outputs"]}
+    int8_allowed = graph["cache_layout"] == "capacity" and raw["dtype"] == "float32"
     for name in list(graph["cache_aliases"]) + list(graph["cache_aliases"].values()):
+        if dtypes.get(name) not in (raw["dtype"], *([KV_CACHE_INT8] if int8_allowed else [])):
+            raise ManifestError(f"{path}: onnx cache {name!r} is {dtypes.get(name)}, but a {raw['dtype']} build's "
+                                f"caches are {raw['dtype']}" + (" or int8" if int8_allowed else "") + f"; {_REBUILD}")
         if shapes.get(name) != cache_shape:
             raise ManifestError(f"{path}: onnx cache {name!r} has shape {shapes.get(name)}, but model and kv_capacity "
                                 f"give {cache_shape}; {_REBUILD}")

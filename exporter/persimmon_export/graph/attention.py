@@ -40,14 +40,19 @@ def gqa_lengths(g, reach: str, kv_length: str, one: str) -> tuple[str, str]:
 
 
 def grouped_query_attention(g, q: str, k: str, v: str, layer: int, lengths: tuple[str, str], hidden_shape: str,
-                            heads: int, head_dim: int) -> str:
+                            heads: int, head_dim: int, cache_scales: list[str] | None = None) -> str:
     """One layer's attention: q/k/v [B, T, heads, head_dim] -> [B, T, hidden]; writes the layer's caches.
-    No attention_bias input: onnxruntime's CUDA kernel refuses one."""
+    No attention_bias input: onnxruntime's CUDA kernel refuses one. `cache_scales` (key, value):
+    int8 caches, x stored as round(x / scale) per channel (onnxruntime 1.31+, float32 activations)."""
     query, key, value = (g.op("Reshape", t, hidden_shape) for t in (q, k, v))  # GQA takes [B, T, heads*head_dim]
     outputs = [f"model.layers.{layer}.attention_out", f"present_key_{layer}", f"present_value_{layer}"]
+    quantized = {} if cache_scales is None else {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL",
+                                                  "kv_cache_bit_width": 8}
+    # inputs 7-11 (cos_cache, sin_cache, position_ids, attention_bias, head_sink) are left out
+    scales = [] if cache_scales is None else ["", "", "", "", "", *cache_scales]
     return g.op("GroupQueryAttention", query, key, value, f"past_key_{layer}", f"past_value_{layer}", *lengths,
-                outputs=outputs, domain=CONTRIB_DOMAIN, name=f"model.layers.{layer}.attention",
-                num_heads=heads, kv_num_heads=heads, scale=head_dim ** -0.5)[0]
+                *scales, outputs=outputs, domain=CONTRIB_DOMAIN, name=f"model.layers.{layer}.attention",
+                num_heads=heads, kv_num_heads=heads, scale=head_dim ** -0.5, **quantized)[0]
 
 
 def add_contrib_opset(model: onnx.ModelProto) -> None:

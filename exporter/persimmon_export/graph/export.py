@@ -27,6 +27,7 @@ from persimmon_runtime.custom_ops import CUSTOM_OP_DOMAIN, CUSTOM_OP_VERSION, PL
 from persimmon_runtime.errors import PersimmonError
 from persimmon_runtime.manifest import (
     CACHE_LAYOUTS,
+    KV_CACHE_INT8,
     STEP_INPUT_SHAPES,
     STEP_INPUTS,
     CustomOps,
@@ -60,6 +61,7 @@ RELU2_WEIGHT_LIMIT = float(np.finfo(np.float16).max) / 2
 _LINEAR = ("query_key_value.weight", "dense.weight", "dense_h_to_4h.weight", "dense_4h_to_h.weight",
            "lm_head.weight", "score.weight")  # score: a classifier's head
 _ALIGN = 64
+KV_CACHE_MARGIN = 1.25  # int8 cache: headroom over the calibrated largest |key| / |value| per channel
 
 
 class ExportError(PersimmonError):
@@ -143,8 +145,10 @@ class _GraphBuilder:
         return name
 
 
-def graph_section(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_layout: str) -> GraphSection:
-    """The manifest's `onnx` section for this graph: files, I/O, cache aliases, layout, custom ops."""
+def graph_section(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_layout: str,
+                  kv_cache: str | None = None) -> GraphSection:
+    """The manifest's `onnx` section for this graph: files, I/O, cache aliases, layout, custom ops;
+    kv_cache "int8": int8 caches (else in dtype)."""
     length = "kv_length" if cache_layout == "whole" else kv_capacity
     cache_shape = ["batch", config.num_attention_heads, length, config.head_dim]
     names = STEP_INPUTS[cache_layout]
@@ -154,8 +158,8 @@ def graph_section(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_l
     aliases = {}
     for layer in range(config.num_hidden_layers):
         for kind in ("key", "value"):
-            inputs.append(TensorSpec(f"past_{kind}_{layer}", dtype, cache_shape))
-            outputs.append(TensorSpec(f"present_{kind}_{layer}", dtype, cache_shape))
+            inputs.append(TensorSpec(f"past_{kind}_{layer}", kv_cache or dtype, cache_shape))
+            outputs.append(TensorSpec(f"present_{kind}_{layer}", kv_cache or dtype, cache_shape))
             aliases[f"present_{kind}_{layer}"] = f"past_{kind}_{layer}"
     ops = [QK_LAYERNORM_OP, ROTARY_OP] if config.qk_layernorm else [ROTARY_OP]
     return GraphSection(file=MODEL_FILE, data_file=DATA_FILE, cache_layout=cache_layout,
@@ -164,24 +168,26 @@ def graph_section(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_l
 
 
 def value_info(spec: TensorSpec):
-    elem = {"int64": TensorProto.INT64, **ONNX_DTYPES}[spec.dtype]
+    elem = {"int64": TensorProto.INT64, KV_CACHE_INT8: TensorProto.INT8, **ONNX_DTYPES}[spec.dtype]
     return helper.make_tensor_value_info(spec.name, elem, spec.shape)
 
 
 def build_graph(config: PersimmonConfig, dtype: str, kv_capacity: int, cache_layout: str = "window",
-                weights: WeightFormat | None = None, prefill: WeightFormat | None = None) -> onnx.GraphProto:
+                weights: WeightFormat | None = None, prefill: WeightFormat | None = None,
+                kv_scales: list | None = None) -> onnx.GraphProto:
     """The step graph, with initializers left out (the caller adds them as external data).
     `weights`: the int8/int4 format of the linear weights it names (None: stored in dtype);
-    `prefill`: the prefill graph's format, which takes precedence for the weights it names."""
+    `prefill`: the prefill graph's format, which takes precedence for the weights it names;
+    `kv_scales`: per layer (key, value) scales [heads, head_dim] of an int8 cache (`kv_cache_scales`)."""
     _check_layout(config, kv_capacity, cache_layout)
-    step = _StepGraph(config, dtype, kv_capacity, cache_layout, weights, prefill)
+    step = _StepGraph(config, dtype, kv_capacity, cache_layout, weights, prefill, kv_scales)
     x = step.g.op("Gather", "model.embed_tokens.weight", "input_ids", name="embed")
     for layer in range(config.num_hidden_layers):
         p = f"model.layers.{layer}"
         h = step.g.op("Add", x, step.attention(step.layer_norm(x, f"{p}.input_layernorm"), layer))
         x = step.g.op("Add", h, step.mlp(step.layer_norm(h, f"{p}.post_attention_layernorm"), p), name=f"{p}.out")
     step.logits(x)
-    section = graph_section(config, dtype, kv_capacity, cache_layout)
+    section = graph_section(config, dtype, kv_capacity, cache_layout, KV_CACHE_INT8 if kv_scales else None)
     return helper.make_graph(step.g.nodes, "persimmon_step", [value_info(s) for s in section.inputs],
                              [value_info(s) for s in section.outputs])
 
@@ -205,8 +211,9 @@ class _StepGraph:
     (shared by every layer, made here), then per layer attention and MLP, then the logits."""
 
     def __init__(self, config: PersimmonConfig, dtype: str, kv_capacity: int, cache_layout: str,
-                 weights: WeightFormat | None, prefill: WeightFormat | None):
+                 weights: WeightFormat | None, prefill: WeightFormat | None, kv_scales: list | None = None):
         self.g = g = _GraphBuilder()
+        self.kv_scales = kv_scales
         self.config, self.cache_layout, self.formats = config, cache_layout, (prefill, weights)
         self.f32, self.act, self.half = TensorProto.FLOAT, ONNX_DTYPES[dtype], dtype != "float32"
         self.quantized_shapes = linear_shapes(config)
@@ -291,8 +298,11 @@ class _StepGraph:
         q, k = (g.op(ROTARY_OP, t, self.cos, self.sin, domain=CUSTOM_OP_DOMAIN, name=f"{p}.rotary_{n}",
                      plugin_version=PLUGIN_VERSION, plugin_namespace=CUSTOM_OP_DOMAIN) for t, n in ((q, "q"), (k, "k")))
         if self.cache_layout == "capacity":  # onnxruntime: one fused op writes the caches and attends
+            scales = None if self.kv_scales is None else [  # [1, heads, 1, head_dim]: one per channel
+                g.const(f"{p}.self_attn.{kind}_cache_scale", scale[None, :, None, :].astype(np.float32))
+                for kind, scale in zip(("key", "value"), self.kv_scales[layer])]
             attn = grouped_query_attention(g, q, k, v, layer, self.lengths, self.hidden_shape,
-                                           config.num_attention_heads, config.head_dim)
+                                           config.num_attention_heads, config.head_dim, scales)
         else:
             attn = self._masked_attention(q, k, v, layer)
         return self.linear(attn, f"{p}.self_attn.dense")
@@ -346,6 +356,15 @@ class _StepGraph:
             g.op("Cast", logits, to=self.f32, outputs=["logits"])
         else:
             g.op("Identity", logits, outputs=["logits"])
+
+
+def kv_cache_scales(measured) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer (key, value) scales [heads, head_dim] of an int8 cache: the channel's largest |x|
+    on the calibration prompts, times KV_CACHE_MARGIN (later text may go higher; past it a value
+    saturates at +-127), over 127. A channel never seen nonzero gets a scale of 1e-6."""
+    return [tuple(np.maximum(channels * KV_CACHE_MARGIN / 127.0, 1e-6).astype(np.float32)
+                  for channels in (keys, values))
+            for keys, values in zip(measured.key_channels, measured.value_channels)]
 
 
 def onnx_layout(name: str, dtype: str) -> tuple[torch.dtype, bool]:
@@ -548,7 +567,7 @@ class _PrefillWriter:
 def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str,
                 dtype: str = "float16", kv_capacity: int = 4096, cache_layout: str = "window",
                 measured=None, weights: WeightFormat | None = None,
-                prefill: WeightFormat | None = None) -> tuple[GraphSection, dict]:
+                prefill: WeightFormat | None = None, kv_cache: str | None = None) -> tuple[GraphSection, dict]:
     """Write out_dir/model.onnx + model.onnx.data; return the manifest's `onnx` section and the
     files written ({name: FileEntry}).
 
@@ -558,13 +577,15 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
     `weights` (`quantize.weight_format`): store the linear weights it names as int8/int4.
     `prefill` (`quantize.prefill_format`): also write prefill.onnx + prefill.onnx.data, the same
     step with int8 x int8 linears, reading every other tensor from model.onnx.data.
+    `kv_cache` "int8": int8 caches, scaled per channel from `measured` (`kv_cache_scales`).
     """
     if dtype not in ONNX_DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of {sorted(ONNX_DTYPES)}")
     if prefill is not None and cache_layout != "capacity":
         raise ExportError(f"a prefill graph is written for cache layout 'capacity' (onnxruntime builds), not "
                           f"{cache_layout!r}")
-    graph = build_graph(config, dtype, kv_capacity, cache_layout, weights)
+    kv_scales = None if kv_cache is None else kv_cache_scales(measured)
+    graph = build_graph(config, dtype, kv_capacity, cache_layout, weights, kv_scales=kv_scales)
     writer = DataWriter(os.path.join(out_dir, DATA_FILE))
     second = None if prefill is None else _PrefillWriter(prefill, DataWriter(os.path.join(out_dir, PREFILL_DATA_FILE)))
     expected = 4 + 12 * config.num_hidden_layers + (4 if config.qk_layernorm else 0) * config.num_hidden_layers
@@ -581,10 +602,10 @@ def export_onnx(config: PersimmonConfig, tensors: Iterable[tuple[str, torch.Tens
         writer.close()
         if second is not None:
             second.writer.close()
-    section = graph_section(config, dtype, kv_capacity, cache_layout)
+    section = graph_section(config, dtype, kv_capacity, cache_layout, kv_cache)
     if second is None:
         return save_model(graph, out_dir, writer, section)
-    prefill_graph = build_graph(config, dtype, kv_capacity, cache_layout, prefill=prefill)
+    prefill_graph = build_graph(config, dtype, kv_capacity, cache_layout, prefill=prefill, kv_scales=kv_scales)
     used = {name for node in prefill_graph.node for name in node.input}
     replaced = {tensor.name for tensor in second.initializers}
     prefill_graph.initializer.extend([tensor for tensor in graph.initializer  # the same bytes of model.onnx.data

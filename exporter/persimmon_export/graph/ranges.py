@@ -87,11 +87,20 @@ class Measured:
         self.prompts = self.tokens = 0
         self.source = "built-in"  # or the calibration file's name
         # filled by the export (`export_onnx`): what it stored
+        # largest |key| (after rotary, as cached) and |value| per layer, per (head, head_dim) channel
+        self.key_channels: list = [None] * layers
+        self.value_channels: list = [None] * layers
         self.scales = [1.0] * layers  # relu^2 scale per layer
         self.weights: dict[str, float] = {}  # max |W| per tensor stored in fp16, after folding
 
     def keep(self, kind: str, layer: int, tensor: torch.Tensor) -> None:
         self.per_layer[kind][layer] = max(self.per_layer[kind][layer], _largest(tensor))
+
+    def keep_channels(self, kind: str, layer: int, tensor: torch.Tensor) -> None:
+        """Per-channel maxima of a [batch, heads, tokens, head_dim] tensor (kind: key or value)."""
+        channels = getattr(self, f"{kind}_channels")
+        largest = tensor.detach().abs().amax(dim=(0, 2)).numpy()  # [heads, head_dim]
+        channels[layer] = largest if channels[layer] is None else np.maximum(channels[layer], largest)
 
     def check_relu2_scale(self, layer: int, s: float) -> None:
         """Refuse when, at the largest scale the layer's weights allow (the export's choice), its
@@ -152,6 +161,9 @@ def _hook_layer(layer, i: int, config: PersimmonConfig, measured: Measured) -> l
         measured.keep("query", i, q)
         measured.keep("key", i, k)
         q, k = (partial_rotary(t, seen["position_ids"], seen["inv_freq"]).transpose(1, 2) for t in (q, k))
+        measured.keep_channels("key", i, k)
+        values = qkv.view(batch, seq, attn.heads, 3, attn.head_dim)[:, :, :, 2]
+        measured.keep_channels("value", i, values.transpose(1, 2))
         scores = torch.matmul(q * attn.head_dim ** -0.5, k.transpose(-1, -2))
         causal = torch.ones(seq, seq, dtype=torch.bool).tril()  # the pairs softmax reads (no cache here)
         measured.keep("attention_scores", i, scores[..., causal])
@@ -251,7 +263,7 @@ def available_memory_bytes() -> int | None:
 
 
 def calibrate(checkpoint: str, config: PersimmonConfig, tokenizer, calibration_file: str | None,
-              kv_capacity: int) -> Measured | None:
+              kv_capacity: int, fp16: bool = True) -> Measured | None:
     """Load the checkpoint in fp32 (4 bytes a parameter: the build's largest memory use), run the
     calibration prompts, return the maxima (checked finite). None, with a warning, when the fp32
     model would not fit in the memory available: an 8B build needs about 35 GiB for it, and the
@@ -270,5 +282,6 @@ def calibrate(checkpoint: str, config: PersimmonConfig, tokenizer, calibration_f
     if calibration_file:
         measured.source = os.path.basename(calibration_file)
     check_measured(measured)
-    check_fp16_range(measured)
+    if fp16:
+        check_fp16_range(measured)
     return measured

@@ -26,6 +26,10 @@ BOUNDS = {"float32": {"max_abs": 1e-3, "relative": False, "top1": 0.99, "greedy_
 # a float build whose prompt steps ran its int8 prefill graph (int8 weights per channel, activations
 # per token): int8's bounds, the decode steps after it reading the cache those steps wrote
 BOUNDS[PREFILL_INT8] = BOUNDS["int8"]
+# a float32 build whose KV cache is int8 (`--kv-cache int8`, per-channel scales from calibration):
+# each cached key and value rounded to 1/254 of its channel's range; int8 weights' bounds
+KV_INT8 = "kv-int8"
+BOUNDS[KV_INT8] = BOUNDS["int8"]
 
 
 @dataclass

@@ -68,6 +68,9 @@ class EmulatedBackend:
 
     def __init__(self, build_dir: str):
         self.manifest = Manifest.load(build_dir)
+        if self.manifest.cache_dtype != self.manifest.dtype:
+            raise PersimmonError(f"{build_dir}: its caches are {self.manifest.cache_dtype} (--kv-cache): emulation "
+                                 f"covers caches in the build's dtype; compare it with onnxruntime (parity)")
         self.evaluator = true_precision_evaluator(os.path.join(build_dir, self.manifest.onnx.file))
         self.output_names = list(self.evaluator.output_names)
         self.caches: dict[str, np.ndarray] = {}

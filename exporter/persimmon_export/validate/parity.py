@@ -29,7 +29,7 @@ from ..config import PersimmonConfig
 from ..load.checkpoint import check_directory, load_model
 from ..progress import Steps
 from ..reference.generate import greedy_generate
-from .bounds import BOUNDS, PREFILL_INT8, ParityResult
+from .bounds import BOUNDS, KV_INT8, PREFILL_INT8, ParityResult
 from .classify_parity import check_classifier_parity
 from .emulate import DESCRIPTION, EmulatedBackend
 
@@ -142,6 +142,8 @@ def precision(manifest: Manifest, backend=None) -> str:
         return f"{manifest.dtype}/{manifest.weights.type}"
     if getattr(backend, "prefill_steps", 0):
         return f"{manifest.dtype}/{PREFILL_INT8}"
+    if manifest.cache_dtype != manifest.dtype:
+        return f"{manifest.dtype}/{KV_INT8}"
     return manifest.dtype
 
 

@@ -27,7 +27,7 @@ from ..errors import PersimmonError
 from ..manifest import Manifest
 from .step import check_step, parse_device, run_rows, step_feeds
 
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 CACHE_STEP = 256
 
 
@@ -74,7 +74,7 @@ class OnnxRuntimeBackend:
         """(Re)allocate caches of `slots` slots, keeping what the current ones hold."""
         heads, capacity, head_dim = self.manifest.cache_shape
         slots = min(slots, capacity)
-        dtype = NUMPY_DTYPES[self.manifest.dtype]
+        dtype = NUMPY_DTYPES[self.manifest.cache_dtype]
         # copies, taken while the old caches live: on CPU numpy() is a view of a host array that
         # the reassignment below frees (reading it afterwards read freed memory, or crashed)
         old = [np.array(value.numpy()) for value in self.caches]
@@ -94,7 +94,7 @@ class OnnxRuntimeBackend:
         if bound.rows == (first_row, rows, self.slots):
             return
         heads, _, head_dim = self.manifest.cache_shape
-        dtype = NUMPY_DTYPES[self.manifest.dtype]
+        dtype = NUMPY_DTYPES[self.manifest.cache_dtype]
         shape = (rows, heads, self.slots, head_dim)
         offset = first_row * heads * self.slots * head_dim * np.dtype(dtype).itemsize
         for value, (present, past) in zip(self.caches, self.manifest.cache_aliases.items()):
@@ -191,7 +191,7 @@ def open_session(build_dir: str, manifest: Manifest, device: str = "cpu", graph_
 
 
 ORT_TYPES = {"int64": "tensor(int64)", "float32": "tensor(float)", "float16": "tensor(float16)",
-             "bfloat16": "tensor(bfloat16)"}
+             "bfloat16": "tensor(bfloat16)", "int8": "tensor(int8)"}
 
 
 def _check_graph(path: str, manifest: Manifest, session) -> None:
@@ -212,6 +212,9 @@ def _check_graph(path: str, manifest: Manifest, session) -> None:
 
 
 def _load_advice(manifest: Manifest, error: Exception) -> str:
+    if manifest.cache_dtype == "int8" and "int8" in str(error):  # GroupQueryAttention's quantized cache
+        return "its int8 KV cache (build --kv-cache int8) needs onnxruntime 1.31 or newer (checked: 1.31.1, 1.32; " \
+               "pip install -U onnxruntime, docs/quantization.md)"
     if not re.search(r"IR version|opset", str(error), re.IGNORECASE):
         return "the build may be damaged: rebuild it with `persimmon-export build`"
     if manifest.onnx.ir_version is None:  # written with whatever IR version onnx chose (14 with onnx 1.23)

@@ -1,0 +1,103 @@
+"""Decode against context length, per KV-cache precision (issue 28): fp32 and int4 weights, each
+with the cache in fp32 and in int8 (`build --kv-cache int8`), batch 1, prompts of each --contexts
+length, --new-tokens greedy tokens, on this project's Generator (scheduler step times).
+
+For each run: decode tokens/s, step p50, and the fraction of the bandwidth bound it reaches - the
+bytes a decode step must read (every linear weight as stored, and the cache up to the mean
+context: layers x 2 x context x hidden x cache bytes) over the machine's measured read bandwidth.
+Writes benchmarks/results/kv_cache.json (or --json).
+
+    .venv/bin/python benchmarks/kv_cache.py --contexts 1024 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from machine import cpu_features, machine, measure_bandwidth  # noqa: E402
+from step_timing import summarize  # noqa: E402
+from workload import CONFIGS, prompt_texts, random_checkpoint  # noqa: E402
+
+from persimmon_export.build import build  # noqa: E402
+from persimmon_export.options import BuildOptions  # noqa: E402
+from persimmon_runtime.generator import Generator  # noqa: E402
+
+BUILDS = {"fp32 weights, fp32 cache": {}, "fp32 weights, int8 cache": {"kv_cache": "int8"},
+          "int4 weights, fp32 cache": {"weights": "int4"},
+          "int4 weights, int8 cache": {"weights": "int4", "kv_cache": "int8"}}
+
+
+def stored_weight_bytes(directory: str, vocab: int, hidden: int) -> int:
+    """Bytes of the build's weights a decode step reads besides the cache: model.onnx.data but the
+    fp32 embedding table, of which a step gathers one row."""
+    return os.path.getsize(os.path.join(directory, "model.onnx.data")) - vocab * hidden * 4
+
+
+def time_decode(generator: Generator, text: str, new_tokens: int) -> dict:
+    stamps: list[float] = []
+    generator.scheduler.on_step = lambda _requests: stamps.append(time.perf_counter())
+    started = time.perf_counter()
+    completion = generator.generate(text, max_new_tokens=new_tokens, ignore_eos=True)
+    generator.scheduler.on_step = None
+    figures = summarize(started, stamps[-new_tokens:], 1, completion.prompt_tokens)
+    figures.pop("step_ms")
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="100M", choices=list(CONFIGS))
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per case; the median decode tok/s is kept")
+    parser.add_argument("--json", default=os.path.join(HERE, "results", "kv_cache.json"))
+    args = parser.parse_args()
+    bandwidth = measure_bandwidth()["best"]
+    config = CONFIGS[args.config]
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        checkpoint, first_added = random_checkpoint(work, args.config, max_position_embeddings=max(args.contexts) * 2)
+        tokenizer_file = os.path.join(work, [f for f in os.listdir(work) if f.endswith(".model")][0])
+        capacity = max(args.contexts) + args.new_tokens
+        for label, options in BUILDS.items():
+            out = os.path.join(work, label.replace(" ", "").replace(",", "-"))
+            build(checkpoint, out, BuildOptions(dtype="float32", backend="onnxruntime", max_batch=1,
+                                                kv_capacity=capacity, prefill="none", **options))
+            generator = Generator.load(out, prefill="off")
+            cache_bytes = 1 if "int8 cache" in label else 4
+            for context in args.contexts:
+                text = prompt_texts(tokenizer_file, first_added, 1, context, seed=context)[0]
+                runs = sorted((time_decode(generator, text, args.new_tokens) for _ in range(args.repeats)),
+                              key=lambda r: r["decode_tok_s"])
+                figures = runs[len(runs) // 2]
+                mean_context = context + args.new_tokens / 2
+                step_bytes = (stored_weight_bytes(out, generator.manifest.model.vocab_size, config["hidden_size"])
+                              + 2 * config["num_hidden_layers"] * config["hidden_size"]
+                              * cache_bytes * mean_context)
+                bound = bandwidth / step_bytes
+                row = {"build": label, "context": context, "decode_tok_s": figures["decode_tok_s"],
+                       "step_p50_ms": figures["step_p50_ms"], "bound_tok_s": bound,
+                       "bound_fraction": figures["decode_tok_s"] / bound,
+                       "cache_mb_per_sequence_at_capacity": 2 * config["num_hidden_layers"] * config["hidden_size"]
+                       * cache_bytes * capacity / 1e6}
+                rows.append(row)
+                print(f"{label:26s} context {context:5d}: decode {row['decode_tok_s']:7.1f} tok/s, step p50 "
+                      f"{row['step_p50_ms']:.2f} ms, {row['bound_fraction']:.0%} of the {bound:.0f} tok/s bound",
+                      flush=True)
+            generator.close()
+    report = {"machine": machine(), "cpu": cpu_features(), "bandwidth_bytes_s": bandwidth, "config": args.config,
+              "new_tokens": args.new_tokens, "repeats": args.repeats, "rows": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
