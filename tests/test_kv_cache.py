@@ -72,3 +72,20 @@ def test_an_onnxruntime_too_old_for_the_int8_cache_says_so(builds):
     assert refused.returncode == 2
     line = error_line(refused.stderr)
     assert "int8 KV cache (build --kv-cache int8) needs onnxruntime 1.31 or newer" in line, line
+
+
+def test_onnxruntime_genai_runs_an_int8_cache_build_as_written(builds):
+    og = pytest.importorskip("onnxruntime_genai")
+    generator = Generator.load(builds["int8"], prefill="off")
+    ids = generator.tokenizer.encode("Hello there, how are you")
+    expected = generator.generate("Hello there, how are you", max_new_tokens=12, ignore_eos=True).token_ids
+    model = og.Model(builds["int8"])
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 12, do_sample=False)
+    og_generator = og.Generator(model, params)
+    og_generator.append_tokens(np.array([ids], np.int32))
+    tokens = []
+    for _ in range(12):
+        og_generator.generate_next_token()
+        tokens.append(int(og_generator.get_next_tokens()[0]))
+    assert tokens == expected
