@@ -48,7 +48,11 @@ from persimmon_runtime import Tokenizer  # noqa: E402
 from persimmon_runtime.generator import Generator  # noqa: E402
 
 OPENVINO_PYTHON = os.path.join(os.path.dirname(HERE), ".venv-openvino", "bin", "python")
-OURS = {"float32": None, "int8": "int8", "int4": "int4"}  # runtime label -> build --weights
+# runtime label -> build options (--weights, --kv-cache); the kv-int8 ones are asked for by name
+OURS = {"float32": {}, "int8": {"weights": "int8"}, "int4": {"weights": "int4"},
+        "float32 kv-int8": {"kv_cache": "int8"}, "int8 kv-int8": {"weights": "int8", "kv_cache": "int8"},
+        "int4 kv-int8": {"weights": "int4", "kv_cache": "int8"}}
+DEFAULT_PRECISIONS = ["float32", "int8", "int4"]
 # how our prompt steps run (Generator.load's prefill): "off" is the build's own graph, "auto" its
 # int8 prefill graph where the CPU has AMX-INT8 / VNNI (every build here has one: fp32 with --prefill int8)
 PREFILL_SETTINGS = {"off": "", "auto": " +int8 prefill"}  # setting -> runtime label suffix
@@ -170,9 +174,8 @@ def run_config(name: str, work: str, batches, lengths, new_tokens: int, wait_idl
         record("transformers", case, figures, cpu.result(), greedy)
     del hf
     for label in precisions:
-        weights = OURS[label]
-        out = os.path.join(work, f"{name}-{label}")
-        options = {} if weights is None else {"weights": weights, "block_size": block_size}
+        options = dict(OURS[label], **({"block_size": block_size} if "weights" in OURS[label] else {}))
+        out = os.path.join(work, f"{name}-{label.replace(' ', '-')}")
         build(checkpoint, out, BuildOptions(dtype="float32", backend="onnxruntime", max_batch=MAX_BATCH,
                                             kv_capacity=max(lengths) + new_tokens, prefill="int8", **options))
         for setting in prefills:
@@ -319,8 +322,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, nargs="+", default=[128, 1024],
                         help="prompt lengths in tokens (default 128 1024; the targets read the longest)")
     parser.add_argument("--block-size", type=int, default=32, help="int8/int4 block size, ours and OpenVINO's int4")
-    parser.add_argument("--precisions", nargs="*", default=list(OURS), choices=list(OURS),
-                        help="this project's builds to measure (default: all)")
+    parser.add_argument("--precisions", nargs="*", default=DEFAULT_PRECISIONS, choices=list(OURS),
+                        help="this project's builds to measure (default: float32 int8 int4; the kv-int8 ones "
+                             "add --kv-cache int8)")
     parser.add_argument("--openvino", nargs="*", default=["fp32-exact", "default", "int8", "int4"],
                         choices=["fp32-exact", "default", "int8", "int4"],
                         help="OpenVINO variants to measure (default: all; none: skip OpenVINO)")
