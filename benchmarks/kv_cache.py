@@ -17,12 +17,13 @@ import json
 import os
 import sys
 import tempfile
-import time
+from functools import partial
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from machine import cpu_features, machine, measure_bandwidth  # noqa: E402
-from step_timing import summarize  # noqa: E402
+from run import time_ours  # noqa: E402
+from step_timing import median_run  # noqa: E402
 from workload import CONFIGS, prompt_texts, random_checkpoint  # noqa: E402
 
 from persimmon_export.build import build  # noqa: E402
@@ -38,17 +39,6 @@ def stored_weight_bytes(directory: str, vocab: int, hidden: int) -> int:
     """Bytes of the build's weights a decode step reads besides the cache: model.onnx.data but the
     fp32 embedding table, of which a step gathers one row."""
     return os.path.getsize(os.path.join(directory, "model.onnx.data")) - vocab * hidden * 4
-
-
-def time_decode(generator: Generator, text: str, new_tokens: int) -> dict:
-    stamps: list[float] = []
-    generator.scheduler.on_step = lambda _requests: stamps.append(time.perf_counter())
-    started = time.perf_counter()
-    completion = generator.generate(text, max_new_tokens=new_tokens, ignore_eos=True)
-    generator.scheduler.on_step = None
-    figures = summarize(started, stamps[-new_tokens:], 1, completion.prompt_tokens)
-    figures.pop("step_ms")
-    return figures
 
 
 def main() -> None:
@@ -74,9 +64,7 @@ def main() -> None:
             cache_bytes = 1 if "int8 cache" in label else 4
             for context in args.contexts:
                 text = prompt_texts(tokenizer_file, first_added, 1, context, seed=context)[0]
-                runs = sorted((time_decode(generator, text, args.new_tokens) for _ in range(args.repeats)),
-                              key=lambda r: r["decode_tok_s"])
-                figures = runs[len(runs) // 2]
+                figures, _ = median_run(partial(time_ours, generator, [text], args.new_tokens), args.repeats)
                 mean_context = context + args.new_tokens / 2
                 step_bytes = (stored_weight_bytes(out, generator.manifest.model.vocab_size, config["hidden_size"])
                               + 2 * config["num_hidden_layers"] * config["hidden_size"]

@@ -1,4 +1,6 @@
 import fcntl
+import functools
+import json
 import os
 import pty
 import struct
@@ -8,11 +10,13 @@ import termios
 import textwrap
 import threading
 
+import numpy as np
 import pytest
 import torch
 from gpu_switch import pytest_runtest_makereport  # noqa: F401 (the hook: PERSIMMON_REQUIRE_GPU=1)
 
 from persimmon_export.demo import train_tokenizer
+from persimmon_export.deploy.genai import GENAI_CONFIG_FILE
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -203,7 +207,6 @@ def read_terminal(fd: int) -> bytes:
 def make_overflow_build(root: str) -> str:
     """A float32 build of finite weights whose logits overflow float32 (an lm_head near float32's
     largest value): the generator must refuse the non-finite logits, and servers answer that error."""
-    import numpy as np
     from safetensors.numpy import load_file, save_file
 
     from persimmon_export.build import build
@@ -217,4 +220,32 @@ def make_overflow_build(root: str) -> str:
     save_file(weights, weights_file, metadata={"format": "pt"})
     out = os.path.join(root, "build")
     build(checkpoint, out, BuildOptions(dtype="float32", backend="onnxruntime", max_batch=1, kv_capacity=64))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _og_model(directory: str):
+    import onnxruntime_genai as og
+
+    return og.Model(directory)
+
+
+def og_greedy(directory: str, rows: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """onnxruntime-genai's greedy tokens for each row of a build (one batch, right-padded with the
+    pad id of its genai_config.json, as onnxruntime-genai pads)."""
+    import onnxruntime_genai as og
+
+    with open(os.path.join(directory, GENAI_CONFIG_FILE)) as f:
+        pad = json.load(f)["model"]["pad_token_id"]
+    width = max(map(len, rows))
+    model = _og_model(directory)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=width + new_tokens, do_sample=False, batch_size=len(rows))
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([row + [pad] * (width - len(row)) for row in rows], np.int32))
+    out = [[] for _ in rows]
+    for _ in range(new_tokens):
+        generator.generate_next_token()
+        for row, token in zip(out, generator.get_next_tokens()):
+            row.append(int(token))
     return out

@@ -7,15 +7,14 @@ takes right-padded with the config's pad_token_id, equals each prompt alone."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
+from conftest import og_greedy
 
 from persimmon_export.build import build
 from persimmon_export.deploy.genai import GENAI_CONFIG_FILE
@@ -41,28 +40,6 @@ def builds(tiny_checkpoint, tmp_path_factory):
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def og_model(directory: str):
-    return og.Model(directory)
-
-
-def og_greedy(directory: str, rows: list[list[int]], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
-    """onnxruntime-genai's greedy tokens for each row (one batch, right-padded with its pad id)."""
-    pad = json.load(open(os.path.join(directory, GENAI_CONFIG_FILE)))["model"]["pad_token_id"]
-    width = max(map(len, rows))
-    model = og_model(directory)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=width + new_tokens, do_sample=False, batch_size=len(rows))
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array([row + [pad] * (width - len(row)) for row in rows], np.int32))
-    out = [[] for _ in rows]
-    for _ in range(new_tokens):
-        generator.generate_next_token()
-        for row, token in zip(out, generator.get_next_tokens()):
-            row.append(int(token))
-    return out
-
-
 def ours(directory: str) -> list[list[int]]:
     generator = Generator.load(directory, prefill="off")
     return [c.token_ids for c in generator.generate(PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True)]
@@ -85,7 +62,7 @@ def test_greedy_tokens_equal_persimmon_runtimes(builds, precision):
     tokenizer = Generator.load(builds[precision]).tokenizer
     expected = ours(builds[precision])
     for prompt, want in zip(PROMPTS, expected):
-        got = og_greedy(builds[precision], [tokenizer.encode(prompt)])[0]
+        got = og_greedy(builds[precision], [tokenizer.encode(prompt)], NEW_TOKENS)[0]
         assert got == want, (prompt, got, want)
 
 
@@ -96,8 +73,8 @@ def test_a_padded_batch_of_different_prompts_equals_each_prompt_alone(builds):
     tokenizer = Generator.load(builds["float32"]).tokenizer
     rows = [tokenizer.encode(p) for p in PROMPTS]
     assert len({len(r) for r in rows}) > 1  # different lengths: padding is exercised
-    batched = og_greedy(builds["float32"], rows)
-    alone = [og_greedy(builds["float32"], [row])[0] for row in rows]
+    batched = og_greedy(builds["float32"], rows, NEW_TOKENS)
+    alone = [og_greedy(builds["float32"], [row], NEW_TOKENS)[0] for row in rows]
     assert batched == alone == ours(builds["float32"])
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import error_line
+from conftest import error_line, og_greedy
 from test_compat import VENVS, run_in_venv
 
 from persimmon_export.build import build
@@ -75,17 +75,8 @@ def test_an_onnxruntime_too_old_for_the_int8_cache_says_so(builds):
 
 
 def test_onnxruntime_genai_runs_an_int8_cache_build_as_written(builds):
-    og = pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnxruntime_genai")
     generator = Generator.load(builds["int8"], prefill="off")
     ids = generator.tokenizer.encode("Hello there, how are you")
     expected = generator.generate("Hello there, how are you", max_new_tokens=12, ignore_eos=True).token_ids
-    model = og.Model(builds["int8"])
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 12, do_sample=False)
-    og_generator = og.Generator(model, params)
-    og_generator.append_tokens(np.array([ids], np.int32))
-    tokens = []
-    for _ in range(12):
-        og_generator.generate_next_token()
-        tokens.append(int(og_generator.get_next_tokens()[0]))
-    assert tokens == expected
+    assert og_greedy(builds["int8"], [ids], 12)[0] == expected

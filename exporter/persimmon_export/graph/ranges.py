@@ -154,7 +154,7 @@ def _hook_layer(layer, i: int, config: PersimmonConfig, measured: Measured) -> l
     def projection(module, args, qkv):
         measured.keep("qkv", i, qkv)
         batch, seq, _ = qkv.shape
-        q, k, _ = qkv.view(batch, seq, attn.heads, 3, attn.head_dim).unbind(dim=3)
+        q, k, v = qkv.view(batch, seq, attn.heads, 3, attn.head_dim).unbind(dim=3)
         if attn.q_layernorm is not None:
             q, k = qk_layernorm(q, k, attn.q_layernorm.weight, attn.q_layernorm.bias, attn.k_layernorm.weight,
                                 attn.k_layernorm.bias, attn.eps)
@@ -162,8 +162,7 @@ def _hook_layer(layer, i: int, config: PersimmonConfig, measured: Measured) -> l
         measured.keep("key", i, k)
         q, k = (partial_rotary(t, seen["position_ids"], seen["inv_freq"]).transpose(1, 2) for t in (q, k))
         measured.keep_channels("key", i, k)
-        values = qkv.view(batch, seq, attn.heads, 3, attn.head_dim)[:, :, :, 2]
-        measured.keep_channels("value", i, values.transpose(1, 2))
+        measured.keep_channels("value", i, v.transpose(1, 2))
         scores = torch.matmul(q * attn.head_dim ** -0.5, k.transpose(-1, -2))
         causal = torch.ones(seq, seq, dtype=torch.bool).tril()  # the pairs softmax reads (no cache here)
         measured.keep("attention_scores", i, scores[..., causal])

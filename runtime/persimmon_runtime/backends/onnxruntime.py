@@ -49,6 +49,7 @@ class OnnxRuntimeBackend:
             self.prefill_session = open_session(build_dir, manifest, device, manifest.prefill.file,
                                                 exact_u8s8=unit is None, spinning=False)[1]
         self._bindings = {}  # session -> its _Binding, made by start()
+        self._step_inputs = manifest.step_inputs  # read once: step() runs per token
         self.prefill_steps = 0  # steps run on the prefill graph (parity picks its bounds by it)
         self.caches = []
         self.batch = 0
@@ -124,7 +125,7 @@ class OnnxRuntimeBackend:
         bound = self._bindings[session]
         self._bind_rows(bound, int(first_row), input_ids.shape[0])
         # held in a local until the run ends: the binding borrows their memory
-        arrays = step_feeds(self.manifest.step_inputs, input_ids, first_slot, token_count, attention_mask)
+        arrays = step_feeds(self._step_inputs, input_ids, first_slot, token_count, attention_mask)
         for name, value in arrays.items():
             bound.binding.bind_cpu_input(name, value)
         logits = bound.logits_rows(input_ids.shape[0])

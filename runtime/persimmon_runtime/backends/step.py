@@ -124,14 +124,14 @@ def step_feeds(input_names, input_ids, first_slot, token_count, attention_mask) 
                                  f"(run it alone)")
         reach = first_slot + token_count
         slots = np.arange(max(int(reach.max()), seq))[None, :]
-        # what the scheduler always sends is all 1s: no scan, no allocation per step
-        zeros = np.empty((0, 2), int) if attention_mask.all() else np.argwhere(attention_mask[:, :slots.shape[1]] == 0)
-        zeros = zeros[zeros[:, 1] < reach[zeros[:, 0]]]
-        if len(zeros):
-            row, slot = zeros[0]
-            raise PersimmonError(f"attention_mask is 0 at row {row}, slot {slot}: this build (cache layout 'capacity') "
-                                 f"attends to every slot a row holds and cannot leave one out; send rows without "
-                                 f"padding (the runtime's scheduler never pads)")
+        if not attention_mask.all():  # the scheduler always sends 1s: no scan per step
+            zeros = np.argwhere(attention_mask[:, :slots.shape[1]] == 0)
+            zeros = zeros[zeros[:, 1] < reach[zeros[:, 0]]]  # 0s past a row's reach are what the graph needs
+            if len(zeros):
+                row, slot = zeros[0]
+                raise PersimmonError(f"attention_mask is 0 at row {row}, slot {slot}: this build (cache layout "
+                                     f"'capacity') attends to every slot a row holds and cannot leave one out; send "
+                                     f"rows without padding (the runtime's scheduler never pads)")
         arrays = {"input_ids": input_ids, "attention_mask": (slots < reach[:, None]).astype(np.int64)}
     return {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in arrays.items()}
 
