@@ -9,14 +9,16 @@ for one decode step at `--prompt` tokens of context, with caches of two capaciti
 the cost follows the context or the capacity:
   - matmul:    TensorScatter + MatMul / Where / Softmax / MatMul over a cache as long as the context
                rounded up to 256 slots (the `whole` layout; its growth copies are not timed here);
+  - int8:      the same as matmul with both products on the integer units (MatMulInteger; q, k, v and
+               the probabilities as 8-bit codes with dynamic scales; int8_attention);
   - attention: TensorScatter + ONNX Attention (opset 24) with a boolean mask, over the whole capacity;
   - gqa:       com.microsoft.GroupQueryAttention over the capacity buffer, per-row `seqlens_k`.
-Each is first checked against numpy. Prints median and p90 ms of `--repeats` runs.
+Each is first checked against numpy. Prints median and p90 ms of `--repeats` runs and writes
+benchmarks/results/attention.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -24,14 +26,16 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from machine import machine
+from cli import BenchmarkParser, write_json
+from machine import cpu_features, machine
 
 F32 = TensorProto.FLOAT
 
 
 def _session(nodes, inputs, outputs, initializers=()):
     graph = helper.make_graph(nodes, "attention", inputs, outputs, initializer=list(initializers))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -64,10 +68,48 @@ def scatter_then(attend, heads, head_dim):
                   helper.make_node("Where", ["allowed", "scores", "masked"], ["masked_scores"]),
                   helper.make_node("Softmax", ["masked_scores"], ["probs"], axis=-1),
                   helper.make_node("MatMul", ["probs", "present_value"], ["out"])]
+    elif attend == "int8":
+        nodes += int8_attention()
     else:
         nodes.append(helper.make_node("Attention", ["q", "present_key", "present_value", "allowed"], ["out"],
                                       scale=head_dim ** -0.5))
-    return _session(nodes, inputs, [_info("out", F32, ["B", heads, "T", head_dim]), *present], [scale, masked])
+    constants = [helper.make_tensor(name, F32, [], [value]) for name, value in (("c127", 127.0), ("c255", 255.0))] + [
+        helper.make_tensor(name, TensorProto.INT64, [len(axes)], axes)
+        for name, axes in (("per_head", [2, 3]), ("per_channel", [2]), ("per_row", [3]))]
+    return _session(nodes, inputs, [_info("out", F32, ["B", heads, "T", head_dim]), *present],
+                    [scale, masked, *constants])
+
+
+def _int8_codes(name, axes, code_type=TensorProto.INT8, levels="c127"):
+    """Nodes giving `name`_codes (round(x / scale)) and `name`_scale (max |x| over `axes` / levels)."""
+    return [helper.make_node("Abs", [name], [f"{name}_abs"]),
+            helper.make_node("ReduceMax", [f"{name}_abs", axes], [f"{name}_max"], keepdims=1),
+            helper.make_node("Div", [f"{name}_max", levels], [f"{name}_scale"]),
+            helper.make_node("Div", [name, f"{name}_scale"], [f"{name}_scaled"]),
+            helper.make_node("Round", [f"{name}_scaled"], [f"{name}_rounded"]),
+            helper.make_node("Cast", [f"{name}_rounded"], [f"{name}_codes"], to=code_type)]
+
+
+def int8_attention():
+    """Attention with both products on the CPU's integer units (MatMulInteger): q and k as int8 per
+    head (QK-layernorm keeps every token at a like scale), v per head and channel, the softmax's
+    probabilities as uint8 per row; scores and softmax in fp32. Issue 24's question: do int8
+    products make prompt-step attention cheaper than GroupQueryAttention's fp32 kernel?"""
+    return [*_int8_codes("q", "per_head"), *_int8_codes("present_key", "per_head"),
+            *_int8_codes("present_value", "per_channel"),
+            helper.make_node("Transpose", ["present_key_codes"], ["key_codes_t"], perm=[0, 1, 3, 2]),
+            helper.make_node("MatMulInteger", ["q_codes", "key_codes_t"], ["scores_int"]),
+            helper.make_node("Cast", ["scores_int"], ["scores_codes"], to=F32),
+            helper.make_node("Mul", ["q_scale", "present_key_scale"], ["qk_scale"]),
+            helper.make_node("Mul", ["qk_scale", "scale"], ["score_scale"]),
+            helper.make_node("Mul", ["scores_codes", "score_scale"], ["scores"]),
+            helper.make_node("Where", ["allowed", "scores", "masked"], ["masked_scores"]),
+            helper.make_node("Softmax", ["masked_scores"], ["probs"], axis=-1),
+            *_int8_codes("probs", "per_row", TensorProto.UINT8, "c255"),
+            helper.make_node("MatMulInteger", ["probs_codes", "present_value_codes"], ["out_int"]),
+            helper.make_node("Cast", ["out_int"], ["out_codes"], to=F32),
+            helper.make_node("Mul", ["out_codes", "probs_scale"], ["out_rows"]),
+            helper.make_node("Mul", ["out_rows", "present_value_scale"], ["out"])]
 
 
 def gqa(heads, head_dim):
@@ -132,7 +174,8 @@ def run_case(kind, session, heads, head_dim, first, tokens, slots, repeats):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = BenchmarkParser(__doc__, "attention.json", dict(heads=2, head_dim=16, prompt=32, capacities=[64],
+                                                             repeats=1))
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=1024)
@@ -142,17 +185,22 @@ def main() -> None:
     heads, head_dim, prompt = args.heads, args.head_dim, args.prompt
     print(f"onnxruntime {ort.__version__}, {machine()}, "
           f"load {os.getloadavg()[0]:.2f}; {heads} heads x {head_dim}, batch 1, fp32")
-    sessions = {"matmul": scatter_then("matmul", heads, head_dim), "attention": scatter_then("attention", heads, head_dim),
-                "gqa": gqa(heads, head_dim)}
+    sessions = {kind: scatter_then(kind, heads, head_dim) for kind in ("matmul", "int8", "attention")}
+    sessions["gqa"] = gqa(heads, head_dim)
+    rows = []
     whole = -(-(prompt + 1) // 256) * 256  # the whole layout's cache length after the first decode step
     for role, first, tokens in (("prefill", 0, prompt), ("decode", prompt, 1)):
         for kind, session in sessions.items():
-            capacities = [-(-(first + tokens) // 256) * 256 if role == "prefill" else whole] if kind == "matmul" \
-                else args.capacities
+            grown = -(-(first + tokens) // 256) * 256 if role == "prefill" else whole
+            capacities = [grown] if kind in ("matmul", "int8") else args.capacities
             for slots in capacities:
                 median, p90, diff = run_case(kind, session, heads, head_dim, first, tokens, slots, args.repeats)
+                rows.append({"role": role, "op": kind, "cache_slots": slots, "median_ms": median, "p90_ms": p90,
+                             "max_abs_diff": diff})
                 print(f"{role:8s} {kind:10s} cache {slots:5d} slots: median {median:8.3f} ms  p90 {p90:8.3f} ms  "
                       f"max|diff| {diff:.1e}")
+    write_json(args.json, {"machine": machine(), "cpu": cpu_features(), "onnxruntime": ort.__version__,
+                           "heads": heads, "head_dim": head_dim, "prompt": prompt, "rows": rows})
 
 
 if __name__ == "__main__":

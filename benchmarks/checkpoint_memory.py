@@ -1,23 +1,28 @@
 """Peak memory of loading a Persimmon-8B-shaped checkpoint (random weights, written here).
 
-    .venv/bin/python benchmarks/checkpoint_memory.py --dir /tmp/persimmon-8b-shaped [--layers 36] [--keep]
+    .venv/bin/python benchmarks/checkpoint_memory.py [--dir /tmp/persimmon-8b-shaped] [--layers 36] [--keep]
 
 Writes an 8B-shaped bf16 checkpoint in 2 GiB safetensors shards (about 18.8 GB; scale it down
-with --layers), then loads it in a fresh process with `load_model` and reports wall time, peak
-RSS (ru_maxrss, which also counts memory-mapped file pages) and peak anonymous memory (sampled
-RssAnon: what the process really holds). Deletes the checkpoint unless --keep.
+with --layers) unless --dir already holds a checkpoint, then loads it in a fresh process with
+`load_model` and reports wall time, peak RSS (ru_maxrss, which also counts memory-mapped file
+pages) and peak anonymous memory (sampled RssAnon: what the process really holds). Deletes the
+checkpoint it wrote unless --keep (a checkpoint it found is left alone). Writes
+benchmarks/results/checkpoint_memory.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+
+from cli import BenchmarkParser, write_json
+from workload import SHAPES, shape_sizes
 
 LOADER = r"""
 import json, resource, sys, threading, time
@@ -44,15 +49,30 @@ print(json.dumps({"load_seconds": round(seconds, 1), "weight_bytes": weights,
 """
 
 
-def write_checkpoint(directory: str, layers: int, extra_files: dict | None = None) -> float:
+def checkpoint_config(shape: str, layers: int):
+    """The PersimmonConfig of a random checkpoint: `shape` "8B" or a benchmarks/workload.py config, `layers` layers."""
+    from persimmon_export import PersimmonConfig
+
+    return PersimmonConfig(**{**shape_sizes(shape), "num_hidden_layers": layers, "torch_dtype": "bfloat16"})
+
+
+def parameter_shapes(config) -> dict:
     import torch
 
-    from persimmon_export import PersimmonConfig, PersimmonForCausalLM
+    from persimmon_export import PersimmonForCausalLM
+
+    with torch.device("meta"):
+        return {k: v.shape for k, v in PersimmonForCausalLM(config).state_dict().items()}
+
+
+def write_checkpoint(directory: str, layers: int, extra_files: dict | None = None, shape: str = "8B") -> float:
+    """Write a random bf16 checkpoint (checkpoint_config); returns the seconds it took."""
+    import torch
+
     from persimmon_export.load.checkpoint import save_checkpoint
 
-    config = PersimmonConfig(num_hidden_layers=layers, torch_dtype="bfloat16")  # 8B shape by default
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in PersimmonForCausalLM(config).state_dict().items()}
+    config = checkpoint_config(shape, layers)
+    shapes = parameter_shapes(config)
     generator = torch.Generator().manual_seed(0)
 
     def tensors():
@@ -65,25 +85,36 @@ def write_checkpoint(directory: str, layers: int, extra_files: dict | None = Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", default="/tmp/persimmon-8b-shaped")
+    parser = BenchmarkParser(__doc__, "checkpoint_memory.json", dict(shape="30M", layers=2, dir=""))
+    parser.add_argument("--dir", default="",
+                        help="a checkpoint to load, or where to write one (default: a new temporary folder)")
+    parser.add_argument("--shape", default="8B", choices=SHAPES, help="the checkpoint written (default 8B)")
     parser.add_argument("--layers", type=int, default=36)
-    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoint this run wrote")
     args = parser.parse_args()
+    directory = args.dir or os.path.join(tempfile.mkdtemp(prefix="persimmon-checkpoint-"), "checkpoint")
+    wrote = not os.path.exists(os.path.join(directory, "config.json"))
     try:
-        if not os.path.exists(os.path.join(args.dir, "config.json")):
-            print(f"writing {args.layers}-layer 8B-shaped checkpoint to {args.dir} ...", flush=True)
-            print(f"  written in {write_checkpoint(args.dir, args.layers):.0f}s", flush=True)
+        if wrote:
+            if os.path.exists(directory):
+                wrote = False  # nothing of ours to delete
+                raise SystemExit(f"--dir {directory}: exists and holds no checkpoint (no config.json); pass a "
+                                 "checkpoint or a folder that does not exist yet")
+            print(f"writing {args.layers}-layer {args.shape}-shaped checkpoint to {directory} ...", flush=True)
+            print(f"  written in {write_checkpoint(directory, args.layers, shape=args.shape):.0f}s", flush=True)
         print("loading in a fresh process ...", flush=True)
-        out = subprocess.run([sys.executable, "-c", LOADER, args.dir], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", LOADER, directory], capture_output=True, text=True, check=True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
-        if not args.keep:
-            shutil.rmtree(args.dir, ignore_errors=True)
+        if args.keep and wrote:
+            print(f"kept the checkpoint in {directory} (load it again with --dir {directory})", flush=True)
+        elif wrote:  # never what we did not write
+            shutil.rmtree(os.path.dirname(directory) if not args.dir else directory, ignore_errors=True)
     gib = 2**30
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, " \
                         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / gib:.0f} GiB"
-    print(json.dumps(result, indent=2))
+    result.update(shape=args.shape if wrote else f"loaded from {directory}", layers=args.layers if wrote else None)
+    write_json(args.json, result)
     print(f"weights {result['weight_bytes'] / gib:.2f} GiB; peak anonymous memory "
           f"{result['peak_anon_bytes'] / gib:.2f} GiB ({result['peak_anon_bytes'] / result['weight_bytes']:.2f}x); "
           f"peak RSS incl. mapped file pages {result['peak_rss_bytes'] / gib:.2f} GiB; "

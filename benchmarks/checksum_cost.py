@@ -20,7 +20,6 @@ the end. Writes benchmarks/results/checksum_cost.json.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import hashlib
 import json
@@ -32,13 +31,13 @@ import subprocess
 import tempfile
 import time
 
+from cli import BenchmarkParser, write_json
 from machine import cpu_model
 from persimmon_runtime import verify
 from persimmon_runtime.manifest import FileEntry
 
 BUILD_8B_BYTES = 18.8e9  # Persimmon-8B's weights in fp16/bf16: 9.40e9 parameters x 2 bytes
 BLOCK = 1 << 24
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "checksum_cost.json")
 
 
 def machine_facts() -> dict:
@@ -121,7 +120,7 @@ def in_memory_rate(megabytes: int = 512) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser(__doc__.split("\n\n")[0], "checksum_cost.json", dict(size_gb=0.01, repeats=1))
     parser.add_argument("--size-gb", type=float, default=4.0, help="size of the file to verify, in GB (1e9 bytes)")
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to write it (default: the temp folder)")
     parser.add_argument("--repeats", type=int, default=2, help="cold and warm runs each")
@@ -152,10 +151,8 @@ def main() -> None:
     runs["extrapolated_8b_seconds"] = {state: BUILD_8B_BYTES / (rate * 1e9) for state, rate in best.items()}
     facts["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     result = {"file_bytes": size, **facts, **runs}
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        json.dump(result, f, indent=1)
     print(json.dumps(result, indent=1))
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/decode_capacity.py [--context 200] [--steps 32] [--capacities 256 4096]
 
-Builds a ~134M-parameter Persimmon (random weights, fp32) once per capacity, prefills the same
-`--context` tokens, then times decode steps. With the cache updated in place and attention
+Builds a ~134M-parameter Persimmon (random weights, fp32; --config for another shape) once per
+capacity, prefills the same `--context` tokens, then times decode steps. With the cache updated in place and attention
 reading only the slots in use, the step time must not grow with capacity: target ratio
 (largest / smallest capacity) <= 1.3. For contrast, the largest build is also timed with a
 plain `session.run` (no IO binding), which copies every cache tensor in and out each step.
@@ -12,13 +12,13 @@ Writes benchmarks/results/decode_capacity.json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import tempfile
 
 import numpy as np
+from cli import BenchmarkParser, write_json
 from machine import machine, timed
+from workload import CONFIGS, VOCAB
 
 from persimmon_export import PersimmonConfig
 from persimmon_export.build import build
@@ -30,13 +30,12 @@ from persimmon_runtime.backends import decode, prefill
 from persimmon_runtime.backends.step import step_feeds
 from persimmon_runtime.generator import Generator
 
-CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-              num_attention_heads=12, max_position_embeddings=8192)
+SHAPES = {"134M": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+          **CONFIGS}
 
 
-def measure_capacity(context: int, steps: int, capacities) -> dict:
+def measure_capacity(config: PersimmonConfig, context: int, steps: int, capacities) -> dict:
     """Median decode step seconds per capacity (in place), plus plain session.run at the largest."""
-    config = PersimmonConfig(**CONFIG)
     prompt = np.random.default_rng(0).integers(0, config.vocab_size, context).tolist()
     results = {}
     with tempfile.TemporaryDirectory() as work:
@@ -76,17 +75,19 @@ def measure_capacity(context: int, steps: int, capacities) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = BenchmarkParser(__doc__, "decode_capacity.json", dict(config="30M", context=16, steps=2,
+                                                                   capacities=[32, 64]))
+    parser.add_argument("--config", default="134M", choices=list(SHAPES), help="the model's shape (default 134M)")
     parser.add_argument("--context", type=int, default=200)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--capacities", type=int, nargs="+", default=[256, 4096])
     args = parser.parse_args()
-    report = measure_capacity(args.context, args.steps, args.capacities)
-    report["params"] = sum(p.numel() for p in random_model(PersimmonConfig(**CONFIG)).parameters())
+    config = PersimmonConfig(vocab_size=VOCAB, max_position_embeddings=8192, **SHAPES[args.config])
+    report = measure_capacity(config, args.context, args.steps, args.capacities)
+    report["config"] = args.config
+    report["params"] = sum(p.numel() for p in random_model(config).parameters())
     report["machine"] = machine()
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "decode_capacity.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(args.json, report)
     small, large = min(args.capacities), max(args.capacities)
     print(f"ratio capacity {large} / {small}: {report['ratio']:.2f} "
           f"(target <= 1.3: {'PASS' if report['pass'] else 'FAIL'})")

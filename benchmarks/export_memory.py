@@ -1,6 +1,6 @@
 """Peak memory and wall time of `persimmon-export build` on a Persimmon-8B-shaped checkpoint.
 
-    .venv/bin/python benchmarks/export_memory.py [--work /tmp/persimmon-export-bench] [--layers 36]
+    .venv/bin/python benchmarks/export_memory.py [--work /tmp] [--layers 36]
     nice -n 10 .venv/bin/python benchmarks/export_memory.py --backend tensorrt-rtx [--layers 36] \
         [--json benchmarks/results/engine_8b.json]
     nice -n 10 .venv/bin/python benchmarks/export_memory.py --weights int4   # a weight-only int4 export
@@ -12,28 +12,30 @@ RssAnon, what the process really holds; RSS also counts memory-mapped checkpoint
 Target for the ONNX export: peak RSS < 8 GiB. With --backend tensorrt-rtx the build also
 compiles a TensorRT-RTX engine (no GPU needed); the export and the engine phases are then
 reported apart (time, and peak memory up to the end of the export), with the engine's size.
-Refuses to start unless the disk keeps 10 GB free after everything it will write.
-Deletes everything it wrote.
+Refuses to start unless the disk keeps 10 GB free after everything it will write. Works in a new
+folder under --work and deletes it at the end. Prints the result (--json: also writes it there).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
-from checkpoint_memory import write_checkpoint
+from checkpoint_memory import checkpoint_config, parameter_shapes, write_checkpoint
+from cli import BenchmarkParser, results_dir, write_json
 from machine import cpu_model
+from workload import SHAPES
 
 GIB = 2**30
 FULL_LAYERS = 36
-CHECKPOINT_BYTES_8B = 18.8e9  # bf16, 36 layers; fp16 ONNX weights are the same size
 DISK_MARGIN_BYTES = 10e9      # never leave less free than this (others share the disk)
 
 
@@ -71,10 +73,10 @@ def guard_memory(child: subprocess.Popen, floor_bytes: int, result: dict) -> Non
         time.sleep(0.2)
 
 
-def check_disk(work: str, layers: int, backend: str) -> None:
+def check_disk(work: str, shape: str, layers: int, backend: str) -> None:
     """Refuse to start when checkpoint + ONNX (+ an engine up to the ONNX's size) would leave
     less than DISK_MARGIN_BYTES free: a full disk stops everyone on this machine."""
-    weights = CHECKPOINT_BYTES_8B * (0.23 + 0.77 * layers / FULL_LAYERS)  # embeddings are ~23% of 8B
+    weights = 2 * sum(math.prod(s) for s in parameter_shapes(checkpoint_config(shape, layers)).values())  # 16-bit
     needed = weights * (3 if backend == "tensorrt-rtx" else 2)
     parent = os.path.dirname(os.path.abspath(work))
     free = shutil.disk_usage(parent).free
@@ -147,8 +149,11 @@ def output_sizes(out: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default="/tmp/persimmon-export-bench")
+    parser = BenchmarkParser(__doc__, None, dict(shape="30M", layers=2))
+    parser.add_argument("--work", default=tempfile.gettempdir(),
+                        help="where to write the checkpoint and the build, in a new folder deleted at the end "
+                             "(default: the temp folder)")
+    parser.add_argument("--shape", default="8B", choices=SHAPES, help="the checkpoint's shape (default 8B)")
     parser.add_argument("--layers", type=int, default=FULL_LAYERS)
     parser.add_argument("--backend", choices=["onnxruntime", "tensorrt-rtx"], default="onnxruntime",
                         help="tensorrt-rtx also builds an engine (default: the ONNX export only)")
@@ -156,21 +161,22 @@ def main() -> None:
                         help="extra `persimmon-export build` argument, repeatable (e.g. --build-arg=--opt-level=0)")
     parser.add_argument("--weights", choices=["int8", "int4"],
                         help="build --weights: linear weights stored as int8/int4 codes (default: fp16)")
-    parser.add_argument("--json", help="also write the result to this file")
     parser.add_argument("--memory-floor-gib", type=float, default=1.0,
                         help="stop the build when the machine has less available memory than this (default 1)")
     args = parser.parse_args()
-    check_disk(args.work, args.layers, args.backend)
-    checkpoint, out = os.path.join(args.work, "checkpoint"), os.path.join(args.work, "build")
+    if not os.path.isdir(args.work):
+        parser.error(f"--work {args.work}: no such folder")
+    check_disk(args.work, args.shape, args.layers, args.backend)
+    work = tempfile.mkdtemp(dir=args.work, prefix="persimmon-export-bench-")  # ours alone: deleted at the end
+    checkpoint, out = os.path.join(work, "checkpoint"), os.path.join(work, "build")
     try:
         from persimmon_export.demo import train_tokenizer
         from persimmon_export.load.checkpoint import tokenizer_files
         from persimmon_runtime import Tokenizer
 
-        os.makedirs(args.work, exist_ok=True)
-        tokenizer = Tokenizer(train_tokenizer(os.path.join(args.work, "sp.model")))
-        print(f"writing {args.layers}-layer 8B-shaped checkpoint to {checkpoint} ...", flush=True)
-        seconds = write_checkpoint(checkpoint, args.layers, extra_files=tokenizer_files(tokenizer))
+        tokenizer = Tokenizer(train_tokenizer(os.path.join(work, "sp.model")))
+        print(f"writing {args.layers}-layer {args.shape}-shaped checkpoint to {checkpoint} ...", flush=True)
+        seconds = write_checkpoint(checkpoint, args.layers, extra_files=tokenizer_files(tokenizer), shape=args.shape)
         print(f"  written in {seconds:.0f}s", flush=True)
         exe = os.path.join(os.path.dirname(sys.executable), "persimmon-export")
         command = [exe, "build", "--checkpoint", checkpoint, "--out", out, "--dtype", "float16",
@@ -181,16 +187,14 @@ def main() -> None:
         measured = run_build(command, int(args.memory_floor_gib * GIB))
         sizes = output_sizes(out)
     finally:
-        shutil.rmtree(args.work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     info = machine()
-    result = {"layers": args.layers, "backend": args.backend, "weights": args.weights or "float16",
+    result = {"shape": args.shape, "layers": args.layers, "backend": args.backend, "weights": args.weights or "float16",
               "build_args": args.build_arg, **measured, **sizes,
               "machine": info["description"], "machine_details": info}
     print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+    if args.json or args.smoke:
+        write_json(args.json or os.path.join(results_dir(True), "export_memory.json"), result)
     export_peak = result.get("export_peak_rss_bytes", result["peak_rss_bytes"])  # the target is the export's
     verdict = "PASS" if export_peak < 8 * GIB else "FAIL"
     print(f"build of {sizes['onnx_data_bytes'] / GIB:.2f} GiB {args.weights or 'fp16'} weights: {measured['build_seconds']:.0f}s, "

@@ -13,8 +13,6 @@ benchmarks/results/gpu_decode_step.json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -25,6 +23,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "exporter"))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "runtime"))
+from cli import BenchmarkParser, results_dir, write_json  # noqa: E402
+from workload import SHAPES, shape_sizes  # noqa: E402
+
 from persimmon_export.config import PersimmonConfig  # noqa: E402
 from persimmon_export.reference.model import PersimmonForCausalLM  # noqa: E402
 from persimmon_runtime.sampling import Sampler, SamplingParams, sample  # noqa: E402
@@ -63,17 +64,21 @@ def sample_ms(logits: np.ndarray, settings: dict, repeats: int = 20) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = BenchmarkParser(__doc__, None, dict(shape="30M", batches=[1], context=16))
+    parser.add_argument("--shape", default="8B", choices=SHAPES, help="the model's shape (default 8B)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--context", type=int, default=1024)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_decode_step.py: no CUDA device visible to torch; this benchmark needs a GPU")
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float16)
     started = time.perf_counter()
     with torch.device("cuda"):
-        model = PersimmonForCausalLM(PersimmonConfig()).eval()
+        model = PersimmonForCausalLM(PersimmonConfig(**shape_sizes(args.shape))).eval()
     torch.set_default_dtype(torch.float32)
-    print(f"8B-shaped model on {torch.cuda.get_device_name()}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B "
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"{args.shape}-shaped model on {torch.cuda.get_device_name()}: {parameters / 1e9:.2f}B "
           f"parameters, made in {time.perf_counter() - started:.0f} s", flush=True)
     rows = []
     for batch in args.batches:
@@ -83,10 +88,9 @@ def main() -> None:
         print(f"batch {batch}: decode step {step:.2f} ms; sampling " +
               ", ".join(f"{name} {ms:.2f} ms ({ms / step:.0%} of the step)" for name, ms in costs.items()), flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cpu_cores": os.cpu_count(),
-              "model": "torch reference, eager, fp16, random weights, 8B shape", "rows": rows}
-    out = os.environ.get("OUT") or os.path.join(HERE, "results")
-    with open(os.path.join(out, "gpu_decode_step.json"), "w") as f:
-        json.dump(result, f, indent=2)
+              "model": f"torch reference, eager, fp16, random weights, {args.shape} shape", "rows": rows}
+    out = os.environ.get("OUT") or results_dir(args.smoke)  # $OUT: the device machine's folder that comes back
+    write_json(args.json or os.path.join(out, "gpu_decode_step.json"), result)
 
 
 if __name__ == "__main__":

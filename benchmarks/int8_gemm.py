@@ -15,8 +15,6 @@ Writes benchmarks/results/int8_gemm.json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -27,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from cli import BenchmarkParser, write_json  # noqa: E402
 from machine import cpu_features  # noqa: E402
 
 CONTRIB = "com.microsoft"
@@ -83,12 +82,11 @@ def measure(blob: bytes, a: np.ndarray, repeats: int) -> tuple[float, np.ndarray
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = BenchmarkParser(__doc__, "int8_gemm.json", dict(rows=[1, 16], inner=64, outer=128, repeats=1))
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
     parser.add_argument("--inner", type=int, default=1024)
     parser.add_argument("--outer", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--json", default=os.path.join(HERE, "results", "int8_gemm.json"))
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((args.inner, args.outer)) * 0.02).astype(np.float32)
@@ -106,10 +104,8 @@ def main() -> None:
             results.append({"rows": rows, "op": name, "ms": seconds * 1e3, "gflop_s": flops / 1e9, "error": error})
             print(f"M {rows:5d}  {name:38s} {seconds * 1e3:8.3f} ms {flops / 1e9:7.0f} GFLOP/s  error {error:.1e}",
                   flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"machine": features, "onnxruntime": ort.__version__, "inner": args.inner, "outer": args.outer,
-                   "results": results}, f, indent=2)
+    write_json(args.json, {"machine": features, "onnxruntime": ort.__version__, "inner": args.inner,
+                           "outer": args.outer, "results": results})
 
 
 if __name__ == "__main__":

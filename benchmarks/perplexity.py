@@ -5,7 +5,7 @@ steps to fit), so this trains a small Persimmon for a few minutes on text that s
 the standard library's own source files - and measures on files it did not train on:
 
     .venv/bin/python benchmarks/perplexity.py                     # ~6 min: train, build, evaluate
-    .venv/bin/python benchmarks/perplexity.py --train-seconds 20 --sequences 2 --json /tmp/p.json   # smoke run
+    .venv/bin/python benchmarks/perplexity.py --smoke            # a quick check that it runs
 
 Every held-out sequence (--prompt + --scored tokens) runs as a user's request does: the prompt in
 one step (the int8 prefill graph where it is on: >= min_tokens new tokens), then one decode step
@@ -17,9 +17,7 @@ transformers and the largest |dlogit| / max|logit|. Writes benchmarks/results/pe
 
 from __future__ import annotations
 
-import argparse
 import glob
-import json
 import math
 import os
 import sys
@@ -33,6 +31,7 @@ import transformers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from cli import BenchmarkParser, write_json  # noqa: E402
 from machine import cpu_features  # noqa: E402
 
 from persimmon_export.build import build  # noqa: E402
@@ -66,10 +65,12 @@ def corpus() -> tuple[list[str], list[str]]:
     return [t for i, t in enumerate(texts) if i % 10], [t for i, t in enumerate(texts) if i % 10 == 0]
 
 
-def train(work: str, train_seconds: float, seq: int = 256, batch: int = 16) -> tuple[str, Tokenizer, dict]:
-    """Train the tokenizer and the model for `train_seconds`; returns (checkpoint, tokenizer, log)."""
+def train(work: str, train_seconds: float, tokenizer_sources: int, seq: int = 256, batch: int = 16
+          ) -> tuple[str, Tokenizer, dict]:
+    """Train the tokenizer (on the first `tokenizer_sources` training files) and the model for
+    `train_seconds`; returns (checkpoint, tokenizer, log)."""
     train_texts, _ = corpus()
-    lines = [line for text in train_texts[:200] for line in text.splitlines() if line.strip()]
+    lines = [line for text in train_texts[:tokenizer_sources] for line in text.splitlines() if line.strip()]
     tokenizer = Tokenizer(train_tokenizer(os.path.join(work, "tokenizer.model"), texts=lines, vocab_size=VOCAB,
                                           repeat=1))
     ids = torch.tensor([t for text in train_texts for t in tokenizer.encode(text)], dtype=torch.long)
@@ -129,23 +130,28 @@ def ours(build_dir: str, setting: str, sequences: list[list[int]], prompt: int) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = BenchmarkParser(__doc__, "perplexity.json", dict(train_seconds=3, tokenizer_sources=10, sequences=2,
+                                                             prompt=16, scored=8, builds=["float32", "int4 kv-int8"]))
     parser.add_argument("--train-seconds", type=float, default=300.0)
+    parser.add_argument("--tokenizer-sources", type=int, default=200,
+                        help="standard library files the tokenizer trains on (default 200)")
     parser.add_argument("--sequences", type=int, default=32, help="held-out sequences (default 32)")
     parser.add_argument("--prompt", type=int, default=128, help="tokens in each sequence's prompt step (default 128)")
     parser.add_argument("--scored", type=int, default=128, help="tokens scored after it (default 128)")
-    parser.add_argument("--json", default=os.path.join(HERE, "results", "perplexity.json"))
+    parser.add_argument("--builds", nargs="+", default=list(BUILDS), choices=list(BUILDS), metavar="BUILD",
+                        help=f"which builds (default all: {', '.join(repr(b) for b in BUILDS)})")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as work:
-        checkpoint, tokenizer, training = train(work, args.train_seconds)
+        checkpoint, tokenizer, training = train(work, args.train_seconds, args.tokenizer_sources)
         sequences = held_out_sequences(tokenizer, args.sequences, args.prompt + args.scored)
         targets = [np.array(ids[args.prompt:]) for ids in sequences]
         hf = transformers.PersimmonForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
         with torch.no_grad():
             reference = [hf(torch.tensor([ids])).logits[0, args.prompt - 1:-1].numpy() for ids in sequences]
         rows = [summarize("transformers float32", "", reference, reference, targets)]
-        for label, (options, settings) in BUILDS.items():
+        for label in args.builds:
+            options, settings = BUILDS[label]
             out = os.path.join(work, f"build-{label}")
             build(checkpoint, out, BuildOptions(backend="onnxruntime", max_batch=1,
                                                 kv_capacity=args.prompt + args.scored,
@@ -161,9 +167,7 @@ def main() -> None:
               f"max|dlogit|/max|logit| {row['max_rel_logit_error']:.2%}", flush=True)
     report = {"machine": cpu_features(), "model": MODEL, "vocab_size": tokenizer.vocab_size, "training": training,
               "sequences": len(sequences), "prompt_tokens": args.prompt, "scored_tokens": args.scored, "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(args.json, report)
 
 
 def summarize(runtime: str, kernels: str, logits: list[np.ndarray], reference: list[np.ndarray],

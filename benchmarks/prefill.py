@@ -13,6 +13,7 @@
 3. A tiny 2-head model with a 16,384-slot cache: peak RSS of a fresh process that prefills a
    16K-token prompt through `Generator.generate(max_new_tokens=1)`, in one step
    (prefill_chunk=16384: what the runtime did before chunking) and with the default chunk.
+--config, --prompt and --long-prompt change those sizes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from cli import BenchmarkParser, write_json  # noqa: E402
 from machine import cpu_model  # noqa: E402
 from workload import CONFIGS, VOCAB  # noqa: E402
 
@@ -43,7 +45,6 @@ from persimmon_runtime.generator import Generator  # noqa: E402
 from persimmon_runtime.scheduler import PREFILL_CHUNK  # noqa: E402
 
 CHUNKS = (64, 128, 256, 512, 1024)
-LONG_CAPACITY = 16384
 
 
 def make_build(root: str, name: str, config: dict, kv_capacity: int, max_batch: int = 1) -> str:
@@ -65,14 +66,14 @@ def prefill_seconds(backend, prompt: np.ndarray, chunk: int) -> float:
     return time.perf_counter() - started
 
 
-def throughput(backend, repeats: int) -> dict:
-    prompt = np.random.default_rng(0).integers(3, VOCAB, 1024)
+def throughput(backend, repeats: int, tokens: int) -> dict:
+    prompt = np.random.default_rng(0).integers(3, VOCAB, tokens)
     results = {}
-    for chunk in CHUNKS:
+    for chunk in [c for c in CHUNKS if c <= tokens]:
         prefill_seconds(backend, prompt, chunk)  # warm-up
         best = min(prefill_seconds(backend, prompt, chunk) for _ in range(repeats))
         results[chunk] = len(prompt) / best
-        print(f"  1024-token prefill, chunk {chunk:5d}: {results[chunk]:8.0f} tok/s", flush=True)
+        print(f"  {tokens}-token prefill, chunk {chunk:5d}: {results[chunk]:8.0f} tok/s", flush=True)
     return results
 
 
@@ -114,7 +115,7 @@ def peak_rss_child(build_dir: str, chunk: int) -> None:
     generator = Generator.load(build_dir, prefill_chunk=chunk)
     tokenizer = generator.tokenizer
     words = np.random.default_rng(1).choice(["alpha", "beta", "gamma", "delta", "fox", "dog", "東京", "7"], 20000)
-    ids = tokenizer.encode(" ".join(words))[:LONG_CAPACITY - 400]
+    ids = tokenizer.encode(" ".join(words))[:generator.manifest.kv_capacity - 400]
     prompt = tokenizer.decode(ids)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak (VmHWM) to the current RSS: the peak below is the prefill's
@@ -128,47 +129,49 @@ def _status_mib(field: str) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
-def peak_memory(root: str) -> dict:
+def peak_memory(root: str, capacity: int) -> dict:
     config = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                  max_position_embeddings=LONG_CAPACITY)
-    build_dir = make_build(root, "long", config, kv_capacity=LONG_CAPACITY)
+                  max_position_embeddings=capacity)
+    build_dir = make_build(root, "long", config, kv_capacity=capacity)
     results = {}
-    for label, chunk in (("one_step", LONG_CAPACITY), ("chunked", PREFILL_CHUNK)):
+    for label, chunk in (("one_step", capacity), ("chunked", PREFILL_CHUNK)):
         started = time.perf_counter()
         out = subprocess.run([sys.executable, __file__, "--child", build_dir, str(chunk)], check=True,
                              capture_output=True, text=True).stdout
         results[label] = {**json.loads(out.strip().splitlines()[-1]), "chunk": chunk,
                           "seconds": time.perf_counter() - started}
-        print(f"  16K-token prompt, {label} (chunk {chunk}): peak RSS {results[label]['peak_rss_mib']:.0f} MiB "
+        print(f"  {capacity}-slot cache's long prompt, {label} (chunk {chunk}): peak RSS "
+              f"{results[label]['peak_rss_mib']:.0f} MiB "
               f"({results[label]['tokens']} tokens)", flush=True)
     return results
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = BenchmarkParser(__doc__, "prefill.json", dict(config="30M", prompt=128, long_prompt=1024, quick=True))
     parser.add_argument("--quick", action="store_true", help="1 timed repeat instead of 3")
+    parser.add_argument("--config", default="100M", choices=list(CONFIGS), help="parts 1 and 2 (default 100M)")
+    parser.add_argument("--prompt", type=int, default=1024, help="part 1's prompt tokens (default 1024)")
+    parser.add_argument("--long-prompt", type=int, default=16384, help="part 3's cache slots (default 16384)")
     parser.add_argument("--child", nargs=2, metavar=("BUILD", "CHUNK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return peak_rss_child(args.child[0], int(args.child[1]))
     repeats = 1 if args.quick else 3
     with tempfile.TemporaryDirectory() as root:
-        config = dict(vocab_size=VOCAB, max_position_embeddings=4096, **CONFIGS["100M"])
-        build_dir = make_build(root, "100M", config, kv_capacity=2048, max_batch=8)
+        config = dict(vocab_size=VOCAB, max_position_embeddings=4096, **CONFIGS[args.config])
+        build_dir = make_build(root, args.config, config, kv_capacity=2048, max_batch=8)
         backend = Generator.load(build_dir).backend
-        print("prefill throughput (100M config):", flush=True)
-        rates = throughput(backend, repeats)
-        print("a newcomer's chunk beside 7 decoding rows (100M config):", flush=True)
+        print(f"prefill throughput ({args.config} config):", flush=True)
+        rates = throughput(backend, repeats, args.prompt)
+        print(f"a newcomer's chunk beside 7 decoding rows ({args.config} config):", flush=True)
         placement = mixed_or_separate(backend, repeats)
-        print("peak memory of a 16K-token prefill (2 heads, 16K cache):", flush=True)
-        memory = peak_memory(root)
+        print(f"peak memory of a long prefill (2 heads, {args.long_prompt}-slot cache):", flush=True)
+        memory = peak_memory(root, args.long_prompt)
     result = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
-              "default_chunk": PREFILL_CHUNK, "prefill_tok_s_1024": rates,
-              "newcomer_chunk_round_s": placement, "peak_rss_16k": memory}
-    path = os.path.join(HERE, "results", "prefill.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {path}")
+              "config": args.config, "default_chunk": PREFILL_CHUNK, "prompt_tokens": args.prompt,
+              "prefill_tok_s": rates,
+              "newcomer_chunk_round_s": placement, "long_prompt_slots": args.long_prompt, "peak_rss_16k": memory}
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -10,20 +10,12 @@ tokens/s at batch 1 after a 1024-token prompt (the onnxruntime backend's step: t
 bytes, and accuracy against the fp32 torch reference
 (`persimmon-export parity`: max |dlogit| / max |logit|, top-1 agreement, greedy rows identical
 over its three prompts and 8 decode steps). Prints one line per variant with the cores other work
-used meanwhile, and writes benchmarks/results/quantized.json.
-
-    .venv/bin/python benchmarks/quantized.py --against-openvino --configs 100M 300M
-
-runs instead benchmarks/run.py's measurement (greedy generation timed per token through the
-Generator, and OpenVINO through optimum-intel in .venv-openvino) at batch 1 after a 1024-token
-prompt for our int8 / int4 builds and OpenVINO's int8 / int4, and prints the issue's targets
-(int8 decode >= 1.0x OpenVINO int8, int4 faster than int8); it writes nothing.
+used meanwhile, and writes benchmarks/results/quantized.json. Against OpenVINO's int8 / int4:
+`benchmarks/run.py --quick --prompts 1024 --precisions int8 int4 --openvino int8 int4`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
@@ -34,6 +26,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from cache_layouts import decode_times  # noqa: E402
+from cli import BenchmarkParser, write_json  # noqa: E402
 from machine import CpuShare, cpu_note, machine  # noqa: E402
 from workload import CONFIGS, prompt_texts, random_checkpoint  # noqa: E402
 
@@ -56,7 +49,6 @@ VARIANTS = {
     "int4-block64": {"weights": "int4", "block_size": 64},
     "int4-block128": {"weights": "int4", "block_size": 128},
 }
-PROMPT_TOKENS = 1024
 INT8_COMPUTE = quantize.INT8_COMPUTE
 
 
@@ -64,13 +56,13 @@ def weight_bytes(build_dir: str) -> int:
     return os.path.getsize(os.path.join(build_dir, "model.onnx.data"))
 
 
-def build_variant(checkpoint: str, work: str, label: str, steps: int) -> str:
+def build_variant(checkpoint: str, work: str, label: str, tokens: int) -> str:
     out = os.path.join(work, label)
     options = dict(VARIANTS[label])
     quantize.INT8_COMPUTE = options.pop("accuracy_level", INT8_COMPUTE)
     try:
         build(checkpoint, out, BuildOptions(dtype="float32", backend="onnxruntime", max_batch=4,
-                                            kv_capacity=PROMPT_TOKENS + steps + 8, overwrite=True, **options))
+                                            kv_capacity=tokens + 8, overwrite=True, **options))
     finally:
         quantize.INT8_COMPUTE = INT8_COMPUTE
     return out
@@ -104,41 +96,26 @@ def _largest_logit(parity) -> float:
     return parity.bound / spec["max_abs"] if spec["relative"] else float("nan")
 
 
-def against_openvino(configs: list[str], new_tokens: int, wait_idle_s: float) -> None:
-    import run
-
-    with tempfile.TemporaryDirectory() as work:
-        results = {name: run.run_config(name, work, [1], [PROMPT_TOKENS], new_tokens, wait_idle_s, 32,
-                                        ["int8", "int4"], ["int8", "int4"], repeats=1) for name in configs}
-    for target, passed, measured in run.targets(results, PROMPT_TOKENS):
-        if "decode" in target and ("int8" in target or "int4" in target):
-            print(f"{target}: {measured} {'PASS' if passed else 'FAIL' if passed is False else ''}", flush=True)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = BenchmarkParser(__doc__.split("\n\n")[0], "quantized.json",
+                             dict(configs=["30M"], variants=["fp32", "int4"], steps=2, rounds=1, prompt=32))
     parser.add_argument("--configs", nargs="+", default=["100M", "300M"], choices=list(CONFIGS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per round (default 16)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over the variants, in turn (default 3)")
+    parser.add_argument("--prompt", type=int, default=1024, help="prompt tokens before the decode steps (default 1024)")
     parser.add_argument("--speed-only", action="store_true", help="skip the accuracy (parity) runs")
-    parser.add_argument("--against-openvino", action="store_true",
-                        help="time int8/int4 against OpenVINO's int8/int4 with benchmarks/run.py's method instead")
-    parser.add_argument("--wait-idle", type=float, default=60.0,
-                        help="--against-openvino: seconds to wait before each measurement for other work to stop")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    if args.against_openvino:
-        return against_openvino(args.configs, 64, args.wait_idle)
     print(f"machine: {machine()}", flush=True)
-    results = {"machine": machine(), "prompt_tokens": PROMPT_TOKENS, "configs": {}}
+    results = {"machine": machine(), "prompt_tokens": args.prompt, "configs": {}}
     with tempfile.TemporaryDirectory() as work:
         for name in args.configs:
             checkpoint, first_added = random_checkpoint(work, name)
             tokenizer_file = os.path.join(checkpoint, "tokenizer.model")
-            [text] = prompt_texts(tokenizer_file, first_added, 1, PROMPT_TOKENS, seed=PROMPT_TOKENS)
+            [text] = prompt_texts(tokenizer_file, first_added, 1, args.prompt, seed=args.prompt)
             prompt = Tokenizer(tokenizer_file).encode(text)
-            builds = {label: build_variant(checkpoint, os.path.join(work, name), label, args.steps)
+            builds = {label: build_variant(checkpoint, os.path.join(work, name), label, len(prompt) + args.steps)
                       for label in args.variants}
             rates = time_round_robin(builds, prompt, args.steps, args.rounds)
             rows = results["configs"][name] = {}
@@ -153,9 +130,7 @@ def main() -> None:
                     f"{row['top1']:.1%}  greedy rows {row['greedy_rows_identical']}/{row['rows']}")
                 print(f"{name} {label:18s} decode {rate:7.2f} tok/s ({speedup:.2f}x fp32)  weights "
                       f"{row['weight_bytes'] / 2**20:7.1f} MiB{figures}  {cpu_note(cpu)}", flush=True)
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "quantized.json"), "w") as f:
-        json.dump(results, f, indent=2, default=float)
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ ranges: this shows what the report looks like and how to read it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -23,6 +22,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(os.path.dirname(HERE), part) for part in ("exporter", "runtime")]
+from cli import BenchmarkParser, results_dir, write_json  # noqa: E402
+from workload import SHAPES, shape_sizes  # noqa: E402
+
 from persimmon_export.config import PersimmonConfig  # noqa: E402
 from persimmon_export.demo import random_model, train_tokenizer  # noqa: E402
 from persimmon_export.graph.export import relu2_scale  # noqa: E402
@@ -31,9 +33,12 @@ from persimmon_runtime import Tokenizer  # noqa: E402
 
 
 def main() -> None:
+    parser = BenchmarkParser(__doc__, None, dict(shape="30M"))
+    parser.add_argument("--shape", default="8B", choices=SHAPES, help="the model's shape (default 8B)")
+    args = parser.parse_args()
     started = time.perf_counter()
-    model = random_model(PersimmonConfig(), seed=0)
-    print(f"random 8B-shaped fp32 model in {time.perf_counter() - started:.0f} s", flush=True)
+    model = random_model(PersimmonConfig(**shape_sizes(args.shape)), seed=0)
+    print(f"random {args.shape}-shaped fp32 model in {time.perf_counter() - started:.0f} s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = Tokenizer(train_tokenizer(os.path.join(tmp, "tokenizer.model")))
     started = time.perf_counter()
@@ -48,9 +53,9 @@ def main() -> None:
         worst = max(range(len(values)), key=values.__getitem__)
         print(f"  {kind:20s} max |x| {values[worst]:10.4g} (layer {worst:2d})  headroom {65504 / values[worst]:9.3g}x")
     print(f"  {'logits':20s} max |x| {section.logits:10.4g}              headroom {65504 / section.logits:9.3g}x")
-    out = os.environ.get("OUT") or os.path.join(HERE, "results")
-    with open(os.path.join(out, "range_report_8b.json"), "w") as f:
-        json.dump(dataclasses.asdict(section), f, indent=1)
+    out = os.environ.get("OUT") or results_dir(args.smoke)  # $OUT: the device machine's folder that comes back
+    write_json(args.json or os.path.join(out, "range_report_8b.json"), {"shape": args.shape,
+                                                                         **dataclasses.asdict(section)})
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Writes benchmarks/results/latest.json and latest.png; prints PASS/FAIL per targe
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -38,6 +37,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from cli import BenchmarkParser, write_json  # noqa: E402
 from machine import CpuShare, cpu_features, cpu_note, fixed_work_jitter, machine, measure_bandwidth  # noqa: E402
 from step_timing import median_run, summarize, time_generate  # noqa: E402
 from workload import CONFIGS, prompt_texts, random_checkpoint  # noqa: E402
@@ -57,6 +57,8 @@ DEFAULT_PRECISIONS = ["float32", "int8", "int4"]
 # int8 prefill graph where the CPU has AMX-INT8 / VNNI (every build here has one: fp32 with --prefill int8)
 PREFILL_SETTINGS = {"off": "", "auto": " +int8 prefill"}  # setting -> runtime label suffix
 MAX_BATCH = 8
+SMOKE = dict(configs=["30M"], quick=True, repeats=1, new_tokens=4, prompts=[16], precisions=["float32", "int4"],
+             openvino=["fp32-exact"], wait_idle=0, bandwidth_gib=1 / 16)
 
 
 def time_ours(generator: Generator, texts: list[str], new_tokens: int) -> tuple[dict, list[int]]:
@@ -312,7 +314,7 @@ def chart(results: dict, context: int, path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = BenchmarkParser(__doc__, "latest.json", SMOKE)
     parser.add_argument("--configs", nargs="+", default=["100M", "300M"], choices=list(CONFIGS))
     parser.add_argument("--quick", action="store_true", help="batch 1 only")
     parser.add_argument("--repeats", type=int, default=3,
@@ -333,19 +335,17 @@ def main() -> None:
                              "graph where the CPU has AMX-INT8/VNNI); default both")
     parser.add_argument("--genai", choices=["auto", "off"], default="auto",
                         help="also run each build through onnxruntime-genai (auto: where it is installed)")
-    parser.add_argument("--json", default=os.path.join(HERE, "results", "latest.json"),
-                        help="where to write the results (default benchmarks/results/latest.json; the chart goes "
-                             "next to it as .png)")
     parser.add_argument("--label", default="", help="what this run measures, kept in the JSON (e.g. a commit)")
     parser.add_argument("--wait-idle", type=float, default=60.0,
                         help="seconds to wait before each measurement for other work on the machine to stop")
+    parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="the bandwidth probe's matrix (default 1)")
     args = parser.parse_args()
     if args.repeats < 1 or args.new_tokens < 2:
         parser.error("--repeats must be at least 1 and --new-tokens at least 2 (a decode step needs two tokens)")
     torch.set_num_threads(os.cpu_count() or 1)
     batches, lengths = ([1] if args.quick else [1, MAX_BATCH]), sorted(args.prompts)
     new_tokens = args.new_tokens
-    bandwidth = measure_bandwidth()
+    bandwidth = measure_bandwidth(args.bandwidth_gib)
     print("memory read bandwidth: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bandwidth.items()), flush=True)
     genai = None
     if args.genai == "auto":
@@ -364,9 +364,7 @@ def main() -> None:
               "repeats": args.repeats,
               "block_size": args.block_size, "configs": results}
     report["targets"] = [{"target": t, "pass": ok, "measured": m} for t, ok, m in targets(results, max(lengths))]
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(args.json, report)
     try:
         chart(results, max(lengths), os.path.splitext(args.json)[0] + ".png")
     except ImportError:

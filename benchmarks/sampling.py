@@ -17,9 +17,7 @@ only ever adds time) with the median beside it. Writes benchmarks/results/sampli
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
 import statistics
 import subprocess
@@ -30,6 +28,7 @@ import types
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+from cli import BenchmarkParser, write_json  # noqa: E402
 from machine import machine  # noqa: E402
 
 from persimmon_runtime.sampling import Sampler, SamplingParams, sample  # noqa: E402
@@ -108,7 +107,7 @@ def measure(profile: str, rows: int, repeats: int, old_repeats: int, old) -> lis
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = BenchmarkParser(__doc__, "sampling.json", dict(repeats=1, old_repeats=1))
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per setting and row count")
     parser.add_argument("--old-repeats", type=int, default=3, help="timed calls of the old implementation")
     args = parser.parse_args()
@@ -121,9 +120,7 @@ def main() -> None:
               "date": datetime.date.today().isoformat(), "vocab": VOCAB, "target_ratio": TARGET,
               "timing": "fastest of the repeats (median alongside); ratio = ms_per_call / rows / argsort_ms",
               "results": results}
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "sampling.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(args.json, report)
     failed = [r for r in results if not r["pass"]]
     print(f"{len(results) - len(failed)}/{len(results)} settings within {TARGET}x of one stable argsort per row: "
           f"{'PASS' if not failed else 'FAIL'}")

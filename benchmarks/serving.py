@@ -2,7 +2,7 @@
 persimmon-serve under concurrent streaming clients. Results go to benchmarks/results/serving_<label>.json.
 
     .venv/bin/python benchmarks/serving.py --label after --wait-idle 300   # every part (~8 min idle)
-    .venv/bin/python benchmarks/serving.py --label after --part triton --quick   # a smoke run
+    .venv/bin/python benchmarks/serving.py --smoke      # a quick check that it runs (30M, 8 tokens, 1 and 2 clients)
     .venv/bin/python benchmarks/serving.py --label after --part openai --clients 1 16
     # another commit's runtime (here the one before the change), from a git worktree:
     git worktree add /tmp/before 44ba788
@@ -15,7 +15,7 @@ rerun of one part keeps the other part's results in the JSON. On a shared machin
 `--wait-idle SECONDS` waits before each measurement for other work to stop; every measurement
 records the cores this benchmark and other work used while it ran.
 
-generator: 100M config of benchmarks/run.py (random weights, fp32, onnxruntime CPU, max_batch 8)
+generator: the 100M config (--config) of benchmarks/run.py (random weights, fp32, onnxruntime CPU, max_batch 8)
   at vocabulary 262,144 (`--generator-vocab`), with a sentencepiece tokenizer of exactly that
   many pieces; generated tokens/s of `Generator.generate` (prefill included), greedy and top-p
   (temperature 0.8, top_p 0.9, seed 1), batch 1 and 8 (8 prompts in one call), 128-token prompts,
@@ -62,8 +62,9 @@ from persimmon_runtime.generator import Generator
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 import tritonserver  # noqa: E402 (tests/tritonserver.py: the bundled server, started as the tests start it)
+from cli import BenchmarkParser, results_dir, write_json  # noqa: E402
 from machine import CpuShare, cpu_features, cpu_note, group_cpu_s, machine  # noqa: E402
-from workload import prompt_texts, random_checkpoint  # noqa: E402
+from workload import CONFIGS, prompt_texts, random_checkpoint  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -72,16 +73,16 @@ MAX_BATCH = 8
 TOP_P = {"temperature": 0.8, "top_p": 0.9, "seed": 1}
 
 
-# ---- the build: a 100M model and a tokenizer as large as its vocabulary ----
+# ---- the build: a model of benchmarks/run.py and a tokenizer as large as its vocabulary ----
 
-def make_build(work: str, vocab: int, kv_capacity: int) -> tuple[str, int]:
-    """The 100M config of benchmarks/run.py at `vocab`, built for onnxruntime (fp32, max_batch 8,
-    with the int8 prefill graph, which --prefill off leaves unused); returns (build directory,
-    first added tokenizer piece). Made once per run: the Triton and OpenAI parts serve the same build."""
+def make_build(work: str, config: str, vocab: int, kv_capacity: int) -> tuple[str, int]:
+    """The `config` of benchmarks/run.py (100M by default) at `vocab`, built for onnxruntime (fp32,
+    max_batch 8, with the int8 prefill graph, which --prefill off leaves unused); returns (build
+    directory, first added tokenizer piece). Made once per run: the Triton and OpenAI parts serve the same build."""
     if (vocab, kv_capacity) in _BUILDS:
         return _BUILDS[vocab, kv_capacity]
-    checkpoint, first_added = random_checkpoint(work, "100M", vocab)
-    out = os.path.join(work, f"build-{vocab}")
+    checkpoint, first_added = random_checkpoint(work, config, vocab)
+    out = os.path.join(work, f"build-{vocab}-{kv_capacity}")
     build(checkpoint, out, BuildOptions(dtype="float32", backend="onnxruntime", max_batch=MAX_BATCH,
                                         kv_capacity=kv_capacity, prefill="int8"))
     shutil.rmtree(checkpoint)  # up to 2 GB at the real vocabulary; only the build is needed now
@@ -106,10 +107,10 @@ def time_generate(generator: Generator, prompts: list[str], settings: dict, new_
     return {"batch": len(prompts), "seconds": seconds, "tokens_s": len(prompts) * new_tokens / median}
 
 
-def bench_generator(work: str, vocab: int, prompt_tokens: int, new_tokens: int, repeats: int,
+def bench_generator(work: str, config: str, vocab: int, prompt_tokens: int, new_tokens: int, repeats: int,
                     wait_idle_s: float, prefill: str) -> dict:
     started = time.perf_counter()
-    build_dir, first_added = make_build(work, vocab, kv_capacity=prompt_tokens + new_tokens)
+    build_dir, first_added = make_build(work, config, vocab, kv_capacity=prompt_tokens + new_tokens)
     print(f"generator: built vocab {vocab} in {time.perf_counter() - started:.0f} s", flush=True)
     generator = Generator.load(build_dir, prefill=prefill)
     print(f"generator: prefill {generator.backend.prefill_kernels}", flush=True)
@@ -125,8 +126,8 @@ def bench_generator(work: str, vocab: int, prompt_tokens: int, new_tokens: int, 
             rows.append(row)
             print(f"generator {name:6s} batch {batch}: {row['tokens_s']:7.1f} tok/s "
                   f"(runs {', '.join(f'{s:.2f}' for s in row['seconds'])} s) {cpu_note(row['cpu'])}", flush=True)
-    shutil.rmtree(build_dir)
-    return {"vocab": vocab, "config": "100M", "backend": generator.backend.name, "prompt_tokens": prompt_tokens,
+    generator.close()
+    return {"vocab": vocab, "config": config, "backend": generator.backend.name, "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens, "repeats": repeats, "top_p_settings": TOP_P, "rows": rows}
 
 
@@ -259,10 +260,10 @@ def client_round(url: str, prompts: list[str], clients: int, per_client: int, ne
             "pieces_per_request": float(np.mean([r["pieces"] for r in results]))}
 
 
-def bench_triton(work: str, vocab: int, prompt_tokens: int, new_tokens: int, clients: list[int],
+def bench_triton(work: str, config: str, vocab: int, prompt_tokens: int, new_tokens: int, clients: list[int],
                  min_requests: int, wait_idle_s: float, prefill: str) -> dict:
     started = time.perf_counter()
-    build_dir, first_added = make_build(work, vocab, kv_capacity=prompt_tokens + new_tokens)
+    build_dir, first_added = make_build(work, config, vocab, kv_capacity=prompt_tokens + new_tokens)
     repository = os.path.join(work, "repository")
     write_repository(build_dir, repository, instances=1, prefill=prefill)
     add_runtime_probe(repository)
@@ -287,7 +288,7 @@ def bench_triton(work: str, vocab: int, prompt_tokens: int, new_tokens: int, cli
                   f"TTFT p50 {r['ttft_p50_s']:.2f} s p95 {r['ttft_p95_s']:.2f} s {cpu_note(r['cpu'])}", flush=True)
     finally:
         stop_server(server)
-    return {"vocab": vocab, "config": "100M", "max_batch": MAX_BATCH, "instances": 1, "prompt_tokens": prompt_tokens,
+    return {"vocab": vocab, "config": config, "max_batch": MAX_BATCH, "instances": 1, "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens, "min_requests": min_requests, "sampling": "greedy, ignore_eos",
             "endpoint": "HTTP generate_stream", "tritonserver": version, "server_imported": imported,
             "rounds": rounds}
@@ -317,10 +318,10 @@ def start_openai_server(build_dir: str, prefill: str) -> tuple[subprocess.Popen,
     raise SystemExit("persimmon-serve did not answer /health in 120 s")
 
 
-def bench_openai(work: str, vocab: int, prompt_tokens: int, new_tokens: int, clients: list[int],
+def bench_openai(work: str, config: str, vocab: int, prompt_tokens: int, new_tokens: int, clients: list[int],
                  min_requests: int, wait_idle_s: float, prefill: str) -> dict:
     """The Triton part's build and rounds, served by persimmon-serve (streaming /v1/completions)."""
-    build_dir, first_added = make_build(work, vocab, kv_capacity=prompt_tokens + new_tokens)
+    build_dir, first_added = make_build(work, config, vocab, kv_capacity=prompt_tokens + new_tokens)
     per_client = {count: -(-min_requests // count) for count in clients}
     prompts = prompt_texts(os.path.join(build_dir, "tokenizer.model"), first_added,
                            max(c * n for c, n in per_client.items()), prompt_tokens, seed=2)
@@ -338,7 +339,7 @@ def bench_openai(work: str, vocab: int, prompt_tokens: int, new_tokens: int, cli
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
-    return {"vocab": vocab, "config": "100M", "max_batch": MAX_BATCH, "prompt_tokens": prompt_tokens,
+    return {"vocab": vocab, "config": config, "max_batch": MAX_BATCH, "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens, "min_requests": min_requests, "sampling": "greedy, ignore_eos",
             "endpoint": "persimmon-serve /v1/completions, stream true", "rounds": rounds}
 
@@ -377,14 +378,16 @@ def _label(text: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--label", required=True, type=_label,
+    parser = BenchmarkParser(__doc__, None, dict(label="smoke", config="30M", new_tokens=8, repeats=1, clients=[1, 2],
+                                                 min_requests=2, generator_vocab=32000))
+    parser.add_argument("--label", type=_label,
                         help="names the results file, benchmarks/results/serving_LABEL.json (e.g. before, after)")
     parser.add_argument("--prefill", default="auto", choices=["auto", "off"],
                         help="the model's prompt steps: auto (the build's int8 prefill graph where the CPU has "
                              "AMX-INT8/VNNI) or off (its fp32 graph)")
     parser.add_argument("--part", default="all", choices=["generator", "triton", "openai", "all"])
-    parser.add_argument("--quick", action="store_true", help="16 new tokens, 1 repeat, 1 and 4 clients")
+    parser.add_argument("--config", default="100M", choices=list(CONFIGS), help="the model (default 100M)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request (default 64)")
     parser.add_argument("--vocab", type=int, default=32000, help="the Triton build's vocabulary (default 32000)")
     parser.add_argument("--generator-vocab", type=int, default=262144, help="the Generator build's vocabulary")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
@@ -394,31 +397,29 @@ def main() -> None:
                         help="before each measurement, wait up to this long for other work to stop (shared machines)")
     parser.add_argument("--note", default="", help="recorded with the results, e.g. what else ran on the machine")
     args = parser.parse_args()
-    new_tokens, repeats, clients = (16, 1, [1, 4]) if args.quick else (64, args.repeats, args.clients)
-    path = os.path.join(HERE, "results", f"serving_{args.label}.json")
+    if not args.label:
+        parser.error("--label is required (it names the results file)")
+    path = args.json or os.path.join(results_dir(args.smoke), f"serving_{args.label}.json")
     report = json.load(open(path)) if os.path.isfile(path) else {}  # a rerun of one part keeps the other
     report.update({"label": args.label, "machine": machine(), "cpu": cpu_features(), "prefill": args.prefill,
                    "python": platform.python_version(), "onnxruntime": onnxruntime.__version__})
     print(f"measuring the runtime in {RUNTIME_DIR} ({runtime_commit()})", flush=True)
+    shared = dict(config=args.config, prompt_tokens=128, new_tokens=args.new_tokens, wait_idle_s=args.wait_idle,
+                  prefill=args.prefill)
+    rounds = dict(clients=args.clients, min_requests=args.min_requests)
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as work:
         if args.part in ("generator", "all"):
-            report["generator"] = {**context(), "quick": args.quick, "note": args.note,
-                                   **bench_generator(work, args.generator_vocab, 128, new_tokens, repeats,
-                                                     args.wait_idle, args.prefill)}
+            report["generator"] = {**context(), "note": args.note,
+                                   **bench_generator(work, vocab=args.generator_vocab, repeats=args.repeats, **shared)}
         if args.part in ("triton", "all"):
-            report["triton"] = {**context(), "quick": args.quick, "note": args.note,
-                                **bench_triton(work, args.vocab, 128, new_tokens, clients, args.min_requests,
-                                               args.wait_idle, args.prefill)}
+            report["triton"] = {**context(), "note": args.note,
+                                **bench_triton(work, vocab=args.vocab, **shared, **rounds)}
         if args.part in ("openai", "all"):
-            report["openai"] = {**context(), "quick": args.quick, "note": args.note,
-                                **bench_openai(work, args.vocab, 128, new_tokens, clients, args.min_requests,
-                                               args.wait_idle, args.prefill)}
+            report["openai"] = {**context(), "note": args.note,
+                                **bench_openai(work, vocab=args.vocab, **shared, **rounds)}
     if "triton" in report:
         report["targets"] = targets(report["triton"])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"\nwrote {path}")
+    write_json(path, report)
     for item in report.get("targets", []):
         print(f"{'PASS' if item['pass'] else 'FAIL'}  {item['target']}: {item['measured']}")
 

@@ -23,6 +23,12 @@ CONFIGS = {
     "300M": dict(hidden_size=1024, num_hidden_layers=20, num_attention_heads=16, intermediate_size=4096),
 }
 VOCAB = 32000
+SHAPES = ["8B", *CONFIGS]  # what the 8B-scale scripts build: the real shape, or a config above for --smoke
+
+
+def shape_sizes(shape: str) -> dict:
+    """PersimmonConfig arguments of a SHAPES entry ("8B": the defaults, Persimmon-8B's own)."""
+    return {} if shape == "8B" else dict(CONFIGS[shape], vocab_size=VOCAB)
 
 
 def random_checkpoint(work: str, name: str, vocab: int = VOCAB, max_position_embeddings: int = 4096
