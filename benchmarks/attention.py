@@ -12,7 +12,8 @@ the cost follows the context or the capacity:
   - int8:      the same as matmul with both products on the integer units (MatMulInteger; q, k, v and
                the probabilities as 8-bit codes with dynamic scales; int8_attention);
   - attention: TensorScatter + ONNX Attention (opset 24) with a boolean mask, over the whole capacity;
-  - gqa:       com.microsoft.GroupQueryAttention over the capacity buffer, per-row `seqlens_k`.
+  - gqa:       com.microsoft.GroupQueryAttention over the capacity buffer, per-row `seqlens_k`;
+  - gqa-int8:  the same over an int8 cache, per-channel scales (`build --kv-cache int8`).
 Each is first checked against numpy. Prints median and p90 ms of `--repeats` runs and writes
 benchmarks/results/attention.json.
 """
@@ -45,10 +46,10 @@ def _info(name, elem, shape):
     return helper.make_tensor_value_info(name, elem, shape)
 
 
-def _cache_io(heads, head_dim):
+def _cache_io(heads, head_dim, cache_type=F32):
     cache = ["B", heads, "S", head_dim]
-    return ([_info("past_key", F32, cache), _info("past_value", F32, cache)],
-            [_info("present_key", F32, cache), _info("present_value", F32, cache)])
+    return ([_info("past_key", cache_type, cache), _info("past_value", cache_type, cache)],
+            [_info("present_key", cache_type, cache), _info("present_value", cache_type, cache)])
 
 
 def scatter_then(attend, heads, head_dim):
@@ -112,16 +113,27 @@ def int8_attention():
             helper.make_node("Mul", ["out_rows", "present_value_scale"], ["out"])]
 
 
-def gqa(heads, head_dim):
-    """q/k/v [B, T, heads * head_dim]; the op writes k/v at seqlens_k + 1 - T and attends to 0..seqlens_k."""
-    past, present = _cache_io(heads, head_dim)
+INT8_CACHE_SCALE = 5.0 / 127  # the gqa-int8 cache's scale for every channel: standard normal keys/values
+
+
+def gqa(heads, head_dim, int8_cache=False):
+    """q/k/v [B, T, heads * head_dim]; the op writes k/v at seqlens_k + 1 - T and attends to 0..seqlens_k.
+    `int8_cache`: the caches hold round(x / INT8_CACHE_SCALE) per channel (`build --kv-cache int8`'s form)."""
+    past, present = _cache_io(heads, head_dim, TensorProto.INT8 if int8_cache else F32)
     hidden = heads * head_dim
-    node = helper.make_node("GroupQueryAttention", ["q", "new_key", "new_value", "past_key", "past_value",
-                                                    "seqlens_k", "total"], ["out", "present_key", "present_value"],
-                            domain="com.microsoft", num_heads=heads, kv_num_heads=heads, scale=head_dim ** -0.5)
+    names = ["q", "new_key", "new_value", "past_key", "past_value", "seqlens_k", "total"]
+    quantized, scales = {}, []
+    if int8_cache:
+        quantized = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
+        names += ["", "", "", "", "", "key_scale", "value_scale"]
+        scales = [helper.make_tensor(f"{n}_scale", F32, [heads, 1, head_dim], [INT8_CACHE_SCALE] * hidden)
+                  for n in ("key", "value")]
+    node = helper.make_node("GroupQueryAttention", names, ["out", "present_key", "present_value"],
+                            domain="com.microsoft", num_heads=heads, kv_num_heads=heads, scale=head_dim ** -0.5,
+                            **quantized)
     inputs = [_info(n, F32, ["B", "T", hidden]) for n in ("q", "new_key", "new_value")] + past + [
         _info("seqlens_k", TensorProto.INT32, ["B"]), _info("total", TensorProto.INT32, [])]
-    return _session([node], inputs, [_info("out", F32, ["B", "T", hidden]), *present])
+    return _session([node], inputs, [_info("out", F32, ["B", "T", hidden]), *present], scales)
 
 
 def reference(q, keys, values, first, scale):
@@ -139,13 +151,13 @@ def run_case(kind, session, heads, head_dim, first, tokens, slots, repeats):
     """(median ms, p90 ms, max |diff| against numpy) of one candidate at one shape, batch 1."""
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, heads, tokens, head_dim), np.float32) for _ in range(3))
-    caches = [np.zeros((1, heads, slots, head_dim), np.float32) for _ in range(2)]
+    caches = [np.zeros((1, heads, slots, head_dim), np.int8 if kind == "gqa-int8" else np.float32) for _ in range(2)]
     values = [ort.OrtValue.ortvalue_from_numpy(c) for c in caches]
     bind = session.io_binding()
     for name, value in zip(("key", "value"), values):
         bind.bind_ortvalue_input(f"past_{name}", value)
         bind.bind_ortvalue_output(f"present_{name}", value)
-    if kind == "gqa":
+    if kind.startswith("gqa"):
         feeds = {"q": q, "new_key": k, "new_value": v}
         feeds = {n: np.ascontiguousarray(a.transpose(0, 2, 1, 3).reshape(1, tokens, -1)) for n, a in feeds.items()}
         feeds.update(seqlens_k=np.array([first + tokens - 1], np.int32), total=np.array(first + tokens, np.int32))
@@ -162,11 +174,13 @@ def run_case(kind, session, heads, head_dim, first, tokens, slots, repeats):
         session.run_with_iobinding(bind)
         times.append(time.perf_counter() - start)
     out = bind.get_outputs()[-1].numpy()
-    if kind == "gqa":
+    if kind.startswith("gqa"):
         out = out.reshape(1, tokens, heads, head_dim).transpose(0, 2, 1, 3)
-    expected_keys = caches[0].copy()
+    if kind == "gqa-int8":  # numpy attends over the values the int8 cache can hold
+        k, v = (np.clip(np.round(x / INT8_CACHE_SCALE), -127, 127) * INT8_CACHE_SCALE for x in (k, v))
+    expected_keys = caches[0].astype(np.float32)
     expected_keys[:, :, first:first + tokens] = k
-    expected_values = caches[1].copy()
+    expected_values = caches[1].astype(np.float32)
     expected_values[:, :, first:first + tokens] = v
     expected = reference(q, expected_keys, expected_values, first, head_dim ** -0.5)
     times_ms = np.array(times[1:]) * 1e3
@@ -187,6 +201,7 @@ def main() -> None:
           f"load {os.getloadavg()[0]:.2f}; {heads} heads x {head_dim}, batch 1, fp32")
     sessions = {kind: scatter_then(kind, heads, head_dim) for kind in ("matmul", "int8", "attention")}
     sessions["gqa"] = gqa(heads, head_dim)
+    sessions["gqa-int8"] = gqa(heads, head_dim, int8_cache=True)
     rows = []
     whole = -(-(prompt + 1) // 256) * 256  # the whole layout's cache length after the first decode step
     for role, first, tokens in (("prefill", 0, prompt), ("decode", prompt, 1)):

@@ -44,8 +44,7 @@ from persimmon_runtime import Tokenizer  # noqa: E402
 from persimmon_runtime.backends import decode, prefill  # noqa: E402
 from persimmon_runtime.generator import Generator  # noqa: E402
 
-MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-             max_position_embeddings=512)
+MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
 VOCAB = 2048
 # build label -> (build options, prefill settings to measure)
 BUILDS = {"float32": ({"prefill": "int8"}, ("off", "int8")), "int8": ({"weights": "int8"}, ("off", "int8")),
@@ -65,17 +64,18 @@ def corpus() -> tuple[list[str], list[str]]:
     return [t for i, t in enumerate(texts) if i % 10], [t for i, t in enumerate(texts) if i % 10 == 0]
 
 
-def train(work: str, train_seconds: float, tokenizer_sources: int, seq: int = 256, batch: int = 16
+def train(work: str, train_seconds: float, tokenizer_sources: int, seq: int, batch: int, positions: int
           ) -> tuple[str, Tokenizer, dict]:
-    """Train the tokenizer (on the first `tokenizer_sources` training files) and the model for
-    `train_seconds`; returns (checkpoint, tokenizer, log)."""
+    """Train the tokenizer (on the first `tokenizer_sources` training files) and the model (MODEL,
+    `positions` long, on `batch` windows of `seq` tokens per step) for `train_seconds`; returns
+    (checkpoint, tokenizer, log)."""
     train_texts, _ = corpus()
     lines = [line for text in train_texts[:tokenizer_sources] for line in text.splitlines() if line.strip()]
     tokenizer = Tokenizer(train_tokenizer(os.path.join(work, "tokenizer.model"), texts=lines, vocab_size=VOCAB,
                                           repeat=1))
     ids = torch.tensor([t for text in train_texts for t in tokenizer.encode(text)], dtype=torch.long)
     config = PersimmonConfig(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
-                             eos_token_id=tokenizer.bos_id, **MODEL)
+                             eos_token_id=tokenizer.bos_id, max_position_embeddings=positions, **MODEL)
     torch.manual_seed(0)
     model = PersimmonForCausalLM(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
@@ -97,7 +97,8 @@ def train(work: str, train_seconds: float, tokenizer_sources: int, seq: int = 25
         if step % 50 == 0:
             print(f"train step {step}: loss {np.mean(losses[-50:]):.3f} ({elapsed:.0f} s)", flush=True)
     checkpoint = save_model(model.eval(), os.path.join(work, "checkpoint"), extra_files=tokenizer_files(tokenizer))
-    return checkpoint, tokenizer, {"steps": step, "tokens_seen": step * batch * seq, "train_tokens": len(ids),
+    return checkpoint, tokenizer, {"steps": step, "window": seq, "batch": batch, "tokens_seen": step * batch * seq,
+                                   "train_tokens": len(ids),
                                    "final_loss": float(np.mean(losses[-50:])), "seconds": train_seconds}
 
 
@@ -105,7 +106,10 @@ def held_out_sequences(tokenizer: Tokenizer, count: int, length: int) -> list[li
     _, texts = corpus()
     ids = [t for text in texts for t in tokenizer.encode(text)]
     stride = max(length, (len(ids) - length) // count)
-    return [ids[i:i + length] for i in range(0, stride * count, stride)][:count]
+    sequences = [ids[i:i + length] for i in range(0, stride * count, stride) if i + length <= len(ids)]
+    if len(sequences) < count:
+        raise SystemExit(f"the held-out text has {len(ids)} tokens: too few for {count} sequences of {length}")
+    return sequences[:count]
 
 
 def score(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -135,6 +139,8 @@ def main() -> None:
     parser.add_argument("--train-seconds", type=float, default=300.0)
     parser.add_argument("--tokenizer-sources", type=int, default=200,
                         help="standard library files the tokenizer trains on (default 200)")
+    parser.add_argument("--train-seq", type=int, default=256, help="tokens per training window (default 256)")
+    parser.add_argument("--train-batch", type=int, default=16, help="windows per training step (default 16)")
     parser.add_argument("--sequences", type=int, default=32, help="held-out sequences (default 32)")
     parser.add_argument("--prompt", type=int, default=128, help="tokens in each sequence's prompt step (default 128)")
     parser.add_argument("--scored", type=int, default=128, help="tokens scored after it (default 128)")
@@ -143,7 +149,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as work:
-        checkpoint, tokenizer, training = train(work, args.train_seconds, args.tokenizer_sources)
+        positions = max(512, args.train_seq, args.prompt + args.scored)
+        checkpoint, tokenizer, training = train(work, args.train_seconds, args.tokenizer_sources, args.train_seq,
+                                                args.train_batch, positions)
         sequences = held_out_sequences(tokenizer, args.sequences, args.prompt + args.scored)
         targets = [np.array(ids[args.prompt:]) for ids in sequences]
         hf = transformers.PersimmonForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
@@ -165,7 +173,7 @@ def main() -> None:
         print(f"{row['runtime']:24s} prefill {row['prefill']:44s} perplexity {row['perplexity']:8.3f} "
               f"({row['vs_transformers']:+.2%}), top-1 = transformers {row['top1_agreement']:.1%}, "
               f"max|dlogit|/max|logit| {row['max_rel_logit_error']:.2%}", flush=True)
-    report = {"machine": cpu_features(), "model": MODEL, "vocab_size": tokenizer.vocab_size, "training": training,
+    report = {"machine": cpu_features(), "model": {**MODEL, "max_position_embeddings": positions}, "vocab_size": tokenizer.vocab_size, "training": training,
               "sequences": len(sequences), "prompt_tokens": args.prompt, "scored_tokens": args.scored, "rows": rows}
     write_json(args.json, report)
 

@@ -80,7 +80,7 @@ def test_kv_cache_smoke(tmp_path):
 
 def test_attention_smoke(tmp_path):
     rows = smoke(tmp_path, "attention.py")["rows"]
-    assert {row["op"] for row in rows} == {"matmul", "int8", "attention", "gqa"}
+    assert {row["op"] for row in rows} == {"matmul", "int8", "attention", "gqa", "gqa-int8"}
     for row in rows:  # each op against numpy's attention; int8 within its 8-bit codes' error
         has(row, "role", "cache_slots", "median_ms", "p90_ms")
         assert row["max_abs_diff"] < (0.1 if row["op"] == "int8" else 1e-4), row

@@ -406,6 +406,25 @@ def test_refused_requests_count_as_failures_in_tritons_statistics(server, local)
     assert sum(map(float, failures)) >= 3, failures
 
 
+def test_requests_ending_together_are_counted_and_the_server_survives(server, local):
+    """Many short requests at once: request threads that end in the same step count their outcome on
+    the same Metric at the same moment. The Python backend's Metric.increment is not thread-safe
+    (python_backend src/metric.cc: it releases the GIL, then replaces the shared memory the server
+    reads), and unguarded this killed tritonserver with SIGSEGV in libtriton_python.so."""
+    rounds, requests = 4, 48
+    success = _outcomes(server)["success"]
+    for _ in range(rounds):
+        statuses = [None] * requests
+
+        def send(i):
+            statuses[i] = post(server, "generate", {"text_input": PROMPTS[i % len(PROMPTS)], "max_new_tokens": 1})[0]
+
+        assert not run_together(send, requests, timeout_s=300)
+        assert statuses == [200] * requests
+    assert_still_serving(server, local)
+    assert _outcomes(server)["success"] == success + rounds * requests + 1  # + assert_still_serving's
+
+
 def test_stream_true_on_generate_is_tritons_one_response_error(server, local):
     """The model cannot see which endpoint a request came through: asked to stream on `generate`, it
     sends several responses and Triton's HTTP frontend answers with its own error (see docs/triton.md)."""

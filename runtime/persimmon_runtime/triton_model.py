@@ -276,10 +276,17 @@ OUTCOMES = {"success": None, "refused": "INVALID_ARG", "timeout": "UNAVAILABLE",
 
 class _Metrics:
     """Prometheus counters through Triton's custom-metrics API: the scheduler's steps (its on_step) and
-    how each request ended."""
+    how each request ended.
+
+    Every Metric call holds one lock: the Python backend's Metric.increment is not thread-safe
+    (python_backend src/metric.cc, SendIncrementRequest releases the GIL and then replaces the
+    metric's shared-memory record that the server process reads), and request threads ending in
+    the same step incremented the same counter at once - tritonserver died with SIGSEGV in
+    libtriton_python.so (tests/test_triton.py, requests ending together)."""
 
     def __init__(self, family, model: str):
         labels = {"model": model}
+        self.lock = threading.Lock()
         self.families = [
             family(name="persimmon_steps_total", description="Model steps run by the scheduler", kind=family.COUNTER),
             family(name="persimmon_step_requests_total", kind=family.COUNTER,
@@ -291,16 +298,20 @@ class _Metrics:
                          for outcome in OUTCOMES}
 
     def __call__(self, request_count: int) -> None:
-        self.steps.increment(1)
-        self.requests.increment(request_count)
+        with self.lock:
+            if self.steps is not None:
+                self.steps.increment(1)
+                self.requests.increment(request_count)
 
     def ended(self, outcome: str) -> None:
-        if self.outcomes is not None:  # a request thread may end after finalize closed the metrics
-            self.outcomes[outcome].increment(1)
+        with self.lock:
+            if self.outcomes is not None:  # a request thread may end after finalize closed the metrics
+                self.outcomes[outcome].increment(1)
 
     def close(self) -> None:
-        self.steps = self.requests = self.outcomes = None  # a Metric must go before its MetricFamily
-        self.families = []
+        with self.lock:
+            self.steps = self.requests = self.outcomes = None  # a Metric must go before its MetricFamily
+            self.families = []
 
 
 class _Request(NamedTuple):
