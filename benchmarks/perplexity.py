@@ -173,7 +173,8 @@ def main() -> None:
         print(f"{row['runtime']:24s} prefill {row['prefill']:44s} perplexity {row['perplexity']:8.3f} "
               f"({row['vs_transformers']:+.2%}), top-1 = transformers {row['top1_agreement']:.1%}, "
               f"max|dlogit|/max|logit| {row['max_rel_logit_error']:.2%}", flush=True)
-    report = {"machine": cpu_features(), "model": {**MODEL, "max_position_embeddings": positions}, "vocab_size": tokenizer.vocab_size, "training": training,
+    report = {"machine": cpu_features(), "model": {**MODEL, "max_position_embeddings": positions},
+              "vocab_size": tokenizer.vocab_size, "training": training,
               "sequences": len(sequences), "prompt_tokens": args.prompt, "scored_tokens": args.scored, "rows": rows}
     write_json(args.json, report)
 
