@@ -49,11 +49,13 @@ print(json.dumps({"load_seconds": round(seconds, 1), "weight_bytes": weights,
 """
 
 
-def checkpoint_config(shape: str, layers: int):
-    """The PersimmonConfig of a random checkpoint: `shape` "8B" or a benchmarks/workload.py config, `layers` layers."""
+def checkpoint_config(shape: str, layers: int | None):
+    """The PersimmonConfig of a random bf16 checkpoint: `shape` "8B" or a benchmarks/workload.py
+    config, with `layers` layers (None: the shape's own)."""
     from persimmon_export import PersimmonConfig
 
-    return PersimmonConfig(**{**shape_sizes(shape), "num_hidden_layers": layers, "torch_dtype": "bfloat16"})
+    return PersimmonConfig(**{**shape_sizes(shape), **({"num_hidden_layers": layers} if layers else {}),
+                              "torch_dtype": "bfloat16"})
 
 
 def parameter_shapes(config) -> dict:
@@ -65,7 +67,7 @@ def parameter_shapes(config) -> dict:
         return {k: v.shape for k, v in PersimmonForCausalLM(config).state_dict().items()}
 
 
-def write_checkpoint(directory: str, layers: int, extra_files: dict | None = None, shape: str = "8B") -> float:
+def write_checkpoint(directory: str, layers: int | None, extra_files: dict | None = None, shape: str = "8B") -> float:
     """Write a random bf16 checkpoint (checkpoint_config); returns the seconds it took."""
     import torch
 
@@ -85,22 +87,24 @@ def write_checkpoint(directory: str, layers: int, extra_files: dict | None = Non
 
 
 def main() -> None:
-    parser = BenchmarkParser(__doc__, "checkpoint_memory.json", dict(shape="30M", layers=2, dir=""))
+    parser = BenchmarkParser(__doc__, "checkpoint_memory.json", dict(shape="30M", layers=2))
     parser.add_argument("--dir", default="",
                         help="a checkpoint to load, or where to write one (default: a new temporary folder)")
     parser.add_argument("--shape", default="8B", choices=SHAPES, help="the checkpoint written (default 8B)")
-    parser.add_argument("--layers", type=int, default=36)
+    parser.add_argument("--layers", type=int,
+                        help="layers of the checkpoint written (default: the shape's own, 36 at 8B)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint this run wrote")
     args = parser.parse_args()
     directory = args.dir or os.path.join(tempfile.mkdtemp(prefix="persimmon-checkpoint-"), "checkpoint")
     wrote = not os.path.exists(os.path.join(directory, "config.json"))
+    layers = checkpoint_config(args.shape, args.layers).num_hidden_layers
     try:
         if wrote:
             if os.path.exists(directory):
                 wrote = False  # nothing of ours to delete
                 raise SystemExit(f"--dir {directory}: exists and holds no checkpoint (no config.json); pass a "
                                  "checkpoint or a folder that does not exist yet")
-            print(f"writing {args.layers}-layer {args.shape}-shaped checkpoint to {directory} ...", flush=True)
+            print(f"writing {layers}-layer {args.shape}-shaped checkpoint to {directory} ...", flush=True)
             print(f"  written in {write_checkpoint(directory, args.layers, shape=args.shape):.0f}s", flush=True)
         print("loading in a fresh process ...", flush=True)
         out = subprocess.run([sys.executable, "-c", LOADER, directory], capture_output=True, text=True, check=True)
@@ -113,7 +117,7 @@ def main() -> None:
     gib = 2**30
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, " \
                         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / gib:.0f} GiB"
-    result.update(shape=args.shape if wrote else f"loaded from {directory}", layers=args.layers if wrote else None)
+    result.update(shape=args.shape if wrote else f"loaded from {directory}", layers=layers if wrote else None)
     write_json(args.json, result)
     print(f"weights {result['weight_bytes'] / gib:.2f} GiB; peak anonymous memory "
           f"{result['peak_anon_bytes'] / gib:.2f} GiB ({result['peak_anon_bytes'] / result['weight_bytes']:.2f}x); "

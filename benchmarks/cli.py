@@ -67,6 +67,9 @@ def write_json(path: str, report: dict) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # as open() would make it (mkstemp's file is the owner's alone)
     try:
         with os.fdopen(handle, "w") as f:
             json.dump(report, f, indent=2, default=float)

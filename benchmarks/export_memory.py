@@ -35,7 +35,6 @@ from machine import cpu_model
 from workload import SHAPES
 
 GIB = 2**30
-FULL_LAYERS = 36
 DISK_MARGIN_BYTES = 10e9      # never leave less free than this (others share the disk)
 
 
@@ -73,15 +72,14 @@ def guard_memory(child: subprocess.Popen, floor_bytes: int, result: dict) -> Non
         time.sleep(0.2)
 
 
-def check_disk(work: str, shape: str, layers: int, backend: str) -> None:
+def check_disk(work: str, shape: str, layers: int | None, backend: str) -> None:
     """Refuse to start when checkpoint + ONNX (+ an engine up to the ONNX's size) would leave
     less than DISK_MARGIN_BYTES free: a full disk stops everyone on this machine."""
     weights = 2 * sum(math.prod(s) for s in parameter_shapes(checkpoint_config(shape, layers)).values())  # 16-bit
     needed = weights * (3 if backend == "tensorrt-rtx" else 2)
-    parent = os.path.dirname(os.path.abspath(work))
-    free = shutil.disk_usage(parent).free
+    free = shutil.disk_usage(work).free
     if free - needed < DISK_MARGIN_BYTES:
-        raise SystemExit(f"{parent}: {free / 1e9:.1f} GB free, this run writes up to {needed / 1e9:.1f} GB and "
+        raise SystemExit(f"{work}: {free / 1e9:.1f} GB free, this run writes up to {needed / 1e9:.1f} GB and "
                          f"must leave {DISK_MARGIN_BYTES / 1e9:.0f} GB; use --work elsewhere or fewer --layers")
 
 
@@ -154,7 +152,7 @@ def main() -> None:
                         help="where to write the checkpoint and the build, in a new folder deleted at the end "
                              "(default: the temp folder)")
     parser.add_argument("--shape", default="8B", choices=SHAPES, help="the checkpoint's shape (default 8B)")
-    parser.add_argument("--layers", type=int, default=FULL_LAYERS)
+    parser.add_argument("--layers", type=int, help="layers of the checkpoint (default: the shape's own, 36 at 8B)")
     parser.add_argument("--backend", choices=["onnxruntime", "tensorrt-rtx"], default="onnxruntime",
                         help="tensorrt-rtx also builds an engine (default: the ONNX export only)")
     parser.add_argument("--build-arg", action="append", default=[],
@@ -168,6 +166,7 @@ def main() -> None:
         parser.error(f"--work {args.work}: no such folder")
     check_disk(args.work, args.shape, args.layers, args.backend)
     work = tempfile.mkdtemp(dir=args.work, prefix="persimmon-export-bench-")  # ours alone: deleted at the end
+    layers = checkpoint_config(args.shape, args.layers).num_hidden_layers
     checkpoint, out = os.path.join(work, "checkpoint"), os.path.join(work, "build")
     try:
         from persimmon_export.demo import train_tokenizer
@@ -175,7 +174,7 @@ def main() -> None:
         from persimmon_runtime import Tokenizer
 
         tokenizer = Tokenizer(train_tokenizer(os.path.join(work, "sp.model")))
-        print(f"writing {args.layers}-layer {args.shape}-shaped checkpoint to {checkpoint} ...", flush=True)
+        print(f"writing {layers}-layer {args.shape}-shaped checkpoint to {checkpoint} ...", flush=True)
         seconds = write_checkpoint(checkpoint, args.layers, extra_files=tokenizer_files(tokenizer), shape=args.shape)
         print(f"  written in {seconds:.0f}s", flush=True)
         exe = os.path.join(os.path.dirname(sys.executable), "persimmon-export")
@@ -189,7 +188,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     info = machine()
-    result = {"shape": args.shape, "layers": args.layers, "backend": args.backend, "weights": args.weights or "float16",
+    result = {"shape": args.shape, "layers": layers, "backend": args.backend, "weights": args.weights or "float16",
               "build_args": args.build_arg, **measured, **sizes,
               "machine": info["description"], "machine_details": info}
     print(json.dumps(result, indent=2))

@@ -89,7 +89,8 @@ def main() -> None:
               ", ".join(f"{name} {ms:.2f} ms ({ms / step:.0%} of the step)" for name, ms in costs.items()), flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cpu_cores": os.cpu_count(),
               "model": f"torch reference, eager, fp16, random weights, {args.shape} shape", "rows": rows}
-    out = os.environ.get("OUT") or results_dir(args.smoke)  # $OUT: the device machine's folder that comes back
+    # $OUT: the device machine's folder that comes back
+    out = results_dir(True) if args.smoke else os.environ.get("OUT") or results_dir(False)
     write_json(args.json or os.path.join(out, "gpu_decode_step.json"), result)
 
 

@@ -6,7 +6,7 @@ For each run: decode tokens/s, step p50, and the fraction of the bandwidth bound
 bytes a decode step must read (every linear weight as stored, and the cache up to the mean
 context: layers x 2 x context x hidden x cache bytes) over the machine's measured read bandwidth.
 Writes benchmarks/results/kv_cache.json (or --json; --smoke: a quick check that it runs) and, beside
-it, kv_cache.png: step time against the bytes the step reads, per build (the step-time-vs-bytes plot).
+it (the same name, .png): step time against the bytes the step reads, per build (the step-time-vs-bytes plot).
 
     .venv/bin/python benchmarks/kv_cache.py --contexts 1024 4096
 """
@@ -87,7 +87,10 @@ def main() -> None:
     report = {"machine": machine(), "cpu": cpu_features(), "bandwidth_bytes_s": bandwidth, "config": args.config,
               "new_tokens": args.new_tokens, "repeats": args.repeats, "rows": rows}
     write_json(args.json, report)
-    plot(rows, bandwidth, os.path.splitext(args.json)[0] + ".png", f"{args.config}, {machine()}")
+    try:
+        plot(rows, bandwidth, os.path.splitext(args.json)[0] + ".png", f"{args.config}, {machine()}")
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
 
 
 def plot(rows: list[dict], bandwidth: float, path: str, title: str) -> None:

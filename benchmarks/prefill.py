@@ -158,8 +158,8 @@ def main() -> None:
         return peak_rss_child(args.child[0], int(args.child[1]))
     repeats = 1 if args.quick else 3
     with tempfile.TemporaryDirectory() as root:
-        config = dict(vocab_size=VOCAB, max_position_embeddings=4096, **CONFIGS[args.config])
-        build_dir = make_build(root, args.config, config, kv_capacity=2048, max_batch=8)
+        config = dict(vocab_size=VOCAB, max_position_embeddings=max(4096, args.prompt), **CONFIGS[args.config])
+        build_dir = make_build(root, args.config, config, kv_capacity=max(2048, args.prompt), max_batch=8)
         backend = Generator.load(build_dir).backend
         print(f"prefill throughput ({args.config} config):", flush=True)
         rates = throughput(backend, repeats, args.prompt)
@@ -170,7 +170,8 @@ def main() -> None:
     result = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
               "config": args.config, "default_chunk": PREFILL_CHUNK, "prompt_tokens": args.prompt,
               "prefill_tok_s": rates,
-              "newcomer_chunk_round_s": placement, "long_prompt_slots": args.long_prompt, "peak_rss_16k": memory}
+              "newcomer_chunk_round_s": placement, "long_prompt_slots": args.long_prompt,
+              "peak_rss_long_prompt": memory}
     write_json(args.json, result)
 
 

@@ -5,13 +5,13 @@
     .venv/bin/python benchmarks/quantized.py --configs 100M --variants fp32 int8 int4
 
 Per config (benchmarks/workload.py, random weights, vocabulary 32000) and variant: decode
-tokens/s at batch 1 after a 1024-token prompt (the onnxruntime backend's step: the median over
+tokens/s at batch 1 after a --prompt-token prompt (default 1024; the onnxruntime backend's step: the median over
 --rounds rounds of --steps steps, the variants timed in turn each round), the build's weight
 bytes, and accuracy against the fp32 torch reference
 (`persimmon-export parity`: max |dlogit| / max |logit|, top-1 agreement, greedy rows identical
 over its three prompts and 8 decode steps). Prints one line per variant with the cores other work
 used meanwhile, and writes benchmarks/results/quantized.json. Against OpenVINO's int8 / int4:
-`benchmarks/run.py --quick --prompts 1024 --precisions int8 int4 --openvino int8 int4`.
+`benchmarks/run.py --quick --prompts 1024 --new-tokens 64 --precisions int8 int4 --openvino int8 int4`.
 """
 
 from __future__ import annotations

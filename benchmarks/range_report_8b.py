@@ -53,7 +53,8 @@ def main() -> None:
         worst = max(range(len(values)), key=values.__getitem__)
         print(f"  {kind:20s} max |x| {values[worst]:10.4g} (layer {worst:2d})  headroom {65504 / values[worst]:9.3g}x")
     print(f"  {'logits':20s} max |x| {section.logits:10.4g}              headroom {65504 / section.logits:9.3g}x")
-    out = os.environ.get("OUT") or results_dir(args.smoke)  # $OUT: the device machine's folder that comes back
+    # $OUT: the device machine's folder that comes back
+    out = results_dir(True) if args.smoke else os.environ.get("OUT") or results_dir(False)
     write_json(args.json or os.path.join(out, "range_report_8b.json"), {"shape": args.shape,
                                                                          **dataclasses.asdict(section)})
 

@@ -66,8 +66,6 @@ from cli import BenchmarkParser, results_dir, write_json  # noqa: E402
 from machine import CpuShare, cpu_features, cpu_note, group_cpu_s, machine  # noqa: E402
 from workload import CONFIGS, prompt_texts, random_checkpoint  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 RUNTIME_DIR = os.path.dirname(os.path.dirname(os.path.abspath(persimmon_runtime.__file__)))
 MAX_BATCH = 8
 TOP_P = {"temperature": 0.8, "top_p": 0.9, "seed": 1}
@@ -127,6 +125,8 @@ def bench_generator(work: str, config: str, vocab: int, prompt_tokens: int, new_
             print(f"generator {name:6s} batch {batch}: {row['tokens_s']:7.1f} tok/s "
                   f"(runs {', '.join(f'{s:.2f}' for s in row['seconds'])} s) {cpu_note(row['cpu'])}", flush=True)
     generator.close()
+    shutil.rmtree(build_dir)  # up to 2 GB at the real vocabulary
+    del _BUILDS[vocab, prompt_tokens + new_tokens]  # a later part makes its own
     return {"vocab": vocab, "config": config, "backend": generator.backend.name, "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens, "repeats": repeats, "top_p_settings": TOP_P, "rows": rows}
 
