@@ -141,7 +141,9 @@ def run_config(name: str, work: str, batches, lengths, new_tokens: int, wait_idl
     """`genai`: the onnxruntime_genai module, to time each of our builds through it too (or None)."""
     import transformers
 
-    checkpoint, first_added = random_checkpoint(work, name)
+    # positions for the longest prompt and its new tokens (the builds' kv_capacity), 4096 at least
+    positions = max(4096, max(lengths) + new_tokens)
+    checkpoint, first_added = random_checkpoint(work, name, max_position_embeddings=positions)
     tokenizer_file = os.path.join(checkpoint, "tokenizer.model")
     tokenizer = Tokenizer(tokenizer_file)
     cases = []
