@@ -35,13 +35,16 @@ def _as_flags(settings: dict) -> str:
 class BenchmarkParser(argparse.ArgumentParser):
     """An ArgumentParser with --json (default benchmarks/results/RESULTS_NAME, or none when
     results_name is None: the script names its file itself) and --smoke (`smoke`: option dest ->
-    value, applied as defaults)."""
+    value, applied as defaults). `under_out`: a device machine script, whose default is
+    $OUT/RESULTS_NAME where $OUT is set (the folder the device tool brings back)."""
 
-    def __init__(self, doc: str, results_name: str | None, smoke: dict):
+    def __init__(self, doc: str, results_name: str | None, smoke: dict, under_out: bool = False):
         super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         self.results_name, self.smoke = results_name, smoke
-        where = f"benchmarks/results/{results_name}" if results_name else "see above"
-        self.add_argument("--json", default=os.path.join(RESULTS, results_name) if results_name else None,
+        folder = (under_out and os.environ.get("OUT")) or RESULTS
+        where = f"benchmarks/results/{results_name}" + (", or $OUT/ where set" if under_out else "") \
+            if results_name else "see above"
+        self.add_argument("--json", default=os.path.join(folder, results_name) if results_name else None,
                           help=f"where to write the results (default {where})")
         self.add_argument("--smoke", action="store_true",
                           help=f"check that this script runs, at its smallest ({_as_flags(smoke)}); results go "

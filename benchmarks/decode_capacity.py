@@ -3,10 +3,10 @@
     .venv/bin/python benchmarks/decode_capacity.py [--context 200] [--steps 32] [--capacities 256 4096]
 
 Builds a ~134M-parameter Persimmon (random weights, fp32; --config for another shape) once per
-capacity, prefills the same `--context` tokens, then times decode steps. With the cache updated in place and attention
-reading only the slots in use, the step time must not grow with capacity: target ratio
-(largest / smallest capacity) <= 1.3. For contrast, the largest build is also timed with a
-plain `session.run` (no IO binding), which copies every cache tensor in and out each step.
+capacity, prefills the same `--context` tokens, then times decode steps. With the cache updated
+in place and attention reading only the slots in use, the step time must not grow with capacity:
+target ratio (largest / smallest capacity) <= 1.3. For contrast, the largest build is also timed
+with a plain `session.run` (no IO binding), which copies every cache tensor in and out each step.
 Writes benchmarks/results/decode_capacity.json.
 """
 

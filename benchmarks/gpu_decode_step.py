@@ -23,7 +23,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "exporter"))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "runtime"))
-from cli import BenchmarkParser, results_dir, write_json  # noqa: E402
+from cli import BenchmarkParser, write_json  # noqa: E402
 from workload import SHAPES, shape_sizes  # noqa: E402
 
 from persimmon_export.config import PersimmonConfig  # noqa: E402
@@ -64,7 +64,8 @@ def sample_ms(logits: np.ndarray, settings: dict, repeats: int = 20) -> float:
 
 
 def main() -> None:
-    parser = BenchmarkParser(__doc__, None, dict(shape="30M", batches=[1], context=16))
+    parser = BenchmarkParser(__doc__, "gpu_decode_step.json", dict(shape="30M", batches=[1], context=16),
+                             under_out=True)
     parser.add_argument("--shape", default="8B", choices=SHAPES, help="the model's shape (default 8B)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--context", type=int, default=1024)
@@ -89,9 +90,7 @@ def main() -> None:
               ", ".join(f"{name} {ms:.2f} ms ({ms / step:.0%} of the step)" for name, ms in costs.items()), flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cpu_cores": os.cpu_count(),
               "model": f"torch reference, eager, fp16, random weights, {args.shape} shape", "rows": rows}
-    # $OUT: the device machine's folder that comes back
-    out = results_dir(True) if args.smoke else os.environ.get("OUT") or results_dir(False)
-    write_json(args.json or os.path.join(out, "gpu_decode_step.json"), result)
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

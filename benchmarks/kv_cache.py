@@ -65,20 +65,18 @@ def main() -> None:
             build(checkpoint, out, BuildOptions(dtype="float32", backend="onnxruntime", max_batch=1,
                                                 kv_capacity=capacity, prefill="none", **options))
             generator = Generator.load(out, prefill="off")
-            cache_bytes = 1 if "int8 cache" in label else 4
+            slot_bytes = 2 * config["num_hidden_layers"] * config["hidden_size"] * (1 if "int8 cache" in label else 4)
             for context in args.contexts:
                 text = prompt_texts(tokenizer_file, first_added, 1, context, seed=context)[0]
                 figures, _ = median_run(partial(time_ours, generator, [text], args.new_tokens), args.repeats)
                 mean_context = context + args.new_tokens / 2
                 step_bytes = (stored_weight_bytes(out, generator.manifest.model.vocab_size, config["hidden_size"])
-                              + 2 * config["num_hidden_layers"] * config["hidden_size"]
-                              * cache_bytes * mean_context)
+                              + slot_bytes * mean_context)
                 bound = bandwidth / step_bytes
                 row = {"build": label, "context": context, "decode_tok_s": figures["decode_tok_s"],
                        "step_p50_ms": figures["step_p50_ms"], "step_bytes": step_bytes, "bound_tok_s": bound,
                        "bound_fraction": figures["decode_tok_s"] / bound,
-                       "cache_mb_per_sequence_at_capacity": 2 * config["num_hidden_layers"] * config["hidden_size"]
-                       * cache_bytes * capacity / 1e6}
+                       "cache_mb_per_sequence_at_capacity": slot_bytes * capacity / 1e6}
                 rows.append(row)
                 print(f"{label:26s} context {context:5d}: decode {row['decode_tok_s']:7.1f} tok/s, step p50 "
                       f"{row['step_p50_ms']:.2f} ms, {row['bound_fraction']:.0%} of the {bound:.0f} tok/s bound",

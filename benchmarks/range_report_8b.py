@@ -22,7 +22,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(os.path.dirname(HERE), part) for part in ("exporter", "runtime")]
-from cli import BenchmarkParser, results_dir, write_json  # noqa: E402
+from cli import BenchmarkParser, write_json  # noqa: E402
 from workload import SHAPES, shape_sizes  # noqa: E402
 
 from persimmon_export.config import PersimmonConfig  # noqa: E402
@@ -33,7 +33,7 @@ from persimmon_runtime import Tokenizer  # noqa: E402
 
 
 def main() -> None:
-    parser = BenchmarkParser(__doc__, None, dict(shape="30M"))
+    parser = BenchmarkParser(__doc__, "range_report_8b.json", dict(shape="30M"), under_out=True)
     parser.add_argument("--shape", default="8B", choices=SHAPES, help="the model's shape (default 8B)")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -53,10 +53,7 @@ def main() -> None:
         worst = max(range(len(values)), key=values.__getitem__)
         print(f"  {kind:20s} max |x| {values[worst]:10.4g} (layer {worst:2d})  headroom {65504 / values[worst]:9.3g}x")
     print(f"  {'logits':20s} max |x| {section.logits:10.4g}              headroom {65504 / section.logits:9.3g}x")
-    # $OUT: the device machine's folder that comes back
-    out = results_dir(True) if args.smoke else os.environ.get("OUT") or results_dir(False)
-    write_json(args.json or os.path.join(out, "range_report_8b.json"), {"shape": args.shape,
-                                                                         **dataclasses.asdict(section)})
+    write_json(args.json, {"shape": args.shape, **dataclasses.asdict(section)})
 
 
 if __name__ == "__main__":

@@ -454,13 +454,13 @@ class Manifest:
     @property
     def cache_dtype(self) -> str:
         """The caches' dtype: the build's, or int8 (`build --kv-cache int8`)."""
-        caches = set(self.onnx.cache_aliases.values())
+        caches = set(self.cache_inputs)
         return next((spec.dtype for spec in self.onnx.inputs if spec.name in caches), self.dtype)
 
     @property
     def step_inputs(self) -> list[str]:
         """The graph's inputs besides its caches (manifest.STEP_INPUTS of its layout)."""
-        caches = set(self.onnx.cache_aliases.values())
+        caches = set(self.cache_inputs)
         return [spec.name for spec in self.onnx.inputs if spec.name not in caches]
 
     @property
